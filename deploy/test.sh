@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# README command 2: set up and run the whole test suite.
+#
+# The suite runs against real PostgreSQL and Redis (DATABASE_URL / REDIS_URL, defaulting to the
+# servers on 127.0.0.1, started here if they are down); the end-to-end smoke test also runs the
+# embedded default (SQLite, filesystem broker, local files) the way deploy/up.sh does.
+# Extra arguments go to pytest, e.g. deploy/test.sh -k apikeys
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash deploy/setup.sh --with-tests
+bash deploy/services.sh
+
+export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/tuneplex}
+export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/9}
+export TUNEPLEX_DATA_DIR=${TUNEPLEX_DATA_DIR:-$(pwd)/var/test}
+mkdir -p test-artifacts
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,15 @@
+"""ASGI entry point: ``uvicorn tuneplex.asgi:application``."""
+
+import os
+
+from django.conf import settings
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tuneplex.settings")
+application = get_asgi_application()
+
+if settings.SERVE_STATIC:
+    # The embedded default has no proxy in front; production serves /static/ from the proxy.
+    from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+
+    application = ASGIStaticFilesHandler(application)

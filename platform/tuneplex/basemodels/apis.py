@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.response import Response
+
+from tuneplex.basemodels.selectors import base_model_get, base_model_list
+from tuneplex.core.apis import OrgApi, timestamp
+from tuneplex.core.scopes import READ
+
+
+class BaseModelOutput(serializers.Serializer):
+    id = serializers.CharField(source="name")
+    object = serializers.SerializerMethodField()
+    parameter_count = serializers.IntegerField()
+    max_sequence_length = serializers.IntegerField()
+    has_chat_template = serializers.BooleanField()
+    methods_allowed = serializers.ListField(child=serializers.CharField())
+    enabled = serializers.BooleanField()
+    created_at = serializers.SerializerMethodField()
+
+    def get_object(self, obj) -> str:
+        return "base_model"
+
+    def get_created_at(self, obj) -> int:
+        return timestamp(obj.created_at)
+
+
+class BaseModelListApi(OrgApi):
+    scopes = {"GET": READ}
+
+    @extend_schema(responses=BaseModelOutput(many=True), summary="List base models")
+    def get(self, request):
+        data = BaseModelOutput(base_model_list(), many=True).data
+        return Response({"object": "list", "data": data, "has_more": False})
+
+
+class BaseModelDetailApi(OrgApi):
+    scopes = {"GET": READ}
+
+    @extend_schema(responses=BaseModelOutput, summary="Retrieve a base model")
+    def get(self, request, name: str):
+        return Response(BaseModelOutput(base_model_get(name=name)).data)

@@ -1,0 +1,26 @@
+"""Shared pieces for API views."""
+
+from __future__ import annotations
+
+from rest_framework.views import APIView
+
+from tuneplex.core.actors import Principal
+
+
+class OrgApi(APIView):
+    """An API view acting in the caller's organization. Subclasses set ``scopes``."""
+
+    scopes: dict[str, str] = {}
+
+    @property
+    def principal(self) -> Principal:
+        return self.request.auth
+
+    @property
+    def organization(self):
+        return self.request.auth.organization
+
+
+def timestamp(value) -> int | None:
+    """OpenAI's objects carry Unix seconds."""
+    return int(value.timestamp()) if value is not None else None

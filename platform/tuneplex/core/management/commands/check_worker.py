@@ -1,0 +1,27 @@
+import time
+import uuid
+
+from django.core.cache import cache
+from django.core.management.base import BaseCommand, CommandError
+
+
+class Command(BaseCommand):
+    help = "Send a ping task through the broker and wait until a Celery worker has run it."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait")
+
+    def handle(self, *args, **options):
+        from jobs.tasks import ping
+
+        token = uuid.uuid4().hex
+        started = time.monotonic()
+        ping.delay(token)
+        while time.monotonic() - started < options["timeout"]:
+            version = cache.get(f"tuneplex:ping:{token}")
+            if version is not None:
+                elapsed = time.monotonic() - started
+                self.stdout.write(f"worker answered in {elapsed:.2f}s (Python {version})")
+                return
+            time.sleep(0.2)
+        raise CommandError(f"no worker ran the ping task within {options['timeout']:.0f}s")

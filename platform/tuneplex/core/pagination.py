@@ -1,0 +1,40 @@
+"""OpenAI-style list pages: ``{"object": "list", "data": [...], "has_more": bool}``, ``?after=&limit=``."""
+
+from __future__ import annotations
+
+from django.db.models import Q, QuerySet
+from rest_framework import serializers
+
+from tuneplex.core.errors import ApiError
+
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 100
+
+
+class ListParams(serializers.Serializer):
+    after = serializers.CharField(required=False, max_length=100,
+                                  help_text="Return objects after this id (from a previous page).")
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=MAX_LIMIT,
+                                     default=DEFAULT_LIMIT)
+
+
+def list_page(queryset: QuerySet, query_params, *, serializer_class) -> dict:
+    """One page of ``queryset``, newest first, keyed by (created_at, id) like OpenAI's lists."""
+    params = ListParams(data=query_params)
+    params.is_valid(raise_exception=True)
+    after, limit = params.validated_data.get("after"), params.validated_data["limit"]
+    queryset = queryset.order_by("-created_at", "-pk")
+    if after:
+        anchor = queryset.filter(pk=after).values("created_at", "pk").first()
+        if anchor is None:
+            raise ApiError(f"No object with id {after!r} in this list.", code="invalid_cursor",
+                           param="after")
+        queryset = queryset.filter(
+            Q(created_at__lt=anchor["created_at"])
+            | Q(created_at=anchor["created_at"], pk__lt=anchor["pk"])
+        )
+    rows = list(queryset[: limit + 1])
+    data = serializer_class(rows[:limit], many=True).data
+    return {"object": "list", "data": data, "has_more": len(rows) > limit,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}

@@ -1,0 +1,252 @@
+"""Django settings, read once from the environment (see README "Configuration").
+
+With nothing set this is the embedded default: SQLite, a serverless Celery transport and local
+files, all under one data folder. DATABASE_URL and REDIS_URL switch to PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from tuneplex.env import (
+    env_bool,
+    env_bytes,
+    env_int,
+    env_list,
+    env_path,
+    env_str,
+    env_url,
+)
+
+REPO_DIR = Path(__file__).resolve().parents[2]
+
+# --- where things live -------------------------------------------------------------------------
+DATA_DIR = env_path("TUNEPLEX_DATA_DIR", REPO_DIR / "var")
+MODELS_DIR = env_path("TUNEPLEX_MODELS_DIR", DATA_DIR / "models")
+ARTIFACTS_DIR = env_path("TUNEPLEX_ARTIFACTS_DIR", DATA_DIR / "artifacts")
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _secret_key() -> str:
+    configured = env_str("SECRET_KEY")
+    if configured is not None:
+        if len(configured) < 32:
+            raise ImproperlyConfigured("SECRET_KEY must be at least 32 characters long")
+        return configured
+    # Embedded default: one random key generated on first start and kept in the data folder.
+    key_file = DATA_DIR / "secret_key"
+    if not key_file.exists():
+        key_file.touch(mode=0o600)
+        key_file.write_text(secrets.token_urlsafe(50))
+    return key_file.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("TUNEPLEX_DEBUG", False)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+# --- apps ----------------------------------------------------------------------------------------
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "django_htmx",
+    "tuneplex.core",
+    "tuneplex.tenancy",
+    "tuneplex.apikeys",
+    "tuneplex.audit",
+    "tuneplex.basemodels",
+    "frontend",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "tuneplex.core.middleware.ApiErrorMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "tuneplex.urls"
+ASGI_APPLICATION = "tuneplex.asgi.application"
+AUTH_USER_MODEL = "tenancy.User"
+LOGIN_URL = "frontend:login"
+LOGIN_REDIRECT_URL = "frontend:home"
+LOGOUT_REDIRECT_URL = "frontend:login"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "frontend.context.navigation",
+            ],
+        },
+    },
+]
+
+# --- database ------------------------------------------------------------------------------------
+DATABASE_URL = env_url(
+    "DATABASE_URL",
+    f"sqlite:///{DATA_DIR / 'db.sqlite3'}",
+    schemes=("sqlite", "postgres", "postgresql"),
+)
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)}
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # Web and worker share the file: wait for a lock instead of failing at once.
+    DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- broker and cache ----------------------------------------------------------------------------
+REDIS_URL = env_url("REDIS_URL", None, schemes=("redis", "rediss"))
+BROKER_DIR = DATA_DIR / "broker"
+
+if REDIS_URL:
+    CELERY_BROKER_URL = REDIS_URL
+    CELERY_BROKER_TRANSPORT_OPTIONS: dict = {
+        # A training task runs for hours; the job row, not redelivery, guards against loss.
+        "visibility_timeout": env_int("TUNEPLEX_BROKER_VISIBILITY_TIMEOUT", 12 * 3600, minimum=60),
+    }
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                          "LOCATION": REDIS_URL}}
+else:
+    # Embedded default: kombu's filesystem transport is a real broker that needs no server.
+    CELERY_BROKER_URL = "filesystem://"
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(BROKER_DIR / "queue"),
+        "data_folder_out": str(BROKER_DIR / "queue"),
+        "processed_folder": str(BROKER_DIR / "processed"),
+        "control_folder": str(BROKER_DIR / "control"),
+        "store_processed": False,
+    }
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+                          "LOCATION": str(DATA_DIR / "cache")}}
+
+# Two queues: "default" for light work (statistics, housekeeping), "gpu" for training, served by
+# one worker process per GPU (deploy/up.sh starts one of each).
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_ROUTES = {"tuneplex.train.*": {"queue": "gpu"}}
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_ACKS_LATE = False  # only idempotent tasks opt in, per task
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+# --- artifact storage ----------------------------------------------------------------------------
+STORAGE_BACKEND = env_str("TUNEPLEX_STORAGE", "local", choices=("local", "s3"))
+if STORAGE_BACKEND == "s3":
+    _bucket = env_str("TUNEPLEX_S3_BUCKET")
+    if not _bucket:
+        raise ImproperlyConfigured("TUNEPLEX_S3_BUCKET is required when TUNEPLEX_STORAGE=s3")
+    _artifacts = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": _bucket,
+            "endpoint_url": env_url("TUNEPLEX_S3_ENDPOINT_URL", None, schemes=("http", "https")),
+            "region_name": env_str("TUNEPLEX_S3_REGION"),
+            "location": env_str("TUNEPLEX_S3_PREFIX", "tuneplex"),
+            "file_overwrite": False,
+            "default_acl": None,
+        },
+    }
+else:
+    _artifacts = {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(ARTIFACTS_DIR), "file_permissions_mode": 0o640,
+                    "directory_permissions_mode": 0o750},
+    }
+STORAGES = {
+    "default": _artifacts,
+    "artifacts": _artifacts,
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+STATIC_URL = "/static/"
+SERVE_STATIC = env_bool("TUNEPLEX_SERVE_STATIC", True)
+STATIC_ROOT = DATA_DIR / "static"
+
+# --- trainer and engine --------------------------------------------------------------------------
+# The trainer is a plain library run in its own Python environment (torch, transformers, peft).
+TRAINER_PYTHON = env_path("TUNEPLEX_TRAINER_PYTHON", REPO_DIR / ".venv-train" / "bin" / "python")
+ENGINE_MODE = env_str("TUNEPLEX_ENGINE_MODE", "spawn", choices=("spawn", "attach", "off"))
+ENGINE_URLS = env_list("TUNEPLEX_ENGINE_URLS", [])
+ENGINE_PYTHON = env_path("TUNEPLEX_ENGINE_PYTHON", REPO_DIR / ".venv-engine" / "bin" / "python")
+ENGINE_MAX_LORAS = env_int("TUNEPLEX_ENGINE_MAX_LORAS", 4, minimum=1, maximum=256)
+ENGINE_MAX_LORA_RANK = env_int("TUNEPLEX_ENGINE_MAX_LORA_RANK", 16, minimum=1, maximum=512)
+if ENGINE_MODE == "attach" and not ENGINE_URLS:
+    raise ImproperlyConfigured("TUNEPLEX_ENGINE_URLS is required when TUNEPLEX_ENGINE_MODE=attach")
+for _url in ENGINE_URLS:
+    if not _url.startswith(("http://", "https://")):
+        raise ImproperlyConfigured(f"TUNEPLEX_ENGINE_URLS has {_url!r}, which is not an http(s) URL")
+
+DEFAULT_BASE_MODEL = env_str("TUNEPLEX_DEFAULT_BASE_MODEL", "SmolLM2-135M-Instruct")
+
+# --- API ---------------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "tuneplex.apikeys.authentication.ApiKeyAuthentication",
+        "tuneplex.tenancy.authentication.OrganizationSessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["tuneplex.core.permissions.HasScope"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "tuneplex.core.errors.api_exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Tuneplex API",
+    "DESCRIPTION": "Fine-tuning jobs in the shape of OpenAI's API, files, adapters and inference.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+API_KEY_PREFIX = "tpx_"
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_bytes("TUNEPLEX_MAX_REQUEST_BODY", 10 * 2**20)
+
+# --- misc --------------------------------------------------------------------------------------
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_TZ = True
+USE_I18N = False
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("TUNEPLEX_LOG_LEVEL", "INFO",
+                                                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))},
+}
+CSRF_FAILURE_VIEW = "tuneplex.core.errors.csrf_failure"
+SPECTACULAR_SETTINGS.update({
+    "SWAGGER_UI_DIST": "SIDECAR",  # vendored assets, no CDN
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+})

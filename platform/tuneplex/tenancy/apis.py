@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+from django.contrib.auth import get_user_model
+from drf_spectacular.utils import extend_schema, extend_schema_serializer
+from rest_framework import serializers, status
+from rest_framework.response import Response
+
+from tuneplex.core.apis import OrgApi, timestamp
+from tuneplex.core.errors import ApiError
+from tuneplex.core.pagination import list_page
+from tuneplex.core.scopes import ADMIN, READ, Role
+from tuneplex.tenancy import selectors, services
+
+
+class OrganizationOutput(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.SerializerMethodField()
+    name = serializers.CharField()
+    slug = serializers.CharField()
+    created_at = serializers.SerializerMethodField()
+
+    def get_object(self, obj) -> str:
+        return "organization"
+
+    def get_created_at(self, obj) -> int:
+        return timestamp(obj.created_at)
+
+
+class OrganizationApi(OrgApi):
+    scopes = {"GET": READ}
+
+    @extend_schema(responses=OrganizationOutput, summary="The caller's organization")
+    def get(self, request):
+        return Response(OrganizationOutput(self.organization).data)
+
+
+class MemberOutput(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.SerializerMethodField()
+    username = serializers.CharField(source="user.username")
+    email = serializers.CharField(source="user.email")
+    role = serializers.CharField()
+    created_at = serializers.SerializerMethodField()
+
+    def get_object(self, obj) -> str:
+        return "organization.member"
+
+    def get_created_at(self, obj) -> int:
+        return timestamp(obj.created_at)
+
+
+class MemberListApi(OrgApi):
+    scopes = {"GET": READ, "POST": ADMIN}
+
+    @extend_schema_serializer(component_name="MemberCreateInput")
+    class Input(serializers.Serializer):
+        username = serializers.CharField(max_length=150)
+        role = serializers.ChoiceField(choices=Role.choices, default=Role.MEMBER)
+
+    @extend_schema(responses=MemberOutput(many=True), summary="List members")
+    def get(self, request):
+        return Response(list_page(selectors.membership_list(organization=self.organization),
+                                  request.query_params, serializer_class=MemberOutput))
+
+    @extend_schema(request=Input, responses={201: MemberOutput}, summary="Add an existing user")
+    def post(self, request):
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        user = get_user_model().objects.filter(username=data.validated_data["username"]).first()
+        if user is None:
+            raise ApiError("No user with that username.", code="user_not_found",
+                           param="username", status=404)
+        membership = services.membership_add(organization=self.organization,
+                                             actor=self.principal, user=user,
+                                             role=data.validated_data["role"])
+        return Response(MemberOutput(membership).data, status=status.HTTP_201_CREATED)
+
+
+class MemberDetailApi(OrgApi):
+    scopes = {"GET": READ, "PATCH": ADMIN, "DELETE": ADMIN}
+
+    @extend_schema_serializer(component_name="MemberUpdateInput")
+    class Input(serializers.Serializer):
+        role = serializers.ChoiceField(choices=Role.choices)
+
+    @extend_schema(responses=MemberOutput, summary="Retrieve a member")
+    def get(self, request, id: str):
+        return Response(MemberOutput(selectors.membership_get(
+            organization=self.organization, membership_id=id)).data)
+
+    @extend_schema(request=Input, responses=MemberOutput, summary="Change a member's role")
+    def patch(self, request, id: str):
+        membership = selectors.membership_get(organization=self.organization, membership_id=id)
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        membership = services.membership_set_role(
+            organization=self.organization, actor=self.principal, membership=membership,
+            role=data.validated_data["role"])
+        return Response(MemberOutput(membership).data)
+
+    @extend_schema(responses={204: None}, summary="Remove a member")
+    def delete(self, request, id: str):
+        membership = selectors.membership_get(organization=self.organization, membership_id=id)
+        services.membership_remove(organization=self.organization, actor=self.principal,
+                                   membership=membership)
+        return Response(status=status.HTTP_204_NO_CONTENT)

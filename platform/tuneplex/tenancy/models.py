@@ -1,0 +1,49 @@
+from django.contrib.auth.models import AbstractUser
+from django.db import models
+
+from tuneplex.core.ids import id_field_length, new_id
+from tuneplex.core.scopes import ROLE_SCOPES, Role
+
+
+class User(AbstractUser):
+    """A person. Belongs to organizations through :class:`Membership`."""
+
+
+def _org_id() -> str:
+    return new_id("org-")
+
+
+def _membership_id() -> str:
+    return new_id("mem-")
+
+
+class Organization(models.Model):
+    """The tenant. Every row holding tenant data points at one."""
+
+    id = models.CharField(primary_key=True, max_length=id_field_length("org-"), default=_org_id,
+                          editable=False)
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Membership(models.Model):
+    id = models.CharField(primary_key=True, max_length=id_field_length("mem-"),
+                          default=_membership_id, editable=False)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE,
+                                     related_name="memberships")
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "user"], name="one_membership_per_org"),
+        ]
+
+    @property
+    def scopes(self) -> frozenset[str]:
+        return ROLE_SCOPES[self.role]

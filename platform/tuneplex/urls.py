@@ -1,0 +1,62 @@
+from django.urls import include, path, register_converter
+from drf_spectacular.renderers import OpenApiJsonRenderer
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
+
+from tuneplex.apikeys import apis as apikeys
+from tuneplex.audit import apis as audit
+from tuneplex.basemodels import apis as basemodels
+from tuneplex.core import health
+from tuneplex.tenancy import apis as tenancy
+
+
+class ObjectIdConverter:
+    """Our ids (``key-…``, ``mem-…``) and registry names: anything else is an unknown route."""
+
+    regex = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+
+    def to_python(self, value: str) -> str:
+        return value
+
+    def to_url(self, value: str) -> str:
+        return value
+
+
+register_converter(ObjectIdConverter, "oid")
+
+
+class PublicSchemaView(SpectacularAPIView):
+    renderer_classes = [OpenApiJsonRenderer]
+    public = True
+    authentication_classes: list = []
+
+
+class PublicDocsView(SpectacularRedocView):
+    public = True
+    authentication_classes: list = []
+
+
+api_v1 = [
+    path("openapi.json", PublicSchemaView.as_view(), name="openapi"),
+    path("docs", PublicDocsView.as_view(url_name="openapi"), name="api-docs"),
+    path("organization", tenancy.OrganizationApi.as_view()),
+    path("organization/members", tenancy.MemberListApi.as_view()),
+    path("organization/members/<oid:id>", tenancy.MemberDetailApi.as_view()),
+    path("api_keys", apikeys.ApiKeyListApi.as_view()),
+    path("api_keys/<oid:id>", apikeys.ApiKeyDetailApi.as_view()),
+    path("api_keys/<oid:id>/revoke", apikeys.ApiKeyRevokeApi.as_view()),
+    path("audit_events", audit.AuditEventListApi.as_view()),
+    path("base_models", basemodels.BaseModelListApi.as_view()),
+    path("base_models/<oid:name>", basemodels.BaseModelDetailApi.as_view()),
+]
+
+urlpatterns = [
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
+    path("v1/", include(api_v1)),
+    path("", include("frontend.urls")),
+]
+
+handler400 = "tuneplex.core.errors.handler400"
+handler403 = "tuneplex.core.errors.handler403"
+handler404 = "tuneplex.core.errors.handler404"
+handler500 = "tuneplex.core.errors.handler500"

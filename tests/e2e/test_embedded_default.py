@@ -1,0 +1,118 @@
+"""README command 1, end to end: deploy/up.sh on the embedded default (SQLite, filesystem broker,
+local files), then the web server, a real Celery worker and the login page, then a clean stop."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from django.conf import settings
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 300
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("embedded")
+    port = _free_port()
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("TUNEPLEX_", "DATABASE_URL", "REDIS_URL", "DJANGO_"))}
+    # Reuse the converted base model of the test run so the smoke test does not convert twice.
+    environ.update(TUNEPLEX_DATA_DIR=str(data_dir), TUNEPLEX_PORT=str(port),
+                   TUNEPLEX_MODELS_DIR=str(settings.MODELS_DIR))
+    log = (data_dir / "up.log").open("w+")
+    process = subprocess.Popen(["bash", "deploy/up.sh"], cwd=REPO, env=environ, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        output = ""
+        while time.monotonic() < deadline:
+            output = (data_dir / "up.log").read_text()
+            if "Tuneplex is ready at" in output or process.poll() is not None:
+                break
+            time.sleep(1)
+        assert "Tuneplex is ready at" in output, output[-4000:]
+        key = re.search(r"api key:\s+(\S+)", output).group(1)
+        password = re.search(r"password:\s+(\S+)", output).group(1)
+        yield {"url": f"http://127.0.0.1:{port}", "key": key, "password": password,
+               "process": process, "data_dir": data_dir, "output": output}
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def test_it_serves_healthz_and_the_login_page(embedded):
+    assert httpx.get(embedded["url"] + "/healthz").json() == {"status": "ok"}
+    login = httpx.get(embedded["url"] + "/login/")
+    assert login.status_code == 200 and "Sign in" in login.text
+    htmx = httpx.get(embedded["url"] + "/static/vendor/htmx-2.0.11.min.js")
+    assert htmx.status_code == 200 and "htmx" in htmx.text[:200]
+
+
+def test_it_runs_on_sqlite_and_the_serverless_broker(embedded):
+    ready = httpx.get(embedded["url"] + "/readyz").json()
+    assert ready["status"] == "ok", ready
+    assert ready["database_engine"] == "sqlite3" and ready["broker"] == "filesystem"
+    assert (embedded["data_dir"] / "db.sqlite3").is_file()
+    assert (embedded["data_dir"] / "broker" / "queue").is_dir()
+
+
+def test_a_real_worker_consumes_the_queue(embedded):
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("TUNEPLEX_", "DATABASE_URL", "REDIS_URL"))}
+    environ["TUNEPLEX_DATA_DIR"] = str(embedded["data_dir"])
+    result = subprocess.run([str(REPO / ".venv/bin/python"), "manage.py", "check_worker",
+                             "--timeout", "60"], cwd=REPO, env=environ, capture_output=True,
+                            text=True, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert "worker answered" in result.stdout and "Python 3." in result.stdout
+
+
+def test_the_printed_key_and_password_work(embedded):
+    headers = {"Authorization": f"Bearer {embedded['key']}"}
+    org = httpx.get(embedded["url"] + "/v1/organization", headers=headers)
+    assert org.status_code == 200 and org.json()["name"] == "Demo"
+    models = httpx.get(embedded["url"] + "/v1/base_models", headers=headers).json()
+    assert [m["id"] for m in models["data"]] == ["SmolLM2-135M-Instruct"]
+    with httpx.Client(base_url=embedded["url"]) as browser:
+        browser.get("/login/")
+        response = browser.post("/login/", data={
+            "username": "demo", "password": embedded["password"],
+            "csrfmiddlewaretoken": browser.cookies["csrftoken"]}, follow_redirects=True)
+        assert response.status_code == 200 and "Demo" in response.text and "owner" in response.text
+
+
+def test_ctrl_c_stops_every_process(embedded):
+    process = embedded["process"]
+    os.killpg(process.pid, signal.SIGINT)
+    process.wait(timeout=30)
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(embedded["url"] + "/healthz", timeout=2)

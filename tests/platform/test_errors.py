@@ -1,0 +1,134 @@
+"""Bad input of every kind gets a 4xx in the one error shape; nothing returns 500."""
+
+from __future__ import annotations
+
+import pytest
+from rest_framework.test import APIClient
+
+from tests.conftest import bearer
+from tuneplex.apikeys.models import ApiKey
+
+pytestmark = pytest.mark.django_db
+
+
+def assert_error(response, status: int, code: str | None = None, param: str | None = None):
+    assert response.status_code == status, response.content
+    assert response["Content-Type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "param"}
+    assert body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    return body["error"]
+
+
+@pytest.mark.parametrize("header", [
+    "Bearer", "Bearer ", "bearer a b", "Basic dXNlcjpwdw==", "Token abc", "tpx_only",
+    "Bearer tpx_" + "x" * 5000, "Bearer tpx_ünïcødé", "Bearer \u200btpx_abc", "Bearer tpx_a\tb",
+])
+def test_malformed_authorization_headers_get_401(org_a, header):
+    client = APIClient()
+    response = client.get("/v1/organization", HTTP_AUTHORIZATION=header)
+    assert_error(response, 401, "invalid_api_key")
+
+
+def test_no_credentials_get_401_with_a_challenge():
+    response = APIClient().get("/v1/api_keys")
+    assert_error(response, 401, "unauthenticated")
+    assert response["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("name,param", [
+    ("x" * 201, "name"), ("", "name"), ("   ", "name"), ("nul\x00byte", "name"),
+    ("bidi\u202eevil", "name"), ("zero\u200bwidth", "name"), (12345, "name"), (None, "name"),
+    (["a"], "name"),
+])
+def test_bad_names_are_refused_with_the_param(org_a, name, param):
+    before = ApiKey.objects.count()
+    response = bearer(org_a.owner_key).post("/v1/api_keys", {"name": name}, format="json")
+    assert_error(response, 400, param=param)
+    assert ApiKey.objects.count() == before
+
+
+@pytest.mark.parametrize("name", ["日本語のキー", "émoji 🚀 key", "a" * 200, "Ωmega — “quoted”"])
+def test_unicode_names_within_limits_are_kept_exactly(org_a, name):
+    response = bearer(org_a.owner_key).post("/v1/api_keys", {"name": name}, format="json")
+    assert response.status_code == 201
+    assert response.json()["name"] == name
+
+
+def test_unknown_scopes_point_at_the_list_item(org_a):
+    response = bearer(org_a.owner_key).post("/v1/api_keys", {"name": "x", "scopes": ["read", "root"]},
+                                            format="json")
+    assert_error(response, 400, param="scopes[1]")
+
+
+@pytest.mark.parametrize("content_type,body,status,code", [
+    ("text/plain", "name=x", 415, "unsupported_media_type"),
+    ("application/x-www-form-urlencoded", "name=x", 415, "unsupported_media_type"),
+    ("application/xml", "<name>x</name>", 415, "unsupported_media_type"),
+    ("application/json", "{not json", 400, "invalid_json"),
+    ("application/json", "[1, 2]", 400, None),
+    ("application/json", '"just a string"', 400, None),
+    ("application/json", b"\xff\xfe\x00garbage", 400, "invalid_json"),
+])
+def test_wrong_content_types_and_bodies_get_4xx(org_a, content_type, body, status, code):
+    client = bearer(org_a.owner_key)
+    response = client.generic("POST", "/v1/api_keys", body, content_type=content_type)
+    assert_error(response, status, code)
+
+
+@pytest.mark.parametrize("method,path", [
+    ("get", "/v1/nope"), ("post", "/v1/fine_tuning/nothing"), ("get", "/v1"),
+    ("delete", "/v1/api_keys/key-doesnotexist"), ("get", "/v1/api_keys/key%2F..%2Fx"),
+    ("get", "/v1/organization/members/" + "m" * 300),
+])
+def test_unknown_routes_and_ids_get_404(org_a, method, path):
+    response = getattr(bearer(org_a.owner_key), method)(path)
+    assert response.status_code in (404, 405)
+    assert_error(response, response.status_code)
+
+
+@pytest.mark.parametrize("url", ["/v1/api_keys/%00", "/v1/api_keys?after=%00", "/login/%00"])
+def test_nul_in_the_url_gets_400(org_a, url):
+    assert_error(bearer(org_a.owner_key).get(url), 400, "bad_request")
+
+
+def test_wrong_method_gets_405(org_a):
+    assert_error(bearer(org_a.owner_key).put("/v1/api_keys", {}, format="json"), 405,
+                 "method_not_allowed")
+
+
+def test_an_oversized_body_gets_413(org_a, settings):
+    big = '{"name": "' + "a" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 10) + '"}'
+    response = bearer(org_a.owner_key).generic("POST", "/v1/api_keys", big,
+                                               content_type="application/json")
+    assert_error(response, 413, "request_too_large")
+
+
+def test_bad_pagination_params_name_the_param(org_a):
+    client = bearer(org_a.owner_key)
+    assert_error(client.get("/v1/api_keys?limit=0"), 400, param="limit")
+    assert_error(client.get("/v1/api_keys?limit=abc"), 400, param="limit")
+    assert_error(client.get("/v1/api_keys?after=key-nope"), 400, "invalid_cursor", "after")
+
+
+def test_list_pages_follow_the_after_cursor(org_a):
+    client = bearer(org_a.owner_key)
+    for index in range(4):
+        client.post("/v1/api_keys", {"name": f"k{index}"}, format="json")
+    first = client.get("/v1/api_keys?limit=2").json()
+    assert first["has_more"] is True and len(first["data"]) == 2
+    second = client.get(f"/v1/api_keys?limit=10&after={first['last_id']}").json()
+    seen = [k["id"] for k in first["data"] + second["data"]]
+    assert len(seen) == len(set(seen)) == 5 and second["has_more"] is False
+
+
+def test_session_writes_without_csrf_are_refused(org_a):
+    client = APIClient(enforce_csrf_checks=True)
+    client.force_login(org_a.owner)
+    assert client.get("/v1/api_keys").status_code == 200
+    response = client.post("/v1/api_keys", {"name": "x"}, format="json")
+    assert_error(response, 403)

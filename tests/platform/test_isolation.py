@@ -1,0 +1,108 @@
+"""Tenant isolation, driven by the OpenAPI schema so every new endpoint is covered.
+
+For every path with an object id, a caller of organization A (an all-scope key, and a signed-in
+owner) gets 404 in the error shape for B's object, and B's object is left unchanged. Every list
+A can read contains none of B's ids. A new path with an id fails this test until it is added to
+OBJECT_OF_B (or GLOBAL_PATHS, for objects shared by all organizations).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from rest_framework.test import APIClient
+
+from tests.conftest import Tenant, bearer
+from tuneplex.apikeys.models import ApiKey
+from tuneplex.tenancy.models import Membership
+
+GLOBAL_PATHS = {"/v1/base_models/{name}"}
+
+OBJECT_OF_B = {
+    "/v1/organization/members/{id}": lambda b: Membership.objects.get(
+        organization=b.organization, user=b.owner).id,
+    "/v1/api_keys/{id}": lambda b: ApiKey.objects.filter(organization=b.organization).first().id,
+    "/v1/api_keys/{id}/revoke": lambda b: ApiKey.objects.filter(
+        organization=b.organization).first().id,
+}
+
+BODIES = {"patch": {"role": "viewer"}, "post": {}, "put": {}}
+
+
+def _schema(client: APIClient) -> dict:
+    response = client.get("/v1/openapi.json")
+    assert response.status_code == 200
+    return json.loads(response.content)
+
+
+def _object_operations(schema: dict) -> list[tuple[str, str]]:
+    operations = []
+    for path, item in schema["paths"].items():
+        if "{" not in path or path in GLOBAL_PATHS:
+            continue
+        for method in item:
+            if method in ("get", "post", "put", "patch", "delete"):
+                operations.append((path, method))
+    return operations
+
+
+def _b_snapshot(b: Tenant) -> list:
+    return [
+        sorted(Membership.objects.filter(organization=b.organization).values_list("id", "role")),
+        sorted(ApiKey.objects.filter(organization=b.organization).values_list("id", "revoked_at")),
+    ]
+
+
+def _signed_in(a: Tenant) -> APIClient:
+    client = APIClient()
+    client.force_login(a.owner)
+    return client
+
+
+@pytest.mark.django_db
+def test_every_object_path_is_covered(org_a):
+    paths = {path for path, _ in _object_operations(_schema(bearer(org_a.owner_key)))}
+    missing = sorted(paths - set(OBJECT_OF_B))
+    assert not missing, f"add these paths to OBJECT_OF_B or GLOBAL_PATHS: {missing}"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("as_session", [False, True], ids=["api-key", "session"])
+def test_a_caller_of_a_gets_404_for_every_object_of_b(org_a, org_b, as_session):
+    client = _signed_in(org_a) if as_session else bearer(org_a.owner_key)
+    operations = _object_operations(_schema(bearer(org_a.owner_key)))
+    assert len(operations) >= 5
+    before = _b_snapshot(org_b)
+    for path, method in operations:
+        url = re.sub(r"\{[^}]+\}", OBJECT_OF_B[path](org_b), path)
+        kwargs = {"format": "json"} if method in BODIES else {}
+        if method in BODIES:
+            kwargs["data"] = BODIES[method]
+        response = getattr(client, method)(url, **kwargs)
+        assert response.status_code == 404, (method, path, response.status_code, response.content)
+        error = response.json()["error"]
+        assert error["code"] == "not_found" and error["message"]
+    assert _b_snapshot(org_b) == before
+
+
+@pytest.mark.django_db
+def test_no_list_shows_rows_of_b(org_a, org_b):
+    client = bearer(org_a.owner_key)
+    # Give B some history of its own.
+    bearer(org_b.owner_key).post("/v1/api_keys", {"name": "b's second"}, format="json")
+    ids_of_b = {org_b.organization.id}
+    ids_of_b |= set(Membership.objects.filter(organization=org_b.organization).values_list("id", flat=True))
+    ids_of_b |= set(ApiKey.objects.filter(organization=org_b.organization).values_list("id", flat=True))
+    schema = _schema(client)
+    lists = [p for p, item in schema["paths"].items() if "{" not in p and "get" in item
+             and p not in ("/v1/openapi.json", "/v1/docs")]
+    assert "/v1/api_keys" in lists and "/v1/audit_events" in lists
+    for path in lists:
+        response = client.get(path)
+        assert response.status_code == 200, (path, response.content)
+        text = response.content.decode()
+        leaked = [i for i in ids_of_b if i in text]
+        assert not leaked, f"{path} shows B's ids {leaked}"
+        assert org_b.organization.name not in text

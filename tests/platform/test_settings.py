@@ -1,0 +1,105 @@
+"""Settings are parsed once and strictly; a bad value names its variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from tuneplex import env
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("value,expected", [("true", True), ("0", False), ("YES", True), ("off", False)])
+def test_booleans_parse(value, expected):
+    assert env.env_bool("X", False, environ={"X": value}) is expected
+
+
+@pytest.mark.parametrize("helper,value,kwargs", [
+    (env.env_bool, "maybe", {"default": False}),
+    (env.env_int, "12a", {"default": 1}),
+    (env.env_int, "-1", {"default": 1, "minimum": 0}),
+    (env.env_bytes, "12 parsecs", {"default": 1}),
+    (env.env_list, "a,,b", {"default": []}),
+    (env.env_url, "mysql://h/db", {"schemes": ("postgres",)}),
+    (env.env_url, "postgres://:99999999/db", {"schemes": ("postgres",)}),
+    (env.env_path, "relative/dir", {"default": Path("/")}),
+    (env.env_str, "s4", {"choices": ("local", "s3")}),
+])
+def test_bad_values_raise_naming_the_variable(helper, value, kwargs):
+    with pytest.raises(ImproperlyConfigured, match="TUNEPLEX_THING"):
+        helper("TUNEPLEX_THING", environ={"TUNEPLEX_THING": value}, **kwargs)
+
+
+def test_sizes_and_defaults():
+    assert env.env_bytes("S", 5, environ={"S": "512MiB"}) == 512 * 2**20
+    assert env.env_bytes("S", 5, environ={"S": "2GB"}) == 2 * 10**9
+    assert env.env_bytes("S", 5, environ={}) == 5
+    assert env.env_int("I", 7, environ={"I": "  "}) == 7  # blank means unset
+    assert env.env_list("L", ["x"], environ={"L": "a, b"}) == ["a", "b"]
+
+
+def _load_settings(**overrides: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("TUNEPLEX_", "DATABASE_URL", "REDIS_URL"))}
+    environ.update({"TUNEPLEX_DATA_DIR": os.environ["TUNEPLEX_DATA_DIR"],
+                    "DJANGO_SETTINGS_MODULE": "tuneplex.settings"}, **overrides)
+    code = ("import json, django; from django.conf import settings; django.setup(); "
+            "print(json.dumps({'db': settings.DATABASES['default']['ENGINE'], "
+            "'broker': settings.CELERY_BROKER_URL, 'storage': settings.STORAGES['artifacts']['BACKEND'], "
+            "'cache': settings.CACHES['default']['BACKEND'], 'hosts': settings.ALLOWED_HOSTS}))")
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environ,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("variable,value", [
+    ("DATABASE_URL", "mysql://root@localhost/x"),
+    ("REDIS_URL", "http://127.0.0.1:6379"),
+    ("TUNEPLEX_STORAGE", "ftp"),
+    ("TUNEPLEX_DEBUG", "sometimes"),
+    ("SECRET_KEY", "short"),
+    ("TUNEPLEX_ENGINE_MAX_LORAS", "0"),
+    ("TUNEPLEX_MAX_REQUEST_BODY", "lots"),
+    ("ALLOWED_HOSTS", "a,,b"),
+])
+def test_the_settings_module_refuses_bad_values(variable, value):
+    result = _load_settings(**{variable: value})
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr and variable in result.stderr
+
+
+def test_the_embedded_default_needs_no_server():
+    import json
+
+    result = _load_settings()
+    assert result.returncode == 0, result.stderr
+    effective = json.loads(result.stdout)
+    assert effective["db"].endswith("sqlite3")
+    assert effective["broker"] == "filesystem://"
+    assert effective["storage"].endswith("FileSystemStorage")
+    assert effective["cache"].endswith("FileBasedCache")
+
+
+def test_urls_switch_to_postgres_and_redis():
+    import json
+
+    result = _load_settings(DATABASE_URL="postgres://u@127.0.0.1:5432/x",
+                            REDIS_URL="redis://127.0.0.1:6379/3", ALLOWED_HOSTS="tuneplex.example")
+    assert result.returncode == 0, result.stderr
+    effective = json.loads(result.stdout)
+    assert effective["db"].endswith("postgresql")
+    assert effective["broker"] == "redis://127.0.0.1:6379/3"
+    assert effective["cache"].endswith("RedisCache")
+    assert effective["hosts"] == ["tuneplex.example"]
+
+
+def test_the_running_suite_uses_postgres_and_redis_when_configured(settings):
+    if "DATABASE_URL" in os.environ:
+        assert settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+    if "REDIS_URL" in os.environ:
+        assert settings.CELERY_BROKER_URL.startswith("redis://")
