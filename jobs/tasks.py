@@ -18,3 +18,13 @@ def ping(token: str) -> None:
     ``manage.py check_worker`` sends one and waits for it.
     """
     cache.set(f"tuneplex:ping:{token}", platform.python_version(), PING_TTL_SECONDS)
+
+
+# Idempotent (the row is claimed with a conditional UPDATE), so late acknowledgement is safe:
+# a worker that dies mid-task has the message redelivered.
+@app.task(name="tuneplex.files.statistics", ignore_result=True, acks_late=True,
+          reject_on_worker_lost=True)
+def compute_file_statistics(file_id: str) -> None:
+    from tuneplex.files.statistics import compute_statistics
+
+    compute_statistics(file_id)

@@ -78,3 +78,72 @@ def viewer_of_a(org_a) -> User:
 @pytest.fixture
 def member_of_a(org_a) -> User:
     return add_member(org_a, Role.MEMBER)
+
+
+# --- a real Celery worker on the test database -----------------------------------------------------
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _database_url(settings_dict: dict) -> str:
+    if settings_dict["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{settings_dict['NAME']}"
+    user = settings_dict.get("USER") or "postgres"
+    password = f":{settings_dict['PASSWORD']}" if settings_dict.get("PASSWORD") else ""
+    host = settings_dict.get("HOST") or "127.0.0.1"
+    port = settings_dict.get("PORT") or 5432
+    return f"postgres://{user}{password}@{host}:{port}/{settings_dict['NAME']}"
+
+
+@pytest.fixture(scope="session")
+def celery_worker(django_db_setup, django_db_blocker):
+    """A real `celery worker` process (queues default and gpu) reading the test database.
+
+    Tests that use it must commit their rows (``@pytest.mark.django_db(transaction=True)``).
+    """
+    from django.db import connection
+
+    with django_db_blocker.unblock():
+        url = _database_url(connection.settings_dict)
+    environ = dict(os.environ, DATABASE_URL=url)
+    log_path = Path(os.environ.get("TUNEPLEX_DATA_DIR", "/tmp")) / "test-worker.log"
+    log = log_path.open("w")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "celery"), "-A", "jobs.celery", "worker",
+         "--queues", "default,gpu", "--concurrency", "1", "--prefetch-multiplier", "1",
+         "--hostname", f"test-{os.getpid()}@%h", "--loglevel", "INFO", "--without-gossip",
+         "--without-mingle"],
+        cwd=REPO, env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "ready." not in log_path.read_text():
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.3)
+        assert "ready." in log_path.read_text(), log_path.read_text()[-3000:]
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        log.close()
+
+
+def wait_for(predicate, *, timeout: float, interval: float = 0.3, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")

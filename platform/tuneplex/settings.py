@@ -66,6 +66,7 @@ INSTALLED_APPS = [
     "tuneplex.apikeys",
     "tuneplex.audit",
     "tuneplex.basemodels",
+    "tuneplex.files",
     "frontend",
 ]
 
@@ -223,6 +224,16 @@ SPECTACULAR_SETTINGS = {
 }
 
 API_KEY_PREFIX = "tpx_"
+
+# --- datasets ------------------------------------------------------------------------------------
+FILE_UPLOAD_MAX_BYTES = env_bytes("TUNEPLEX_MAX_FILE_SIZE", 512 * 2**20)
+ORG_STORAGE_QUOTA = env_bytes("TUNEPLEX_ORG_STORAGE_QUOTA", 20 * 2**30)
+DATASET_MAX_LINE_BYTES = env_bytes("TUNEPLEX_DATASET_MAX_LINE", 8 * 2**20)
+DATASET_MIN_EXAMPLES = env_int("TUNEPLEX_DATASET_MIN_EXAMPLES", 10, minimum=1)
+# Uploads spool to disk next to local artifacts, so storing one is a rename, not a copy.
+FILE_UPLOAD_TEMP_DIR = str(DATA_DIR / "uploads")
+Path(FILE_UPLOAD_TEMP_DIR).mkdir(parents=True, exist_ok=True)
+FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 2**20
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_bytes("TUNEPLEX_MAX_REQUEST_BODY", 10 * 2**20)
 
 # --- misc --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from tuneplex.apikeys import apis as apikeys
 from tuneplex.audit import apis as audit
 from tuneplex.basemodels import apis as basemodels
 from tuneplex.core import health
+from tuneplex.files import apis as files
 from tuneplex.tenancy import apis as tenancy
 
 
@@ -45,6 +46,9 @@ api_v1 = [
     path("api_keys/<oid:id>", apikeys.ApiKeyDetailApi.as_view()),
     path("api_keys/<oid:id>/revoke", apikeys.ApiKeyRevokeApi.as_view()),
     path("audit_events", audit.AuditEventListApi.as_view()),
+    path("files", files.FileListApi.as_view()),
+    path("files/<oid:id>", files.FileDetailApi.as_view()),
+    path("files/<oid:id>/content", files.FileContentApi.as_view()),
     path("base_models", basemodels.BaseModelListApi.as_view()),
     path("base_models/<oid:name>", basemodels.BaseModelDetailApi.as_view()),
 ]

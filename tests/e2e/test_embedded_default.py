@@ -107,6 +107,47 @@ def test_the_printed_key_and_password_work(embedded):
         assert response.status_code == 200 and "Demo" in response.text and "owner" in response.text
 
 
+def test_uploads_over_the_limit_are_refused_before_the_body_is_read(embedded):
+    """The ASGI guard answers from Content-Length alone: no 5 GB spooled to disk first."""
+    import socket as sockets
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(embedded["url"])
+    head = (f"POST /v1/files HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            f"Authorization: Bearer {embedded['key']}\r\nContent-Type: multipart/form-data; "
+            f"boundary=x\r\nContent-Length: {5 * 2**30}\r\n\r\n").encode()
+    with sockets.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(head + b"--x\r\n")
+        reply = sock.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 413")
+    assert '"code": "request_too_large"' in reply and "file size limit" in reply
+
+
+def test_a_dataset_round_trips_and_an_interrupted_upload_leaves_nothing(embedded):
+    from tests.files.test_interrupted_upload import send_partial_upload
+    from tests.fixtures.datasets import good_chat
+
+    headers = {"Authorization": f"Bearer {embedded['key']}"}
+    send_partial_upload(embedded["url"], embedded["key"], good_chat(20_000), send_fraction=0.3)
+    time.sleep(1)
+    assert httpx.get(embedded["url"] + "/v1/files", headers=headers).json()["data"] == []
+    org_blobs = embedded["data_dir"] / "artifacts" / "orgs"
+    assert not org_blobs.exists() or not any(org_blobs.rglob("*.jsonl"))
+    created = httpx.post(embedded["url"] + "/v1/files", headers=headers,
+                         data={"purpose": "fine-tune"}, files={"file": ("d.jsonl", good_chat(20))})
+    assert created.status_code == 200 and created.json()["status"] == "processed"
+    file_id = created.json()["id"]
+    # The embedded worker (filesystem broker) computes statistics.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{embedded['url']}/v1/files/{file_id}", headers=headers).json()
+        if state["statistics_status"] in ("ready", "failed"):
+            break
+        time.sleep(1)
+    assert state["statistics_status"] == "ready", state
+    assert state["statistics"]["examples"] == 20
+
+
 def test_ctrl_c_stops_every_process(embedded):
     process = embedded["process"]
     os.killpg(process.pid, signal.SIGINT)

@@ -15,7 +15,9 @@ import pytest
 from rest_framework.test import APIClient
 
 from tests.conftest import Tenant, bearer
+from tests.fixtures.datasets import good_chat
 from tuneplex.apikeys.models import ApiKey
+from tuneplex.files.models import File
 from tuneplex.tenancy.models import Membership
 
 GLOBAL_PATHS = {"/v1/base_models/{name}"}
@@ -27,6 +29,24 @@ OBJECT_OF_B = {
     "/v1/api_keys/{id}/revoke": lambda b: ApiKey.objects.filter(
         organization=b.organization).first().id,
 }
+
+
+def _file_of_b(b: Tenant) -> str:
+    existing = File.objects.filter(organization=b.organization).first()
+    if existing is not None:
+        return existing.id
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    response = bearer(b.owner_key).post(
+        "/v1/files", {"file": SimpleUploadedFile("b.jsonl", good_chat()), "purpose": "fine-tune"},
+        format="multipart")
+    return response.json()["id"]
+
+
+OBJECT_OF_B.update({
+    "/v1/files/{id}": _file_of_b,
+    "/v1/files/{id}/content": _file_of_b,
+})
 
 BODIES = {"patch": {"role": "viewer"}, "post": {}, "put": {}}
 
@@ -52,6 +72,7 @@ def _b_snapshot(b: Tenant) -> list:
     return [
         sorted(Membership.objects.filter(organization=b.organization).values_list("id", "role")),
         sorted(ApiKey.objects.filter(organization=b.organization).values_list("id", "revoked_at")),
+        sorted(File.objects.filter(organization=b.organization).values_list("id", "bytes")),
     ]
 
 
@@ -74,6 +95,7 @@ def test_a_caller_of_a_gets_404_for_every_object_of_b(org_a, org_b, as_session):
     client = _signed_in(org_a) if as_session else bearer(org_a.owner_key)
     operations = _object_operations(_schema(bearer(org_a.owner_key)))
     assert len(operations) >= 5
+    _file_of_b(org_b)
     before = _b_snapshot(org_b)
     for path, method in operations:
         url = re.sub(r"\{[^}]+\}", OBJECT_OF_B[path](org_b), path)
@@ -95,6 +117,7 @@ def test_no_list_shows_rows_of_b(org_a, org_b):
     ids_of_b = {org_b.organization.id}
     ids_of_b |= set(Membership.objects.filter(organization=org_b.organization).values_list("id", flat=True))
     ids_of_b |= set(ApiKey.objects.filter(organization=org_b.organization).values_list("id", flat=True))
+    ids_of_b.add(_file_of_b(org_b))
     schema = _schema(client)
     lists = [p for p, item in schema["paths"].items() if "{" not in p and "get" in item
              and p not in ("/v1/openapi.json", "/v1/docs")]

@@ -9,8 +9,22 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from tuneplex.core.errors import error_body, is_api_path
 
-# Routes that stream large bodies to storage themselves (they enforce their own limit).
-STREAMING_UPLOAD_PATHS: set[str] = set()
+# Multipart framing around an uploaded file: boundaries, headers, the purpose field.
+MULTIPART_OVERHEAD = 64 * 1024
+UPLOAD_PATHS = ("/v1/files",)
+
+
+def body_limit(path: str) -> tuple[int, str]:
+    """(largest body accepted, what to tell a client that exceeds it) for an API path."""
+    if path in UPLOAD_PATHS:
+        limit = settings.FILE_UPLOAD_MAX_BYTES
+        return limit + MULTIPART_OVERHEAD, f"the file size limit is {limit} bytes"
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    return limit, f"the request body limit is {limit} bytes"
+
+
+def too_large(size: int, explanation: str) -> dict:
+    return error_body("request_too_large", f"The request body is {size} bytes; {explanation}.")
 
 
 class ApiErrorMiddleware:
@@ -24,18 +38,13 @@ class ApiErrorMiddleware:
         if "\x00" in request.path or "%00" in request.META.get("QUERY_STRING", ""):
             return JsonResponse(error_body("bad_request", "The URL contains a NUL character."),
                                 status=400)
-        if is_api_path(request) and request.path not in STREAMING_UPLOAD_PATHS:
-            length = request.META.get("CONTENT_LENGTH") or "0"
+        if is_api_path(request):
             try:
-                size = int(length)
+                size = int(request.META.get("CONTENT_LENGTH") or "0")
             except ValueError:
                 return JsonResponse(error_body("bad_request", "Content-Length is not a number.",
                                                "Content-Length"), status=400)
-            limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+            limit, explanation = body_limit(request.path)
             if size > limit:
-                return JsonResponse(
-                    error_body("request_too_large",
-                               f"The request body is {size} bytes; the limit is {limit} bytes."),
-                    status=413,
-                )
+                return JsonResponse(too_large(size, explanation), status=413)
         return self.get_response(request)

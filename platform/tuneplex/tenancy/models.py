@@ -24,7 +24,15 @@ class Organization(models.Model):
                           editable=False)
     name = models.CharField(max_length=200)
     slug = models.SlugField(max_length=64, unique=True)
+    storage_quota_bytes = models.BigIntegerField(
+        null=True, blank=True, help_text="Stored dataset bytes allowed; blank: TUNEPLEX_ORG_STORAGE_QUOTA.")
     created_at = models.DateTimeField(auto_now_add=True)
+
+    @property
+    def storage_quota(self) -> int:
+        from django.conf import settings
+
+        return self.storage_quota_bytes if self.storage_quota_bytes is not None else settings.ORG_STORAGE_QUOTA
 
     def __str__(self) -> str:
         return self.name

@@ -1,0 +1,119 @@
+"""Files API in OpenAI's shape: POST/GET /v1/files, GET/DELETE /v1/files/{id}, GET …/content."""
+
+from __future__ import annotations
+
+import os
+
+from django.http import FileResponse
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_serializer
+from rest_framework import serializers
+from rest_framework.parsers import MultiPartParser
+from rest_framework.response import Response
+
+from tuneplex.core.apis import OrgApi, timestamp
+from tuneplex.core.errors import ApiError
+from tuneplex.core.pagination import list_page
+from tuneplex.core.scopes import READ, TRAIN
+from tuneplex.core.validators import clean_name
+from tuneplex.files import selectors, services
+from tuneplex.files.models import File
+
+
+class FileOutput(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.SerializerMethodField()
+    bytes = serializers.IntegerField()
+    created_at = serializers.SerializerMethodField()
+    expires_at = serializers.SerializerMethodField()
+    filename = serializers.CharField()
+    purpose = serializers.CharField()
+    status = serializers.CharField()
+    status_details = serializers.SerializerMethodField()
+    format = serializers.CharField(help_text="chat, alpaca, prompt_completion or text")
+    sha256 = serializers.CharField()
+    validation = serializers.JSONField(help_text="The validation report: errors with line numbers "
+                                       "and codes, and a count per code.")
+    statistics_status = serializers.CharField()
+    statistics = serializers.JSONField()
+
+    def get_object(self, obj) -> str:
+        return "file"
+
+    def get_created_at(self, obj) -> int:
+        return timestamp(obj.created_at)
+
+    def get_expires_at(self, obj) -> None:
+        return None
+
+    def get_status_details(self, obj) -> str | None:
+        if obj.status != File.Status.ERROR:
+            return None
+        report = obj.validation or {}
+        first = (report.get("errors") or [{}])[0]
+        where = f"line {first['line']}: " if first.get("line") else ""
+        return f"{report.get('error_count', 0)} problem(s); first: {where}{first.get('message', '')}"
+
+
+@extend_schema_serializer(component_name="FileUploadInput")
+class FileUploadInput(serializers.Serializer):
+    file = serializers.FileField(allow_empty_file=True, help_text="A JSONL file.")
+    purpose = serializers.CharField(help_text="Must be 'fine-tune'.")
+
+
+def _filename(upload) -> str:
+    name = os.path.basename((upload.name or "").replace("\\", "/")) or "upload.jsonl"
+    try:
+        return clean_name(name, max_length=255)
+    except serializers.ValidationError as exc:
+        raise ApiError(f"Unusable file name: {exc.detail[0]}", code="invalid_filename",
+                       param="file") from None
+
+
+class FileListApi(OrgApi):
+    scopes = {"GET": READ, "POST": TRAIN}
+    parser_classes = [MultiPartParser]
+
+    @extend_schema(parameters=[OpenApiParameter("purpose", str), OpenApiParameter("after", str),
+                               OpenApiParameter("limit", int)],
+                   responses=FileOutput(many=True), summary="List files")
+    def get(self, request):
+        files = selectors.file_list(organization=self.organization,
+                                    purpose=request.query_params.get("purpose"))
+        return Response(list_page(files, request.query_params, serializer_class=FileOutput))
+
+    @extend_schema(request={"multipart/form-data": FileUploadInput}, responses=FileOutput,
+                   summary="Upload a JSONL dataset (validated while it is stored)")
+    def post(self, request):
+        data = FileUploadInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        upload = data.validated_data["file"]
+        created = services.file_create(organization=self.organization, actor=self.principal,
+                                       upload=upload, purpose=data.validated_data["purpose"],
+                                       filename=_filename(upload))
+        return Response(FileOutput(created).data)
+
+
+class FileDetailApi(OrgApi):
+    scopes = {"GET": READ, "DELETE": TRAIN}
+
+    @extend_schema(responses=FileOutput, summary="Retrieve a file")
+    def get(self, request, id: str):
+        return Response(FileOutput(selectors.file_get(organization=self.organization,
+                                                      file_id=id)).data)
+
+    @extend_schema(responses={200: dict}, summary="Delete a file (blob and record)")
+    def delete(self, request, id: str):
+        file = selectors.file_get(organization=self.organization, file_id=id)
+        services.file_delete(organization=self.organization, actor=self.principal, file=file)
+        return Response({"id": file.id, "object": "file", "deleted": True})
+
+
+class FileContentApi(OrgApi):
+    scopes = {"GET": READ}
+
+    @extend_schema(responses={(200, "application/jsonl"): bytes}, summary="Download a file")
+    def get(self, request, id: str):
+        file = selectors.file_get(organization=self.organization, file_id=id)
+        blob = services.artifact_storage().open(file.blob_name, "rb")
+        return FileResponse(blob, as_attachment=True, filename=file.filename,
+                            content_type="application/jsonl")

@@ -1,0 +1,164 @@
+"""Writes for files: upload (validate, store, record), delete, statistics bookkeeping."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import timedelta
+from typing import IO
+
+from django.conf import settings
+from django.core.files.storage import storages
+from django.core.files.uploadedfile import UploadedFile
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from jobs.training.jsonl import validate_jsonl
+from tuneplex.audit.services import audit_record
+from tuneplex.core.actors import Principal
+from tuneplex.core.errors import ApiError, Conflict
+from tuneplex.files.models import File
+from tuneplex.files.selectors import storage_used
+from tuneplex.tenancy.models import Organization
+
+log = logging.getLogger(__name__)
+_HASH_CHUNK = 4 * 2**20
+
+
+def artifact_storage():
+    return storages["artifacts"]
+
+
+def blob_name_for(organization: Organization, file_id: str) -> str:
+    """Organization-scoped blob path; ids are generated, so no user text reaches the path."""
+    return f"orgs/{organization.id}/files/{file_id}.jsonl"
+
+
+def _sha256(stream: IO[bytes]) -> str:
+    digest = hashlib.sha256()
+    stream.seek(0)
+    while chunk := stream.read(_HASH_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _open_binary(upload: UploadedFile) -> IO[bytes]:
+    upload.seek(0)
+    path = getattr(upload, "temporary_file_path", None)
+    if path is not None:
+        return open(path(), "rb")  # a buffered reader: fast readline and peek
+    import io
+
+    return io.BufferedReader(io.BytesIO(upload.read()))
+
+
+def file_create(*, organization: Organization, actor: Principal, upload: UploadedFile,
+                purpose: str, filename: str) -> File:
+    """Validate the upload (streaming), then store blob and row together, or neither."""
+    if purpose != File.Purpose.FINE_TUNE:
+        raise ApiError(f"Unsupported purpose {purpose!r}; use 'fine-tune'.",
+                       code="invalid_purpose", param="purpose")
+    size = upload.size
+    if size > settings.FILE_UPLOAD_MAX_BYTES:
+        raise ApiError(f"The file is {size} bytes; the limit is {settings.FILE_UPLOAD_MAX_BYTES} "
+                       "bytes.", code="file_too_large", param="file", status=413)
+    with _open_binary(upload) as stream:
+        report = validate_jsonl(stream, max_line_bytes=settings.DATASET_MAX_LINE_BYTES,
+                                min_examples=settings.DATASET_MIN_EXAMPLES)
+        sha256 = _sha256(stream)
+    storage = artifact_storage()
+    stored_name: str | None = None
+    try:
+        with transaction.atomic():
+            # Lock the organization so concurrent uploads cannot overshoot the quota together.
+            Organization.objects.select_for_update().filter(pk=organization.pk).first()
+            used = storage_used(organization=organization)
+            quota = organization.storage_quota
+            if used + size > quota:
+                raise ApiError(
+                    f"Storing this file ({size} bytes) would exceed the organization's quota: "
+                    f"{used} of {quota} bytes are used. Delete files you no longer need.",
+                    code="storage_quota_exceeded", param="file", status=403)
+            record = File(organization=organization, filename=filename, purpose=purpose,
+                          bytes=size, sha256=sha256, format=report.format or "",
+                          validation=report.as_dict(),
+                          status=File.Status.PROCESSED if report.ok else File.Status.ERROR,
+                          statistics_status=(File.StatisticsStatus.PENDING if report.ok
+                                             else File.StatisticsStatus.NONE),
+                          created_by=actor.user if actor.api_key is None else actor.api_key.created_by)
+            record.blob_name = blob_name_for(organization, record.id)
+            upload.seek(0)
+            stored_name = storage.save(record.blob_name, upload)
+            if stored_name != record.blob_name:
+                raise RuntimeError(f"storage renamed {record.blob_name} to {stored_name}")
+            record.save(force_insert=True)
+            audit_record(actor=actor, action="file.create", obj=record,
+                         metadata={"filename": filename, "bytes": size, "status": record.status})
+            if report.ok:
+                transaction.on_commit(lambda: _enqueue_statistics(record.id))
+    except BaseException:
+        if stored_name is not None:
+            storage.delete(stored_name)  # nothing half-written: no blob without its row
+        raise
+    return record
+
+
+def _enqueue_statistics(file_id: str) -> None:
+    from jobs.tasks import compute_file_statistics
+
+    compute_file_statistics.delay(file_id)
+
+
+def file_delete(*, organization: Organization, actor: Principal, file: File) -> None:
+    with transaction.atomic():
+        locked = File.objects.select_for_update().get(pk=file.pk, organization=organization)
+        in_use = file_in_use_by(locked)
+        if in_use:
+            raise Conflict(f"The file is used by {in_use}, which is queued or running; cancel it "
+                           "first.", code="file_in_use", param="file_id")
+        audit_record(actor=actor, action="file.delete", obj=locked,
+                     metadata={"filename": locked.filename})
+        blob_name = locked.blob_name
+        locked.delete()
+        transaction.on_commit(lambda: artifact_storage().delete(blob_name))
+
+
+def file_in_use_by(file: File) -> str | None:
+    """The id of a queued or running job that reads this file, if any."""
+    from django.apps import apps
+
+    if not apps.is_installed("tuneplex.finetuning"):
+        return None
+    from tuneplex.finetuning.selectors import active_job_using_file
+
+    return active_job_using_file(file=file)
+
+
+# --- statistics, written by the worker ------------------------------------------------------------
+
+
+STATISTICS_STALE_AFTER = timedelta(minutes=30)
+
+
+def file_statistics_claim(*, file_id: str) -> File | None:
+    """Move pending → running with a conditional UPDATE; None if another delivery holds it.
+
+    A claim older than STATISTICS_STALE_AFTER (its worker died) may be taken over.
+    """
+    now = timezone.now()
+    claimable = Q(statistics_status=File.StatisticsStatus.PENDING) | Q(
+        statistics_status=File.StatisticsStatus.RUNNING,
+        statistics_claimed_at__lt=now - STATISTICS_STALE_AFTER)
+    claimed = File.objects.filter(claimable, id=file_id).update(
+        statistics_status=File.StatisticsStatus.RUNNING, statistics_claimed_at=now)
+    return File.objects.filter(id=file_id).first() if claimed else None
+
+
+def file_statistics_finish(*, file: File, statistics: dict | None, error: str | None = None) -> None:
+    if statistics is not None:
+        File.objects.filter(pk=file.pk).update(statistics=statistics,
+                                               statistics_status=File.StatisticsStatus.READY)
+    else:
+        File.objects.filter(pk=file.pk).update(statistics={"error": error},
+                                               statistics_status=File.StatisticsStatus.FAILED)
