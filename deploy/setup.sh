@@ -61,10 +61,11 @@ TRAIN_PY=${TUNEPLEX_TRAIN_PYTHON:-$(find_python 3.11 3.12 3.13)} || {
 
 hash=$(sha256sum pyproject.toml | cut -c1-16)
 make_venv .venv "$PLATFORM_PY" "$hash" install_platform
+make_venv .venv-train "$TRAIN_PY" "$hash" install_trainer
 if [ "$WITH_TESTS" = 1 ] && [ "$(cat .venv/.tuneplex-tests 2>/dev/null)" != "$hash" ]; then
   log "installing test dependencies"
   pip_quiet .venv/bin/pip install --group test
+  pip_quiet .venv-train/bin/pip install "pytest>=8.3,<10"
   echo "$hash" > .venv/.tuneplex-tests
 fi
-make_venv .venv-train "$TRAIN_PY" "$hash" install_trainer
 log "environments ready"

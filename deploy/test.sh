@@ -14,4 +14,8 @@ export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/tuneplex}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/9}
 export TUNEPLEX_DATA_DIR=${TUNEPLEX_DATA_DIR:-$(pwd)/var/test}
 mkdir -p test-artifacts
+if [ $# -eq 0 ]; then
+  # The trainer's own tests run in its environment (torch, no Django), then the platform's.
+  .venv-train/bin/python -m pytest tests/training --confcutdir=tests/training -p no:cacheprovider -q
+fi
 exec .venv/bin/python -m pytest "$@"

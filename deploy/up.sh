@@ -24,24 +24,29 @@ $PY manage.py prepare_default_model
 CREDENTIALS=$($PY manage.py bootstrap_demo)
 
 pids=()
+descendants() { local child; for child in $(pgrep -P "$1"); do echo "$child"; descendants "$child"; done; }
 cleanup() {
   trap - EXIT INT TERM
   if [ ${#pids[@]} -gt 0 ]; then
+    # Every process we started, with their children (worker pools, beat), must be gone on exit.
+    local all=("${pids[@]}")
+    for p in "${pids[@]}"; do all+=($(descendants "$p")); done
     log "stopping (${pids[*]})"
     kill -TERM "${pids[@]}" 2>/dev/null || true
-    for _ in $(seq 50); do
-      alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    for _ in $(seq 75); do
+      alive=0; for p in "${all[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
       [ $alive = 0 ] && break; sleep 0.2
     done
-    kill -KILL "${pids[@]}" 2>/dev/null || true
+    kill -KILL "${all[@]}" 2>/dev/null || true
   fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# The default worker also runs beat: the reaper of jobs whose worker stopped heartbeating.
 .venv/bin/celery -A jobs.celery worker --queues default --concurrency 1 --hostname "default@%h" \
-  --loglevel INFO >"$LOGS/worker-default.log" 2>&1 &
+  --beat --loglevel INFO >"$LOGS/worker-default.log" 2>&1 &
 pids+=($!)
 .venv/bin/celery -A jobs.celery worker --queues gpu --concurrency 1 --prefetch-multiplier 1 \
   --hostname "gpu@%h" --loglevel INFO >"$LOGS/worker-gpu.log" 2>&1 &

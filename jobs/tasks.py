@@ -28,3 +28,50 @@ def compute_file_statistics(file_id: str) -> None:
     from tuneplex.files.statistics import compute_statistics
 
     compute_statistics(file_id)
+
+
+# --- fine-tuning -----------------------------------------------------------------------------------
+
+
+@app.task(name="tuneplex.jobs.validate_files", ignore_result=True, acks_late=True)
+def validate_job_files(job_id: str) -> None:
+    """validating_files → queued, then try to dispatch. Idempotent (a conditional UPDATE)."""
+    from tuneplex.finetuning.scheduler import dispatch
+    from tuneplex.finetuning.services import job_files_validated
+
+    if job_files_validated(job_id=job_id) is not None:
+        dispatch()
+
+
+@app.task(name="tuneplex.jobs.dispatch", ignore_result=True)
+def dispatch_jobs() -> None:
+    from tuneplex.finetuning.scheduler import dispatch
+
+    dispatch()
+
+
+@app.task(name="tuneplex.jobs.reap", ignore_result=True)
+def reap_jobs() -> None:
+    """Celery beat, every 10 s: re-queue or fail jobs whose worker stopped heartbeating."""
+    from tuneplex.finetuning.scheduler import reap
+
+    reap()
+
+
+# Late acknowledgement, so a message taken by a worker that dies before claiming the job is
+# delivered again. A redelivery of a job already claimed (a Redis visibility timeout shorter than
+# the run, or a reaper re-dispatch) finds the row no longer "queued and dispatched" and does
+# nothing: the row's conditional claim, not the broker, guarantees one training at a time.
+# No time limit: cancellation and the reaper bound a run instead.
+@app.task(name="tuneplex.train.run", ignore_result=True, acks_late=True)
+def train_job(job_id: str) -> str:
+    from tuneplex.finetuning.runner import run_job
+
+    return run_job(job_id)
+
+
+@app.task(name="tuneplex.train.merge", ignore_result=True)
+def merge_adapter(adapter_id: str) -> None:
+    from tuneplex.adapters.merging import run_merge
+
+    run_merge(adapter_id)

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import pytest
 from rest_framework.test import APIClient
 
+# tests/training runs in the trainer environment (deploy/test.sh), not beside Django.
+collect_ignore = ["training"]
+
 from tuneplex.apikeys.services import api_key_create
 from tuneplex.core.actors import Principal
 from tuneplex.core.scopes import ALL_SCOPES, Role
@@ -102,41 +105,84 @@ def _database_url(settings_dict: dict) -> str:
     return f"postgres://{user}{password}@{host}:{port}/{settings_dict['NAME']}"
 
 
-@pytest.fixture(scope="session")
-def celery_worker(django_db_setup, django_db_blocker):
-    """A real `celery worker` process (queues default and gpu) reading the test database.
+class WorkerProcess:
+    """A real `celery worker` process on the test database; stopped (or killed) by its fixture."""
 
-    Tests that use it must commit their rows (``@pytest.mark.django_db(transaction=True)``).
-    """
+    def __init__(self, *, queues: str, database_url: str, name: str, extra_env: dict | None = None):
+        environ = dict(os.environ, DATABASE_URL=database_url, TUNEPLEX_JOB_HEARTBEAT_SECONDS="1",
+                       **(extra_env or {}))
+        self.log_path = Path(os.environ.get("TUNEPLEX_DATA_DIR", "/tmp")) / f"worker-{name}.log"
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "celery"), "-A", "jobs.celery", "worker",
+             "--queues", queues, "--concurrency", "1", "--prefetch-multiplier", "1",
+             "--hostname", f"{name}-{os.getpid()}@%h", "--loglevel", "INFO", "--without-gossip",
+             "--without-mingle"],
+            cwd=REPO, env=environ, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and "ready." not in self.log_path.read_text():
+                assert self.process.poll() is None, self.log_path.read_text()[-3000:]
+                time.sleep(0.3)
+            assert "ready." in self.log_path.read_text(), self.log_path.read_text()[-3000:]
+        except BaseException:
+            self.stop()
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: worker, pool child and trainer, like a lost node."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def test_database_url(django_db_setup, django_db_blocker) -> str:
     from django.db import connection
 
     with django_db_blocker.unblock():
-        url = _database_url(connection.settings_dict)
-    environ = dict(os.environ, DATABASE_URL=url)
-    log_path = Path(os.environ.get("TUNEPLEX_DATA_DIR", "/tmp")) / "test-worker.log"
-    log = log_path.open("w")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "celery"), "-A", "jobs.celery", "worker",
-         "--queues", "default,gpu", "--concurrency", "1", "--prefetch-multiplier", "1",
-         "--hostname", f"test-{os.getpid()}@%h", "--loglevel", "INFO", "--without-gossip",
-         "--without-mingle"],
-        cwd=REPO, env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return _database_url(connection.settings_dict)
+
+
+@pytest.fixture(scope="session")
+def celery_worker(test_database_url):
+    """A real worker for the `default` queue (statistics, job validation, dispatch).
+
+    Tests that use it must commit their rows (``@pytest.mark.django_db(transaction=True)``).
+    """
+    worker = WorkerProcess(queues="default", database_url=test_database_url, name="default")
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "ready." not in log_path.read_text():
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            time.sleep(0.3)
-        assert "ready." in log_path.read_text(), log_path.read_text()[-3000:]
-        yield process
+        yield worker
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        log.close()
+        worker.stop()
+
+
+@pytest.fixture
+def gpu_workers(test_database_url):
+    """Starts real workers for the `gpu` queue on demand; all are stopped after the test."""
+    started: list[WorkerProcess] = []
+
+    def start(name: str = "gpu") -> WorkerProcess:
+        worker = WorkerProcess(queues="gpu", database_url=test_database_url,
+                               name=f"{name}{len(started)}")
+        started.append(worker)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            worker.stop()
 
 
 def wait_for(predicate, *, timeout: float, interval: float = 0.3, message: str = "condition"):

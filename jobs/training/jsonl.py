@@ -58,6 +58,7 @@ class ValidationReport:
     format: str | None = None
     lines: int = 0
     examples: int = 0
+    longest_line_bytes: int = 0
     errors: list[Problem] = field(default_factory=list)
     error_counts: Counter = field(default_factory=Counter)
 
@@ -76,6 +77,7 @@ class ValidationReport:
             "format": self.format,
             "lines": self.lines,
             "examples": self.examples,
+            "longest_line_bytes": self.longest_line_bytes,
             "error_count": sum(self.error_counts.values()),
             "error_counts": dict(sorted(self.error_counts.items())),
             "errors": [problem.as_dict() for problem in self.errors],
@@ -273,6 +275,8 @@ def validate_jsonl(stream: IO[bytes], *, max_line_bytes: int = DEFAULT_MAX_LINE_
         if not raw.strip():
             pending_blank.append(number)
             continue
+        if len(raw) > report.longest_line_bytes:
+            report.longest_line_bytes = len(raw)
         for blank in pending_blank:  # blank lines are only accepted at the end
             report.add(Problem("invalid_json", "Blank line in the middle of the file.", blank))
         pending_blank.clear()

@@ -67,6 +67,8 @@ INSTALLED_APPS = [
     "tuneplex.audit",
     "tuneplex.basemodels",
     "tuneplex.files",
+    "tuneplex.finetuning",
+    "tuneplex.adapters",
     "frontend",
 ]
 
@@ -199,6 +201,20 @@ if ENGINE_MODE == "attach" and not ENGINE_URLS:
 for _url in ENGINE_URLS:
     if not _url.startswith(("http://", "https://")):
         raise ImproperlyConfigured(f"TUNEPLEX_ENGINE_URLS has {_url!r}, which is not an http(s) URL")
+
+# --- fine-tuning ---------------------------------------------------------------------------------
+TRAINING_DEVICE = env_str("TUNEPLEX_TRAINING_DEVICE", "cpu", choices=("cpu", "cuda"))
+TRAINING_MEMORY = env_bytes("TUNEPLEX_TRAINING_MEMORY", 16 * 2**30)
+GPU_SLOTS = env_int("TUNEPLEX_GPU_SLOTS", 1, minimum=1, maximum=4096)
+ORG_MAX_CONCURRENT_JOBS = env_int("TUNEPLEX_ORG_MAX_CONCURRENT_JOBS", 1, minimum=1)
+JOB_HEARTBEAT_SECONDS = env_int("TUNEPLEX_JOB_HEARTBEAT_SECONDS", 5, minimum=1)
+JOB_HEARTBEAT_TIMEOUT = env_int("TUNEPLEX_JOB_HEARTBEAT_TIMEOUT", 60, minimum=5)
+JOB_MAX_ATTEMPTS = env_int("TUNEPLEX_JOB_MAX_ATTEMPTS", 3, minimum=1, maximum=20)
+WORK_DIR = env_path("TUNEPLEX_WORK_DIR", DATA_DIR / "work")
+CELERY_BEAT_SCHEDULE = {
+    "reap-stale-jobs": {"task": "tuneplex.jobs.reap", "schedule": 10.0},
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 
 DEFAULT_BASE_MODEL = env_str("TUNEPLEX_DEFAULT_BASE_MODEL", "SmolLM2-135M-Instruct")
 

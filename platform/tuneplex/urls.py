@@ -6,7 +6,9 @@ from tuneplex.apikeys import apis as apikeys
 from tuneplex.audit import apis as audit
 from tuneplex.basemodels import apis as basemodels
 from tuneplex.core import health
+from tuneplex.adapters import apis as adapters
 from tuneplex.files import apis as files
+from tuneplex.finetuning import apis as finetuning
 from tuneplex.tenancy import apis as tenancy
 
 
@@ -49,6 +51,15 @@ api_v1 = [
     path("files", files.FileListApi.as_view()),
     path("files/<oid:id>", files.FileDetailApi.as_view()),
     path("files/<oid:id>/content", files.FileContentApi.as_view()),
+    path("fine_tuning/jobs", finetuning.JobListApi.as_view()),
+    path("fine_tuning/jobs/<oid:id>", finetuning.JobDetailApi.as_view()),
+    path("fine_tuning/jobs/<oid:id>/cancel", finetuning.JobCancelApi.as_view()),
+    path("fine_tuning/jobs/<oid:id>/events", finetuning.JobEventsApi.as_view()),
+    path("fine_tuning/jobs/<oid:id>/checkpoints", finetuning.JobCheckpointsApi.as_view()),
+    path("adapters", adapters.AdapterListApi.as_view()),
+    path("adapters/<oid:id>", adapters.AdapterDetailApi.as_view()),
+    path("adapters/<oid:id>/download", adapters.AdapterDownloadApi.as_view()),
+    path("adapters/<oid:id>/merge", adapters.AdapterMergeApi.as_view()),
     path("base_models", basemodels.BaseModelListApi.as_view()),
     path("base_models/<oid:name>", basemodels.BaseModelDetailApi.as_view()),
 ]

@@ -43,9 +43,46 @@ def _file_of_b(b: Tenant) -> str:
     return response.json()["id"]
 
 
+def _job_of_b(b: Tenant) -> str:
+    from tuneplex.basemodels.models import BaseModel
+    from tuneplex.finetuning.models import FineTuningJob
+
+    existing = FineTuningJob.objects.filter(organization=b.organization).first()
+    if existing is not None:
+        return existing.id
+    base = BaseModel.objects.get_or_create(name="iso-model", defaults=dict(
+        directory="/nonexistent", parameter_count=1, max_sequence_length=16,
+        has_chat_template=True))[0]
+    job = FineTuningJob.objects.create(organization=b.organization, base_model=base,
+                                       training_file=_file_of_b(b), seed=1, status="running")
+    job.events.create(message="hello from B")
+    job.checkpoints.create(step=1, path="/x")
+    return job.id
+
+
+def _adapter_of_b(b: Tenant) -> str:
+    from tuneplex.adapters.models import Adapter
+    from tuneplex.finetuning.models import FineTuningJob
+
+    existing = Adapter.objects.filter(organization=b.organization).first()
+    if existing is not None:
+        return existing.id
+    job = FineTuningJob.objects.get(id=_job_of_b(b))
+    return Adapter.objects.create(organization=b.organization, job=job, base_model=job.base_model,
+                                  name=f"ft:iso:{b.organization.slug}::x", blob_prefix="x",
+                                  sha256="0" * 64, bytes=1, rank=8).id
+
+
 OBJECT_OF_B.update({
     "/v1/files/{id}": _file_of_b,
     "/v1/files/{id}/content": _file_of_b,
+    "/v1/fine_tuning/jobs/{id}": _job_of_b,
+    "/v1/fine_tuning/jobs/{id}/cancel": _job_of_b,
+    "/v1/fine_tuning/jobs/{id}/events": _job_of_b,
+    "/v1/fine_tuning/jobs/{id}/checkpoints": _job_of_b,
+    "/v1/adapters/{id}": _adapter_of_b,
+    "/v1/adapters/{id}/download": _adapter_of_b,
+    "/v1/adapters/{id}/merge": _adapter_of_b,
 })
 
 BODIES = {"patch": {"role": "viewer"}, "post": {}, "put": {}}
@@ -73,6 +110,8 @@ def _b_snapshot(b: Tenant) -> list:
         sorted(Membership.objects.filter(organization=b.organization).values_list("id", "role")),
         sorted(ApiKey.objects.filter(organization=b.organization).values_list("id", "revoked_at")),
         sorted(File.objects.filter(organization=b.organization).values_list("id", "bytes")),
+        sorted(b.organization.finetuning_jobs.values_list("id", "status", "cancel_requested")),
+        sorted(b.organization.adapters.values_list("id", "merge_status")),
     ]
 
 
@@ -95,7 +134,7 @@ def test_a_caller_of_a_gets_404_for_every_object_of_b(org_a, org_b, as_session):
     client = _signed_in(org_a) if as_session else bearer(org_a.owner_key)
     operations = _object_operations(_schema(bearer(org_a.owner_key)))
     assert len(operations) >= 5
-    _file_of_b(org_b)
+    _adapter_of_b(org_b)
     before = _b_snapshot(org_b)
     for path, method in operations:
         url = re.sub(r"\{[^}]+\}", OBJECT_OF_B[path](org_b), path)
@@ -118,6 +157,8 @@ def test_no_list_shows_rows_of_b(org_a, org_b):
     ids_of_b |= set(Membership.objects.filter(organization=org_b.organization).values_list("id", flat=True))
     ids_of_b |= set(ApiKey.objects.filter(organization=org_b.organization).values_list("id", flat=True))
     ids_of_b.add(_file_of_b(org_b))
+    ids_of_b.add(_job_of_b(org_b))
+    ids_of_b.add(_adapter_of_b(org_b))
     schema = _schema(client)
     lists = [p for p, item in schema["paths"].items() if "{" not in p and "get" in item
              and p not in ("/v1/openapi.json", "/v1/docs")]

@@ -48,7 +48,7 @@ def inspect_model_directory(directory: Path) -> ModelDirectoryInfo:
     )
 
 
-def _count_parameters(path: Path) -> int:
+def _header(path: Path) -> dict:
     with path.open("rb") as handle:
         raw_length = handle.read(8)
         if len(raw_length) != 8:
@@ -57,9 +57,13 @@ def _count_parameters(path: Path) -> int:
         if length > MAX_SAFETENSORS_HEADER:
             raise ModelDirectoryError(f"{path.name} has an implausible header size")
         try:
-            header = json.loads(handle.read(length))
+            return json.loads(handle.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ModelDirectoryError(f"{path.name} has a corrupt header") from None
+
+
+def _count_parameters(path: Path) -> int:
+    header = _header(path)
     total = 0
     for name, tensor in header.items():
         if name == "__metadata__":
@@ -81,3 +85,20 @@ def _has_chat_template(directory: Path) -> bool:
         except (json.JSONDecodeError, UnicodeDecodeError):
             return False
     return False
+
+
+# Linear layers that are never LoRA targets: the output head and embeddings.
+_NOT_TARGETS = {"lm_head", "embed_tokens", "wte", "wpe", "embed_out"}
+
+
+def linear_module_names(directory: Path) -> set[str]:
+    """Leaf names of the model's 2-D weight matrices (q_proj, down_proj, ...): valid LoRA targets."""
+    names: set[str] = set()
+    for path in sorted(directory.glob("*.safetensors")):
+        for key, tensor in _header(path).items():
+            if key == "__metadata__" or not key.endswith(".weight") or len(tensor["shape"]) != 2:
+                continue
+            leaf = key[: -len(".weight")].rsplit(".", 1)[-1]
+            if leaf not in _NOT_TARGETS and "norm" not in leaf:
+                names.add(leaf)
+    return names

@@ -126,10 +126,6 @@ def file_delete(*, organization: Organization, actor: Principal, file: File) -> 
 
 def file_in_use_by(file: File) -> str | None:
     """The id of a queued or running job that reads this file, if any."""
-    from django.apps import apps
-
-    if not apps.is_installed("tuneplex.finetuning"):
-        return None
     from tuneplex.finetuning.selectors import active_job_using_file
 
     return active_job_using_file(file=file)

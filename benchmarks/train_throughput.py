@@ -1,0 +1,328 @@
+"""This trainer against stock `transformers.Trainer` + peft, same model, data and hyperparameters.
+
+    .venv-train/bin/python benchmarks/train_throughput.py                      # CPU, SmolLM2-135M
+    .venv-train/bin/python benchmarks/train_throughput.py --shape llama-8b \
+        --seq-len 2048 --method qlora --batch-size 1                           # GPU, random weights
+
+Both trainers see the same realistic chat data (log-normal turn lengths, like real chat data),
+tokenized the same way (chat template, loss on assistant tokens only), the same LoRA (rank 16 on
+all linear projections), learning rate, micro-batch and number of optimizer steps. The stock run is
+written as a user would write it: `Trainer` with `DataCollatorForSeq2Seq` padding each batch to
+its longest example. Each run happens in a fresh process so its peak memory is its own.
+
+Printed per trainer: useful (non-padding) tokens per second, tokens computed, peak memory (RSS on
+the CPU, torch's max allocated on a GPU), and on a GPU the MFU, counting 4 x parameters FLOPs per
+token (LoRA: forward plus the backward pass through activations; no weight gradients for the
+frozen base) plus attention: 4 x 2 x layers x hidden x (mean attended context) per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+WORDS = ("the model learns from examples and answers questions about data training loss adapter "
+         "rank alpha tokens batch sequence length gradient platform team dataset evaluation prompt "
+         "completion assistant user system deploy serve queue worker memory").split()
+SHAPES = {  # Llama-3.2-1B's and Llama-3.1-8B's dimensions
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                     max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                     max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False),
+}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def write_dataset(path: Path, n: int, *, mean_words: float, seed: int = 0) -> None:
+    rng = random.Random(seed)
+
+    def text(mean: float) -> str:
+        count = max(1, int(rng.lognormvariate(0, 0.9) * mean))
+        return " ".join(rng.choice(WORDS) for _ in range(count))
+
+    with path.open("w") as handle:
+        for _ in range(n):
+            messages = [{"role": "system", "content": "You are a helpful assistant."}]
+            for _ in range(rng.choice((1, 1, 2))):
+                messages += [{"role": "user", "content": text(mean_words * 0.4)},
+                             {"role": "assistant", "content": text(mean_words)}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+
+
+def make_random_model(shape: str, out: Path, tokenizer_dir: Path) -> Path:
+    """A random-initialised Llama of the given shape, saved in bf16 with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (out / "config.json").exists():
+        return out
+    config = LlamaConfig(**SHAPES[shape], torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    del model
+    return out
+
+
+# --- the two runs (each in its own process) ------------------------------------------------------
+
+
+def _peak_memory_mib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours(args) -> dict:
+    from jobs.training.config import TrainingConfig
+    from jobs.training.trainer import train
+
+    log: list[dict] = []
+
+    class Recorder:
+        def event(self, *a, **k):
+            pass
+
+        def metrics(self, data):
+            log.append(data)
+
+        def checkpoint(self, *a, **k):
+            pass
+
+        def should_stop(self):
+            return False
+
+    config = TrainingConfig(
+        base_model_dir=args.model, train_file=args.data, output_dir=tempfile.mkdtemp(),
+        method=args.method, lora_rank=16, lora_alpha=32, lora_dropout=0.0, learning_rate=2e-4,
+        epochs=1, batch_size=args.batch_size, max_seq_len=args.seq_len, max_steps=args.steps,
+        checkpoint_every_steps=10**6, gradient_checkpointing=args.gradient_checkpointing,
+        packing=True, seed=0)
+    started = time.perf_counter()
+    train(config, Recorder())
+    total = time.perf_counter() - started
+    # Skip the first step (kernel warm-up, allocator growth) for the rate.
+    steady = log[1:] if len(log) > 2 else log
+    seconds = steady[-1]["elapsed_seconds"] - (log[0]["elapsed_seconds"] if steady is not log else 0)
+    tokens = sum(m["tokens"] for m in steady)
+    return {"trainer": "tuneplex", "steps": len(log), "useful_tokens": tokens,
+            "computed_tokens": tokens, "seconds": seconds, "wall_seconds": total,
+            "useful_tokens_per_second": tokens / seconds, "peak_memory_mib": _peak_memory_mib(),
+            "final_loss": log[-1]["train_loss"]}
+
+
+def run_stock(args) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
+                              TrainerCallback, TrainingArguments)
+
+    from jobs.training.jsonl import read_examples
+    from jobs.training.tokenize import tokenize_example
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = []
+    with open(args.data, "rb") as handle:
+        for _, example in read_examples(handle):
+            tokens = tokenize_example(tokenizer, example)
+            ids, mask = tokens.input_ids[: args.seq_len], tokens.loss_mask[: args.seq_len]
+            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                         "labels": [t if m else -100 for t, m in zip(ids, mask)]})
+    rows = rows[: args.steps * args.batch_size]
+    on_gpu = torch.cuda.is_available()
+    kwargs = {"dtype": torch.bfloat16 if on_gpu else torch.float32}
+    if args.method == "qlora":
+        from jobs.training.quantization import four_bit_config
+
+        kwargs.update(quantization_config=four_bit_config(), device_map={"": 0})
+    model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
+    if args.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    computed: list[int] = []
+    step_times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            if on_gpu:
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - self.t)
+
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+    def counting(features):
+        batch = collator(features)
+        computed.append(batch["input_ids"].numel())
+        return batch
+
+    training_args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
+        learning_rate=2e-4, num_train_epochs=1, max_steps=args.steps, lr_scheduler_type="cosine",
+        warmup_ratio=0.03, logging_steps=1, save_strategy="no", report_to=[], seed=0,
+        bf16=on_gpu, use_cpu=not on_gpu, gradient_checkpointing=args.gradient_checkpointing,
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
+    trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=counting,
+                      callbacks=[Timer()])
+    started = time.perf_counter()
+    output = trainer.train()
+    total = time.perf_counter() - started
+    useful = [sum(len(r["input_ids"]) for r in rows[i * args.batch_size:(i + 1) * args.batch_size])
+              for i in range(len(step_times))]
+    first = 1 if len(step_times) > 2 else 0
+    seconds = sum(step_times[first:])
+    tokens = sum(useful[first:])
+    return {"trainer": "stock", "steps": len(step_times), "useful_tokens": tokens,
+            "computed_tokens": sum(computed[first:len(step_times)]), "seconds": seconds,
+            "wall_seconds": total, "useful_tokens_per_second": tokens / seconds,
+            "peak_memory_mib": _peak_memory_mib(), "final_loss": output.training_loss}
+
+
+# --- orchestration --------------------------------------------------------------------------------
+
+
+def mfu(result: dict, model_dir: str) -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    if peak is None:
+        return None
+    config = json.loads(Path(model_dir, "config.json").read_text())
+    from safetensors import safe_open
+
+    params = 0
+    for path in Path(model_dir).glob("*.safetensors"):
+        with safe_open(path, "pt") as handle:
+            for key in handle.keys():
+                params += math.prod(handle.get_slice(key).get_shape())
+    ctx = result["mean_context"]
+    per_token = 4 * params + 4 * 2 * config["num_hidden_layers"] * config["hidden_size"] * ctx
+    return result["useful_tokens_per_second"] * per_token / peak
+
+
+def _mean_context(model: str, data: Path, seq_len: int, n: int) -> float:
+    """Mean number of positions a token attends to (causal): sum L(L+1)/2 over sum L."""
+    from transformers import AutoTokenizer
+
+    from jobs.training.jsonl import read_examples
+    from jobs.training.tokenize import tokenize_example
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    lengths = []
+    with data.open("rb") as handle:
+        for _, example in read_examples(handle):
+            lengths.append(min(seq_len, len(tokenize_example(tokenizer, example).input_ids)))
+    lengths = lengths[:n]
+    return sum(n_ * (n_ + 1) / 2 for n_ in lengths) / sum(lengths)
+
+
+def child(args) -> None:
+    result = run_ours(args) if args.which == "ours" else run_stock(args)
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="HF model directory (default: the embedded SmolLM2)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="random-init Llama of this shape")
+    parser.add_argument("--method", default="lora", choices=("lora", "qlora"))
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--mean-words", type=float, default=60.0, help="mean assistant turn length")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--only", choices=("ours", "stock"))
+    parser.add_argument("--which", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--json-out", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if args.which:
+        child(args)
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    data_dir = Path(os.environ.get("TUNEPLEX_DATA_DIR", REPO / "var"))
+    smol = data_dir / "models" / "SmolLM2-135M-Instruct"
+    if not (smol / "config.json").exists():
+        from jobs.training.gguf_convert import convert, packaged_gguf
+
+        convert(packaged_gguf(), smol)
+    work = Path(tempfile.mkdtemp(prefix="tuneplex-train-bench-"))
+    model = args.model or (str(make_random_model(args.shape, work / args.shape, smol))
+                           if args.shape else str(smol))
+    data = work / "chat.jsonl"
+    write_dataset(data, args.steps * args.batch_size + 8, mean_words=args.mean_words)
+    mean_context = _mean_context(model, data, args.seq_len, args.steps * args.batch_size)
+    results = []
+    for which in ("ours", "stock"):
+        if args.only and which != args.only:
+            continue
+        command = [sys.executable, __file__, "--which", which, "--data", str(data), "--model", model,
+                   "--method", args.method, "--seq-len", str(args.seq_len), "--batch-size",
+                   str(args.batch_size), "--steps", str(args.steps)]
+        if args.gradient_checkpointing:
+            command.append("--gradient-checkpointing")
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{which} failed:\n{done.stderr[-3000:]}")
+            return 1
+        result = json.loads(line[len("RESULT "):])
+        result["mean_context"] = mean_context
+        result["mfu"] = mfu(result, model)
+        results.append(result)
+    import torch
+    import transformers
+    import peft
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
+    print(f"model {args.shape or Path(model).name}, {args.method}, micro-batch {args.batch_size}, "
+          f"max length {args.seq_len}, {args.steps} steps, on {device}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
+    print(f"{'trainer':10} {'useful tok/s':>13} {'computed/useful':>16} {'peak MiB':>10} {'MFU':>7} {'loss':>8}")
+    for r in results:
+        ratio = r["computed_tokens"] / r["useful_tokens"]
+        shown_mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") else "-"
+        print(f"{r['trainer']:10} {r['useful_tokens_per_second']:13.1f} {ratio:16.2f} "
+              f"{r['peak_memory_mib']:10.0f} {shown_mfu:>7} {r['final_loss']:8.4f}")
+    if len(results) == 2:
+        print(f"ratio tuneplex/stock useful tokens/s: "
+              f"{results[0]['useful_tokens_per_second'] / results[1]['useful_tokens_per_second']:.2f}x")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"args": vars(args), "device": device,
+                                             "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

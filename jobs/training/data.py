@@ -1,0 +1,136 @@
+"""Tokenized datasets and micro-batches for the trainer.
+
+Two ways to form a micro-batch of ``batch_size`` examples:
+
+* packed (default): one row, the examples concatenated; ``position_ids`` restart at 0 for each
+  example, which makes transformers' attention (sdpa/eager/flash) block-diagonal, so each example
+  attends only to itself. No padding is computed at all.
+* padded: one row per example, padded to the longest in the micro-batch. Examples are grouped by
+  length within a shuffled window so padding stays small.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from jobs.training.jsonl import read_examples
+from jobs.training.tokenize import TokenizedExample, tokenize_example
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class LoadedData:
+    train: list[TokenizedExample]
+    validation: list[TokenizedExample]
+    truncated: int
+    dropped_without_targets: int
+
+
+def load_examples(path: Path, tokenizer, *, max_seq_len: int, assistant_only_loss: bool
+                  ) -> tuple[list[TokenizedExample], int, int]:
+    examples, truncated, dropped = [], 0, 0
+    with path.open("rb") as stream:
+        for _, example in read_examples(stream):
+            tokens = tokenize_example(tokenizer, example)
+            ids, mask = tokens.input_ids, tokens.loss_mask
+            if not assistant_only_loss:
+                mask = [1] * len(ids)
+            if len(ids) > max_seq_len:
+                ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+                truncated += 1
+            if sum(mask[1:]) == 0:  # nothing left to learn after truncation
+                dropped += 1
+                continue
+            examples.append(TokenizedExample(input_ids=ids, loss_mask=mask))
+    return examples, truncated, dropped
+
+
+def load_data(*, train_file: str, validation_file: str | None, validation_split: float,
+              tokenizer, max_seq_len: int, assistant_only_loss: bool, seed: int) -> LoadedData:
+    train, truncated, dropped = load_examples(Path(train_file), tokenizer, max_seq_len=max_seq_len,
+                                              assistant_only_loss=assistant_only_loss)
+    validation: list[TokenizedExample] = []
+    if validation_file:
+        validation, t2, d2 = load_examples(Path(validation_file), tokenizer,
+                                           max_seq_len=max_seq_len,
+                                           assistant_only_loss=assistant_only_loss)
+        truncated, dropped = truncated + t2, dropped + d2
+    elif validation_split > 0 and len(train) > 1:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        held = max(1, int(len(train) * validation_split))
+        held_out = set(order[:held])
+        validation = [train[i] for i in sorted(held_out)]
+        train = [example for i, example in enumerate(train) if i not in held_out]
+    return LoadedData(train=train, validation=validation, truncated=truncated,
+                      dropped_without_targets=dropped)
+
+
+def epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def micro_batches(examples: list[TokenizedExample], order: list[int], *, batch_size: int,
+                  packing: bool) -> list[list[int]]:
+    """Example indices per micro-batch, in training order."""
+    groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if packing:
+        return groups
+    # Padded: sort by length inside windows of 32 micro-batches, keeping the shuffle's randomness.
+    window = batch_size * 32
+    regrouped: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: len(examples[i].input_ids))
+        regrouped += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return regrouped
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    labels: torch.Tensor  # already shifted: labels[t] is the target predicted at position t
+    position_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    target_tokens: int  # positions that carry loss
+    tokens: int  # real (non-padding) tokens computed
+
+    def to(self, device: torch.device) -> Batch:
+        move = (lambda t: t.to(device, non_blocking=True) if t is not None else None)
+        return Batch(move(self.input_ids), move(self.labels), move(self.position_ids),
+                     move(self.attention_mask), self.target_tokens, self.tokens)
+
+
+def _shifted_labels(example: TokenizedExample) -> list[int]:
+    ids, mask = example.input_ids, example.loss_mask
+    return [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
+
+
+def collate(examples: list[TokenizedExample], *, packing: bool, pad_id: int) -> Batch:
+    if packing:
+        ids, labels, positions = [], [], []
+        for example in examples:
+            ids += example.input_ids
+            labels += _shifted_labels(example)
+            positions += range(len(example.input_ids))
+        tensor = torch.tensor([ids])
+        label_tensor = torch.tensor([labels])
+        return Batch(tensor, label_tensor, torch.tensor([positions]), None,
+                     int((label_tensor != IGNORE_INDEX).sum()), len(ids))
+    longest = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id)
+    labels = torch.full((len(examples), longest), IGNORE_INDEX)
+    attention = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(_shifted_labels(example))
+        attention[row, :n] = 1
+    return Batch(ids, labels, None, attention, int((labels != IGNORE_INDEX).sum()),
+                 int(attention.sum()))

@@ -1,0 +1,25 @@
+"""File layout of adapters and checkpoints, shared with the platform (pure Python, no torch)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest complete checkpoint (directories appear only when complete)."""
+    steps = [p for p in checkpoints_dir.glob("step-*") if (p / "trainer_state.json").exists()]
+    return max(steps, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def sha256_of(directory: Path) -> str:
+    """One digest over the adapter files, in a fixed order."""
+    digest = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        digest.update(name.encode())
+        with (directory / name).open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,336 @@
+"""The LoRA / QLoRA trainer: ``train(config, report) -> TrainResult``.
+
+setup → train loop → evaluate → save checkpoint → save adapter. What makes it faster than a
+stock ``transformers.Trainer`` run on real (variable-length) chat data:
+
+* padding-free packing (see :mod:`jobs.training.data`): no padding tokens are computed;
+* the output head runs only on positions that carry loss (assistant tokens), not on every token:
+  for small models the vocabulary projection is a large share of the work.
+
+Loss is the mean over target tokens of the whole effective batch (micro-batches x accumulation),
+so accumulation and packing do not change what is optimised.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from jobs.training import checkpoint as ckpt
+from jobs.training.config import ALL_LINEAR, TrainingConfig, resolve_auto
+from jobs.training.data import IGNORE_INDEX, Batch, collate, epoch_order, load_data, micro_batches
+from jobs.training.jsonl import read_examples
+
+KEEP_CHECKPOINTS = 3
+
+
+class Reporter(Protocol):
+    def event(self, message: str, *, level: str = "info", data: dict | None = None) -> None: ...
+
+    def metrics(self, data: dict[str, Any]) -> None: ...
+
+    def checkpoint(self, step: int, path: str, metrics: dict[str, Any]) -> None: ...
+
+    def should_stop(self) -> bool: ...
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class TrainResult:
+    status: str  # succeeded | cancelled
+    adapter_dir: str | None
+    sha256: str | None
+    steps: int
+    trained_tokens: int
+    config: dict[str, Any]
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+# --- entry point -----------------------------------------------------------------------------------
+
+
+def train(config: TrainingConfig, report: Reporter) -> TrainResult:
+    """Train, retrying once with half the micro-batch if the GPU runs out of memory."""
+    with Path(config.train_file).open("rb") as stream:
+        n_examples = sum(1 for _ in read_examples(stream))
+    config = resolve_auto(config, int(n_examples * (1 - config.validation_split)))
+    try:
+        return _train_once(config, report)
+    except torch.OutOfMemoryError:
+        if config.batch_size <= 1:
+            raise
+        retry = config.replace(
+            batch_size=config.batch_size // 2,
+            gradient_accumulation_steps=config.gradient_accumulation_steps * 2,
+            resume_from=str(ckpt.latest_checkpoint(Path(config.output_dir) / "checkpoints") or "")
+            or None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        report.event(
+            f"Out of GPU memory at micro-batch {config.batch_size}; retrying once with micro-batch "
+            f"{retry.batch_size} and gradient accumulation {retry.gradient_accumulation_steps} "
+            "(same effective batch).", level="warning",
+            data={"oom_retry": True, "batch_size": retry.batch_size,
+                  "gradient_accumulation_steps": retry.gradient_accumulation_steps})
+        return _train_once(retry, report)
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+
+def _device(config: TrainingConfig) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda but no CUDA GPU is visible")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _use_bf16(config: TrainingConfig, device: torch.device) -> bool:
+    if config.bf16 is not None:
+        return config.bf16
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def load_model(config: TrainingConfig, device: torch.device):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if _use_bf16(config, device) else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if config.method == "qlora":
+        from jobs.training.quantization import four_bit_config, prepare_quantized
+
+        kwargs["quantization_config"] = four_bit_config()
+        kwargs["device_map"] = {"": device.index or 0}
+        kwargs["dtype"] = torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(config.base_model_dir, **kwargs)
+    if config.method == "qlora":
+        model = prepare_quantized(model, gradient_checkpointing=config.gradient_checkpointing)
+    else:
+        model.to(device)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+    torch.manual_seed(config.seed)  # LoRA's A matrices are initialised from this
+    lora = LoraConfig(
+        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=ALL_LINEAR if config.target_modules == ALL_LINEAR else list(config.target_modules),
+        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def _scheduler(config: TrainingConfig, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[config.lr_scheduler]
+    warmup = math.ceil(config.warmup_ratio * total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+def forward_loss(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses, correct predictions) over the positions that carry loss.
+
+    The transformer runs on every token; the output head only on target positions.
+    """
+    base = model.get_base_model()
+    hidden = base.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                        attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    targets = batch.labels != IGNORE_INDEX
+    logits = base.get_output_embeddings()(hidden[targets]).float()
+    labels = batch.labels[targets]
+    loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+    correct = (logits.detach().argmax(-1) == labels).sum()
+    return loss_sum, correct
+
+
+@torch.no_grad()
+def evaluate(model, examples, *, batch_size: int, packing: bool, pad_id: int,
+             device: torch.device) -> dict[str, float]:
+    model.eval()
+    total_loss, total_correct, total_targets = 0.0, 0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], packing=packing, pad_id=pad_id).to(device)
+        loss_sum, correct = forward_loss(model, batch)
+        total_loss += loss_sum.item()
+        total_correct += int(correct)
+        total_targets += batch.target_tokens
+    model.train()
+    return {"eval_loss": total_loss / max(1, total_targets),
+            "eval_token_accuracy": total_correct / max(1, total_targets)}
+
+
+def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
+    # setup -----------------------------------------------------------------------------------
+    device = _device(config)
+    if config.method == "qlora" and device.type != "cuda":
+        raise RuntimeError("QLoRA needs a CUDA GPU; this job was accepted for one")
+    torch.manual_seed(config.seed)
+    from jobs.training.tokenize import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(config.base_model_dir))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = load_data(train_file=config.train_file, validation_file=config.validation_file,
+                     validation_split=config.validation_split, tokenizer=tokenizer,
+                     max_seq_len=config.max_seq_len, assistant_only_loss=config.assistant_only_loss,
+                     seed=config.seed)
+    if not data.train:
+        raise ValueError("no training examples with target tokens")
+    if data.truncated or data.dropped_without_targets:
+        report.event(f"{data.truncated} example(s) truncated to {config.max_seq_len} tokens; "
+                     f"{data.dropped_without_targets} dropped with nothing left to learn.",
+                     level="warning", data={"truncated": data.truncated,
+                                            "dropped": data.dropped_without_targets})
+    model = load_model(config, device)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
+                                  weight_decay=config.weight_decay, fused=device.type == "cuda")
+    micro_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / config.gradient_accumulation_steps)
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    scheduler = _scheduler(config, optimizer, total_steps)
+    state = ckpt.TrainerState()
+    if config.resume_from:
+        state = ckpt.load_checkpoint(Path(config.resume_from), model=model, optimizer=optimizer,
+                                     scheduler=scheduler)
+        report.event(f"Resumed from checkpoint at step {state.step}.",
+                     data={"resumed_from_step": state.step})
+    n_trainable = sum(p.numel() for p in trainable)
+    report.event(
+        f"Training {config.method} r={config.lora_rank} on {len(data.train)} examples "
+        f"({len(data.validation)} for evaluation): {config.epochs} epoch(s), {total_steps} steps, "
+        f"micro-batch {config.batch_size} x accumulation {config.gradient_accumulation_steps}, "
+        f"lr {config.learning_rate:g}, {n_trainable:,} trainable parameters on {device.type}.",
+        data={"total_steps": total_steps, "trainable_parameters": n_trainable,
+              "hyperparameters": {"epochs": config.epochs, "batch_size": config.batch_size,
+                                  "learning_rate": config.learning_rate}})
+    checkpoints_dir = Path(config.output_dir) / "checkpoints"
+    eval_every = config.eval_every_steps or steps_per_epoch
+    checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
+    started = time.monotonic() - state.elapsed_seconds
+    stopped_early = False
+
+    # train loop ------------------------------------------------------------------------------
+    while state.step < total_steps and not stopped_early:
+        order = epoch_order(len(data.train), seed=config.seed, epoch=state.epoch)
+        groups = micro_batches(data.train, order, batch_size=config.batch_size,
+                               packing=config.packing)
+        accumulation = [groups[i:i + config.gradient_accumulation_steps]
+                        for i in range(0, len(groups), config.gradient_accumulation_steps)]
+        for group in accumulation[state.step_in_epoch:]:
+            step_started = time.monotonic()
+            step_metrics = _optimizer_step(model, optimizer, scheduler, trainable, group, data.train,
+                                           config=config, pad_id=pad_id, device=device,
+                                           report=report)
+            state.step += 1
+            state.step_in_epoch += 1
+            state.trained_tokens += step_metrics.pop("target_tokens")
+            state.elapsed_seconds = time.monotonic() - started
+            step_seconds = time.monotonic() - step_started
+            metrics = {
+                "step": state.step, "total_steps": total_steps, "epoch": state.epoch + 1,
+                **step_metrics,
+                "learning_rate": scheduler.get_last_lr()[0],
+                "tokens_per_second": round(step_metrics["tokens"] / max(step_seconds, 1e-9), 1),
+                "trained_tokens": state.trained_tokens,
+                "elapsed_seconds": round(state.elapsed_seconds, 2),
+                "eta_seconds": round(state.elapsed_seconds / state.step * (total_steps - state.step), 1),
+            }
+            if data.validation and (state.step % eval_every == 0 or state.step == total_steps):
+                metrics.update(evaluate(model, data.validation, batch_size=config.batch_size,
+                                        packing=config.packing, pad_id=pad_id, device=device))
+                stopped_early = _early_stop(config, state, metrics["eval_loss"])
+            state.last_metrics = metrics
+            report.metrics(metrics)
+            if state.step % checkpoint_every == 0 and state.step < total_steps:
+                _save_checkpoint(checkpoints_dir, model, optimizer, scheduler, state, report)
+            if report.should_stop():
+                raise Cancelled()
+            if state.step >= total_steps or stopped_early:
+                break
+        else:
+            state.epoch += 1
+            state.step_in_epoch = 0
+    if stopped_early:
+        report.event(f"Stopped early at step {state.step}: eval loss did not improve for "
+                     f"{config.early_stopping_patience} evaluation(s).", data={"early_stop": True})
+
+    # save ------------------------------------------------------------------------------------
+    adapter_dir = Path(config.output_dir) / "adapter"
+    ckpt.save_adapter(model, adapter_dir, config_json=config.to_json())
+    return TrainResult(status="succeeded", adapter_dir=str(adapter_dir),
+                       sha256=ckpt.sha256_of(adapter_dir), steps=state.step,
+                       trained_tokens=state.trained_tokens, config=_as_dict(config),
+                       final_metrics=state.last_metrics, stopped_early=stopped_early)
+
+
+def _optimizer_step(model, optimizer, scheduler, trainable, group, examples, *, config, pad_id,
+                    device, report) -> dict[str, Any]:
+    batches = [collate([examples[i] for i in micro], packing=config.packing, pad_id=pad_id)
+               for micro in group]
+    targets = sum(b.target_tokens for b in batches)
+    loss_total, correct_total, tokens = 0.0, 0, 0
+    for batch in batches:
+        loss_sum, correct = forward_loss(model, batch.to(device))
+        (loss_sum / targets).backward()
+        loss_total += loss_sum.item()
+        correct_total += int(correct)
+        tokens += batch.tokens
+        if report.should_stop():
+            raise Cancelled()
+    if config.max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+    else:
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in trainable if p.grad is not None]))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"train_loss": round(loss_total / targets, 6), "token_accuracy": round(correct_total / targets, 4),
+            "grad_norm": round(float(grad_norm), 4), "tokens": tokens, "target_tokens": targets}
+
+
+def _early_stop(config: TrainingConfig, state: ckpt.TrainerState, eval_loss: float) -> bool:
+    if state.best_eval_loss is None or eval_loss < state.best_eval_loss - 1e-6:
+        state.best_eval_loss = eval_loss
+        state.evals_without_improvement = 0
+        return False
+    state.evals_without_improvement += 1
+    return bool(config.early_stopping_patience
+                and state.evals_without_improvement >= config.early_stopping_patience)
+
+
+def _save_checkpoint(directory: Path, model, optimizer, scheduler, state, report) -> None:
+    path = directory / f"step-{state.step}"
+    ckpt.save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
+    report.checkpoint(state.step, str(path), state.last_metrics)
+    old = sorted(directory.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    for stale in old[:-KEEP_CHECKPOINTS]:
+        import shutil
+
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _as_dict(config: TrainingConfig) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(config)

@@ -1,0 +1,126 @@
+"""Adapters: list, retrieve, download (zip of the safetensors adapter), merge and export."""
+
+from __future__ import annotations
+
+import zipfile
+
+from django.http import StreamingHttpResponse
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.response import Response
+
+from tuneplex.adapters import selectors, services
+from tuneplex.adapters.merging import merged_prefix
+from tuneplex.adapters.models import Adapter
+from tuneplex.core.apis import OrgApi, timestamp
+from tuneplex.core.errors import Conflict
+from tuneplex.core.pagination import list_page
+from tuneplex.core.scopes import READ, TRAIN
+from tuneplex.files.services import artifact_storage
+
+
+class AdapterOutput(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.SerializerMethodField()
+    name = serializers.CharField(help_text="Use as `model` on the inference endpoints.")
+    base_model = serializers.CharField(source="base_model.name")
+    fine_tuning_job_id = serializers.CharField(source="job_id")
+    rank = serializers.IntegerField()
+    bytes = serializers.IntegerField()
+    sha256 = serializers.CharField()
+    merge_status = serializers.CharField()
+    merge_error = serializers.CharField()
+    created_at = serializers.SerializerMethodField()
+
+    def get_object(self, obj) -> str:
+        return "adapter"
+
+    def get_created_at(self, obj) -> int:
+        return timestamp(obj.created_at)
+
+
+class AdapterListApi(OrgApi):
+    scopes = {"GET": READ}
+
+    @extend_schema(responses=AdapterOutput(many=True), summary="List adapters")
+    def get(self, request):
+        return Response(list_page(selectors.adapter_list(organization=self.organization),
+                                  request.query_params, serializer_class=AdapterOutput))
+
+
+class AdapterDetailApi(OrgApi):
+    scopes = {"GET": READ}
+
+    @extend_schema(responses=AdapterOutput, summary="Retrieve an adapter")
+    def get(self, request, id: str):
+        return Response(AdapterOutput(selectors.adapter_get(organization=self.organization,
+                                                            adapter_id=id)).data)
+
+
+def _zip_stream(names: list[tuple[str, str]]):
+    """Stream a zip of storage blobs without holding them in memory."""
+    import io
+
+    class Sink(io.RawIOBase):
+        def __init__(self):
+            self.chunks: list[bytes] = []
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.chunks.append(bytes(data))
+            return len(data)
+
+    sink = Sink()
+    storage = artifact_storage()
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as archive:
+        for blob, arcname in names:
+            with storage.open(blob, "rb") as source, archive.open(arcname, "w", force_zip64=True) as target:
+                while chunk := source.read(1 << 20):
+                    target.write(chunk)
+                    yield from sink.chunks
+                    sink.chunks.clear()
+    yield from sink.chunks
+
+
+def _zip_response(names: list[tuple[str, str]], filename: str) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(_zip_stream(names), content_type="application/zip")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+class AdapterDownloadApi(OrgApi):
+    scopes = {"GET": READ}
+
+    @extend_schema(responses={(200, "application/zip"): bytes},
+                   summary="Download the adapter (adapter_config.json, adapter_model.safetensors)")
+    def get(self, request, id: str):
+        adapter = selectors.adapter_get(organization=self.organization, adapter_id=id)
+        names = [(f"{adapter.blob_prefix}/{n}", n) for n in
+                 ("adapter_config.json", "adapter_model.safetensors", "training_config.json")
+                 if artifact_storage().exists(f"{adapter.blob_prefix}/{n}")]
+        return _zip_response(names, f"{adapter.id}.zip")
+
+
+class AdapterMergeApi(OrgApi):
+    scopes = {"POST": TRAIN, "GET": READ}
+
+    @extend_schema(request=None, responses=AdapterOutput,
+                   summary="Merge the adapter into its base model (runs on a GPU worker)")
+    def post(self, request, id: str):
+        adapter = selectors.adapter_get(organization=self.organization, adapter_id=id)
+        adapter = services.adapter_request_merge(organization=self.organization,
+                                                 actor=self.principal, adapter=adapter)
+        return Response(AdapterOutput(adapter).data, status=202)
+
+    @extend_schema(responses={(200, "application/zip"): bytes},
+                   summary="Download the merged model once merge_status is succeeded")
+    def get(self, request, id: str):
+        adapter = selectors.adapter_get(organization=self.organization, adapter_id=id)
+        if adapter.merge_status != Adapter.MergeStatus.SUCCEEDED:
+            raise Conflict(f"No merged model yet (merge_status is {adapter.merge_status}); "
+                           f"POST to this URL to start one.", code="merge_not_ready")
+        prefix = merged_prefix(adapter)
+        _, files = artifact_storage().listdir(prefix)
+        return _zip_response([(f"{prefix}/{n}", n) for n in sorted(files)], f"{adapter.id}-merged.zip")

@@ -1,0 +1,212 @@
+"""Fine-tuning jobs API in OpenAI's shape (the `openai` SDK's client.fine_tuning.jobs works)."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from drf_spectacular.utils import extend_schema, extend_schema_serializer
+from rest_framework import serializers
+from rest_framework.response import Response
+
+from tuneplex.core.apis import OrgApi, timestamp
+from tuneplex.core.pagination import list_page
+from tuneplex.core.scopes import READ, TRAIN
+from tuneplex.finetuning import selectors, services
+from tuneplex.finetuning.models import FineTuningJob
+
+
+def _auto(value):
+    return "auto" if value is None else value
+
+
+class JobOutput(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.SerializerMethodField()
+    created_at = serializers.SerializerMethodField()
+    error = serializers.JSONField()
+    fine_tuned_model = serializers.CharField(allow_null=True)
+    finished_at = serializers.SerializerMethodField()
+    hyperparameters = serializers.SerializerMethodField()
+    model = serializers.CharField(source="base_model.name")
+    organization_id = serializers.CharField()
+    result_files = serializers.SerializerMethodField()
+    seed = serializers.IntegerField()
+    status = serializers.CharField()
+    trained_tokens = serializers.IntegerField(allow_null=True)
+    training_file = serializers.CharField()
+    validation_file = serializers.SerializerMethodField()
+    estimated_finish = serializers.SerializerMethodField()
+    integrations = serializers.SerializerMethodField()
+    metadata = serializers.JSONField()
+    method = serializers.SerializerMethodField()
+    suffix = serializers.CharField()
+    # Ours, beyond OpenAI's object:
+    adapter_method = serializers.CharField(source="method", help_text="lora or qlora")
+    training = serializers.SerializerMethodField(help_text="All trainer settings of the job.")
+    progress = serializers.SerializerMethodField()
+    estimated_memory_bytes = serializers.IntegerField(allow_null=True)
+
+    def get_object(self, obj) -> str:
+        return "fine_tuning.job"
+
+    def get_created_at(self, obj) -> int:
+        return timestamp(obj.created_at)
+
+    def get_finished_at(self, obj) -> int | None:
+        return timestamp(obj.finished_at)
+
+    def get_hyperparameters(self, obj) -> dict:
+        requested = obj.hyperparameters or {}
+        return {"n_epochs": _auto(obj.config.get("epochs")),
+                "batch_size": _auto(obj.config.get("batch_size")),
+                "learning_rate_multiplier": requested.get("learning_rate_multiplier", "auto")}
+
+    def get_result_files(self, obj) -> list[str]:
+        return []
+
+    def get_validation_file(self, obj) -> str | None:
+        return obj.validation_file or None
+
+    def get_estimated_finish(self, obj) -> int | None:
+        if obj.status != FineTuningJob.Status.RUNNING or obj.eta_seconds is None:
+            return None
+        from django.utils import timezone
+
+        return int(timezone.now().timestamp() + obj.eta_seconds)
+
+    def get_integrations(self, obj) -> list:
+        return []
+
+    def get_method(self, obj) -> dict:
+        return {"type": "supervised", "supervised": {"hyperparameters": self.get_hyperparameters(obj)}}
+
+    def get_training(self, obj) -> dict:
+        return obj.config
+
+    def get_progress(self, obj) -> dict:
+        return {"step": obj.step, "total_steps": obj.total_steps, "eta_seconds": obj.eta_seconds,
+                "attempts": obj.attempts}
+
+
+@extend_schema_serializer(component_name="FineTuningJobCreateInput")
+class JobCreateInput(serializers.Serializer):
+    model = serializers.CharField(max_length=100, help_text="A base model name (GET /v1/base_models).")
+    training_file = serializers.CharField(max_length=64)
+    validation_file = serializers.CharField(max_length=64, required=False, allow_null=True)
+    hyperparameters = serializers.DictField(
+        required=False, help_text="OpenAI's n_epochs, batch_size, learning_rate_multiplier (each "
+        "'auto' or a value), plus every trainer setting: see docs/fine-tuning.md.")
+    method = serializers.DictField(required=False, help_text="OpenAI's {type: supervised, "
+                                   "supervised: {hyperparameters}}; merged with hyperparameters.")
+    suffix = serializers.CharField(max_length=64, required=False, allow_null=True)
+    seed = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=2**31 - 1)
+    metadata = serializers.DictField(required=False, allow_null=True)
+    integrations = serializers.ListField(required=False, allow_null=True, max_length=0)
+
+    def validate_method(self, value):
+        if value.get("type", "supervised") != "supervised":
+            raise serializers.ValidationError("Only the 'supervised' method is supported.",
+                                              code="unsupported_method")
+        nested = (value.get("supervised") or {}).get("hyperparameters") or {}
+        if not isinstance(nested, dict):
+            raise serializers.ValidationError("method.supervised.hyperparameters must be an object.")
+        return nested
+
+
+class JobListApi(OrgApi):
+    scopes = {"GET": READ, "POST": TRAIN}
+
+    @extend_schema(responses=JobOutput(many=True), summary="List fine-tuning jobs")
+    def get(self, request):
+        return Response(list_page(selectors.job_list(organization=self.organization),
+                                  request.query_params, serializer_class=JobOutput))
+
+    @extend_schema(request=JobCreateInput, responses=JobOutput, summary="Create a fine-tuning job")
+    def post(self, request):
+        data = JobCreateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = dict(data.validated_data)
+        hyperparameters = {**values.pop("method", {}), **(values.pop("hyperparameters", None) or {})}
+        values.pop("integrations", None)
+        job = services.job_create(organization=self.organization, actor=self.principal,
+                                  hyperparameters=hyperparameters, **values)
+        return Response(JobOutput(job).data)
+
+
+class JobDetailApi(OrgApi):
+    scopes = {"GET": READ}
+
+    @extend_schema(responses=JobOutput, summary="Retrieve a fine-tuning job")
+    def get(self, request, id: str):
+        return Response(JobOutput(selectors.job_get(organization=self.organization, job_id=id)).data)
+
+
+class JobCancelApi(OrgApi):
+    scopes = {"POST": TRAIN}
+
+    @extend_schema(request=None, responses=JobOutput, summary="Cancel a fine-tuning job")
+    def post(self, request, id: str):
+        job = selectors.job_get(organization=self.organization, job_id=id)
+        job = services.job_cancel(organization=self.organization, actor=self.principal, job=job)
+        return Response(JobOutput(job).data)
+
+
+class EventOutput(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.SerializerMethodField()
+    created_at = serializers.SerializerMethodField()
+    level = serializers.CharField()
+    message = serializers.CharField()
+    data = serializers.JSONField()
+    type = serializers.CharField()
+
+    def get_object(self, obj) -> str:
+        return "fine_tuning.job.event"
+
+    def get_created_at(self, obj) -> int:
+        return timestamp(obj.created_at)
+
+
+class JobEventsApi(OrgApi):
+    scopes = {"GET": READ}
+
+    @extend_schema(responses=EventOutput(many=True), summary="List a job's events (newest first)")
+    def get(self, request, id: str):
+        job = selectors.job_get(organization=self.organization, job_id=id)
+        return Response(list_page(selectors.job_events(job=job), request.query_params,
+                                  serializer_class=EventOutput))
+
+
+class CheckpointOutput(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.SerializerMethodField()
+    created_at = serializers.SerializerMethodField()
+    fine_tuned_model_checkpoint = serializers.SerializerMethodField()
+    fine_tuning_job_id = serializers.CharField(source="job_id")
+    metrics = serializers.SerializerMethodField()
+    step_number = serializers.IntegerField(source="step")
+
+    def get_object(self, obj) -> str:
+        return "fine_tuning.job.checkpoint"
+
+    def get_created_at(self, obj) -> int:
+        return timestamp(obj.created_at)
+
+    def get_fine_tuned_model_checkpoint(self, obj) -> str:
+        return f"{obj.job_id}:ckpt-step-{obj.step}"
+
+    def get_metrics(self, obj) -> dict:
+        m = obj.metrics or {}
+        return {"step": m.get("step", obj.step), "train_loss": m.get("train_loss"),
+                "train_mean_token_accuracy": m.get("token_accuracy"),
+                "valid_loss": m.get("eval_loss"),
+                "valid_mean_token_accuracy": m.get("eval_token_accuracy")}
+
+
+class JobCheckpointsApi(OrgApi):
+    scopes = {"GET": READ}
+
+    @extend_schema(responses=CheckpointOutput(many=True), summary="List a job's checkpoints")
+    def get(self, request, id: str):
+        job = selectors.job_get(organization=self.organization, job_id=id)
+        return Response(list_page(selectors.job_checkpoints(job=job), request.query_params,
+                                  serializer_class=CheckpointOutput))

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class FineTuningConfig(AppConfig):
+    name = "tuneplex.finetuning"
+    label = "finetuning"

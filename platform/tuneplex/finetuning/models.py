@@ -1,0 +1,95 @@
+from django.conf import settings
+from django.db import models
+
+from tuneplex.core.ids import id_field_length, new_id
+
+
+def _job_id() -> str:
+    return new_id("ftjob-")
+
+
+def _event_id() -> str:
+    return new_id("ftevent-")
+
+
+def _checkpoint_id() -> str:
+    return new_id("ftckpt-")
+
+
+class FineTuningJob(models.Model):
+    """A fine-tuning job. This row, not the broker, is the source of truth for its state."""
+
+    class Status(models.TextChoices):
+        VALIDATING_FILES = "validating_files"
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    ACTIVE = (Status.VALIDATING_FILES, Status.QUEUED, Status.RUNNING)
+    FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+    id = models.CharField(primary_key=True, max_length=id_field_length("ftjob-"), default=_job_id,
+                          editable=False)
+    organization = models.ForeignKey("tenancy.Organization", on_delete=models.CASCADE,
+                                     related_name="finetuning_jobs")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                   on_delete=models.SET_NULL, related_name="+")
+    base_model = models.ForeignKey("basemodels.BaseModel", on_delete=models.PROTECT,
+                                   related_name="+")
+    # File ids, kept even after a finished job's files are deleted (as OpenAI does).
+    training_file = models.CharField(max_length=64)
+    validation_file = models.CharField(max_length=64, blank=True, default="")
+    method = models.CharField(max_length=16, default="lora")
+    hyperparameters = models.JSONField(default=dict, help_text="As requested.")
+    config = models.JSONField(default=dict, help_text="The trainer settings the job runs with.")
+    suffix = models.CharField(max_length=64, blank=True, default="")
+    seed = models.IntegerField()
+    metadata = models.JSONField(null=True, blank=True)
+    status = models.CharField(max_length=20, choices=Status.choices,
+                              default=Status.VALIDATING_FILES, db_index=True)
+    error = models.JSONField(null=True, blank=True)
+    estimated_memory_bytes = models.BigIntegerField(null=True, blank=True)
+    fine_tuned_model = models.CharField(max_length=300, null=True, blank=True)
+    trained_tokens = models.BigIntegerField(null=True, blank=True)
+    step = models.IntegerField(default=0)
+    total_steps = models.IntegerField(null=True, blank=True)
+    eta_seconds = models.FloatField(null=True, blank=True)
+    # Scheduling and worker liveness.
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True, default="")
+    attempts = models.PositiveIntegerField(default=0)
+    cancel_requested = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["organization", "-created_at"]),
+                   models.Index(fields=["status", "dispatched_at"])]
+
+
+class JobEvent(models.Model):
+    id = models.CharField(primary_key=True, max_length=id_field_length("ftevent-"),
+                          default=_event_id, editable=False)
+    job = models.ForeignKey(FineTuningJob, on_delete=models.CASCADE, related_name="events")
+    level = models.CharField(max_length=8, default="info")
+    type = models.CharField(max_length=16, default="message")  # message | metrics
+    message = models.TextField()
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+
+class JobCheckpoint(models.Model):
+    id = models.CharField(primary_key=True, max_length=id_field_length("ftckpt-"),
+                          default=_checkpoint_id, editable=False)
+    job = models.ForeignKey(FineTuningJob, on_delete=models.CASCADE, related_name="checkpoints")
+    step = models.IntegerField()
+    metrics = models.JSONField(default=dict)
+    path = models.CharField(max_length=1000, help_text="On the worker's work folder.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["job", "step"], name="one_checkpoint_per_step")]

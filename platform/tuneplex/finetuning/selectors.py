@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from django.db.models import Q, QuerySet
+
+from tuneplex.core.errors import NotFound
+from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint, JobEvent
+from tuneplex.tenancy.models import Organization
+
+
+def job_list(*, organization: Organization) -> QuerySet[FineTuningJob]:
+    return FineTuningJob.objects.filter(organization=organization).select_related("base_model")
+
+
+def job_get(*, organization: Organization, job_id: str) -> FineTuningJob:
+    job = job_list(organization=organization).filter(id=job_id).first()
+    if job is None:
+        raise NotFound(f"No such fine-tuning job: {job_id}.", param="fine_tuning_job_id")
+    return job
+
+
+def job_events(*, job: FineTuningJob) -> QuerySet[JobEvent]:
+    return JobEvent.objects.filter(job=job)
+
+
+def job_checkpoints(*, job: FineTuningJob) -> QuerySet[JobCheckpoint]:
+    return JobCheckpoint.objects.filter(job=job)
+
+
+def active_job_using_file(*, file) -> str | None:
+    job = (FineTuningJob.objects.filter(organization_id=file.organization_id,
+                                        status__in=FineTuningJob.ACTIVE)
+           .filter(Q(training_file=file.id) | Q(validation_file=file.id)).first())
+    return job.id if job else None

@@ -1,0 +1,158 @@
+"""End to end on the CPU: real Celery workers on real Redis and PostgreSQL train SmolLM2-135M."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+
+from tests.conftest import bearer, wait_for
+from tests.finetuning.conftest import create_job, upload
+from tests.fixtures.datasets import lines_to_bytes, pirate_lines
+from tuneplex.finetuning import scheduler
+from tuneplex.finetuning.models import FineTuningJob
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+MODEL = "SmolLM2-135M-Instruct"
+
+ANSWER = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+base_dir, adapter_dir = sys.argv[1], sys.argv[2]
+tok = AutoTokenizer.from_pretrained(base_dir)
+model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+def answer(m):
+    p = tok.apply_chat_template([{"role": "user", "content": "Tell me something about tea."}],
+                                add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = m.generate(**p, max_new_tokens=12, do_sample=False)
+    return tok.decode(out[0, p["input_ids"].shape[1]:], skip_special_tokens=True)
+print(repr(answer(model)))
+print(repr(answer(PeftModel.from_pretrained(model, adapter_dir))))
+"""
+
+
+def job_state(job_id: str) -> FineTuningJob:
+    return FineTuningJob.objects.get(id=job_id)
+
+
+def wait_until_finished(job_id: str, timeout: float) -> FineTuningJob:
+    return wait_for(lambda: (j := job_state(job_id)).status in FineTuningJob.FINISHED and j,
+                    timeout=timeout, interval=0.5, message=f"job {job_id} to finish")
+
+
+@pytest.fixture
+def ready(celery_worker, db):
+    call_command("prepare_default_model")
+
+
+def test_a_job_trains_serves_its_adapter_and_merges(ready, gpu_workers, org_a, tmp_path):
+    gpu_workers()
+    client = bearer(org_a.owner_key)
+    file_id = upload(org_a, lines_to_bytes(pirate_lines(32)))
+    created = create_job(org_a, model=MODEL, training_file=file_id, suffix="pirate",
+                         hyperparameters={"n_epochs": 2, "batch_size": 8, "learning_rate": 1e-3,
+                                          "lora_rank": 8, "checkpoint_every_steps": 2})
+    assert created.status_code == 200, created.content
+    job_id = created.json()["id"]
+    job = wait_until_finished(job_id, timeout=300)
+    assert job.status == "succeeded", job.error
+
+    body = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert body["fine_tuned_model"].startswith(f"ft:{MODEL}:{org_a.organization.slug}:pirate:")
+    assert body["trained_tokens"] > 0 and body["finished_at"] >= body["created_at"]
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()["data"]
+    losses = [e["data"]["train_loss"] for e in reversed(events) if e["type"] == "metrics"]
+    assert len(losses) == 8 and losses[-1] < losses[0] / 3, losses
+    metrics = next(e["data"] for e in events if e["type"] == "metrics")
+    assert {"step", "total_steps", "train_loss", "learning_rate", "grad_norm", "tokens_per_second",
+            "token_accuracy", "elapsed_seconds", "eta_seconds"} <= set(metrics)
+    checkpoints = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+    assert sorted(c["step_number"] for c in checkpoints) == [2, 4, 6]
+
+    # A redelivered message for the finished job does not train it again.
+    from jobs.tasks import train_job
+
+    train_job.delay(job_id)
+    time.sleep(3)
+    assert job_state(job_id).attempts == 1
+    assert job.events.filter(message__startswith="Running on").count() == 1
+
+    adapters = client.get("/v1/adapters").json()["data"]
+    assert [a["name"] for a in adapters] == [body["fine_tuned_model"]]
+    download = client.get(f"/v1/adapters/{adapters[0]['id']}/download")
+    archive = zipfile.ZipFile(io.BytesIO(b"".join(download.streaming_content)))
+    assert sorted(archive.namelist()) == ["adapter_config.json", "adapter_model.safetensors",
+                                          "training_config.json"]
+    archive.extractall(tmp_path / "adapter")
+    result = subprocess.run([str(settings.TRAINER_PYTHON), "-c", ANSWER,
+                             str(settings.MODELS_DIR / MODEL), str(tmp_path / "adapter")],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, after = result.stdout.strip().splitlines()[-2:]
+    assert "Arr" not in before and after.startswith("'Arr!"), (before, after)
+
+    merge = client.post(f"/v1/adapters/{adapters[0]['id']}/merge")
+    assert merge.status_code == 202
+    wait_for(lambda: client.get(f"/v1/adapters/{adapters[0]['id']}").json()["merge_status"]
+             in ("succeeded", "failed"), timeout=180, message="merge")
+    merged = client.get(f"/v1/adapters/{adapters[0]['id']}/merge")
+    assert merged.status_code == 200, merged.content
+    names = zipfile.ZipFile(io.BytesIO(b"".join(merged.streaming_content))).namelist()
+    assert "model.safetensors" in names and "tokenizer.json" in names and "config.json" in names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pkl"))]
+
+
+def test_cancel_stops_a_running_job_within_seconds(ready, gpu_workers, org_a):
+    gpu_workers()
+    file_id = upload(org_a, lines_to_bytes(pirate_lines(24)))
+    job_id = create_job(org_a, model=MODEL, training_file=file_id,
+                        hyperparameters={"n_epochs": 20, "batch_size": 8}).json()["id"]
+    wait_for(lambda: job_state(job_id).step >= 1, timeout=180, message="the first step")
+    requested = time.monotonic()
+    response = bearer(org_a.owner_key).post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    assert response.status_code == 200
+    job = wait_until_finished(job_id, timeout=60)
+    assert job.status == "cancelled" and time.monotonic() - requested < 20
+    from tuneplex.adapters.models import Adapter
+
+    assert job.step < 60 and not Adapter.objects.filter(job_id=job_id).exists()
+
+
+def _trainer_processes(job_id: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", f"work/{job_id}/config.json"], capture_output=True, text=True)
+    return found.stdout.split()
+
+
+def test_a_worker_killed_mid_run_is_resumed_from_its_checkpoint(ready, gpu_workers, org_a, settings):
+    settings.JOB_HEARTBEAT_TIMEOUT = 5  # what the reaper (run here, not by beat) tolerates
+    first = gpu_workers("doomed")
+    file_id = upload(org_a, lines_to_bytes(pirate_lines(24)))
+    job_id = create_job(org_a, model=MODEL, training_file=file_id,
+                        hyperparameters={"n_epochs": 2, "batch_size": 8, "learning_rate": 1e-3,
+                                         "checkpoint_every_steps": 1}).json()["id"]
+    wait_for(lambda: job_state(job_id).checkpoints.filter(step__gte=2).exists(), timeout=240,
+             message="a checkpoint at step 2")
+    first.kill()
+    time.sleep(1)
+    assert _trainer_processes(job_id) == [], "the trainer died with its worker"
+    assert job_state(job_id).status == "running"  # nobody has noticed yet
+    wait_for(lambda: scheduler.reap()["requeued"] == [job_id], timeout=30, interval=1,
+             message="the reaper to re-queue the job")
+    gpu_workers("rescuer")
+    job = wait_until_finished(job_id, timeout=300)
+    assert job.status == "succeeded", job.error
+    assert job.attempts == 2
+    messages = list(job.events.values_list("message", flat=True))
+    assert any("resuming from the checkpoint at step" in m for m in messages)
+    resumed = [m for m in messages if m.startswith("Resumed from checkpoint at step")]
+    assert len(resumed) == 1
+    steps = sorted(job.events.filter(type="metrics").values_list("data__step", flat=True))
+    assert steps[-1] == 6

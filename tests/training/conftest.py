@@ -1,0 +1,71 @@
+"""Trainer tests: run in the trainer environment (torch, transformers, peft), never with Django.
+
+deploy/test.sh runs them with `.venv-train/bin/python -m pytest tests/training`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from jobs.training.config import TrainingConfig
+from tests.fixtures.datasets import pirate_lines
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct, converted once per data folder."""
+    data_dir = Path(os.environ.get("TUNEPLEX_DATA_DIR", REPO / "var" / "test"))
+    target = data_dir / "models" / "SmolLM2-135M-Instruct"
+    if not (target / "config.json").exists():
+        from jobs.training.gguf_convert import convert, packaged_gguf
+
+        convert(packaged_gguf(), target)
+    return target
+
+
+@pytest.fixture
+def pirate_file(tmp_path) -> Path:
+    path = tmp_path / "pirate.jsonl"
+    path.write_text("\n".join(pirate_lines(32)) + "\n")
+    return path
+
+
+@pytest.fixture
+def make_config(base_model_dir, pirate_file, tmp_path):
+    def make(**overrides) -> TrainingConfig:
+        values = {"base_model_dir": str(base_model_dir), "train_file": str(pirate_file),
+                  "output_dir": str(tmp_path / "out"), "lora_rank": 8, "learning_rate": 1e-3,
+                  "epochs": 1, "batch_size": 8, "checkpoint_every_steps": 2, "device": "cpu"}
+        values.update(overrides)
+        return TrainingConfig(**values)
+    return make
+
+
+class RecordingReporter:
+    def __init__(self, stop_after_steps: int | None = None) -> None:
+        self.events: list[dict] = []
+        self.metrics_log: list[dict] = []
+        self.checkpoints: list[tuple[int, str]] = []
+        self.stop_after_steps = stop_after_steps
+
+    def event(self, message, *, level="info", data=None):
+        self.events.append({"message": message, "level": level, "data": data or {}})
+
+    def metrics(self, data):
+        self.metrics_log.append(data)
+
+    def checkpoint(self, step, path, metrics):
+        self.checkpoints.append((step, path))
+
+    def should_stop(self):
+        return self.stop_after_steps is not None and len(self.metrics_log) >= self.stop_after_steps
+
+
+@pytest.fixture
+def reporter() -> RecordingReporter:
+    return RecordingReporter()

@@ -1,0 +1,164 @@
+"""The trainer on the CPU with the embedded SmolLM2-135M-Instruct and a fixed seed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.training import checkpoint as ckpt
+from jobs.training.config import ConfigError, TrainingConfig, field_help, resolve_auto
+from jobs.training.data import collate
+from jobs.training.quantization import qlora_unavailable_reason
+from jobs.training.tokenize import TokenizedExample, load_tokenizer
+from jobs.training.trainer import Cancelled, forward_loss, load_model, train
+from tests.training.conftest import RecordingReporter
+
+
+def _answer(model, tokenizer, question: str) -> str:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                           add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=16, do_sample=False)
+    return tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_loss_falls_and_the_adapter_changes_the_answers(make_config, reporter, base_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = train(make_config(epochs=2), reporter)
+    losses = [m["train_loss"] for m in reporter.metrics_log]
+    assert result.status == "succeeded" and result.steps == 8 == len(losses)
+    assert losses[-1] < losses[0] / 5, losses
+    adapter = Path(result.adapter_dir)
+    assert sorted(p.name for p in adapter.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "training_config.json"]
+    assert result.sha256 == ckpt.sha256_of(adapter)
+    saved = json.loads((adapter / "training_config.json").read_text())
+    assert saved["lora_rank"] == 8 and saved["epochs"] == 2
+
+    tokenizer = load_tokenizer(base_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+    before = _answer(base, tokenizer, "Tell me something about tea.")
+    tuned = PeftModel.from_pretrained(base, adapter)
+    after = _answer(tuned, tokenizer, "Tell me something about tea.")
+    assert "Arr" not in before and after.startswith("Arr!"), (before, after)
+
+    # base + adapter gives the same logits as the merged model
+    ids = tokenizer("A short sentence about the sea.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        adapted = tuned(ids).logits
+        merged = tuned.merge_and_unload()(ids).logits
+    assert torch.allclose(adapted, merged, atol=1e-4)
+
+
+def test_resuming_from_a_checkpoint_reproduces_the_later_losses(make_config, tmp_path):
+    full = RecordingReporter()
+    train(make_config(output_dir=str(tmp_path / "a"), epochs=2, lora_dropout=0.1), full)
+    step_4 = tmp_path / "a" / "checkpoints" / "step-4"
+    assert (step_4 / "trainer_state.json").exists()
+    resumed = RecordingReporter()
+    result = train(make_config(output_dir=str(tmp_path / "b"), epochs=2, lora_dropout=0.1,
+                               resume_from=str(step_4)), resumed)
+    assert [m["step"] for m in resumed.metrics_log] == [5, 6, 7, 8]
+    expected = [m["train_loss"] for m in full.metrics_log[4:]]
+    actual = [m["train_loss"] for m in resumed.metrics_log]
+    assert actual == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert result.steps == 8
+    assert any("Resumed from checkpoint at step 4" in e["message"] for e in resumed.events)
+
+
+def test_checkpoints_hold_no_pickle(make_config, reporter, tmp_path):
+    train(make_config(), reporter)
+    names = {p.name for p in (tmp_path / "out" / "checkpoints").rglob("*") if p.is_file()}
+    assert names == {"adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors",
+                     "rng.safetensors", "trainer_state.json"}
+    assert [step for step, _ in reporter.checkpoints] == [2]
+
+
+def test_packing_gives_each_example_its_own_attention(base_model_dir):
+    config = TrainingConfig(base_model_dir=str(base_model_dir), train_file="x", output_dir="x",
+                            device="cpu", lora_dropout=0.0)
+    model = load_model(config, torch.device("cpu"))
+    model.eval()
+    examples = [TokenizedExample([1, 520, 30, 44, 90, 2], [0, 0, 1, 1, 1, 1]),
+                TokenizedExample([1, 77, 31, 12], [0, 1, 1, 1])]
+    with torch.no_grad():
+        packed, _ = forward_loss(model, collate(examples, packing=True, pad_id=0))
+        padded, _ = forward_loss(model, collate(examples, packing=False, pad_id=0))
+        separate = sum(forward_loss(model, collate([e], packing=True, pad_id=0))[0] for e in examples)
+    assert packed.item() == pytest.approx(separate.item(), rel=1e-4)
+    assert padded.item() == pytest.approx(separate.item(), rel=1e-4)
+
+
+def test_padded_batches_and_gradient_accumulation_also_train(make_config, reporter):
+    result = train(make_config(packing=False, batch_size=4, gradient_accumulation_steps=2,
+                               gradient_checkpointing=True, max_steps=2), reporter)
+    assert result.steps == 2 and all(m["grad_norm"] > 0 for m in reporter.metrics_log)
+
+
+def test_cancel_stops_at_the_next_step(make_config):
+    reporter = RecordingReporter(stop_after_steps=1)
+    with pytest.raises(Cancelled):
+        train(make_config(epochs=3), reporter)
+    assert len(reporter.metrics_log) == 1
+
+
+def test_early_stopping_on_eval_loss(make_config, reporter):
+    result = train(make_config(epochs=6, validation_split=0.25, eval_every_steps=1,
+                               early_stopping_patience=1, learning_rate=0.5), reporter)
+    assert result.stopped_early and result.steps < 18
+    assert all("eval_loss" in m for m in reporter.metrics_log)
+
+
+def test_an_out_of_memory_error_retries_once_with_half_the_micro_batch(make_config, reporter,
+                                                                        monkeypatch):
+    import jobs.training.trainer as trainer_module
+
+    calls = []
+    real = trainer_module._train_once
+
+    def flaky(config, report):
+        calls.append((config.batch_size, config.gradient_accumulation_steps))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(config.replace(max_steps=1), report)
+
+    monkeypatch.setattr(trainer_module, "_train_once", flaky)
+    result = train(make_config(batch_size=8, gradient_accumulation_steps=1), reporter)
+    assert calls == [(8, 1), (4, 2)] and result.status == "succeeded"
+    retry = [e for e in reporter.events if e["data"].get("oom_retry")]
+    assert len(retry) == 1 and retry[0]["level"] == "warning"
+
+
+@pytest.mark.parametrize("changes,param", [
+    ({"lora_rank": -1}, "lora_rank"), ({"lora_rank": 0}, "lora_rank"),
+    ({"lora_dropout": 1.0}, "lora_dropout"), ({"learning_rate": 0}, "learning_rate"),
+    ({"lr_scheduler": "exotic"}, "lr_scheduler"), ({"target_modules": ["q_proj", "bad name"]}, "target_modules"),
+    ({"target_modules": []}, "target_modules"), ({"method": "qlora", "device": "cpu"}, "method"),
+    ({"epochs": 0}, "epochs"), ({"batch_size": 1.5}, "batch_size"), ({"packing": "yes"}, "packing"),
+    ({"early_stopping_patience": 2}, "early_stopping_patience"), ({"warmup_ratio": 0.9}, "warmup_ratio"),
+])
+def test_bad_hyperparameters_name_their_field(changes, param):
+    values = {"base_model_dir": "m", "train_file": "t", "output_dir": "o", **changes}
+    with pytest.raises(ConfigError) as raised:
+        TrainingConfig(**values)
+    assert raised.value.param == param
+
+
+def test_auto_hyperparameters_follow_the_dataset_size():
+    config = TrainingConfig(base_model_dir="m", train_file="t", output_dir="o")
+    small, large = resolve_auto(config, 20), resolve_auto(config, 50_000)
+    assert (small.epochs, small.batch_size) == (10, 2)
+    assert (large.epochs, large.batch_size, large.learning_rate) == (1, 8, 2e-4)
+    assert all(field_help().values())  # every field documents itself
+
+
+def test_qlora_is_unavailable_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the GPU run covers QLoRA")
+    assert "CUDA" in qlora_unavailable_reason()
