@@ -187,7 +187,7 @@ def run_stock(args) -> dict:
     training_args = TrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
         learning_rate=2e-4, num_train_epochs=1, max_steps=args.steps, lr_scheduler_type="cosine",
-        warmup_ratio=0.03, logging_steps=1, save_strategy="no", report_to=[], seed=0,
+        warmup_steps=math.ceil(0.03 * args.steps), logging_steps=1, save_strategy="no", report_to=[], seed=0,
         bf16=on_gpu, use_cpu=not on_gpu, gradient_checkpointing=args.gradient_checkpointing,
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
     trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=counting,
