@@ -73,10 +73,15 @@ def make_random_model(shape: str, out: Path, tokenizer_dir: Path) -> Path:
 
     if (out / "config.json").exists():
         return out
-    config = LlamaConfig(**SHAPES[shape], torch_dtype="bfloat16")
+    config = LlamaConfig(**SHAPES[shape])
     torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16: an 8B model in fp32 would be 32 GB
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     del model
@@ -118,7 +123,7 @@ def run_ours(args) -> dict:
         method=args.method, lora_rank=16, lora_alpha=32, lora_dropout=0.0, learning_rate=2e-4,
         epochs=1, batch_size=args.batch_size, max_seq_len=args.seq_len, max_steps=args.steps,
         checkpoint_every_steps=10**6, gradient_checkpointing=args.gradient_checkpointing,
-        packing=True, seed=0)
+        packing={"auto": None, "on": True, "off": False}[args.packing], seed=0)
     started = time.perf_counter()
     train(config, Recorder())
     total = time.perf_counter() - started
@@ -256,6 +261,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="HF model directory (default: the embedded SmolLM2)")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="random-init Llama of this shape")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="tokenizer directory for --shape (default: the embedded SmolLM2's)")
     parser.add_argument("--method", default="lora", choices=("lora", "qlora"))
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -263,21 +270,25 @@ def main() -> int:
     parser.add_argument("--mean-words", type=float, default=60.0, help="mean assistant turn length")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--only", choices=("ours", "stock"))
+    parser.add_argument("--packing", choices=("auto", "on", "off"), default="auto",
+                        help="this trainer's packing (auto: on for the CPU, off on CUDA)")
     parser.add_argument("--which", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", type=Path, help="also write the results here")
+    parser.add_argument("--work", type=Path, help="folder for the data and random models (reused)")
     args = parser.parse_args()
     if args.which:
         child(args)
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     data_dir = Path(os.environ.get("TUNEPLEX_DATA_DIR", REPO / "var"))
-    smol = data_dir / "models" / "SmolLM2-135M-Instruct"
-    if not (smol / "config.json").exists():
+    smol = args.tokenizer or data_dir / "models" / "SmolLM2-135M-Instruct"
+    if not (smol / "tokenizer.json").exists():
         from jobs.training.gguf_convert import convert, packaged_gguf
 
         convert(packaged_gguf(), smol)
-    work = Path(tempfile.mkdtemp(prefix="tuneplex-train-bench-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="tuneplex-train-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     model = args.model or (str(make_random_model(args.shape, work / args.shape, smol))
                            if args.shape else str(smol))
     data = work / "chat.jsonl"
@@ -292,6 +303,7 @@ def main() -> int:
                    str(args.batch_size), "--steps", str(args.steps)]
         if args.gradient_checkpointing:
             command.append("--gradient-checkpointing")
+        command += ["--packing", args.packing]
         done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
@@ -320,7 +332,7 @@ def main() -> int:
               f"{results[0]['useful_tokens_per_second'] / results[1]['useful_tokens_per_second']:.2f}x")
     if args.json_out:
         args.json_out.write_text(json.dumps({"args": vars(args), "device": device,
-                                             "results": results}, indent=2))
+                                             "results": results}, indent=2, default=str))
     return 0
 
 

@@ -59,10 +59,11 @@ class TrainingConfig:
     gradient_accumulation_steps: int = _doc(
         "Micro-batches per optimizer step; effective batch = batch_size x this.", 1)
     max_seq_len: int = _doc("Longer examples are truncated (and counted in an event).", 2048)
-    packing: bool = _doc(
+    packing: bool | None = _doc(
         "Padding-free packing: a micro-batch is one row of concatenated examples, each attending "
-        "only to itself (position ids restart per example). Off: padded, length-grouped rows.",
-        True)
+        "only to itself (position ids restart per example). Off: padded, length-grouped rows. "
+        "None = auto: on for the CPU, off on CUDA, where sdpa has no variable-length kernel and "
+        "attends over the whole packed row (measured slower there).", None)
     assistant_only_loss: bool = _doc(
         "Loss on assistant/completion tokens only (off: on every token).", True)
     gradient_checkpointing: bool = _doc(
@@ -108,8 +109,10 @@ class TrainingConfig:
         _int_range(self, "checkpoint_every_steps", 0, 10**9)
         if self.max_steps is not None:
             _int_range(self, "max_steps", 1, 10**9)
-        for flag in ("packing", "assistant_only_loss", "gradient_checkpointing"):
+        for flag in ("assistant_only_loss", "gradient_checkpointing"):
             _check(isinstance(getattr(self, flag), bool), flag, "must be true or false")
+        _check(self.packing is None or isinstance(self.packing, bool), "packing",
+               "must be true, false or null")
         _check(self.bf16 is None or isinstance(self.bf16, bool), "bf16", "must be true, false or null")
         if isinstance(self.target_modules, str):
             _check(self.target_modules == ALL_LINEAR, "target_modules",

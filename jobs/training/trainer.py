@@ -70,21 +70,24 @@ def train(config: TrainingConfig, report: Reporter) -> TrainResult:
     except torch.OutOfMemoryError:
         if config.batch_size <= 1:
             raise
-        retry = config.replace(
-            batch_size=config.batch_size // 2,
-            gradient_accumulation_steps=config.gradient_accumulation_steps * 2,
-            resume_from=str(ckpt.latest_checkpoint(Path(config.output_dir) / "checkpoints") or "")
-            or None)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        report.event(
-            f"Out of GPU memory at micro-batch {config.batch_size}; retrying once with micro-batch "
-            f"{retry.batch_size} and gradient accumulation {retry.gradient_accumulation_steps} "
-            "(same effective batch).", level="warning",
-            data={"oom_retry": True, "batch_size": retry.batch_size,
-                  "gradient_accumulation_steps": retry.gradient_accumulation_steps})
-        return _train_once(retry, report)
+    # Retry outside the except block: inside it, the exception's traceback still holds the failed
+    # attempt's model, optimizer and activations, and the retry would run out of memory too
+    # (seen on an H100: both attempts failed until this moved here).
+    retry = config.replace(
+        batch_size=config.batch_size // 2,
+        gradient_accumulation_steps=config.gradient_accumulation_steps * 2,
+        resume_from=str(ckpt.latest_checkpoint(Path(config.output_dir) / "checkpoints") or "")
+        or None)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    report.event(
+        f"Out of GPU memory at micro-batch {config.batch_size}; retrying once with micro-batch "
+        f"{retry.batch_size} and gradient accumulation {retry.gradient_accumulation_steps} "
+        "(same effective batch).", level="warning",
+        data={"oom_retry": True, "batch_size": retry.batch_size,
+              "gradient_accumulation_steps": retry.gradient_accumulation_steps})
+    return _train_once(retry, report)
 
 
 # --- setup ---------------------------------------------------------------------------------------
@@ -144,6 +147,10 @@ def _scheduler(config: TrainingConfig, optimizer, total_steps: int):
 # --- the loop ------------------------------------------------------------------------------------
 
 
+def _use_packing(config: TrainingConfig, device: torch.device) -> bool:
+    return config.packing if config.packing is not None else device.type == "cpu"
+
+
 def forward_loss(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses, correct predictions) over the positions that carry loss.
 
@@ -199,6 +206,7 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
                                             "dropped": data.dropped_without_targets})
     model = load_model(config, device)
     model.train()
+    config = config.replace(packing=_use_packing(config, device), bf16=_use_bf16(config, device))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
                                   weight_decay=config.weight_decay, fused=device.type == "cuda")
