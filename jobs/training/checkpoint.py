@@ -13,10 +13,8 @@ is complete.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from jobs.training.layout import ADAPTER_FILES, latest_checkpoint, sha256_of  # noqa: F401
+from jobs.training.layout import (  # noqa: F401 - re-exported for the trainer
+    ADAPTER_FILES,
+    latest_checkpoint,
+    sha256_of,
+    staged_directory,
+)
 
 
 @dataclass
@@ -39,17 +42,6 @@ class TrainerState:
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def _atomic_dir(final: Path):
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-
-
-def _publish(staging: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
-
-
 def _save_adapter_files(model, directory: Path) -> None:
     """peft's safetensors adapter, without the model card peft adds."""
     model.save_pretrained(directory, safe_serialization=True)
@@ -60,20 +52,14 @@ def _save_adapter_files(model, directory: Path) -> None:
 
 def save_adapter(model, directory: Path, *, config_json: str | None = None) -> None:
     """adapter_config.json + adapter_model.safetensors (+ training_config.json), atomically."""
-    staging = _atomic_dir(directory)
-    try:
+    with staged_directory(directory) as staging:
         _save_adapter_files(model, staging)
         if config_json is not None:
             (staging / "training_config.json").write_text(config_json)
-        _publish(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def save_checkpoint(directory: Path, *, model, optimizer, scheduler, state: TrainerState) -> None:
-    staging = _atomic_dir(directory)
-    try:
+    with staged_directory(directory) as staging:
         _save_adapter_files(model, staging)
         tensors: dict[str, torch.Tensor] = {}
         optimizer_state = optimizer.state_dict()
@@ -93,10 +79,6 @@ def save_checkpoint(directory: Path, *, model, optimizer, scheduler, state: Trai
             "param_groups": optimizer_state["param_groups"],
             "python_random": _python_random_state(),
         }, indent=1))
-        _publish(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def load_checkpoint(directory: Path, *, model, optimizer, scheduler) -> TrainerState:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from jobs.training.layout import staged_directory
 
 SMOKE_QUESTION = "What is the capital of France?"
 
@@ -66,20 +66,12 @@ def convert(gguf_path: Path, out_dir: Path) -> dict:
     plain = plain.to(torch.bfloat16)
     plain.generation_config.do_sample = False
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         plain.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         answer = smoke_answer(staging)
         if "paris" not in answer.lower():
             raise RuntimeError(f"converted model failed its smoke test; it answered {answer!r}")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {
         "directory": str(out_dir),
         "parameter_count": sum(p.numel() for p in plain.parameters()),

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from jobs.training.layout import staged_directory
 
 
 def merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
@@ -26,17 +26,9 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
     dtype = getattr(base.config, "dtype", None) or torch.bfloat16
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged = merged.to(dtype if isinstance(dtype, torch.dtype) else torch.bfloat16)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         AutoTokenizer.from_pretrained(base_dir).save_pretrained(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {"directory": str(out_dir), "files": sorted(p.name for p in out_dir.iterdir())}
 
 

@@ -11,15 +11,8 @@ from tokenizers import Tokenizer
 
 from tests.conftest import bearer, wait_for
 from tests.fixtures.datasets import good_chat, lines_to_bytes
-from tuneplex.basemodels.models import BaseModel
 from tuneplex.files.models import File
 from tuneplex.files.statistics import compute_statistics
-
-
-@pytest.fixture
-def default_model(db):
-    call_command("prepare_default_model")
-    return BaseModel.objects.get(name="SmolLM2-135M-Instruct")
 
 
 def _upload(tenant, content: bytes) -> dict:

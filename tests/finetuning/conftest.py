@@ -2,17 +2,9 @@ from __future__ import annotations
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.core.management import call_command
 
 from tests.conftest import bearer
 from tests.fixtures.datasets import lines_to_bytes, pirate_lines
-from tuneplex.basemodels.models import BaseModel
-
-
-@pytest.fixture
-def default_model(db) -> BaseModel:
-    call_command("prepare_default_model")
-    return BaseModel.objects.get(name="SmolLM2-135M-Instruct")
 
 
 def upload(tenant, content: bytes) -> str:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import time
 import zipfile
-from pathlib import Path
 
 import pytest
 from django.conf import settings

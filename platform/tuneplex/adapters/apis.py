@@ -12,16 +12,16 @@ from rest_framework.response import Response
 from tuneplex.adapters import selectors, services
 from tuneplex.adapters.merging import merged_prefix
 from tuneplex.adapters.models import Adapter
-from tuneplex.core.apis import OrgApi, timestamp
+from tuneplex.core.apis import ApiObjectOutput, OrgApi
 from tuneplex.core.errors import Conflict
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import READ, TRAIN
 from tuneplex.files.services import artifact_storage
 
 
-class AdapterOutput(serializers.Serializer):
+class AdapterOutput(ApiObjectOutput):
+    object_name = "adapter"
     id = serializers.CharField()
-    object = serializers.SerializerMethodField()
     name = serializers.CharField(help_text="Use as `model` on the inference endpoints.")
     base_model = serializers.CharField(source="base_model.name")
     fine_tuning_job_id = serializers.CharField(source="job_id")
@@ -30,13 +30,6 @@ class AdapterOutput(serializers.Serializer):
     sha256 = serializers.CharField()
     merge_status = serializers.CharField()
     merge_error = serializers.CharField()
-    created_at = serializers.SerializerMethodField()
-
-    def get_object(self, obj) -> str:
-        return "adapter"
-
-    def get_created_at(self, obj) -> int:
-        return timestamp(obj.created_at)
 
 
 class AdapterListApi(OrgApi):

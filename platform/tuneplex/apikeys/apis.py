@@ -5,32 +5,25 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 
 from tuneplex.apikeys import selectors, services
-from tuneplex.core.apis import OrgApi, timestamp
+from tuneplex.core.apis import ApiObjectOutput, OrgApi, timestamp
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import ALL_SCOPES, READ, TRAIN
 from tuneplex.core.validators import NameField
 
 
-class ApiKeyOutput(serializers.Serializer):
+class ApiKeyOutput(ApiObjectOutput):
+    object_name = "api_key"
     id = serializers.CharField()
-    object = serializers.SerializerMethodField()
     name = serializers.CharField()
     prefix = serializers.CharField(help_text="The key's first characters, to recognise it.")
     scopes = serializers.ListField(child=serializers.CharField())
     created_by = serializers.SerializerMethodField()
-    created_at = serializers.SerializerMethodField()
     expires_at = serializers.SerializerMethodField()
     revoked_at = serializers.SerializerMethodField()
     last_used_at = serializers.SerializerMethodField()
 
-    def get_object(self, obj) -> str:
-        return "api_key"
-
     def get_created_by(self, obj) -> str | None:
         return obj.created_by.username if obj.created_by else None
-
-    def get_created_at(self, obj) -> int:
-        return timestamp(obj.created_at)
 
     def get_expires_at(self, obj) -> int | None:
         return timestamp(obj.expires_at)

@@ -5,26 +5,19 @@ from rest_framework import serializers
 from rest_framework.response import Response
 
 from tuneplex.audit.selectors import audit_event_list
-from tuneplex.core.apis import OrgApi, timestamp
+from tuneplex.core.apis import ApiObjectOutput, OrgApi
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import ADMIN
 
 
-class AuditEventOutput(serializers.Serializer):
+class AuditEventOutput(ApiObjectOutput):
+    object_name = "audit_event"
     id = serializers.CharField()
-    object = serializers.SerializerMethodField()
     actor = serializers.CharField(source="actor_label")
     action = serializers.CharField()
     object_type = serializers.CharField()
     object_id = serializers.CharField()
     metadata = serializers.JSONField()
-    created_at = serializers.SerializerMethodField()
-
-    def get_object(self, obj) -> str:
-        return "audit_event"
-
-    def get_created_at(self, obj) -> int:
-        return timestamp(obj.created_at)
 
 
 class AuditEventListApi(OrgApi):

@@ -5,25 +5,18 @@ from rest_framework import serializers
 from rest_framework.response import Response
 
 from tuneplex.basemodels.selectors import base_model_get, base_model_list
-from tuneplex.core.apis import OrgApi, timestamp
+from tuneplex.core.apis import ApiObjectOutput, OrgApi
 from tuneplex.core.scopes import READ
 
 
-class BaseModelOutput(serializers.Serializer):
+class BaseModelOutput(ApiObjectOutput):
+    object_name = "base_model"
     id = serializers.CharField(source="name")
-    object = serializers.SerializerMethodField()
     parameter_count = serializers.IntegerField()
     max_sequence_length = serializers.IntegerField()
     has_chat_template = serializers.BooleanField()
     methods_allowed = serializers.ListField(child=serializers.CharField())
     enabled = serializers.BooleanField()
-    created_at = serializers.SerializerMethodField()
-
-    def get_object(self, obj) -> str:
-        return "base_model"
-
-    def get_created_at(self, obj) -> int:
-        return timestamp(obj.created_at)
 
 
 class BaseModelListApi(OrgApi):

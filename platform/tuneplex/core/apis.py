@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rest_framework import serializers
 from rest_framework.views import APIView
 
 from tuneplex.core.actors import Principal
@@ -24,3 +25,18 @@ class OrgApi(APIView):
 def timestamp(value) -> int | None:
     """OpenAI's objects carry Unix seconds."""
     return int(value.timestamp()) if value is not None else None
+
+
+class ApiObjectOutput(serializers.Serializer):
+    """What every API object carries: ``object`` (its kind, as OpenAI names them) and
+    ``created_at`` (Unix seconds). Subclasses set ``object_name``."""
+
+    object_name = ""
+    object = serializers.SerializerMethodField()
+    created_at = serializers.SerializerMethodField()
+
+    def get_object(self, obj) -> str:
+        return self.object_name
+
+    def get_created_at(self, obj) -> int:
+        return timestamp(obj.created_at)

@@ -10,7 +10,7 @@ from rest_framework import serializers
 from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 
-from tuneplex.core.apis import OrgApi, timestamp
+from tuneplex.core.apis import ApiObjectOutput, OrgApi
 from tuneplex.core.errors import ApiError
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import READ, TRAIN
@@ -19,11 +19,10 @@ from tuneplex.files import selectors, services
 from tuneplex.files.models import File
 
 
-class FileOutput(serializers.Serializer):
+class FileOutput(ApiObjectOutput):
+    object_name = "file"
     id = serializers.CharField()
-    object = serializers.SerializerMethodField()
     bytes = serializers.IntegerField()
-    created_at = serializers.SerializerMethodField()
     expires_at = serializers.SerializerMethodField()
     filename = serializers.CharField()
     purpose = serializers.CharField()
@@ -35,12 +34,6 @@ class FileOutput(serializers.Serializer):
                                        "and codes, and a count per code.")
     statistics_status = serializers.CharField()
     statistics = serializers.JSONField()
-
-    def get_object(self, obj) -> str:
-        return "file"
-
-    def get_created_at(self, obj) -> int:
-        return timestamp(obj.created_at)
 
     def get_expires_at(self, obj) -> None:
         return None
@@ -55,6 +48,8 @@ class FileOutput(serializers.Serializer):
 
 
 @extend_schema_serializer(component_name="FileUploadInput")
+
+
 class FileUploadInput(serializers.Serializer):
     file = serializers.FileField(allow_empty_file=True, help_text="A JSONL file.")
     purpose = serializers.CharField(help_text="Must be 'fine-tune'.")

@@ -14,7 +14,6 @@ from pathlib import Path
 from django.conf import settings
 
 from tuneplex.basemodels.models import BaseModel
-from tuneplex.files.models import File
 from tuneplex.files.services import (
     artifact_storage,
     file_statistics_claim,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from django.conf import settings
 from drf_spectacular.utils import extend_schema, extend_schema_serializer
 from rest_framework import serializers
 from rest_framework.response import Response
 
-from tuneplex.core.apis import OrgApi, timestamp
+from tuneplex.core.apis import ApiObjectOutput, OrgApi, timestamp
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import READ, TRAIN
 from tuneplex.finetuning import selectors, services
@@ -18,10 +17,9 @@ def _auto(value):
     return "auto" if value is None else value
 
 
-class JobOutput(serializers.Serializer):
+class JobOutput(ApiObjectOutput):
+    object_name = "fine_tuning.job"
     id = serializers.CharField()
-    object = serializers.SerializerMethodField()
-    created_at = serializers.SerializerMethodField()
     error = serializers.JSONField()
     fine_tuned_model = serializers.CharField(allow_null=True)
     finished_at = serializers.SerializerMethodField()
@@ -44,12 +42,6 @@ class JobOutput(serializers.Serializer):
     training = serializers.SerializerMethodField(help_text="All trainer settings of the job.")
     progress = serializers.SerializerMethodField()
     estimated_memory_bytes = serializers.IntegerField(allow_null=True)
-
-    def get_object(self, obj) -> str:
-        return "fine_tuning.job"
-
-    def get_created_at(self, obj) -> int:
-        return timestamp(obj.created_at)
 
     def get_finished_at(self, obj) -> int | None:
         return timestamp(obj.finished_at)
@@ -88,6 +80,8 @@ class JobOutput(serializers.Serializer):
 
 
 @extend_schema_serializer(component_name="FineTuningJobCreateInput")
+
+
 class JobCreateInput(serializers.Serializer):
     model = serializers.CharField(max_length=100, help_text="A base model name (GET /v1/base_models).")
     training_file = serializers.CharField(max_length=64)
@@ -150,20 +144,13 @@ class JobCancelApi(OrgApi):
         return Response(JobOutput(job).data)
 
 
-class EventOutput(serializers.Serializer):
+class EventOutput(ApiObjectOutput):
+    object_name = "fine_tuning.job.event"
     id = serializers.CharField()
-    object = serializers.SerializerMethodField()
-    created_at = serializers.SerializerMethodField()
     level = serializers.CharField()
     message = serializers.CharField()
     data = serializers.JSONField()
     type = serializers.CharField()
-
-    def get_object(self, obj) -> str:
-        return "fine_tuning.job.event"
-
-    def get_created_at(self, obj) -> int:
-        return timestamp(obj.created_at)
 
 
 class JobEventsApi(OrgApi):
@@ -176,20 +163,13 @@ class JobEventsApi(OrgApi):
                                   serializer_class=EventOutput))
 
 
-class CheckpointOutput(serializers.Serializer):
+class CheckpointOutput(ApiObjectOutput):
+    object_name = "fine_tuning.job.checkpoint"
     id = serializers.CharField()
-    object = serializers.SerializerMethodField()
-    created_at = serializers.SerializerMethodField()
     fine_tuned_model_checkpoint = serializers.SerializerMethodField()
     fine_tuning_job_id = serializers.CharField(source="job_id")
     metrics = serializers.SerializerMethodField()
     step_number = serializers.IntegerField(source="step")
-
-    def get_object(self, obj) -> str:
-        return "fine_tuning.job.checkpoint"
-
-    def get_created_at(self, obj) -> int:
-        return timestamp(obj.created_at)
 
     def get_fine_tuned_model_checkpoint(self, obj) -> str:
         return f"{obj.job_id}:ckpt-step-{obj.step}"

@@ -5,25 +5,18 @@ from drf_spectacular.utils import extend_schema, extend_schema_serializer
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from tuneplex.core.apis import OrgApi, timestamp
+from tuneplex.core.apis import ApiObjectOutput, OrgApi
 from tuneplex.core.errors import ApiError
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import ADMIN, READ, Role
 from tuneplex.tenancy import selectors, services
 
 
-class OrganizationOutput(serializers.Serializer):
+class OrganizationOutput(ApiObjectOutput):
+    object_name = "organization"
     id = serializers.CharField()
-    object = serializers.SerializerMethodField()
     name = serializers.CharField()
     slug = serializers.CharField()
-    created_at = serializers.SerializerMethodField()
-
-    def get_object(self, obj) -> str:
-        return "organization"
-
-    def get_created_at(self, obj) -> int:
-        return timestamp(obj.created_at)
 
 
 class OrganizationApi(OrgApi):
@@ -34,19 +27,12 @@ class OrganizationApi(OrgApi):
         return Response(OrganizationOutput(self.organization).data)
 
 
-class MemberOutput(serializers.Serializer):
+class MemberOutput(ApiObjectOutput):
+    object_name = "organization.member"
     id = serializers.CharField()
-    object = serializers.SerializerMethodField()
     username = serializers.CharField(source="user.username")
     email = serializers.CharField(source="user.email")
     role = serializers.CharField()
-    created_at = serializers.SerializerMethodField()
-
-    def get_object(self, obj) -> str:
-        return "organization.member"
-
-    def get_created_at(self, obj) -> int:
-        return timestamp(obj.created_at)
 
 
 class MemberListApi(OrgApi):

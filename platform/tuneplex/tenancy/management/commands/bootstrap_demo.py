@@ -12,7 +12,7 @@ from tuneplex.apikeys.selectors import api_key_list
 from tuneplex.apikeys.services import api_key_create
 from tuneplex.core.actors import Principal
 from tuneplex.core.scopes import ALL_SCOPES
-from tuneplex.tenancy.models import Membership, Organization, User
+from tuneplex.tenancy.models import Membership, User
 from tuneplex.tenancy.services import organization_create
 
 DEMO_USERNAME = "demo"

