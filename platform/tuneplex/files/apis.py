@@ -35,8 +35,8 @@ class FileOutput(ApiObjectOutput):
     statistics_status = serializers.CharField()
     statistics = serializers.JSONField()
 
-    def get_expires_at(self, obj) -> None:
-        return None
+    def get_expires_at(self, obj) -> int | None:
+        return None  # files do not expire
 
     def get_status_details(self, obj) -> str | None:
         if obj.status != File.Status.ERROR:
