@@ -8,6 +8,7 @@ PR_SET_PDEATHSIG, so a killed worker never leaves a training process behind.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,21 +86,18 @@ def _run_claimed(job: FineTuningJob, worker: str) -> str:
     work.mkdir(parents=True, exist_ok=True)
     train_file, validation_file = _files(job)
     resume = latest_checkpoint(work / "checkpoints")
-    with local_copy(train_file.blob_name) as train_path:
-        validation_ctx = local_copy(validation_file.blob_name) if validation_file else None
-        validation_path = validation_ctx.__enter__() if validation_ctx else None
-        try:
-            config = {**job.config, "base_model_dir": job.base_model.directory,
-                      "train_file": str(train_path), "output_dir": str(work),
-                      "validation_file": str(validation_path) if validation_path else None,
-                      "device": settings.TRAINING_DEVICE,
-                      "resume_from": str(resume) if resume else None}
-            config_path = work / "config.json"
-            config_path.write_text(json.dumps(config, indent=1))
-            return _supervise(job, worker, config_path, work)
-        finally:
-            if validation_ctx:
-                validation_ctx.__exit__(None, None, None)
+    with contextlib.ExitStack() as files:
+        train_path = files.enter_context(local_copy(train_file.blob_name))
+        validation_path = (files.enter_context(local_copy(validation_file.blob_name))
+                           if validation_file else None)
+        config = {**job.config, "base_model_dir": job.base_model.directory,
+                  "train_file": str(train_path), "output_dir": str(work),
+                  "validation_file": str(validation_path) if validation_path else None,
+                  "device": settings.TRAINING_DEVICE,
+                  "resume_from": str(resume) if resume else None}
+        config_path = work / "config.json"
+        config_path.write_text(json.dumps(config, indent=1))
+        return _supervise(job, worker, config_path, work)
 
 
 def _supervise(job: FineTuningJob, worker: str, config_path: Path, work: Path) -> str:
@@ -168,8 +167,6 @@ def _supervise(job: FineTuningJob, worker: str, config_path: Path, work: Path) -
 def _keep_alive(job_id: str, worker: str, process: subprocess.Popen, stop: threading.Event) -> None:
     parent = os.getppid()
     cancel_sent_at: float | None = None
-    import time
-
     while not stop.wait(settings.JOB_HEARTBEAT_SECONDS):
         try:
             close_old_connections()
