@@ -83,23 +83,29 @@ class LoraPool:
 
     # --- loading ------------------------------------------------------------------------------
 
+    def _touch(self, name: str) -> str | None:
+        """The URL of a healthy replica that has ``name`` loaded (marked as just used), or None."""
+        for replica in self.replicas:
+            if name in replica.loaded and replica.healthy:
+                replica.loaded.move_to_end(name)
+                return replica.url
+        return None
+
     def route(self, name: str) -> str:
         """A replica URL that has ``name`` loaded, loading it (lazily) if it is deployed."""
         with self._lock:
-            for replica in self.replicas:
-                if name in replica.loaded and replica.healthy:
-                    replica.loaded.move_to_end(name)
-                    return replica.url
+            url = self._touch(name)
+            if url is not None:
+                return url
             if name not in self.wanted:
                 raise KeyError(name)
             return self.ensure_loaded(name, self.wanted[name])
 
     def ensure_loaded(self, name: str, path: str) -> str:
         with self._lock:
-            for replica in self.replicas:
-                if name in replica.loaded and replica.healthy:
-                    replica.loaded.move_to_end(name)
-                    return replica.url
+            url = self._touch(name)
+            if url is not None:
+                return url
             candidates = [r for r in self.replicas if r.healthy]
             if not candidates:
                 raise NoReplicaAvailable("no healthy engine replica")

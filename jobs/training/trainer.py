@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,8 +334,6 @@ def _save_checkpoint(directory: Path, model, optimizer, scheduler, state, report
     report.checkpoint(state.step, str(path), state.last_metrics)
     old = sorted(directory.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     for stale in old[:-KEEP_CHECKPOINTS]:
-        import shutil
-
         shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -35,9 +35,3 @@ class Principal:
             return f"user:{self.user.username}"
         return "system"
 
-
-def system_principal(organization: Organization) -> Principal:
-    """The platform itself acting (management commands, workers)."""
-    from tuneplex.core.scopes import ALL_SCOPES
-
-    return Principal(organization=organization, scopes=frozenset(ALL_SCOPES))

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import IO
 
 from django.conf import settings
@@ -28,6 +33,24 @@ _HASH_CHUNK = 4 * 2**20
 
 def artifact_storage():
     return storages["artifacts"]
+
+
+@contextmanager
+def local_copy(blob_name: str) -> Iterator[Path]:
+    """A local path for a blob: the file itself on local storage, a temporary copy otherwise."""
+    storage = artifact_storage()
+    try:
+        local = Path(storage.path(blob_name))
+    except NotImplementedError:  # remote storage (S3) has no local path
+        local = None
+    if local is not None:
+        yield local
+        return
+    with tempfile.NamedTemporaryFile(suffix=".jsonl", dir=settings.FILE_UPLOAD_TEMP_DIR) as copy:
+        with storage.open(blob_name, "rb") as source:
+            shutil.copyfileobj(source, copy, 4 * 2**20)
+        copy.flush()
+        yield Path(copy.name)
 
 
 def blob_name_for(organization: Organization, file_id: str) -> str:

@@ -4,42 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 from django.conf import settings
 
 from tuneplex.basemodels.models import BaseModel
-from tuneplex.files.services import (
-    artifact_storage,
-    file_statistics_claim,
-    file_statistics_finish,
-)
+from tuneplex.files.services import file_statistics_claim, file_statistics_finish, local_copy
 
 log = logging.getLogger(__name__)
 STATISTICS_TIMEOUT_SECONDS = 3600
-
-
-@contextmanager
-def local_copy(blob_name: str) -> Iterator[Path]:
-    """A local path for a blob: the file itself on local storage, a temporary copy otherwise."""
-    storage = artifact_storage()
-    try:
-        local = Path(storage.path(blob_name))
-    except NotImplementedError:  # remote storage (S3) has no local path
-        local = None
-    if local is not None:
-        yield local
-        return
-    with tempfile.NamedTemporaryFile(suffix=".jsonl", dir=settings.FILE_UPLOAD_TEMP_DIR) as copy:
-        with storage.open(blob_name, "rb") as source:
-            shutil.copyfileobj(source, copy, 4 * 2**20)
-        copy.flush()
-        yield Path(copy.name)
 
 
 def statistics_model() -> BaseModel | None:

@@ -27,7 +27,7 @@ from django.db import close_old_connections
 
 from jobs.training.layout import latest_checkpoint
 from tuneplex.files.models import File
-from tuneplex.files.statistics import local_copy
+from tuneplex.files.services import local_copy
 from tuneplex.finetuning import scheduler
 from tuneplex.finetuning.models import FineTuningJob
 from tuneplex.finetuning.services import (
