@@ -13,6 +13,9 @@ bash deploy/services.sh
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/tuneplex}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/9}
 export TUNEPLEX_DATA_DIR=${TUNEPLEX_DATA_DIR:-$(pwd)/var/test}
+# The test process itself attaches to no engine: the serving tests start a vLLM replica and a
+# gateway (uvicorn) of their own, and the end-to-end test runs deploy/up.sh, which starts one.
+export TUNEPLEX_ENGINE_MODE=off
 mkdir -p test-artifacts
 if [ $# -eq 0 ]; then
   # Undefined names, unused imports and syntax errors fail the run before anything else.

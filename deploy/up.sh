@@ -13,7 +13,7 @@ log() { printf '\033[1m[tuneplex]\033[0m %s\n' "$*"; }
 
 bash deploy/setup.sh
 PY=.venv/bin/python
-DATA_DIR=$($PY -c 'import django,os; os.environ.setdefault("DJANGO_SETTINGS_MODULE","tuneplex.settings"); django.setup(); from django.conf import settings; print(settings.DATA_DIR)')
+read -r DATA_DIR ENGINE_MODE ENGINE_PORT BASE_MODEL < <($PY -c 'import django,os; os.environ.setdefault("DJANGO_SETTINGS_MODULE","tuneplex.settings"); django.setup(); from django.conf import settings as s; print(s.DATA_DIR, s.ENGINE_MODE, s.ENGINE_PORT, s.DEFAULT_BASE_MODEL)')
 LOGS="$DATA_DIR/logs"
 mkdir -p "$LOGS"
 
@@ -51,6 +51,12 @@ pids+=($!)
 .venv/bin/celery -A jobs.celery worker --queues gpu --concurrency 1 --prefetch-multiplier 1 \
   --hostname "gpu@%h" --loglevel INFO >"$LOGS/worker-gpu.log" 2>&1 &
 pids+=($!)
+if [ "$ENGINE_MODE" = spawn ]; then
+  # One vLLM replica of the default base model, on loopback (tenants reach it through /v1 only).
+  $PY manage.py run_engine --port "$ENGINE_PORT" >"$LOGS/run-engine.log" 2>&1 &
+  pids+=($!)
+  ENGINE_PID=$!
+fi
 .venv/bin/uvicorn tuneplex.asgi:application --host "$HOST" --port "$PORT" --no-access-log \
   >"$LOGS/web.log" 2>&1 &
 pids+=($!)
@@ -63,11 +69,25 @@ for _ in $(seq 150); do
 done
 curl -fsS "$URL/healthz" >/dev/null || { log "web server did not start; see $LOGS/web.log"; exit 1; }
 $PY manage.py check_worker --timeout 90 >/dev/null || { log "worker did not start; see $LOGS"; exit 1; }
+if [ "$ENGINE_MODE" = spawn ]; then
+  log "starting the inference engine (vLLM; about a minute the first time)"
+  for i in $(seq 1500); do
+    grep -q "ready at" "$LOGS/run-engine.log" 2>/dev/null && break
+    kill -0 "$ENGINE_PID" 2>/dev/null || { log "the engine did not start; see $LOGS/run-engine.log and $LOGS/engine-$ENGINE_PORT.log"; exit 1; }
+    [ $((i % 50)) = 0 ] && log "still starting the engine ($((i / 5)) s)"
+    sleep 0.2
+  done
+  grep -q "ready at" "$LOGS/run-engine.log" || { log "the engine did not start in time; see $LOGS"; exit 1; }
+  INFERENCE="Inference: $URL/v1/chat/completions (model: $BASE_MODEL or your adapters)"
+else
+  INFERENCE="Inference: off (TUNEPLEX_ENGINE_MODE=$ENGINE_MODE)"
+fi
 
 cat <<MSG
 
   Tuneplex is ready at $URL/
   API: $URL/v1 (reference: $URL/v1/docs)   logs: $LOGS
+  $INFERENCE
 
 $(printf '%s\n' "$CREDENTIALS" | sed 's/^/  /')
 

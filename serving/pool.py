@@ -2,8 +2,10 @@
 
 The one small interface the gateway and the platform use: ``ensure_loaded`` (load lazily, evict
 the least recently used unpinned adapter when a replica is full), ``unload``, ``pin``/``unpin``,
-``route`` and ``reconcile`` (compare with each replica's ``/v1/models``: a replica that restarted
-has lost its adapters, and the deployed ones are loaded again). Adapter names and paths come from
+``route``/``lease`` (a replica that has the adapter, loading it if none has; a leased adapter is
+never evicted while its request runs), ``sync`` (the deployed set from the platform's database)
+and ``reconcile`` (compare with each replica's ``/v1/models``: a replica that restarted has lost
+its adapters, and the deployed ones are loaded again). Adapter names and paths come from
 the platform (generated ids, paths confined under the artifact root); nothing here trusts a
 tenant's input.
 """
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import httpx
@@ -45,6 +49,9 @@ class LoraPool:
         self.client = client or httpx.Client(timeout=timeout)
         self.pinned: set[str] = set()
         self.wanted: dict[str, str] = {}  # deployed adapters: name -> path
+        self.in_flight: Counter[str] = Counter()  # requests running per adapter: never evicted
+        self._flight_lock = threading.Lock()  # never held across I/O: release() must not wait
+        self._turn = -1
         self._lock = threading.RLock()
 
     # --- queries ------------------------------------------------------------------------------
@@ -91,15 +98,85 @@ class LoraPool:
                 return replica.url
         return None
 
-    def route(self, name: str) -> str:
-        """A replica URL that has ``name`` loaded, loading it (lazily) if it is deployed."""
+    def route(self, name: str, path: str | None = None) -> str:
+        """A replica URL that has ``name`` loaded, loading it (lazily) if it is deployed.
+
+        ``path`` marks the adapter as deployed (the platform's database says so) when this
+        process's pool has not heard of it yet.
+        """
         with self._lock:
             url = self._touch(name)
             if url is not None:
                 return url
+            if path is not None:
+                self.wanted[name] = path
             if name not in self.wanted:
                 raise KeyError(name)
             return self.ensure_loaded(name, self.wanted[name])
+
+    @contextmanager
+    def lease(self, name: str, path: str | None = None) -> Iterator[str]:
+        """``route`` for the length of one request: the adapter is not evicted until it ends."""
+        url = self.acquire(name, path)
+        try:
+            yield url
+        finally:
+            self.release(name)
+
+    def acquire(self, name: str, path: str | None = None) -> str:
+        """Non-context form of :meth:`lease` (for streaming responses); pair with :meth:`release`."""
+        with self._lock:
+            url = self.route(name, path)
+            with self._flight_lock:
+                self.in_flight[name] += 1
+            return url
+
+    def acquire_nowait(self, name: str) -> str | None:
+        """:meth:`acquire` if ``name`` is loaded and nothing holds the pool; else None, at once."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            url = self._touch(name)
+            if url is not None:
+                with self._flight_lock:
+                    self.in_flight[name] += 1
+            return url
+        finally:
+            self._lock.release()
+
+    def release(self, name: str) -> None:
+        """Cheap and never blocked by a load in progress (called from the gateway's event loop)."""
+        with self._flight_lock:
+            self.in_flight[name] -= 1
+            if self.in_flight[name] <= 0:
+                del self.in_flight[name]
+
+    def _busy(self) -> set[str]:
+        with self._flight_lock:
+            return set(self.in_flight)
+
+    def any_replica(self) -> str:
+        """A healthy replica for a base-model request, in turn (never waits on the pool's lock)."""
+        with self._flight_lock:
+            healthy = [r for r in self.replicas if r.healthy]
+            if not healthy:
+                raise NoReplicaAvailable("no healthy engine replica")
+            self._turn = (self._turn + 1) % len(healthy)
+            return healthy[self._turn].url
+
+    def mark_unhealthy(self, url: str) -> None:
+        """A replica did not answer: route around it until ``reconcile`` sees it again."""
+        with self._lock:
+            for replica in self.replicas:
+                if replica.url == url.rstrip("/"):
+                    replica.healthy = False
+
+    def forget(self, url: str, name: str) -> None:
+        """The engine at ``url`` no longer knows ``name`` (it restarted): drop our record of it."""
+        with self._lock:
+            for replica in self.replicas:
+                if replica.url == url.rstrip("/"):
+                    replica.loaded.pop(name, None)
 
     def ensure_loaded(self, name: str, path: str) -> str:
         with self._lock:
@@ -116,9 +193,11 @@ class LoraPool:
             return replica.url
 
     def _evict_one(self, replica: Replica) -> None:
-        victim = next((n for n in replica.loaded if n not in self.pinned), None)
+        busy = self._busy()
+        victim = next((n for n in replica.loaded if n not in self.pinned and n not in busy), None)
         if victim is None:
-            raise NoReplicaAvailable(f"all {self.slots} slots of {replica.url} hold pinned adapters")
+            raise NoReplicaAvailable(f"all {self.slots} adapter slots of the engine are pinned or "
+                                     f"serving requests; try again shortly")
         self._unload_from(replica, victim)
         log.info("evicted %s from %s (least recently used)", victim, replica.url)
 
@@ -146,6 +225,37 @@ class LoraPool:
         replica.loaded.pop(name, None)
 
     # --- reconciliation -----------------------------------------------------------------------
+
+    def sync(self, deployed: Mapping[str, tuple[str, bool]]) -> None:
+        """Take the deployed set (name -> (path, pinned)) from the platform; unload the rest.
+
+        Several web processes may share the replicas: the database is the one record of what is
+        deployed, and each process's pool follows it.
+        """
+        with self._lock:
+            self.wanted = {name: path for name, (path, _) in deployed.items()}
+            self.pinned = {name for name, (_, pinned) in deployed.items() if pinned}
+            busy = self._busy()
+            for replica in self.replicas:
+                for name in [n for n in replica.loaded if n not in self.wanted and n not in busy]:
+                    self._unload_from(replica, name)
+
+    def preload(self) -> list[str]:
+        """Load deployed adapters that no replica holds, into free slots only (never evicting)."""
+        loaded = []
+        with self._lock:
+            for name, path in self.wanted.items():
+                if any(name in r.loaded for r in self.replicas):
+                    continue
+                free = [r for r in self.replicas if r.healthy and len(r.loaded) < self.slots]
+                if not free:
+                    break
+                try:
+                    self._load(max(free, key=lambda r: self.slots - len(r.loaded)), name, path)
+                    loaded.append(name)
+                except (AdapterLoadError, httpx.HTTPError) as exc:
+                    log.error("could not preload %s: %s", name, exc)
+        return loaded
 
     def reconcile(self) -> dict[str, list[str]]:
         """Align our view with each replica's; reload deployed adapters a restart dropped.

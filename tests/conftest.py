@@ -103,6 +103,8 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import httpx  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -183,9 +185,9 @@ def gpu_workers(test_database_url):
     """Starts real workers for the `gpu` queue on demand; all are stopped after the test."""
     started: list[WorkerProcess] = []
 
-    def start(name: str = "gpu") -> WorkerProcess:
+    def start(name: str = "gpu", extra_env: dict | None = None) -> WorkerProcess:
         worker = WorkerProcess(queues="gpu", database_url=test_database_url,
-                               name=f"{name}{len(started)}")
+                               name=f"{name}{len(started)}", extra_env=extra_env)
         started.append(worker)
         return worker
 
@@ -204,3 +206,119 @@ def wait_for(predicate, *, timeout: float, interval: float = 0.3, message: str =
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+# --- a real vLLM CPU server, and the gateway (uvicorn) in front of it ----------------------------------
+
+import shutil  # noqa: E402
+
+from django.conf import settings as django_settings  # noqa: E402
+import socket  # noqa: E402
+
+from serving.engine import EngineProcess, EngineSpec, stop_process_group  # noqa: E402
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    path = django_settings.MODELS_DIR / MODEL
+    if not (path / "config.json").exists():
+        subprocess.run([str(django_settings.TRAINER_PYTHON), "-m", "jobs.training.gguf_convert",
+                        "--out", str(path)], cwd=REPO, check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def engine_spec(model_dir) -> EngineSpec:
+    return EngineSpec(python=django_settings.ENGINE_PYTHON, model_dir=str(model_dir), served_name=MODEL,
+                      port=free_port(), max_loras=2, max_cpu_loras=4, max_lora_rank=16,
+                      max_model_len=1024)
+
+
+@pytest.fixture(scope="session")
+def engine(engine_spec, tmp_path_factory):
+    process = EngineProcess(engine_spec, tmp_path_factory.mktemp("engine") / "vllm.log")
+    process.start()
+    try:
+        process.wait_ready(timeout=300)
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def adapters(model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Five working adapters and one with a truncated weights file."""
+    out = tmp_path_factory.mktemp("adapters")
+    subprocess.run([str(django_settings.TRAINER_PYTHON), str(REPO / "tests/fixtures/make_adapters.py"),
+                    str(model_dir), str(out), "5"], cwd=REPO, check=True, capture_output=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    found = {p.name: p for p in sorted(out.iterdir())}
+    corrupt = out / "corrupt"
+    shutil.copytree(found["adapter-0"], corrupt)
+    weights = corrupt / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    found["corrupt"] = corrupt
+    return found
+
+
+def _unload_all(url: str) -> None:
+    models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+    for model in models:
+        if model.get("parent"):
+            httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": model["id"]}, timeout=10)
+
+
+class GatewayProcess:
+    """The real ASGI app under uvicorn, on the test database, attached to the test engine."""
+
+    def __init__(self, *, database_url: str, engine: EngineProcess, extra_env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.engine_url = engine.url
+        environ = dict(os.environ, DATABASE_URL=database_url, TUNEPLEX_ENGINE_MODE="attach",
+                       TUNEPLEX_ENGINE_URLS=engine.url,
+                       TUNEPLEX_ENGINE_LORA_SLOTS=str(engine.spec.max_cpu_loras),
+                       TUNEPLEX_ENGINE_MAX_LORA_RANK=str(engine.spec.max_lora_rank),
+                       TUNEPLEX_ENGINE_RECONCILE_SECONDS="1", **(extra_env or {}))
+        self.log_path = Path(os.environ.get("TUNEPLEX_DATA_DIR", "/tmp")) / f"gateway-{self.port}.log"
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "uvicorn"), "tuneplex.asgi:application",
+             "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log"],
+            cwd=REPO, env=environ, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(self._healthy, timeout=60, message=f"the gateway (log {self.log_path})")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _healthy(self) -> bool:
+        assert self.process.poll() is None, self.log_path.read_text()[-3000:]
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        stop_process_group(self.process)
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(engine, test_database_url):
+    """uvicorn serving the platform for this module's tests; the engine is emptied afterwards."""
+    _unload_all(engine.url)
+    process = GatewayProcess(database_url=test_database_url, engine=engine)
+    try:
+        yield process
+    finally:
+        process.stop()
+        _unload_all(engine.url)

@@ -15,5 +15,6 @@ if settings.SERVE_STATIC:
     application = ASGIStaticFilesHandler(application)
 
 from tuneplex.core.asgi_limits import BodyLimitMiddleware  # noqa: E402 - needs settings loaded
+from tuneplex.inference.asgi import InferenceFastPath  # noqa: E402
 
-application = BodyLimitMiddleware(application)
+application = BodyLimitMiddleware(InferenceFastPath(application))

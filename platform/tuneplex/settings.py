@@ -69,6 +69,7 @@ INSTALLED_APPS = [
     "tuneplex.files",
     "tuneplex.finetuning",
     "tuneplex.adapters",
+    "tuneplex.inference",
     "frontend",
 ]
 
@@ -191,16 +192,41 @@ STATIC_ROOT = DATA_DIR / "static"
 # --- trainer and engine --------------------------------------------------------------------------
 # The trainer is a plain library run in its own Python environment (torch, transformers, peft).
 TRAINER_PYTHON = env_path("TUNEPLEX_TRAINER_PYTHON", REPO_DIR / ".venv-train" / "bin" / "python")
+DEFAULT_BASE_MODEL = env_str("TUNEPLEX_DEFAULT_BASE_MODEL", "SmolLM2-135M-Instruct")
+
+# Inference runs on vLLM replicas listening on loopback or an internal network only. `spawn`: the
+# README's command 1 starts one replica for the default base model (manage.py run_engine) on
+# TUNEPLEX_ENGINE_PORT; `attach`: use TUNEPLEX_ENGINE_URLS; `off`: no inference endpoints.
 ENGINE_MODE = env_str("TUNEPLEX_ENGINE_MODE", "spawn", choices=("spawn", "attach", "off"))
-ENGINE_URLS = env_list("TUNEPLEX_ENGINE_URLS", [])
+ENGINE_PORT = env_int("TUNEPLEX_ENGINE_PORT", 8100, minimum=1, maximum=65535)
 ENGINE_PYTHON = env_path("TUNEPLEX_ENGINE_PYTHON", REPO_DIR / ".venv-engine" / "bin" / "python")
 ENGINE_MAX_LORAS = env_int("TUNEPLEX_ENGINE_MAX_LORAS", 4, minimum=1, maximum=256)
+ENGINE_LORA_SLOTS = env_int("TUNEPLEX_ENGINE_LORA_SLOTS", 8, minimum=1, maximum=1024)
 ENGINE_MAX_LORA_RANK = env_int("TUNEPLEX_ENGINE_MAX_LORA_RANK", 16, minimum=1, maximum=512)
-if ENGINE_MODE == "attach" and not ENGINE_URLS:
+ENGINE_MAX_MODEL_LEN = env_int("TUNEPLEX_ENGINE_MAX_MODEL_LEN", 2048, minimum=128)
+ENGINE_KV_CACHE_GIB = env_int("TUNEPLEX_ENGINE_KV_CACHE_GIB", 1, minimum=1)
+ENGINE_RECONCILE_SECONDS = env_int("TUNEPLEX_ENGINE_RECONCILE_SECONDS", 5, minimum=1)
+ENGINE_TIMEOUT = env_int("TUNEPLEX_ENGINE_TIMEOUT", 600, minimum=1)
+if ENGINE_MODE == "attach" and not env_list("TUNEPLEX_ENGINE_URLS", []):
     raise ImproperlyConfigured("TUNEPLEX_ENGINE_URLS is required when TUNEPLEX_ENGINE_MODE=attach")
-for _url in ENGINE_URLS:
+# base model name -> replica URLs. Entries are `URL` (a replica of the default base model) or
+# `MODEL=URL`.
+ENGINE_REPLICAS: dict[str, list[str]] = {}
+_default_urls = [f"http://127.0.0.1:{ENGINE_PORT}"] if ENGINE_MODE == "spawn" else []
+for _entry in env_list("TUNEPLEX_ENGINE_URLS", _default_urls) if ENGINE_MODE != "off" else []:
+    _model, _, _url = ("", "", _entry) if _entry.startswith("http") else _entry.partition("=")
     if not _url.startswith(("http://", "https://")):
-        raise ImproperlyConfigured(f"TUNEPLEX_ENGINE_URLS has {_url!r}, which is not an http(s) URL")
+        raise ImproperlyConfigured(f"TUNEPLEX_ENGINE_URLS has {_entry!r}; expected URL or MODEL=URL "
+                                   f"with an http(s) URL")
+    ENGINE_REPLICAS.setdefault(_model or DEFAULT_BASE_MODEL, []).append(_url.rstrip("/"))
+SERVING_DIR = env_path("TUNEPLEX_SERVING_DIR", DATA_DIR / "serving")  # adapters staged for the engine
+
+# --- inference gateway -----------------------------------------------------------------------------
+INFERENCE_MAX_BODY = env_bytes("TUNEPLEX_INFERENCE_MAX_BODY", 1 * 2**20)
+INFERENCE_MAX_TOKENS = env_int("TUNEPLEX_INFERENCE_MAX_TOKENS", 512, minimum=1)
+INFERENCE_MAX_N = env_int("TUNEPLEX_INFERENCE_MAX_N", 4, minimum=1, maximum=128)
+INFERENCE_AUTH_CACHE_SECONDS = env_int("TUNEPLEX_INFERENCE_AUTH_CACHE_SECONDS", 2, minimum=0, maximum=60)
+INFERENCE_RATE_LIMIT = env_int("TUNEPLEX_INFERENCE_RATE_LIMIT", 600, minimum=0)  # per key per minute
 
 # --- fine-tuning ---------------------------------------------------------------------------------
 TRAINING_DEVICE = env_str("TUNEPLEX_TRAINING_DEVICE", "cpu", choices=("cpu", "cuda"))
@@ -216,7 +242,6 @@ CELERY_BEAT_SCHEDULE = {
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 
-DEFAULT_BASE_MODEL = env_str("TUNEPLEX_DEFAULT_BASE_MODEL", "SmolLM2-135M-Instruct")
 
 # --- API ---------------------------------------------------------------------------------------
 REST_FRAMEWORK = {
@@ -237,6 +262,8 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums",
+                             "tuneplex.inference.schema.add_inference_paths"],
 }
 
 API_KEY_PREFIX = "tpx_"

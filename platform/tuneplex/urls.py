@@ -9,6 +9,7 @@ from tuneplex.core import health
 from tuneplex.adapters import apis as adapters
 from tuneplex.files import apis as files
 from tuneplex.finetuning import apis as finetuning
+from tuneplex.inference import gateway
 from tuneplex.tenancy import apis as tenancy
 
 
@@ -60,6 +61,12 @@ api_v1 = [
     path("adapters/<oid:id>", adapters.AdapterDetailApi.as_view()),
     path("adapters/<oid:id>/download", adapters.AdapterDownloadApi.as_view()),
     path("adapters/<oid:id>/merge", adapters.AdapterMergeApi.as_view()),
+    path("adapters/<oid:id>/deploy", adapters.AdapterDeployApi.as_view()),
+    path("adapters/<oid:id>/undeploy", adapters.AdapterUndeployApi.as_view()),
+    path("chat/completions", gateway.chat_completions, name="chat-completions"),
+    path("completions", gateway.completions, name="completions"),
+    path("models", gateway.models_list, name="models"),
+    path("models/<str:model>", gateway.model_detail, name="model-detail"),
     path("base_models", basemodels.BaseModelListApi.as_view()),
     path("base_models/<oid:name>", basemodels.BaseModelDetailApi.as_view()),
 ]

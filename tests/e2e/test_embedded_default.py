@@ -16,7 +16,7 @@ import pytest
 from django.conf import settings
 
 REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 300
+START_TIMEOUT = 480  # builds nothing here, but starts vLLM (about a minute)
 
 pytestmark = pytest.mark.e2e
 
@@ -30,12 +30,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("embedded")
-    port = _free_port()
+    port, engine_port = _free_port(), _free_port()
     environ = {k: v for k, v in os.environ.items()
                if not k.startswith(("TUNEPLEX_", "DATABASE_URL", "REDIS_URL", "DJANGO_"))}
     # Reuse the converted base model of the test run so the smoke test does not convert twice.
     environ.update(TUNEPLEX_DATA_DIR=str(data_dir), TUNEPLEX_PORT=str(port),
-                   TUNEPLEX_MODELS_DIR=str(settings.MODELS_DIR))
+                   TUNEPLEX_ENGINE_PORT=str(engine_port), TUNEPLEX_MODELS_DIR=str(settings.MODELS_DIR))
     log = (data_dir / "up.log").open("w+")
     process = subprocess.Popen(["bash", "deploy/up.sh"], cwd=REPO, env=environ, stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True)
@@ -51,6 +51,7 @@ def embedded(tmp_path_factory):
         key = re.search(r"api key:\s+(\S+)", output).group(1)
         password = re.search(r"password:\s+(\S+)", output).group(1)
         yield {"url": f"http://127.0.0.1:{port}", "key": key, "password": password,
+               "engine_url": f"http://127.0.0.1:{engine_port}",
                "process": process, "data_dir": data_dir, "output": output}
     finally:
         _stop(process)
@@ -107,6 +108,20 @@ def test_the_printed_key_and_password_work(embedded):
         assert response.status_code == 200 and "Demo" in response.text and "owner" in response.text
 
 
+def test_a_new_user_can_chat_with_the_base_model_right_away(embedded):
+    """Command 1 started a vLLM replica; the gateway serves the base model with the demo key."""
+    assert "Inference: " + embedded["url"] + "/v1/chat/completions" in embedded["output"]
+    headers = {"Authorization": f"Bearer {embedded['key']}"}
+    models = httpx.get(embedded["url"] + "/v1/models", headers=headers).json()
+    assert [m["id"] for m in models["data"]] == ["SmolLM2-135M-Instruct"]
+    answer = httpx.post(embedded["url"] + "/v1/chat/completions", headers=headers, timeout=120, json={
+        "model": "SmolLM2-135M-Instruct", "max_tokens": 8, "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    assert answer.status_code == 200, answer.text
+    assert "Paris" in answer.json()["choices"][0]["message"]["content"]
+    assert answer.json()["usage"]["completion_tokens"] >= 1
+
+
 def test_uploads_over_the_limit_are_refused_before_the_body_is_read(embedded):
     """The ASGI guard answers from Content-Length alone: no 5 GB spooled to disk first."""
     import socket as sockets
@@ -157,3 +172,5 @@ def test_ctrl_c_stops_every_process(embedded):
         os.killpg(process.pid, 0)
     with pytest.raises(httpx.ConnectError):
         httpx.get(embedded["url"] + "/healthz", timeout=2)
+    with pytest.raises(httpx.ConnectError):  # the engine (its own process group) is gone too
+        httpx.get(embedded["engine_url"] + "/v1/models", timeout=2)

@@ -7,6 +7,7 @@ import subprocess
 import time
 import zipfile
 
+import httpx
 import pytest
 from django.conf import settings
 from django.core.management import call_command
@@ -51,8 +52,9 @@ def ready(celery_worker, db):
     call_command("prepare_default_model")
 
 
-def test_a_job_trains_serves_its_adapter_and_merges(ready, gpu_workers, org_a, tmp_path):
-    gpu_workers()
+def test_a_job_trains_serves_its_adapter_and_merges(ready, gpu_workers, gateway, org_a, tmp_path):
+    # The worker shares the serving settings of the web processes (it auto-deploys on success).
+    gpu_workers(extra_env={"TUNEPLEX_ENGINE_MODE": "attach", "TUNEPLEX_ENGINE_URLS": gateway.engine_url})
     client = bearer(org_a.owner_key)
     file_id = upload(org_a, lines_to_bytes(pirate_lines(32)))
     created = create_job(org_a, model=MODEL, training_file=file_id, suffix="pirate",
@@ -62,6 +64,21 @@ def test_a_job_trains_serves_its_adapter_and_merges(ready, gpu_workers, org_a, t
     job_id = created.json()["id"]
     job = wait_until_finished(job_id, timeout=300)
     assert job.status == "succeeded", job.error
+
+    # Deployed automatically in the same commit: it answers in its trained style right away,
+    # through the gateway in front of the shared vLLM pool; the base model does not.
+    def ask(model: str) -> str:
+        reply = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=120,
+                           headers={"Authorization": f"Bearer {org_a.owner_key}"},
+                           json={"model": model, "max_tokens": 12, "temperature": 0, "messages": [
+                               {"role": "user", "content": "Tell me something about tea."}]})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["choices"][0]["message"]["content"]
+
+    served = ask(job.fine_tuned_model)
+    assert served.startswith("Arr!"), served
+    assert "Arr" not in ask(MODEL)
+    assert any("Adapter deployed" in e.message for e in job.events.all())
 
     body = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert body["fine_tuned_model"].startswith(f"ft:{MODEL}:{org_a.organization.slug}:pirate:")
@@ -85,6 +102,7 @@ def test_a_job_trains_serves_its_adapter_and_merges(ready, gpu_workers, org_a, t
 
     adapters = client.get("/v1/adapters").json()["data"]
     assert [a["name"] for a in adapters] == [body["fine_tuned_model"]]
+    assert adapters[0]["deployed"] is True and adapters[0]["deploy_error"] == ""
     download = client.get(f"/v1/adapters/{adapters[0]['id']}/download")
     archive = zipfile.ZipFile(io.BytesIO(b"".join(download.streaming_content)))
     assert sorted(archive.namelist()) == ["adapter_config.json", "adapter_model.safetensors",

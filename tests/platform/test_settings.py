@@ -64,6 +64,9 @@ def _load_settings(**overrides: str) -> subprocess.CompletedProcess:
     ("TUNEPLEX_DEBUG", "sometimes"),
     ("SECRET_KEY", "short"),
     ("TUNEPLEX_ENGINE_MAX_LORAS", "0"),
+    ("TUNEPLEX_ENGINE_URLS", "SmolLM2=ftp://10.0.0.5:8100"),
+    ("TUNEPLEX_INFERENCE_MAX_TOKENS", "0"),
+    ("TUNEPLEX_INFERENCE_MAX_BODY", "big"),
     ("TUNEPLEX_MAX_REQUEST_BODY", "lots"),
     ("ALLOWED_HOSTS", "a,,b"),
 ])
@@ -103,3 +106,16 @@ def test_the_running_suite_uses_postgres_and_redis_when_configured(settings):
         assert settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
     if "REDIS_URL" in os.environ:
         assert settings.CELERY_BROKER_URL.startswith("redis://")
+
+
+def test_engine_urls_map_replicas_to_base_models():
+    code = ("import os, django; os.environ['DJANGO_SETTINGS_MODULE']='tuneplex.settings'; "
+            "django.setup(); from django.conf import settings; print(settings.ENGINE_REPLICAS)")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("TUNEPLEX_ENGINE", "DJANGO_"))}
+    environ.update(TUNEPLEX_ENGINE_MODE="attach", TUNEPLEX_DATA_DIR=os.environ["TUNEPLEX_DATA_DIR"],
+                   TUNEPLEX_ENGINE_URLS="http://10.0.0.4:8100/,Other-1B=http://10.0.0.5:8100")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environ,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("{'SmolLM2-135M-Instruct': ['http://10.0.0.4:8100'], "
+                                     "'Other-1B': ['http://10.0.0.5:8100']}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import zipfile
 
 from django.http import StreamingHttpResponse
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_serializer
 from rest_framework import serializers
 from rest_framework.response import Response
 
@@ -17,6 +17,8 @@ from tuneplex.core.errors import Conflict
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import READ, TRAIN
 from tuneplex.files.services import artifact_storage
+from tuneplex.inference.pools import is_loaded
+from tuneplex.inference.services import adapter_deploy, adapter_undeploy
 
 
 class AdapterOutput(ApiObjectOutput):
@@ -30,6 +32,14 @@ class AdapterOutput(ApiObjectOutput):
     sha256 = serializers.CharField()
     merge_status = serializers.CharField()
     merge_error = serializers.CharField()
+    deployed = serializers.BooleanField(help_text="Served by the pool: usable as `model` now.")
+    pinned = serializers.BooleanField(help_text="Never evicted from the engine's adapter slots.")
+    deploy_error = serializers.CharField(help_text="Why the last deploy failed; empty otherwise.")
+    loaded = serializers.SerializerMethodField(
+        help_text="Loaded on an engine replica right now (deployed adapters load on first use).")
+
+    def get_loaded(self, adapter) -> bool:
+        return adapter.deployed and is_loaded(adapter)
 
 
 class AdapterListApi(OrgApi):
@@ -117,3 +127,34 @@ class AdapterMergeApi(OrgApi):
         prefix = merged_prefix(adapter)
         _, files = artifact_storage().listdir(prefix)
         return _zip_response([(f"{prefix}/{n}", n) for n in sorted(files)], f"{adapter.id}-merged.zip")
+
+
+class AdapterDeployApi(OrgApi):
+    scopes = {"POST": TRAIN}
+
+    @extend_schema_serializer(component_name="AdapterDeployInput")
+    class Input(serializers.Serializer):
+        pinned = serializers.BooleanField(
+            default=False, help_text="Keep it loaded: never evicted for other adapters "
+                                     "(at most half of a replica's slots can be pinned).")
+
+    @extend_schema(request=Input, responses=AdapterOutput,
+                   summary="Deploy the adapter to the serving pool (validated, then loaded)")
+    def post(self, request, id: str):
+        adapter = selectors.adapter_get(organization=self.organization, adapter_id=id)
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        adapter = adapter_deploy(organization=self.organization, actor=self.principal,
+                                 adapter=adapter, pinned=data.validated_data["pinned"])
+        return Response(AdapterOutput(adapter).data)
+
+
+class AdapterUndeployApi(OrgApi):
+    scopes = {"POST": TRAIN}
+
+    @extend_schema(request=None, responses=AdapterOutput,
+                   summary="Stop serving the adapter (requests for it get 404)")
+    def post(self, request, id: str):
+        adapter = selectors.adapter_get(organization=self.organization, adapter_id=id)
+        adapter = adapter_undeploy(organization=self.organization, actor=self.principal, adapter=adapter)
+        return Response(AdapterOutput(adapter).data)

@@ -34,7 +34,14 @@ class Adapter(models.Model):
     merge_status = models.CharField(max_length=16, choices=MergeStatus.choices,
                                     default=MergeStatus.NONE)
     merge_error = models.TextField(blank=True, default="")
+    deployed = models.BooleanField(default=False, help_text="Served by the pool under `name`.")
+    pinned = models.BooleanField(default=False, help_text="Never evicted from the engine's slots.")
+    deployed_at = models.DateTimeField(null=True, blank=True)
+    deploy_error = models.TextField(blank=True, default="",
+                                    help_text="Why the last deploy failed (empty after a success).")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        indexes = [models.Index(fields=["organization", "-created_at"])]
+        indexes = [models.Index(fields=["organization", "-created_at"]),
+                   models.Index(fields=["base_model"], condition=models.Q(deployed=True),
+                                name="adapter_deployed")]

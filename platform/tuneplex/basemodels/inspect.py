@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-MAX_SAFETENSORS_HEADER = 100 * 2**20
+from serving.adapters import read_safetensors_header
 
 
 class ModelDirectoryError(ValueError):
@@ -49,17 +48,10 @@ def inspect_model_directory(directory: Path) -> ModelDirectoryInfo:
 
 
 def _header(path: Path) -> dict:
-    with path.open("rb") as handle:
-        raw_length = handle.read(8)
-        if len(raw_length) != 8:
-            raise ModelDirectoryError(f"{path.name} is truncated")
-        (length,) = struct.unpack("<Q", raw_length)
-        if length > MAX_SAFETENSORS_HEADER:
-            raise ModelDirectoryError(f"{path.name} has an implausible header size")
-        try:
-            return json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ModelDirectoryError(f"{path.name} has a corrupt header") from None
+    try:
+        return read_safetensors_header(path)[0]
+    except ValueError as exc:
+        raise ModelDirectoryError(str(exc)) from None
 
 
 def _count_parameters(path: Path) -> int:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.deprecation import MiddlewareMixin
 
 from tuneplex.core.errors import error_body, is_api_path
 
 # Multipart framing around an uploaded file: boundaries, headers, the purpose field.
 MULTIPART_OVERHEAD = 64 * 1024
 UPLOAD_PATHS = ("/v1/files",)
+INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
 def body_limit(path: str) -> tuple[int, str]:
@@ -19,6 +19,9 @@ def body_limit(path: str) -> tuple[int, str]:
     if path in UPLOAD_PATHS:
         limit = settings.FILE_UPLOAD_MAX_BYTES
         return limit + MULTIPART_OVERHEAD, f"the file size limit is {limit} bytes"
+    if path in INFERENCE_PATHS:
+        limit = settings.INFERENCE_MAX_BODY
+        return limit, f"the inference request limit is {limit} bytes (TUNEPLEX_INFERENCE_MAX_BODY)"
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     return limit, f"the request body limit is {limit} bytes"
 
@@ -27,13 +30,13 @@ def too_large(size: int, explanation: str) -> dict:
     return error_body("request_too_large", f"The request body is {size} bytes; {explanation}.")
 
 
-class ApiErrorMiddleware:
-    """Rejects NUL in URLs (400) and oversized API bodies (413) before any view runs."""
+class ApiErrorMiddleware(MiddlewareMixin):
+    """Rejects NUL in URLs (400) and oversized API bodies (413) before any view runs.
 
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
-        self.get_response = get_response
+    Sync and async capable (MiddlewareMixin), so async views run without a thread hop.
+    """
 
-    def __call__(self, request: HttpRequest) -> HttpResponse:
+    def process_request(self, request: HttpRequest) -> HttpResponse | None:
         # NUL can never be part of a valid id or parameter, and PostgreSQL refuses it in text.
         if "\x00" in request.path or "%00" in request.META.get("QUERY_STRING", ""):
             return JsonResponse(error_body("bad_request", "The URL contains a NUL character."),
@@ -47,4 +50,4 @@ class ApiErrorMiddleware:
             limit, explanation = body_limit(request.path)
             if size > limit:
                 return JsonResponse(too_large(size, explanation), status=413)
-        return self.get_response(request)
+        return None

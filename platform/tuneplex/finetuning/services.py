@@ -290,6 +290,7 @@ def job_record_checkpoint(*, job: FineTuningJob, step: int, path: str, metrics: 
 
 def job_succeed(*, job: FineTuningJob, adapter_dir: Path, result: dict[str, Any]) -> None:
     from tuneplex.adapters.services import adapter_create_from_job
+    from tuneplex.inference.services import adapter_auto_deploy
 
     with transaction.atomic():
         job = FineTuningJob.objects.select_for_update().select_related(
@@ -297,7 +298,14 @@ def job_succeed(*, job: FineTuningJob, adapter_dir: Path, result: dict[str, Any]
         if job.status != FineTuningJob.Status.RUNNING:
             return
         adapter = adapter_create_from_job(job=job, adapter_dir=adapter_dir, sha256=result["sha256"])
+        # Deployed in the same commit as the success, so the adapter answers as soon as the job
+        # reads succeeded.
+        not_deployed = adapter_auto_deploy(adapter)
         _finish(job, FineTuningJob.Status.SUCCEEDED, fine_tuned_model=adapter.name,
                 trained_tokens=result.get("trained_tokens"), step=result.get("steps", job.step))
         job_event(job, f"Job succeeded: adapter {adapter.name} is ready.",
                   data={"adapter_id": adapter.id, "sha256": adapter.sha256})
+        if not_deployed is None:
+            job_event(job, f"Adapter deployed: use model '{adapter.name}' on /v1/chat/completions.")
+        elif adapter.organization.auto_deploy:
+            job_event(job, f"Adapter not deployed automatically: {not_deployed}", level="warning")

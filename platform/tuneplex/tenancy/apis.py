@@ -17,14 +17,29 @@ class OrganizationOutput(ApiObjectOutput):
     id = serializers.CharField()
     name = serializers.CharField()
     slug = serializers.CharField()
+    auto_deploy = serializers.BooleanField(
+        help_text="Deploy each adapter to the serving pool when its job succeeds.")
 
 
 class OrganizationApi(OrgApi):
-    scopes = {"GET": READ}
+    scopes = {"GET": READ, "PATCH": ADMIN}
+
+    @extend_schema_serializer(component_name="OrganizationUpdateInput")
+    class Input(serializers.Serializer):
+        name = serializers.CharField(max_length=200, required=False)
+        auto_deploy = serializers.BooleanField(required=False)
 
     @extend_schema(responses=OrganizationOutput, summary="The caller's organization")
     def get(self, request):
         return Response(OrganizationOutput(self.organization).data)
+
+    @extend_schema(request=Input, responses=OrganizationOutput, summary="Change the organization's settings")
+    def patch(self, request):
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        organization = services.organization_update(organization=self.organization,
+                                                    actor=self.principal, **data.validated_data)
+        return Response(OrganizationOutput(organization).data)
 
 
 class MemberOutput(ApiObjectOutput):

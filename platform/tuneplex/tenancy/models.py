@@ -26,6 +26,8 @@ class Organization(models.Model):
     slug = models.SlugField(max_length=64, unique=True)
     storage_quota_bytes = models.BigIntegerField(
         null=True, blank=True, help_text="Stored dataset bytes allowed; blank: TUNEPLEX_ORG_STORAGE_QUOTA.")
+    auto_deploy = models.BooleanField(
+        default=True, help_text="Deploy each adapter to the serving pool when its job succeeds.")
     created_at = models.DateTimeField(auto_now_add=True)
 
     @property

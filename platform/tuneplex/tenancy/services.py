@@ -28,6 +28,16 @@ def organization_create(*, name: str, owner: User) -> Organization:
     return organization
 
 
+def organization_update(*, organization: Organization, actor: Principal, **changes) -> Organization:
+    """Change the organization's name or settings (``auto_deploy``)."""
+    with transaction.atomic():
+        for field, value in changes.items():
+            setattr(organization, field, value)
+        organization.save(update_fields=list(changes) or None)
+        audit_record(actor=actor, action="organization.update", obj=organization, metadata=changes)
+    return organization
+
+
 def membership_add(*, organization: Organization, actor: Principal, user: User,
                    role: str) -> Membership:
     _check_can_grant(actor=actor, role=role)

@@ -1,0 +1,432 @@
+"""Per-tenant OpenAI-compatible inference: /v1/chat/completions, /v1/completions, /v1/models.
+
+:func:`complete` admits a request (API key or signed-in session with the infer scope, rate
+limit, size and max_tokens caps, a model the caller's organization may use), leases a replica
+that has the adapter loaded from the pool, and passes the engine's answer through, streaming or
+not; token usage is counted per organization and model when the answer ends. It is called by
+the ASGI fast path (tuneplex/inference/asgi.py) for key-authenticated requests and by the async
+Django views below for everything else. Tenants never see the engine's address, and its admin
+endpoints are not reachable through here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import httpx
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from rest_framework import exceptions as drf
+from rest_framework.parsers import JSONParser
+from rest_framework.request import Request
+
+from serving.adapters import AdapterInvalid
+from serving.pool import AdapterLoadError, LoraPool, NoReplicaAvailable
+from tuneplex.adapters.models import Adapter
+from tuneplex.apikeys.authentication import ApiKeyAuthentication
+from tuneplex.basemodels.models import BaseModel
+from tuneplex.core.actors import Principal
+from tuneplex.core.apis import timestamp
+from tuneplex.core.errors import ApiError, error_body
+from tuneplex.core.scopes import INFER, READ
+from tuneplex.inference import cache, ratelimit, usage
+from tuneplex.inference.pools import EngineUnavailable, pool_for, serves
+from tuneplex.inference.staging import ensure_staged
+from tuneplex.tenancy.authentication import OrganizationSessionAuthentication
+
+log = logging.getLogger(__name__)
+
+CHAT, COMPLETIONS = "chat/completions", "completions"
+MESSAGE_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+class ModelNotFound(ApiError):
+    status = 404
+
+    def __init__(self, model: str, *, deployed_hint: bool = False) -> None:
+        if deployed_hint:
+            super().__init__(f"The model '{model}' is not deployed; deploy it with "
+                             f"POST /v1/adapters/{{id}}/deploy.", code="model_not_deployed", param="model")
+        else:
+            super().__init__(f"The model '{model}' does not exist or you do not have access to it.",
+                             code="model_not_found", param="model")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where an admitted request goes: the engine's model name and, for an adapter, its pool entry."""
+
+    principal: Principal
+    model: str
+    base_model: str
+    adapter_id: str | None
+    adapter_path: str | None
+
+
+@dataclass
+class Reply:
+    """An answer, independent of how it is sent (Django's response or the ASGI fast path)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+
+    def as_django(self) -> HttpResponse:
+        if self.stream is not None:
+            response = StreamingHttpResponse(self.stream, status=self.status)
+        else:
+            response = HttpResponse(self.body, status=self.status)
+        for name, value in self.headers.items():
+            response[name] = value
+        return response
+
+
+JSON = "application/json"
+
+
+def _error(exc: ApiError, headers: dict | None = None) -> Reply:
+    body = json.dumps(error_body(exc.code, exc.message, exc.param)).encode()
+    return Reply(exc.status, {"Content-Type": JSON, **(headers or {})}, body)
+
+
+# --- admission (sync: database) ----------------------------------------------------------------
+
+def _authenticate(authorization: str | None, request=None) -> Principal:
+    """An API key (``Authorization: Bearer``) or a signed-in browser session (with CSRF on POST;
+    ``request`` is Django's, absent on the ASGI fast path, which only takes keys)."""
+    try:
+        if authorization is not None:
+            fingerprint = hashlib.sha256(authorization.encode(errors="replace")).hexdigest()
+            principal = cache.principals.get(fingerprint)
+            if principal is None:
+                principal = ApiKeyAuthentication().authenticate(
+                    SimpleNamespace(META={"HTTP_AUTHORIZATION": authorization}))[1]
+                cache.principals.put(fingerprint, principal)
+            return principal
+        session = None if request is None else \
+            OrganizationSessionAuthentication().authenticate(Request(request, parsers=[JSONParser()]))
+    except drf.AuthenticationFailed as exc:
+        raise ApiError(str(exc.detail), code="invalid_api_key", status=401) from None
+    except drf.PermissionDenied as exc:
+        raise ApiError(str(exc.detail), code="permission_denied", status=403) from None
+    except drf.APIException as exc:  # e.g. a body the CSRF check cannot read
+        raise ApiError(str(exc.detail), code=exc.default_code, status=exc.status_code) from None
+    if session is None:
+        raise ApiError("Authentication required: send 'Authorization: Bearer <api key>' or sign in.",
+                       code="unauthenticated", status=401)
+    return session[1]
+
+
+def _require(principal: Principal, *scopes: str) -> None:
+    if not any(principal.has_scope(s) for s in scopes):
+        who = "This API key" if principal.api_key is not None else "Your role"
+        raise ApiError(f"{who} lacks the '{scopes[0]}' scope needed for this request.",
+                       code="permission_denied", status=403)
+
+
+def _resolve(principal: Principal, model: str) -> Target:
+    """The organization's deployed adapter, or a served base model, named ``model``; else 404."""
+    key = (principal.organization.id, model)
+    target = cache.targets.get(key)
+    if target is None:
+        target = _lookup(principal, model)
+        cache.targets.put(key, target)
+    return target if target.principal is principal else dataclasses.replace(target, principal=principal)
+
+
+def _lookup(principal: Principal, model: str) -> Target:
+    adapter = (Adapter.objects.filter(organization=principal.organization, name=model)
+               .select_related("base_model").first())
+    if adapter is not None:
+        if not adapter.deployed:
+            raise ModelNotFound(model, deployed_hint=True)
+        try:
+            path = ensure_staged(adapter)
+        except AdapterInvalid as exc:
+            raise ApiError(f"The adapter cannot be served: {exc}", code="adapter_unavailable",
+                           status=503) from None
+        return Target(principal, adapter.name, adapter.base_model.name, adapter.id, str(path))
+    if serves(model) and BaseModel.objects.filter(name=model, enabled=True).exists():
+        return Target(principal, model, model, None, None)
+    raise ModelNotFound(model)
+
+
+class RateLimited(ApiError):
+    status = 429
+
+    def __init__(self, verdict: ratelimit.Verdict) -> None:
+        super().__init__(f"Rate limit of {verdict.limit} requests per minute reached for this API "
+                         f"key; retry in {verdict.reset_after}s.", code="rate_limit_exceeded")
+        self.headers = {**_limit_headers(verdict), "Retry-After": str(verdict.reset_after)}
+
+
+def _admit(authorization: str | None, raw: bytes, endpoint: str, request=None) -> tuple[Target, dict, dict]:
+    """Who asks (401/403), how often (429: every authenticated request counts), what (400/413),
+    for which model (404). One trip to the database thread per request."""
+    if request is None:
+        close_old_connections()  # what Django does when its requests start (the fast path skips it)
+    principal = _authenticate(authorization, request)
+    _require(principal, INFER)
+    verdict = ratelimit.hit(_subject(principal), settings.INFERENCE_RATE_LIMIT)
+    if not verdict.allowed:
+        raise RateLimited(verdict)
+    body = parse_body(raw, endpoint)
+    return _resolve(principal, body["model"]), body, _limit_headers(verdict)
+
+
+# --- request checks (pure) ------------------------------------------------------------------------
+
+def _int_field(body: dict, name: str, *, low: int, high: int, hint: str) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ApiError(f"{name} must be an integer.", code="invalid_type", param=name)
+    if not low <= value <= high:
+        raise ApiError(f"{name} must be between {low} and {high} ({hint}).",
+                       code=f"{name}_out_of_range", param=name)
+
+
+def parse_body(raw: bytes, endpoint: str) -> dict:
+    """The request body as the engine will get it, or an ApiError naming the field at fault."""
+    if len(raw) > settings.INFERENCE_MAX_BODY:
+        raise ApiError(f"The request body is {len(raw)} bytes; the limit is "
+                       f"{settings.INFERENCE_MAX_BODY} (TUNEPLEX_INFERENCE_MAX_BODY).",
+                       code="request_too_large", status=413)
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(f"The body is not valid JSON: {exc}.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError("The body must be a JSON object.", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model or len(model) > 300:
+        raise ApiError("model is required: the name of a base model or of one of your adapters.",
+                       code="missing_model" if model is None else "invalid_type", param="model")
+    if endpoint == CHAT:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError("messages must be a non-empty list.", code="invalid_messages", param="messages")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in MESSAGE_ROLES:
+                raise ApiError(f"messages[{index}] needs a role, one of {sorted(MESSAGE_ROLES)}.",
+                               code="invalid_messages", param=f"messages[{index}].role")
+    else:
+        prompt = body.get("prompt")
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                            and all(isinstance(p, str) for p in prompt))):
+            raise ApiError("prompt must be a string or a non-empty list of strings.",
+                           code="invalid_prompt", param="prompt")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise ApiError("stream must be true or false.", code="invalid_type", param="stream")
+    cap = settings.INFERENCE_MAX_TOKENS
+    for name in ("max_tokens", "max_completion_tokens"):
+        _int_field(body, name, low=1, high=cap, hint="TUNEPLEX_INFERENCE_MAX_TOKENS")
+    _int_field(body, "n", low=1, high=settings.INFERENCE_MAX_N, hint="TUNEPLEX_INFERENCE_MAX_N")
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body["max_tokens"] = cap
+    return body
+
+
+# --- proxying --------------------------------------------------------------------------------------
+
+_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> client
+
+
+def _client() -> httpx.AsyncClient:
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        client = _clients[loop] = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.ENGINE_TIMEOUT, connect=5.0),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
+    return client
+
+
+def _release(pool: LoraPool, target: Target) -> None:
+    if target.adapter_path is not None:
+        pool.release(target.model)
+
+
+async def _send(pool: LoraPool, target: Target, endpoint: str, body: dict) -> tuple[httpx.Response, str]:
+    """Send to a replica; when it no longer knows the adapter (it restarted), load it and retry once."""
+    for attempt in (1, 2):
+        try:
+            # Loaded already (the usual case): no thread. Otherwise load it off the event loop.
+            url = (pool.any_replica() if target.adapter_path is None
+                   else pool.acquire_nowait(target.model))
+            if url is None:
+                url = await sync_to_async(pool.acquire, thread_sensitive=False)(
+                    target.model, target.adapter_path)
+        except AdapterLoadError as exc:
+            raise ApiError(f"The adapter could not be loaded: {exc}", code="adapter_unavailable",
+                           status=503) from None
+        except NoReplicaAvailable as exc:
+            raise EngineUnavailable(str(exc)) from None
+        try:
+            request = _client().build_request("POST", f"{url}/v1/{endpoint}", json=body)
+            response = await _client().send(request, stream=True)
+        except httpx.HTTPError as exc:
+            _release(pool, target)
+            await sync_to_async(pool.mark_unhealthy, thread_sensitive=False)(url)
+            raise EngineUnavailable(f"The engine replica did not answer ({type(exc).__name__}).") from None
+        if response.status_code == 404 and target.adapter_path is not None and attempt == 1:
+            await response.aclose()
+            _release(pool, target)
+            await sync_to_async(pool.forget, thread_sensitive=False)(url, target.model)
+            continue
+        return response, url
+    raise EngineUnavailable("The engine does not know the adapter after reloading it.")
+
+
+async def _engine_error(response: httpx.Response) -> Reply:
+    raw = await response.aread()
+    await response.aclose()
+    try:
+        payload = json.loads(raw)
+        message = (payload.get("error") or {}).get("message") or payload.get("message") or str(payload)
+    except (ValueError, AttributeError):
+        message = raw[:500].decode(errors="replace")
+    if response.status_code >= 500:
+        return _error(ApiError(f"The engine failed: {message}", code="engine_error", status=502))
+    return _error(ApiError(message, code="invalid_request", status=response.status_code))
+
+
+def _usage_of(payload: dict) -> tuple[int, int]:
+    usage = payload.get("usage") or {}
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+def _record(target: Target, prompt: int, completion: int) -> None:
+    usage.count(organization_id=target.principal.organization.id, model=target.model,
+                adapter_id=target.adapter_id, prompt_tokens=prompt, completion_tokens=completion)
+
+
+async def complete(endpoint: str, *, authorization: str | None, raw: bytes, request=None) -> Reply:
+    """Admit, route, forward and answer one completion request."""
+    try:
+        target, body, limit_headers = await sync_to_async(_admit)(authorization, raw, endpoint, request)
+        pool = pool_for(target.base_model)
+        stream = bool(body.get("stream"))
+        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if stream:
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        response, _ = await _send(pool, target, endpoint, body)
+    except ApiError as exc:
+        return _error(exc, getattr(exc, "headers", None))
+    if response.status_code != 200:
+        _release(pool, target)
+        return await _engine_error(response)
+    if stream:
+        return Reply(200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                           "X-Accel-Buffering": "no", **limit_headers},
+                     stream=_relay(response, pool, target, wants_usage))
+    try:
+        answer = await response.aread()
+    finally:
+        await response.aclose()
+        _release(pool, target)
+    _record(target, *_usage_of(json.loads(answer)))
+    return Reply(200, {"Content-Type": JSON, **limit_headers}, answer)
+
+
+async def _complete(request, endpoint: str) -> HttpResponse:
+    """The Django view (browser sessions, and keys when the fast path is not mounted)."""
+    if request.method != "POST":
+        return _error(ApiError("Use POST.", code="method_not_allowed", status=405)).as_django()
+    reply = await complete(endpoint, authorization=request.headers.get("Authorization"),
+                           raw=request.body, request=request)
+    return reply.as_django()
+
+
+async def _relay(response: httpx.Response, pool: LoraPool, target: Target, wants_usage: bool):
+    """Pass the engine's server-sent events through; take the usage from its last chunk."""
+    prompt = completion = 0
+    try:
+        async for line in response.aiter_lines():
+            if not line:
+                continue
+            if line.startswith("data: {") and '"usage":{' in line:
+                chunk = json.loads(line[6:])
+                prompt, completion = _usage_of(chunk)
+                if not wants_usage and not chunk.get("choices"):
+                    continue  # the usage-only chunk we asked for on the caller's behalf
+            yield f"{line}\n\n".encode()
+    finally:
+        await response.aclose()
+        _release(pool, target)
+        _record(target, prompt, completion)
+
+
+def _subject(principal: Principal) -> str:
+    return f"key:{principal.api_key.id}" if principal.api_key is not None else f"user:{principal.user.pk}"
+
+
+def _limit_headers(verdict: ratelimit.Verdict) -> dict[str, str]:
+    if not verdict.limit:
+        return {}
+    return {"x-ratelimit-limit-requests": str(verdict.limit),
+            "x-ratelimit-remaining-requests": str(verdict.remaining),
+            "x-ratelimit-reset-requests": f"{verdict.reset_after}s"}
+
+
+@csrf_exempt
+async def chat_completions(request):
+    return await _complete(request, CHAT)
+
+
+@csrf_exempt
+async def completions(request):
+    return await _complete(request, COMPLETIONS)
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+def _model_objects(request, only: str | None = None) -> list[dict]:
+    principal = _authenticate(request.headers.get("Authorization"), request)
+    _require(principal, INFER, READ)
+    bases = BaseModel.objects.filter(enabled=True, name__in=list(settings.ENGINE_REPLICAS))
+    adapters = Adapter.objects.filter(organization=principal.organization, deployed=True)
+    if only is not None:
+        bases, adapters = bases.filter(name=only), adapters.filter(name=only)
+    found = [{"id": b.name, "object": "model", "created": timestamp(b.created_at),
+              "owned_by": "tuneplex", "root": b.name, "parent": None} for b in bases.order_by("name")]
+    found += [{"id": a.name, "object": "model", "created": timestamp(a.created_at),
+               "owned_by": principal.organization.slug, "root": a.base_model.name,
+               "parent": a.base_model.name}
+              for a in adapters.select_related("base_model").order_by("-created_at")]
+    return found
+
+
+async def models_list(request):
+    if request.method != "GET":
+        return _error(ApiError("Use GET.", code="method_not_allowed", status=405)).as_django()
+    try:
+        data = await sync_to_async(_model_objects)(request)
+    except ApiError as exc:
+        return _error(exc).as_django()
+    return JsonResponse({"object": "list", "data": data})
+
+
+async def model_detail(request, model: str):
+    if request.method != "GET":
+        return _error(ApiError("Use GET.", code="method_not_allowed", status=405)).as_django()
+    try:
+        data = await sync_to_async(_model_objects)(request, model)
+        if not data:
+            raise ModelNotFound(model)
+    except ApiError as exc:
+        return _error(exc).as_django()
+    return JsonResponse(data[0])

@@ -1,0 +1,150 @@
+"""Admission on the inference endpoints: who may ask, what, for which model, how often.
+
+These run the real views in-process (Redis for the rate limit, PostgreSQL for keys and adapters);
+the test process attaches to no engine (tests/serving/test_gateway.py runs the real one).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.test import Client
+
+from tests.conftest import add_member, bearer, key_for, make_tenant
+from tuneplex.adapters.models import Adapter
+from tuneplex.audit.models import AuditEvent
+from tuneplex.core.scopes import READ, Role
+from tuneplex.finetuning.models import FineTuningJob
+
+BASE = "SmolLM2-135M-Instruct"
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def post(key: str | None, body, path: str = "/v1/chat/completions"):
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {key}"} if key else {}
+    raw = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return Client().post(path, data=raw, content_type="application/json", **headers)
+
+
+def error(response) -> tuple[int, str, str | None]:
+    body = response.json()["error"]
+    return response.status_code, body["code"], body["param"]
+
+
+@pytest.fixture
+def adapter_of(default_model):
+    def make(tenant, *, deployed: bool) -> Adapter:
+        job = FineTuningJob.objects.create(organization=tenant.organization, base_model=default_model,
+                                           training_file="file-x", seed=0, status="succeeded")
+        return Adapter.objects.create(organization=tenant.organization, job=job, base_model=default_model,
+                                      name=f"ft:{BASE}:{tenant.organization.slug}:x:{job.id[6:]}",
+                                      blob_prefix="x", sha256="0" * 64, bytes=1, rank=8,
+                                      deployed=deployed)
+    return make
+
+
+@pytest.mark.django_db
+def test_callers_without_a_valid_infer_key_are_refused(org_a):
+    assert error(post(None, {"model": BASE, "messages": CHAT}))[:2] == (401, "unauthenticated")
+    assert error(post("tpx_" + "x" * 40, {"model": BASE, "messages": CHAT}))[:2] == (401, "invalid_api_key")
+    read_only = key_for(org_a, add_member(org_a, Role.MEMBER), [READ])
+    assert error(post(read_only, {"model": BASE, "messages": CHAT}))[:2] == (403, "permission_denied")
+    viewer_key = key_for(org_a, add_member(org_a, Role.VIEWER), [READ])
+    assert Client().get("/v1/models", HTTP_AUTHORIZATION=f"Bearer {viewer_key}").status_code == 200
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("body,expected", [
+    (b"{not json", (400, "invalid_json", None)),
+    ([1, 2], (400, "invalid_json", None)),
+    ({"messages": CHAT}, (400, "missing_model", "model")),
+    ({"model": 7, "messages": CHAT}, (400, "invalid_type", "model")),
+    ({"model": BASE}, (400, "invalid_messages", "messages")),
+    ({"model": BASE, "messages": []}, (400, "invalid_messages", "messages")),
+    ({"model": BASE, "messages": [{"content": "no role"}]}, (400, "invalid_messages", "messages[0].role")),
+    ({"model": BASE, "messages": CHAT, "stream": "yes"}, (400, "invalid_type", "stream")),
+    ({"model": BASE, "messages": CHAT, "max_tokens": 10**6}, (400, "max_tokens_out_of_range", "max_tokens")),
+    ({"model": BASE, "messages": CHAT, "max_tokens": 0}, (400, "max_tokens_out_of_range", "max_tokens")),
+    ({"model": BASE, "messages": CHAT, "max_tokens": True}, (400, "invalid_type", "max_tokens")),
+    ({"model": BASE, "messages": CHAT, "max_completion_tokens": 10**6},
+     (400, "max_completion_tokens_out_of_range", "max_completion_tokens")),
+    ({"model": BASE, "messages": CHAT, "n": 99}, (400, "n_out_of_range", "n")),
+])
+def test_bad_chat_requests_name_the_field(org_a, body, expected):
+    assert error(post(org_a.owner_key, body)) == expected
+
+
+@pytest.mark.django_db
+def test_bad_completion_prompts_and_oversized_bodies(org_a, settings):
+    assert error(post(org_a.owner_key, {"model": BASE, "prompt": 5}, "/v1/completions")) == (
+        400, "invalid_prompt", "prompt")
+    assert error(post(org_a.owner_key, {"model": BASE, "prompt": []}, "/v1/completions"))[1] == "invalid_prompt"
+    settings.INFERENCE_MAX_BODY = 1000
+    big = {"model": BASE, "messages": [{"role": "user", "content": "x" * 2000}]}
+    assert error(post(org_a.owner_key, big))[:2] == (413, "request_too_large")
+    assert Client().get("/v1/chat/completions").status_code == 405
+
+
+@pytest.mark.django_db
+def test_models_of_other_organizations_are_not_found(org_a, org_b, adapter_of, settings):
+    settings.ENGINE_REPLICAS = {BASE: ["http://127.0.0.1:9"]}  # served (nothing listens there)
+    theirs = adapter_of(org_b, deployed=True)
+    mine_undeployed = adapter_of(org_a, deployed=False)
+    assert error(post(org_a.owner_key, {"model": theirs.name, "messages": CHAT})) == (
+        404, "model_not_found", "model")
+    assert error(post(org_a.owner_key, {"model": "gpt-4o", "messages": CHAT}))[1] == "model_not_found"
+    assert error(post(org_a.owner_key, {"model": mine_undeployed.name, "messages": CHAT}))[1] == \
+        "model_not_deployed"
+    models = Client().get("/v1/models", HTTP_AUTHORIZATION=f"Bearer {org_a.owner_key}").json()
+    assert [m["id"] for m in models["data"]] == [BASE]
+    assert Client().get(f"/v1/models/{theirs.name}",
+                        HTTP_AUTHORIZATION=f"Bearer {org_a.owner_key}").status_code == 404
+
+
+@pytest.mark.django_db
+def test_the_rate_limit_is_per_key_and_answers_429_with_retry_after(org_a, settings):
+    settings.INFERENCE_RATE_LIMIT = 2
+    settings.ENGINE_REPLICAS = {}
+    other = make_tenant("Other")
+    body = {"model": BASE, "messages": CHAT}
+    # Counted even when refused later (no engine serves the model in the test process).
+    for _ in range(2):
+        assert error(post(org_a.owner_key, body))[:2] == (404, "model_not_found")
+    limited = post(org_a.owner_key, body)
+    assert error(limited)[:2] == (429, "rate_limit_exceeded")
+    assert 1 <= int(limited["Retry-After"]) <= 61
+    assert limited["x-ratelimit-remaining-requests"] == "0"
+    assert post(other.owner_key, body).status_code != 429
+
+
+@pytest.mark.django_db
+def test_deploy_without_an_engine_is_a_clear_503_and_changes_nothing(org_a, adapter_of, settings):
+    settings.ENGINE_REPLICAS = {}
+    adapter = adapter_of(org_a, deployed=False)
+    response = bearer(org_a.owner_key).post(f"/v1/adapters/{adapter.id}/deploy", {}, format="json")
+    assert error(response)[:2] == (503, "engine_unavailable")
+    assert "TUNEPLEX_ENGINE" in response.json()["error"]["message"]
+    adapter.refresh_from_db()
+    assert not adapter.deployed and not adapter.pinned
+    bad = bearer(org_a.owner_key).post(f"/v1/adapters/{adapter.id}/deploy", {"pinned": "maybe"},
+                                       format="json")
+    assert error(bad)[0] == 400 and error(bad)[2] == "pinned"
+    viewer_key = key_for(org_a, add_member(org_a, Role.VIEWER), [READ])
+    assert bearer(viewer_key).post(f"/v1/adapters/{adapter.id}/deploy", {}, format="json").status_code == 403
+
+
+@pytest.mark.django_db
+def test_auto_deploy_is_an_admin_setting_of_the_organization(org_a):
+    assert bearer(org_a.owner_key).get("/v1/organization").json()["auto_deploy"] is True
+    changed = bearer(org_a.owner_key).patch("/v1/organization", {"auto_deploy": False}, format="json")
+    assert changed.status_code == 200 and changed.json()["auto_deploy"] is False
+    org_a.organization.refresh_from_db()
+    assert org_a.organization.auto_deploy is False
+    assert AuditEvent.objects.filter(organization=org_a.organization, action="organization.update",
+                                     metadata={"auto_deploy": False}).exists()
+    member_key = key_for(org_a, add_member(org_a, Role.MEMBER), [READ, "train"])
+    refused = bearer(member_key).patch("/v1/organization", {"auto_deploy": True}, format="json")
+    assert refused.status_code == 403
+    org_a.organization.refresh_from_db()
+    assert org_a.organization.auto_deploy is False
