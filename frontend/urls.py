@@ -10,5 +10,9 @@ urlpatterns = [
                                                 redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("organizations/switch/", views.organization_switch, name="organization-switch"),
+    path("adapters/", views.adapters, name="adapters"),
+    path("adapters/<str:id>/deploy", views.adapter_deploy_view, name="adapter-deploy"),
+    path("adapters/<str:id>/undeploy", views.adapter_undeploy_view, name="adapter-undeploy"),
+    path("playground/", views.playground, name="playground"),
     path("", views.home, name="home"),
 ]

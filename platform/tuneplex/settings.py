@@ -114,7 +114,9 @@ DATABASE_URL = env_url(
     f"sqlite:///{DATA_DIR / 'db.sqlite3'}",
     schemes=("sqlite", "postgres", "postgresql"),
 )
-DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)}
+# No persistent connections: under ASGI each request's sync code may run in a different thread,
+# and a connection kept per thread outlives its thread (Django's advice for ASGI).
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # Web and worker share the file: wait for a lock instead of failing at once.
     DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}

@@ -1,0 +1,74 @@
+// The playground: sends the conversation to /v1/chat/completions with the session (and CSRF
+// token) and streams each model's answer into its pane. No build step, no dependencies.
+(function () {
+  const form = document.getElementById("playground");
+  if (!form) return;
+  const histories = { left: [], right: [] };
+
+  function bubble(side, role, text) {
+    const node = document.createElement("p");
+    node.className = "msg " + role;
+    node.textContent = text;
+    document.getElementById("transcript-" + side).appendChild(node);
+    return node;
+  }
+
+  async function ask(side, model, maxTokens) {
+    const history = histories[side];
+    const answer = bubble(side, "assistant", "");
+    const response = await fetch(form.dataset.endpoint, {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRFToken": form.dataset.csrf },
+      body: JSON.stringify({ model: model, messages: history, stream: true, max_tokens: maxTokens }),
+    });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      answer.className = "msg error";
+      answer.textContent = (body.error && body.error.message) || ("HTTP " + response.status);
+      history.pop();
+      return;
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "", text = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, cut).trim();
+        buffer = buffer.slice(cut + 2);
+        if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
+        const chunk = JSON.parse(event.slice(6));
+        for (const choice of chunk.choices || []) {
+          text += (choice.delta && choice.delta.content) || "";
+        }
+        answer.textContent = text;
+      }
+    }
+    history.push({ role: "assistant", content: text });
+  }
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const prompt = form.prompt.value.trim();
+    if (!prompt) return;
+    const maxTokens = parseInt(form.max_tokens.value, 10) || 64;
+    const jobs = [];
+    for (const side of ["left", "right"]) {
+      const model = form[side].value;
+      if (!model) continue;
+      histories[side].push({ role: "user", content: prompt });
+      bubble(side, "user", prompt);
+      jobs.push(ask(side, model, maxTokens));
+    }
+    form.prompt.value = "";
+    await Promise.all(jobs);
+  });
+
+  document.getElementById("reset").addEventListener("click", () => {
+    histories.left = []; histories.right = [];
+    for (const side of ["left", "right"]) document.getElementById("transcript-" + side).replaceChildren();
+  });
+})();
