@@ -192,9 +192,7 @@ def main() -> None:
     stamp = int(time.time())
     owner = User.objects.create_user(f"bench-{stamp}")
     organization = organization_create(name=f"Bench {stamp}", owner=owner)
-    membership = Membership.objects.get(organization=organization, user=owner)
-    principal = Principal(organization=organization, scopes=membership.scopes, user=owner,
-                          membership=membership)
+    principal = Principal.of_member(Membership.objects.get(organization=organization, user=owner))
     key = api_key_create(organization=organization, actor=principal, name="bench",
                          scopes=list(ALL_SCOPES)).plaintext
 
@@ -231,8 +229,8 @@ def main() -> None:
         wait_http(f"{url}/healthz", 60, "the gateway", gateway)
         api = httpx.Client(base_url=f"{url}/v1", headers={"Authorization": f"Bearer {key}"}, timeout=120)
 
-        mixed = [adapter_from_dir(principal_tenant(organization, owner, key), source,
-                                  suffix=f"mix{i}", base_model=base) for i, source in enumerate(sources[:8])]
+        mixed = [adapter_from_dir(organization, source, suffix=f"mix{i}", base_model=base)
+                 for i, source in enumerate(sources[:8])]
         for adapter in mixed:
             response = api.post(f"/adapters/{adapter.id}/deploy", json={})
             response.raise_for_status()
@@ -310,13 +308,6 @@ def main() -> None:
         for part in ("direct", "gateway"):
             results[part].pop("latencies", None)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
-
-
-def principal_tenant(organization, owner, key):
-    """The shape tests.fixtures.adapter_rows expects."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(organization=organization, owner=owner, owner_key=key)
 
 
 if __name__ == "__main__":

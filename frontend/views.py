@@ -23,8 +23,7 @@ def _principal(request, scope: str | None = None) -> Principal:
         raise PermissionDenied("You are not a member of any organization.")
     if scope is not None and scope not in membership.scopes:
         raise PermissionDenied(f"Your role ({membership.role}) cannot do this.")
-    return Principal(organization=membership.organization, scopes=membership.scopes,
-                     user=request.user, membership=membership)
+    return Principal.of_member(membership)
 
 
 def _adapter_row(request, principal: Principal, adapter, error: str = ""):

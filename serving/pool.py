@@ -1,9 +1,9 @@
 """Which adapter is loaded on which vLLM replica, kept within each replica's slots.
 
 The one small interface the gateway and the platform use: ``ensure_loaded`` (load lazily, evict
-the least recently used unpinned adapter when a replica is full), ``unload``, ``pin``/``unpin``,
-``route``/``lease`` (a replica that has the adapter, loading it if none has; a leased adapter is
-never evicted while its request runs), ``sync`` (the deployed set from the platform's database)
+the least recently used unpinned adapter when a replica is full), ``deploy``/``undeploy`` (with
+pinning), ``route``/``acquire``/``release`` (a replica that has the adapter, loading it if none
+has; an acquired adapter is never evicted while its request runs), ``sync`` (the deployed set from the platform's database)
 and ``reconcile`` (compare with each replica's ``/v1/models``: a replica that restarted has lost
 its adapters, and the deployed ones are loaded again). Adapter names and paths come from
 the platform (generated ids, paths confined under the artifact root); nothing here trusts a
@@ -15,8 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import httpx
@@ -68,12 +67,14 @@ class LoraPool:
     # --- deploy / undeploy ----------------------------------------------------------------------
 
     def deploy(self, name: str, path: str, *, pinned: bool = False) -> str:
-        """Remember the adapter as wanted and load it now; returns the replica URL."""
+        """Remember the adapter as wanted (pinned or not) and load it now; returns the replica URL."""
         with self._lock:
             url = self.ensure_loaded(name, path)
             self.wanted[name] = path
             if pinned:
                 self.pinned.add(name)
+            else:
+                self.pinned.discard(name)
             return url
 
     def undeploy(self, name: str) -> None:
@@ -81,12 +82,6 @@ class LoraPool:
             self.wanted.pop(name, None)
             self.pinned.discard(name)
             self.unload(name)
-
-    def pin(self, name: str) -> None:
-        self.pinned.add(name)
-
-    def unpin(self, name: str) -> None:
-        self.pinned.discard(name)
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -114,17 +109,9 @@ class LoraPool:
                 raise KeyError(name)
             return self.ensure_loaded(name, self.wanted[name])
 
-    @contextmanager
-    def lease(self, name: str, path: str | None = None) -> Iterator[str]:
-        """``route`` for the length of one request: the adapter is not evicted until it ends."""
-        url = self.acquire(name, path)
-        try:
-            yield url
-        finally:
-            self.release(name)
-
     def acquire(self, name: str, path: str | None = None) -> str:
-        """Non-context form of :meth:`lease` (for streaming responses); pair with :meth:`release`."""
+        """``route`` for the length of one request: the adapter is not evicted until the matching
+        :meth:`release`, which the gateway calls when the answer (or its stream) ends."""
         with self._lock:
             url = self.route(name, path)
             with self._flight_lock:

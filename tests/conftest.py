@@ -29,8 +29,7 @@ class Tenant:
     def principal(self, user: User | None = None) -> Principal:
         membership = Membership.objects.get(organization=self.organization,
                                             user=user or self.owner)
-        return Principal(organization=self.organization, scopes=membership.scopes,
-                         user=membership.user, membership=membership)
+        return Principal.of_member(membership)
 
 
 def make_user(name: str | None = None) -> User:
@@ -150,12 +149,7 @@ class WorkerProcess:
             self.process.wait()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process_group(self.process, timeout=30)
         self._log.close()
 
 

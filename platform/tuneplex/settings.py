@@ -209,13 +209,14 @@ ENGINE_MAX_MODEL_LEN = env_int("TUNEPLEX_ENGINE_MAX_MODEL_LEN", 2048, minimum=12
 ENGINE_KV_CACHE_GIB = env_int("TUNEPLEX_ENGINE_KV_CACHE_GIB", 1, minimum=1)
 ENGINE_RECONCILE_SECONDS = env_int("TUNEPLEX_ENGINE_RECONCILE_SECONDS", 5, minimum=1)
 ENGINE_TIMEOUT = env_int("TUNEPLEX_ENGINE_TIMEOUT", 600, minimum=1)
-if ENGINE_MODE == "attach" and not env_list("TUNEPLEX_ENGINE_URLS", []):
+_default_urls = [f"http://127.0.0.1:{ENGINE_PORT}"] if ENGINE_MODE == "spawn" else []
+_engine_urls = env_list("TUNEPLEX_ENGINE_URLS", _default_urls) if ENGINE_MODE != "off" else []
+if ENGINE_MODE == "attach" and not _engine_urls:
     raise ImproperlyConfigured("TUNEPLEX_ENGINE_URLS is required when TUNEPLEX_ENGINE_MODE=attach")
 # base model name -> replica URLs. Entries are `URL` (a replica of the default base model) or
 # `MODEL=URL`.
 ENGINE_REPLICAS: dict[str, list[str]] = {}
-_default_urls = [f"http://127.0.0.1:{ENGINE_PORT}"] if ENGINE_MODE == "spawn" else []
-for _entry in env_list("TUNEPLEX_ENGINE_URLS", _default_urls) if ENGINE_MODE != "off" else []:
+for _entry in _engine_urls:
     _model, _, _url = ("", "", _entry) if _entry.startswith("http") else _entry.partition("=")
     if not _url.startswith(("http://", "https://")):
         raise ImproperlyConfigured(f"TUNEPLEX_ENGINE_URLS has {_entry!r}; expected URL or MODEL=URL "

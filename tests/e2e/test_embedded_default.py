@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,22 +14,18 @@ import httpx
 import pytest
 from django.conf import settings
 
+from tests.conftest import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 480  # builds nothing here, but starts vLLM (about a minute)
 
 pytestmark = pytest.mark.e2e
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("embedded")
-    port, engine_port = _free_port(), _free_port()
+    port, engine_port = free_port(), free_port()
     environ = {k: v for k, v in os.environ.items()
                if not k.startswith(("TUNEPLEX_", "DATABASE_URL", "REDIS_URL", "DJANGO_"))}
     # Reuse the converted base model of the test run so the smoke test does not convert twice.

@@ -6,20 +6,16 @@ import pytest
 from django.test import Client
 
 from tests.conftest import add_member
+from tests.fixtures.adapter_rows import adapter_row
 from tuneplex.adapters.models import Adapter
 from tuneplex.core.scopes import Role
-from tuneplex.finetuning.models import FineTuningJob
 
 BASE = "SmolLM2-135M-Instruct"
 
 
 @pytest.fixture
 def adapter_of_a(org_a, default_model) -> Adapter:
-    job = FineTuningJob.objects.create(organization=org_a.organization, base_model=default_model,
-                                       training_file="file-x", seed=0, status="succeeded")
-    return Adapter.objects.create(organization=org_a.organization, job=job, base_model=default_model,
-                                  name=f"ft:{BASE}:{org_a.organization.slug}:x:{job.id[6:]}",
-                                  blob_prefix="x", sha256="0" * 64, bytes=1, rank=8)
+    return adapter_row(org_a.organization, default_model)
 
 
 def browser(user) -> Client:

@@ -34,9 +34,9 @@ def chat(client: httpx.Client, model: str, **extra) -> httpx.Response:
 @pytest.fixture
 def two_orgs(db, default_model, adapters):
     a, b = make_tenant("Alpha"), make_tenant("Beta")
-    a.adapter = adapter_from_dir(a, adapters["adapter-0"], suffix="a0", base_model=default_model)
-    a.other = adapter_from_dir(a, adapters["adapter-1"], suffix="a1", base_model=default_model)
-    b.adapter = adapter_from_dir(b, adapters["adapter-2"], suffix="b0", base_model=default_model)
+    a.adapter = adapter_from_dir(a.organization, adapters["adapter-0"], suffix="a0", base_model=default_model)
+    a.other = adapter_from_dir(a.organization, adapters["adapter-1"], suffix="a1", base_model=default_model)
+    b.adapter = adapter_from_dir(b.organization, adapters["adapter-2"], suffix="b0", base_model=default_model)
     return a, b
 
 
@@ -94,7 +94,7 @@ def test_undeploy_then_404_and_usage_is_recorded(gateway, two_orgs):
 def test_a_corrupt_adapter_is_refused_and_the_others_keep_answering(gateway, two_orgs, adapters,
                                                                    default_model):
     a, _ = two_orgs
-    broken = adapter_from_dir(a, adapters["corrupt"], suffix="broken", base_model=default_model)
+    broken = adapter_from_dir(a.organization, adapters["corrupt"], suffix="broken", base_model=default_model)
     with api(gateway, a.owner_key) as client:
         assert deploy(client, a.adapter).status_code == 200
         refused = deploy(client, broken)

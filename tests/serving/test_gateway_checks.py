@@ -12,10 +12,10 @@ import pytest
 from django.test import Client
 
 from tests.conftest import add_member, bearer, key_for, make_tenant
+from tests.fixtures.adapter_rows import adapter_row
 from tuneplex.adapters.models import Adapter
 from tuneplex.audit.models import AuditEvent
 from tuneplex.core.scopes import READ, Role
-from tuneplex.finetuning.models import FineTuningJob
 
 BASE = "SmolLM2-135M-Instruct"
 CHAT = [{"role": "user", "content": "hi"}]
@@ -35,12 +35,7 @@ def error(response) -> tuple[int, str, str | None]:
 @pytest.fixture
 def adapter_of(default_model):
     def make(tenant, *, deployed: bool) -> Adapter:
-        job = FineTuningJob.objects.create(organization=tenant.organization, base_model=default_model,
-                                           training_file="file-x", seed=0, status="succeeded")
-        return Adapter.objects.create(organization=tenant.organization, job=job, base_model=default_model,
-                                      name=f"ft:{BASE}:{tenant.organization.slug}:x:{job.id[6:]}",
-                                      blob_prefix="x", sha256="0" * 64, bytes=1, rank=8,
-                                      deployed=deployed)
+        return adapter_row(tenant.organization, default_model, deployed=deployed)
     return make
 
 

@@ -24,6 +24,12 @@ class Principal:
     api_key: ApiKey | None = None
     membership: Membership | None = None
 
+    @classmethod
+    def of_member(cls, membership: Membership) -> Principal:
+        """A signed-in member acting in their organization, with their role's scopes."""
+        return cls(organization=membership.organization, scopes=membership.scopes,
+                   user=membership.user, membership=membership)
+
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes
 

@@ -48,8 +48,6 @@ def adapter_deploy(*, organization, actor: Principal, adapter: Adapter, pinned: 
         raise AdapterRefused(f"The engine refused the adapter: {exc}", code="adapter_load_failed") from None
     except (NoReplicaAvailable, httpx.HTTPError) as exc:
         raise EngineUnavailable(f"The serving pool cannot take the adapter now: {exc}") from None
-    if not pinned:
-        pool.unpin(adapter.name)
     with transaction.atomic():
         Adapter.objects.filter(pk=adapter.pk).update(
             deployed=True, pinned=pinned, deploy_error="",

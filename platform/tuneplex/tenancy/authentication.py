@@ -17,6 +17,5 @@ class OrganizationSessionAuthentication(authentication.SessionAuthentication):
         membership = active_membership(request._request)
         if membership is None:
             raise exceptions.PermissionDenied("You are not a member of any organization.")
-        principal = Principal(organization=membership.organization, scopes=membership.scopes,
-                              user=user, membership=membership)
+        principal = Principal.of_member(membership)
         return (user, principal)

@@ -21,7 +21,7 @@ def membership_get(*, organization: Organization, membership_id: str) -> Members
 
 
 def memberships_of_user(*, user: User) -> QuerySet[Membership]:
-    return (Membership.objects.filter(user=user).select_related("organization")
+    return (Membership.objects.filter(user=user).select_related("organization", "user")
             .order_by("organization__name", "organization_id"))
 
 

@@ -22,8 +22,7 @@ def organization_create(*, name: str, owner: User) -> Organization:
         organization = Organization.objects.create(name=name, slug=slug)
         membership = Membership.objects.create(organization=organization, user=owner,
                                                role=Role.OWNER)
-        actor = Principal(organization=organization, scopes=membership.scopes, user=owner,
-                          membership=membership)
+        actor = Principal.of_member(membership)
         audit_record(actor=actor, action="organization.create", obj=organization)
     return organization
 

@@ -42,8 +42,7 @@ class Command(BaseCommand):
             key_alive = key_id and api_key_list(organization=organization).filter(
                 id=key_id, revoked_at__isnull=True).exists()
             if not key_alive:
-                actor = Principal(organization=organization, scopes=membership.scopes, user=user,
-                                  membership=membership)
+                actor = Principal.of_member(membership)
                 created = api_key_create(organization=organization, actor=actor, name=KEY_NAME,
                                          scopes=list(ALL_SCOPES))
                 saved.update({"api_key": created.plaintext, "api_key_id": created.api_key.id})
