@@ -79,4 +79,15 @@ if [ "$WITH_TESTS" = 1 ] && [ "$(cat .venv/.tuneplex-tests 2>/dev/null)" != "$ha
   pip_quiet .venv-train/bin/pip install "pytest>=8.3,<10"
   echo "$hash" > .venv/.tuneplex-tests
 fi
+# The browser tests drive Debian's Chromium (Playwright never downloads a browser here).
+if [ "$WITH_TESTS" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing Debian's chromium for the browser tests"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+  else
+    echo "The browser tests need /usr/bin/chromium: run 'apt-get install chromium' as root." >&2
+    exit 1
+  fi
+fi
 log "environments ready"

@@ -1,7 +1,8 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from frontend import views
+from frontend.views import datasets, jobs, overview, serving, team
+from frontend.views.organizations import organization_switch
 
 app_name = "frontend"
 
@@ -9,10 +10,30 @@ urlpatterns = [
     path("login/", auth_views.LoginView.as_view(template_name="frontend/login.html",
                                                 redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
-    path("organizations/switch/", views.organization_switch, name="organization-switch"),
-    path("adapters/", views.adapters, name="adapters"),
-    path("adapters/<str:id>/deploy", views.adapter_deploy_view, name="adapter-deploy"),
-    path("adapters/<str:id>/undeploy", views.adapter_undeploy_view, name="adapter-undeploy"),
-    path("playground/", views.playground, name="playground"),
-    path("", views.home, name="home"),
+    path("organizations/switch/", organization_switch, name="organization-switch"),
+    path("", overview.home, name="home"),
+    path("datasets/", datasets.datasets, name="datasets"),
+    path("datasets/<oid:id>/", datasets.dataset, name="dataset"),
+    path("datasets/<oid:id>/statistics", datasets.dataset_statistics, name="dataset-statistics"),
+    path("datasets/<oid:id>/delete", datasets.dataset_delete, name="dataset-delete"),
+    path("jobs/", jobs.jobs, name="jobs"),
+    path("jobs/new", jobs.job_new, name="job-new"),
+    path("jobs/new/check", jobs.job_check, name="job-check"),
+    path("jobs/<oid:id>/", jobs.job, name="job"),
+    path("jobs/<oid:id>/progress", jobs.job_progress, name="job-progress"),
+    path("jobs/<oid:id>/cancel", jobs.job_cancel, name="job-cancel"),
+    path("adapters/", serving.adapters, name="adapters"),
+    path("adapters/<oid:id>/deploy", serving.adapter_deploy_view, name="adapter-deploy"),
+    path("adapters/<oid:id>/undeploy", serving.adapter_undeploy_view, name="adapter-undeploy"),
+    path("playground/", serving.playground, name="playground"),
+    path("playground/feedback", serving.feedback_create_view, name="feedback-create"),
+    path("feedback/", serving.feedback, name="feedback"),
+    path("feedback/export", serving.feedback_export_view, name="feedback-export"),
+    path("team/", team.team, name="team"),
+    path("team/add", team.member_add, name="member-add"),
+    path("team/<oid:id>/role", team.member_role, name="member-role"),
+    path("team/<oid:id>/remove", team.member_remove, name="member-remove"),
+    path("api-keys/", team.api_keys, name="api-keys"),
+    path("api-keys/<oid:id>/revoke", team.api_key_revoke_view, name="api-key-revoke"),
+    path("audit/", team.audit_log, name="audit"),
 ]

@@ -193,6 +193,11 @@ _CHECKS = {CHAT: _check_chat, ALPACA: _check_alpaca, PROMPT_COMPLETION: _check_p
            TEXT: _check_text}
 
 
+def check_record(record: dict, file_format: str) -> None:
+    """The checks of one format on one parsed line; raises LineError."""
+    _CHECKS[file_format](record)
+
+
 def _type_name(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
             type(None): "null", int: "a number", float: "a number"}.get(type(value), "a value")

@@ -70,6 +70,7 @@ INSTALLED_APPS = [
     "tuneplex.finetuning",
     "tuneplex.adapters",
     "tuneplex.inference",
+    "tuneplex.feedback",
     "frontend",
 ]
 
@@ -83,6 +84,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "frontend.middleware.ApiErrorPageMiddleware",
 ]
 
 ROOT_URLCONF = "tuneplex.urls"
@@ -234,6 +236,11 @@ INFERENCE_RATE_LIMIT = env_int("TUNEPLEX_INFERENCE_RATE_LIMIT", 600, minimum=0) 
 # --- fine-tuning ---------------------------------------------------------------------------------
 TRAINING_DEVICE = env_str("TUNEPLEX_TRAINING_DEVICE", "cpu", choices=("cpu", "cuda"))
 TRAINING_MEMORY = env_bytes("TUNEPLEX_TRAINING_MEMORY", 16 * 2**30)
+# Effective training speed assumed by the pre-flight time estimate until the organization has
+# finished jobs on the model to measure from: LoRA costs about 4 x parameters FLOPs a token.
+# Defaults: what the embedded model reaches on 2 CPU cores; ~15% MFU of an H100.
+TRAINING_GFLOPS = env_int("TUNEPLEX_TRAINING_GFLOPS", 150_000 if TRAINING_DEVICE == "cuda" else 60,
+                          minimum=1)
 GPU_SLOTS = env_int("TUNEPLEX_GPU_SLOTS", 1, minimum=1, maximum=4096)
 ORG_MAX_CONCURRENT_JOBS = env_int("TUNEPLEX_ORG_MAX_CONCURRENT_JOBS", 1, minimum=1)
 JOB_HEARTBEAT_SECONDS = env_int("TUNEPLEX_JOB_HEARTBEAT_SECONDS", 5, minimum=1)

@@ -1,5 +1,6 @@
 // The playground: sends the conversation to /v1/chat/completions with the session (and CSRF
-// token) and streams each model's answer into its pane. No build step, no dependencies.
+// token) and streams each model's answer into its pane; a thumbs up/down under an answer saves
+// the exchange up to it as feedback. No build step, no dependencies.
 (function () {
   const form = document.getElementById("playground");
   if (!form) return;
@@ -48,6 +49,43 @@
       }
     }
     history.push({ role: "assistant", content: text });
+    if (text.trim()) rateButtons(answer, model, history.slice());
+  }
+
+  function rateButtons(answer, model, exchange) {
+    const bar = document.createElement("div");
+    bar.className = "rate";
+    for (const [rating, label, text] of [[1, "Good answer", "👍 Good"], [-1, "Bad answer", "👎 Bad"]]) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "link rate-button";
+      button.textContent = text;
+      button.setAttribute("aria-label", label + " (save as feedback)");
+      button.addEventListener("click", () => sendFeedback(bar, model, exchange, rating));
+      bar.appendChild(button);
+    }
+    answer.after(bar);
+  }
+
+  async function sendFeedback(bar, model, exchange, rating) {
+    for (const button of bar.querySelectorAll("button")) button.disabled = true;
+    const response = await fetch(form.dataset.feedback, {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRFToken": form.dataset.csrf },
+      body: JSON.stringify({ model: model, messages: exchange, rating: rating }),
+    });
+    const note = document.createElement("span");
+    note.setAttribute("role", "status");
+    if (response.ok) {
+      note.textContent = rating > 0 ? "Saved as a good example." : "Saved as a bad example.";
+      bar.replaceChildren(note);
+    } else {
+      const body = await response.json().catch(() => ({}));
+      note.className = "error";
+      note.textContent = (body.error && body.error.message) || ("HTTP " + response.status);
+      bar.appendChild(note);
+      for (const button of bar.querySelectorAll("button")) button.disabled = false;
+    }
   }
 
   form.addEventListener("submit", async (event) => {

@@ -16,3 +16,10 @@ def base_model_get(*, name: str) -> BaseModel:
     if model is None:
         raise NotFound(f"No base model named {name!r}.", param="model")
     return model
+
+
+def served_base_models() -> QuerySet[BaseModel]:
+    """Enabled base models that an engine replica serves (the playground's and /v1/models' list)."""
+    from django.conf import settings
+
+    return base_model_list(enabled_only=True).filter(name__in=list(settings.ENGINE_REPLICAS))

@@ -122,8 +122,14 @@ def handler400(request: HttpRequest, exception: Exception | None = None) -> Http
 
 
 def handler403(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
-    return JsonResponse(error_body("permission_denied", "You do not have permission to do this."),
-                        status=403)
+    message = "You do not have permission to do this."
+    if is_api_path(request) or getattr(request, "htmx", False):
+        return JsonResponse(error_body("permission_denied", message), status=403)
+    from django.shortcuts import render  # a dashboard page: the reason, in the page
+
+    if exception is not None and str(exception):
+        message = str(exception)
+    return render(request, "error.html", {"status": 403, "message": message}, status=403)
 
 
 def handler404(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+from django.core.files.storage import storages
 from django.db.models import QuerySet, Sum
+
+from jobs.training.jsonl import (LineError, check_record, detect_format, iter_lines, parse_line,
+                                 to_example)
 
 from tuneplex.core.errors import NotFound
 from tuneplex.files.models import File
@@ -21,3 +25,50 @@ def file_get(*, organization: Organization, file_id: str) -> File:
 
 def storage_used(*, organization: Organization) -> int:
     return File.objects.filter(organization=organization).aggregate(total=Sum("bytes"))["total"] or 0
+
+
+PREVIEW_LINE_BYTES = 64 * 1024
+PREVIEW_TEXT_CHARS = 2000
+
+
+def file_preview(*, file: File, limit: int) -> list[dict]:
+    """The file's first ``limit`` non-blank lines, parsed as training sees them.
+
+    Each item is ``{"line", "messages"}`` (chat-like formats), ``{"line", "segments"}``
+    (prompt/completion and text; ``train`` marks what the loss is on) or ``{"line", "raw",
+    "error"}`` for a line that does not parse. Long lines and texts are cut, so the preview stays
+    small whatever the file holds.
+    """
+    items: list[dict] = []
+    file_format = None
+    with storages["artifacts"].open(file.blob_name, "rb") as stream:
+        for number, raw in iter_lines(stream, max_line_bytes=PREVIEW_LINE_BYTES):
+            if raw is not None and not raw.strip():
+                continue
+            if raw is None:
+                items.append({"line": number, "raw": "", "error": "The line is too long to preview."})
+            else:
+                try:
+                    record = parse_line(raw)
+                    file_format = file_format or detect_format(record)
+                    check_record(record, file_format)
+                    example = to_example(record, file_format)
+                except (LineError, KeyError, TypeError) as exc:
+                    items.append({"line": number, "raw": raw[:PREVIEW_TEXT_CHARS].decode(
+                        "utf-8", "replace"), "error": getattr(exc, "message", str(exc))})
+                else:
+                    items.append({"line": number, **_shown(example)})
+            if len(items) >= limit:
+                break
+    return items
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= PREVIEW_TEXT_CHARS else text[:PREVIEW_TEXT_CHARS] + " …"
+
+
+def _shown(example) -> dict:
+    if example.kind == "chat":
+        return {"messages": [{"role": m["role"], "content": _cut(m["content"]),
+                              "train": bool(m["weight"])} for m in example.messages]}
+    return {"segments": [{"text": _cut(s.text), "train": s.train} for s in example.segments]}

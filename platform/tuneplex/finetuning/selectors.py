@@ -31,3 +31,9 @@ def active_job_using_file(*, file) -> str | None:
                                         status__in=FineTuningJob.ACTIVE)
            .filter(Q(training_file=file.id) | Q(validation_file=file.id)).first())
     return job.id if job else None
+
+
+def job_metrics(*, job: FineTuningJob) -> QuerySet:
+    """The metrics the trainer reported (step, train_loss, eval_loss, ...), oldest first."""
+    return (JobEvent.objects.filter(job=job, type="metrics").order_by("created_at", "id")
+            .values_list("data", flat=True))

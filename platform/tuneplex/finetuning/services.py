@@ -13,13 +13,14 @@ from django.db import transaction
 from django.utils import timezone
 
 from jobs.training.config import ALL_LINEAR, ConfigError, TrainingConfig
-from jobs.training.memory import GIB, ModelShape, advice, estimate
+from jobs.training.memory import GIB, MemoryEstimate, ModelShape, advice, estimate
 from tuneplex.audit.services import audit_record
 from tuneplex.basemodels.inspect import linear_module_names
 from tuneplex.basemodels.models import BaseModel
 from tuneplex.core.actors import Principal
 from tuneplex.core.errors import ApiError, Conflict
 from tuneplex.files.models import File
+from tuneplex.finetuning.estimates import TimeEstimate, time_estimate
 from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint, JobEvent
 from tuneplex.tenancy.models import Organization
 
@@ -136,10 +137,23 @@ def _training_file(organization: Organization, file_id: Any, param: str) -> File
     return file
 
 
-def job_create(*, organization: Organization, actor: Principal, model: str, training_file: str,
-               validation_file: str | None = None, hyperparameters: dict | None = None,
-               suffix: str | None = None, seed: int | None = None,
-               metadata: dict | None = None) -> FineTuningJob:
+@dataclasses.dataclass(frozen=True)
+class JobPlan:
+    """A job request checked in full, with what it will cost: what job_create stores and what
+    the dashboard shows before anything is submitted."""
+
+    base_model: BaseModel
+    train: File
+    validation: File | None
+    config: TrainingConfig
+    memory: MemoryEstimate
+    time: TimeEstimate
+
+
+def job_plan(*, organization: Organization, model: str, training_file: str,
+             validation_file: str | None = None, hyperparameters: dict | None = None,
+             suffix: str | None = None, seed: int | None = None) -> JobPlan:
+    """Validate a job request as job_create would (raises ApiError with code and param)."""
     base_model = BaseModel.objects.filter(name=model).first()
     if base_model is None or not base_model.enabled:
         state = "is disabled" if base_model is not None else "does not exist"
@@ -168,6 +182,20 @@ def job_create(*, organization: Organization, actor: Principal, model: str, trai
                               gradient_checkpointing=config.gradient_checkpointing,
                               method=config.method),
                        code="insufficient_memory", param="hyperparameters.batch_size")
+    return JobPlan(base_model=base_model, train=train, validation=validation, config=config,
+                   memory=peak, time=time_estimate(organization=organization, config=config,
+                                                   base_model=base_model, train=train))
+
+
+def job_create(*, organization: Organization, actor: Principal, model: str, training_file: str,
+               validation_file: str | None = None, hyperparameters: dict | None = None,
+               suffix: str | None = None, seed: int | None = None,
+               metadata: dict | None = None) -> FineTuningJob:
+    plan = job_plan(organization=organization, model=model, training_file=training_file,
+                    validation_file=validation_file, hyperparameters=hyperparameters,
+                    suffix=suffix, seed=seed)
+    base_model, train, validation, config, peak = (plan.base_model, plan.train, plan.validation,
+                                                   plan.config, plan.memory)
     stored = {k: v for k, v in dataclasses.asdict(config).items() if k not in PATH_FIELDS}
     with transaction.atomic():
         job = FineTuningJob.objects.create(

@@ -1,0 +1,25 @@
+// Shared page behaviour: a failed htmx request shows its reason (the API's error message) in the
+// flash region instead of failing silently. No build step, no dependencies.
+(function () {
+  function flash(message) {
+    const region = document.getElementById("flash");
+    if (!region) return;
+    region.textContent = message;
+    region.hidden = false;
+  }
+  document.addEventListener("htmx:responseError", (event) => {
+    const xhr = event.detail.xhr;
+    let message = "The request failed (HTTP " + xhr.status + ").";
+    try {
+      const body = JSON.parse(xhr.responseText);
+      if (body.error && body.error.message) message = body.error.message;
+    } catch (ignored) { /* not JSON: keep the status */ }
+    flash(message);
+  });
+  document.addEventListener("htmx:sendError", () => flash("The server could not be reached."));
+  document.addEventListener("htmx:beforeRequest", () => {
+    const region = document.getElementById("flash");
+    if (region) region.hidden = true;
+  });
+  window.tuneplexFlash = flash;
+})();

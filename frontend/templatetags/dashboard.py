@@ -1,0 +1,41 @@
+"""Small filters for the dashboard's templates."""
+
+from __future__ import annotations
+
+from django import template
+
+register = template.Library()
+
+
+@register.filter
+def duration(seconds) -> str:
+    """12 s, 4 min 05 s, 2 h 03 min."""
+    if seconds is None or seconds == "":
+        return "—"
+    seconds = max(0, int(round(float(seconds))))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+@register.filter
+def thousands(value) -> str:
+    """1234567 → 1,234,567 (blank for None)."""
+    if value is None or value == "":
+        return "—"
+    return f"{int(value):,}"
+
+
+@register.filter
+def lookup(mapping, key):
+    """``errors|lookup:name``: a dict's item by a variable key (None when absent)."""
+    return mapping.get(key) if hasattr(mapping, "get") else None
+
+
+@register.filter
+def gib(value) -> str:
+    return "—" if value is None else f"{value / 2**30:.2f} GiB"

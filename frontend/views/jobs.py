@@ -1,0 +1,195 @@
+"""Fine-tuning jobs: the new-job form (presets, advanced hyperparameters checked inline, the
+pre-flight memory and time estimate), the list, and the live job page (progress, ETA, loss
+chart, events, cancel) that polls until the job has finished."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_POST
+
+from frontend.views.common import field_errors, get_or_404, polled_section, principal_of
+from tuneplex.basemodels.selectors import base_model_list
+from tuneplex.core.errors import ApiError
+from tuneplex.core.scopes import TRAIN
+from tuneplex.files.models import File
+from tuneplex.files.selectors import file_list
+from tuneplex.finetuning import selectors, services
+from tuneplex.finetuning.models import FineTuningJob
+
+POLL_SECONDS = 2
+EVENTS_SHOWN = 100
+CHART_POINTS = 400
+
+PRESETS = {
+    "quick": {"label": "Quick check", "hyperparameters": {"n_epochs": 1, "lora_rank": 8},
+              "help": "One pass over the data with a small adapter (rank 8): see quickly whether "
+                      "the data teaches what you want."},
+    "balanced": {"label": "Balanced", "hyperparameters": {},
+                 "help": "The defaults: epochs, batch size and learning rate chosen from the "
+                         "dataset size, rank 16 on every linear layer."},
+    "thorough": {"label": "Thorough", "hyperparameters": {"n_epochs": 4, "lora_rank": 32,
+                                                          "lora_alpha": 64, "learning_rate": 1e-4},
+                 "help": "Four passes, a larger adapter (rank 32) and a gentler learning rate: "
+                         "for larger datasets and harder tasks."},
+}
+DEFAULT_PRESET = "balanced"
+
+# Advanced hyperparameters: form field → (type, label, help). Blank keeps the preset's value.
+ADVANCED: dict[str, tuple[type, str, str]] = {
+    "n_epochs": (int, "Epochs", "Passes over the data (1-50). Blank: chosen from the dataset size."),
+    "batch_size": (int, "Batch size", "Examples per forward pass (1-512). Blank: chosen for you."),
+    "gradient_accumulation_steps": (int, "Gradient accumulation",
+                                    "Micro-batches per optimizer step (1-1024)."),
+    "learning_rate": (float, "Learning rate", "Peak learning rate (0-1). Blank: 2e-4."),
+    "lr_scheduler": (str, "Schedule", "cosine, linear or constant, after warmup."),
+    "warmup_ratio": (float, "Warmup ratio", "Fraction of the steps spent warming up (0-0.5)."),
+    "lora_rank": (int, "LoRA rank", "Adapter rank r (1-256); larger learns more, costs more."),
+    "lora_alpha": (float, "LoRA alpha", "Scales the update by alpha / rank."),
+    "lora_dropout": (float, "LoRA dropout", "Dropout on the adapter's input (0 to < 1)."),
+    "max_seq_len": (int, "Max sequence length", "Longer examples are truncated."),
+    "validation_split": (float, "Validation split",
+                         "Fraction held out to evaluate when no validation file is given (0-0.5)."),
+    "checkpoint_every_steps": (int, "Checkpoint every", "Steps between resumable checkpoints."),
+    "seed": (int, "Seed", "Data order, initialisation and dropout."),
+    "gradient_checkpointing": (bool, "Gradient checkpointing",
+                               "Less memory, about 30% slower."),
+}
+FORM_FIELDS = {"model", "training_file", "validation_file", "method", "suffix", *ADVANCED}
+_TYPE_ERRORS = {int: "Enter a whole number.", float: "Enter a number."}
+
+
+def _parse(post) -> tuple[dict, dict[str, str]]:
+    """The request's job arguments, and the fields that are not even numbers."""
+    preset = post.get("preset") if post.get("preset") in PRESETS else DEFAULT_PRESET
+    hyperparameters = dict(PRESETS[preset]["hyperparameters"])
+    errors: dict[str, str] = {}
+    hyperparameters["method"] = post.get("method") or "lora"
+    for name, (kind, _, _) in ADVANCED.items():
+        if kind is bool:
+            if post.get(name) == "on":
+                hyperparameters[name] = True
+            continue
+        raw = post.get(name, "").strip()
+        if not raw:
+            continue
+        try:
+            hyperparameters[name] = kind(raw)
+        except ValueError:
+            errors[name] = _TYPE_ERRORS[kind]
+    if "learning_rate" in hyperparameters and "learning_rate_multiplier" in hyperparameters:
+        hyperparameters.pop("learning_rate_multiplier")
+    arguments = {"model": post.get("model", ""), "training_file": post.get("training_file", ""),
+                 "validation_file": post.get("validation_file") or None,
+                 "suffix": post.get("suffix", "").strip() or None,
+                 "hyperparameters": hyperparameters}
+    return arguments, errors
+
+
+def _plan(principal, post):
+    """(arguments, plan or None, errors by field)."""
+    arguments, errors = _parse(post)
+    if errors:
+        return arguments, None, errors
+    try:
+        plan = services.job_plan(organization=principal.organization, **arguments)
+    except ApiError as exc:
+        return arguments, None, field_errors(exc, FORM_FIELDS)
+    return arguments, plan, {}
+
+
+def _form_context(principal, values, *, plan=None, errors=None) -> dict:
+    files = (file_list(organization=principal.organization, purpose=File.Purpose.FINE_TUNE)
+             .filter(status=File.Status.PROCESSED).order_by("-created_at")[:200])
+    return {"values": values, "plan": plan, "errors": errors or {}, "files": files,
+            "base_models": base_model_list(enabled_only=True), "presets": PRESETS,
+            "advanced": [(name, *spec) for name, spec in ADVANCED.items()],
+            "qlora_available": settings.TRAINING_DEVICE == "cuda",
+            "memory_limit": settings.TRAINING_MEMORY, "form_fields": sorted(FORM_FIELDS)}
+
+
+@login_required
+def job_new(request):
+    principal = principal_of(request, TRAIN)
+    if request.method == "POST":
+        arguments, plan, errors = _plan(principal, request.POST)
+        if plan is not None:
+            try:
+                job = services.job_create(organization=principal.organization, actor=principal,
+                                          **arguments)
+            except ApiError as exc:  # something changed since the plan, e.g. the file was deleted
+                errors = field_errors(exc, FORM_FIELDS)
+            else:
+                return redirect("frontend:job", id=job.id)
+        return render(request, "frontend/job_new.html",
+                      _form_context(principal, request.POST, errors=errors), status=400)
+    values = {"preset": DEFAULT_PRESET, "method": "lora",
+              "training_file": request.GET.get("file", ""),
+              "model": settings.DEFAULT_BASE_MODEL}
+    return render(request, "frontend/job_new.html", _form_context(principal, values))
+
+
+@login_required
+@require_POST
+def job_check(request):
+    """Inline validation: each field's error (swapped out of band) and the pre-flight estimate."""
+    principal = principal_of(request, TRAIN)
+    _, plan, errors = _plan(principal, request.POST)
+    return render(request, "frontend/job_new.html#preflight",
+                  _form_context(principal, request.POST, plan=plan, errors=errors) | {"oob": True})
+
+
+@login_required
+def jobs(request):
+    principal = principal_of(request)
+    return render(request, "frontend/jobs.html", {
+        "jobs": selectors.job_list(organization=principal.organization).order_by("-created_at")[:200],
+        "can_train": TRAIN in principal.scopes})
+
+
+def _progress_context(principal, job: FineTuningJob) -> dict:
+    points = list(selectors.job_metrics(job=job))
+    if len(points) > CHART_POINTS:  # keep the page small: every n-th point, and the last
+        stride = -(-len(points) // CHART_POINTS)
+        points = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
+    chart = {"step": [p.get("step") for p in points],
+             "train_loss": [p.get("train_loss") for p in points],
+             "eval_loss": [p.get("eval_loss") for p in points]}
+    finished = job.status in FineTuningJob.FINISHED
+    return {"job": job, "finished": finished, "chart": chart, "poll_seconds": POLL_SECONDS,
+            "events": selectors.job_events(job=job).order_by("-created_at", "-id")[:EVENTS_SHOWN],
+            "percent": (round(100 * job.step / job.total_steps) if job.total_steps else 0),
+            "can_cancel": TRAIN in principal.scopes and not finished,
+            "adapter": getattr(job, "adapter", None) if job.status == "succeeded" else None}
+
+
+@login_required
+def job(request, id: str):
+    principal = principal_of(request)
+    found = get_or_404(selectors.job_get, organization=principal.organization, job_id=id)
+    return render(request, "frontend/job.html", _progress_context(principal, found))
+
+
+@login_required
+def job_progress(request, id: str):
+    """The live part of the job page, polled every few seconds; 286 stops htmx polling."""
+    principal = principal_of(request)
+    found = get_or_404(selectors.job_get, organization=principal.organization, job_id=id)
+    context = _progress_context(principal, found)
+    return polled_section(request, "frontend/job.html#progress", context, done=context["finished"])
+
+
+@login_required
+@require_POST
+def job_cancel(request, id: str):
+    principal = principal_of(request, TRAIN)
+    found = get_or_404(selectors.job_get, organization=principal.organization, job_id=id)
+    error = ""
+    try:
+        found = services.job_cancel(organization=principal.organization, actor=principal, job=found)
+    except ApiError as exc:
+        error = exc.message
+        found.refresh_from_db()
+    context = _progress_context(principal, found) | {"cancel_error": error}
+    return render(request, "frontend/job.html#progress", context)

@@ -1,0 +1,123 @@
+"""Adapters (deploy, undeploy, download), the playground, and its thumbs up/down feedback."""
+
+from __future__ import annotations
+
+import json
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.http import JsonResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_POST
+
+from frontend.views.common import get_or_404, principal_of
+from tuneplex.adapters import selectors as adapter_selectors
+from tuneplex.basemodels.selectors import served_base_models
+from tuneplex.core.actors import Principal
+from tuneplex.core.errors import ApiError, error_body
+from tuneplex.core.scopes import INFER, TRAIN
+from tuneplex.feedback import selectors as feedback_selectors
+from tuneplex.feedback.services import feedback_export, feedback_record
+from tuneplex.inference.pools import is_loaded
+from tuneplex.inference.services import adapter_deploy, adapter_undeploy
+
+
+def _adapter_row(request, principal: Principal, adapter, error: str = ""):
+    return render(request, "frontend/adapters.html#adapter-row", {
+        "adapter": adapter, "loaded": adapter.deployed and is_loaded(adapter), "error": error,
+        "can_deploy": TRAIN in principal.scopes})
+
+
+@login_required
+def adapters(request):
+    principal = principal_of(request)
+    rows = [{"adapter": a, "loaded": a.deployed and is_loaded(a)}
+            for a in adapter_selectors.adapter_list(organization=principal.organization)
+            .order_by("-created_at")[:200]]
+    return render(request, "frontend/adapters.html", {"rows": rows,
+                                                      "can_deploy": TRAIN in principal.scopes})
+
+
+@login_required
+@require_POST
+def adapter_deploy_view(request, id: str):
+    principal = principal_of(request, TRAIN)
+    adapter = get_or_404(adapter_selectors.adapter_get, organization=principal.organization,
+                         adapter_id=id)
+    error = ""
+    try:
+        adapter = adapter_deploy(organization=principal.organization, actor=principal, adapter=adapter,
+                                 pinned=request.POST.get("pinned") == "on")
+    except ApiError as exc:
+        error = exc.message
+        adapter.refresh_from_db()
+    return _adapter_row(request, principal, adapter, error)
+
+
+@login_required
+@require_POST
+def adapter_undeploy_view(request, id: str):
+    principal = principal_of(request, TRAIN)
+    adapter = get_or_404(adapter_selectors.adapter_get, organization=principal.organization,
+                         adapter_id=id)
+    adapter = adapter_undeploy(organization=principal.organization, actor=principal, adapter=adapter)
+    return _adapter_row(request, principal, adapter)
+
+
+@login_required
+def playground(request):
+    """Chat with an adapter, side by side with the base model or another adapter (streamed)."""
+    principal = principal_of(request)
+    bases = [b.name for b in served_base_models()]
+    deployed = [a.name for a in adapter_selectors.adapter_list(organization=principal.organization)
+                .filter(deployed=True).order_by("-created_at")]
+    models = deployed + bases
+    return render(request, "frontend/playground.html", {
+        "models": models, "left": request.GET.get("model") or (models[0] if models else ""),
+        "right": bases[0] if bases else "", "can_infer": INFER in principal.scopes,
+        "max_tokens": settings.INFERENCE_MAX_TOKENS})
+
+
+@login_required
+@require_POST
+def feedback_create_view(request):
+    """A thumbs up/down from the playground (JSON body; the session's CSRF token is checked)."""
+    principal = principal_of(request, INFER)
+    try:
+        body = json.loads(request.body or b"{}")
+        if not isinstance(body, dict):
+            raise ValueError
+    except ValueError:
+        return JsonResponse(error_body("invalid_json", "The body must be a JSON object."), status=400)
+    try:
+        feedback = feedback_record(organization=principal.organization, actor=principal,
+                                   model=body.get("model"), messages=body.get("messages"),
+                                   rating=body.get("rating"))
+    except ApiError as exc:
+        return JsonResponse(error_body(exc.code, exc.message, exc.param), status=exc.status)
+    return JsonResponse({"id": feedback.id, "rating": feedback.rating})
+
+
+@login_required
+def feedback(request):
+    principal = principal_of(request)
+    rows = feedback_selectors.feedback_list(organization=principal.organization)
+    return render(request, "frontend/feedback.html", {
+        "rows": rows[:200], "exportable": feedback_selectors.feedback_exportable(
+            organization=principal.organization).count(),
+        "minimum": settings.DATASET_MIN_EXAMPLES, "can_export": TRAIN in principal.scopes})
+
+
+@login_required
+@require_POST
+def feedback_export_view(request):
+    principal = principal_of(request, TRAIN)
+    try:
+        file = feedback_export(organization=principal.organization, actor=principal)
+    except ApiError as exc:
+        rows = feedback_selectors.feedback_list(organization=principal.organization)
+        return render(request, "frontend/feedback.html", {
+            "rows": rows[:200], "error": exc.message, "minimum": settings.DATASET_MIN_EXAMPLES,
+            "exportable": feedback_selectors.feedback_exportable(
+                organization=principal.organization).count(), "can_export": True}, status=exc.status)
+    return redirect("frontend:dataset", id=file.id)
