@@ -78,8 +78,6 @@ def _parse(post) -> tuple[dict, dict[str, str]]:
             hyperparameters[name] = kind(raw)
         except ValueError:
             errors[name] = _TYPE_ERRORS[kind]
-    if "learning_rate" in hyperparameters and "learning_rate_multiplier" in hyperparameters:
-        hyperparameters.pop("learning_rate_multiplier")
     arguments = {"model": post.get("model", ""), "training_file": post.get("training_file", ""),
                  "validation_file": post.get("validation_file") or None,
                  "suffix": post.get("suffix", "").strip() or None,

@@ -126,12 +126,14 @@ def test_a_team_lead_trains_deploys_chats_and_manages_keys_in_the_browser(
     page.get_by_label("LoRA rank").fill("0")
     page.locator("#error-lora_rank").filter(has_text="must be between 1 and 256").wait_for()
     assert page.locator("#estimate-memory").count() == 0
+    assert page.get_by_label("LoRA rank").get_attribute("aria-invalid") == "true"
     shot(page, "04-new-job-inline-error")
     for label, value in [("LoRA rank", "8"), ("Epochs", "2"), ("Batch size", "8"),
                          ("Learning rate", "0.001"), ("Checkpoint every", "2")]:
         page.get_by_label(label, exact=True).fill(value)
     page.get_by_label("Name suffix (optional)").fill("pirate")
     page.locator("#estimate-steps").filter(has_text="8 steps").wait_for()
+    assert page.get_by_label("LoRA rank").get_attribute("aria-invalid") is None
     shot(page, "05-new-job-estimate")
     page.get_by_role("button", name="Start fine-tuning").click()
     page.wait_for_url(re.compile(r"/jobs/ftjob-\w+/$"))

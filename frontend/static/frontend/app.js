@@ -1,5 +1,6 @@
 // Shared page behaviour: a failed htmx request shows its reason (the API's error message) in the
-// flash region instead of failing silently. No build step, no dependencies.
+// flash region instead of failing silently; fields with an inline error are marked invalid.
+// No build step, no dependencies.
 (function () {
   function flash(message) {
     const region = document.getElementById("flash");
@@ -20,6 +21,16 @@
   document.addEventListener("htmx:beforeRequest", () => {
     const region = document.getElementById("flash");
     if (region) region.hidden = true;
+  });
+  // A field whose error message (swapped in by an inline check) is not empty is marked invalid
+  // for assistive technology.
+  document.addEventListener("htmx:afterSettle", () => {
+    for (const message of document.querySelectorAll(".field-error[id]")) {
+      const field = document.querySelector('[aria-describedby~="' + message.id + '"]');
+      if (!field) continue;
+      if (message.textContent.trim()) field.setAttribute("aria-invalid", "true");
+      else field.removeAttribute("aria-invalid");
+    }
   });
   window.tuneplexFlash = flash;
 })();
