@@ -9,7 +9,8 @@ out-of-memory retry) with SmolLM2's tokenizer. Checked:
   lora       bf16 base weights, loss falls on a fixed-answer chat dataset, adapter saved
   qlora      base linear layers are bitsandbytes Linear4bit, NF4, double-quantized, bf16 compute;
              loss falls
-  packing    packed micro-batch loss == per-example losses (bf16 tolerance)
+  packing    packed micro-batch loss == per-example losses (bf16 tolerance), through the flash
+             varlen attention the trainer uses for packed rows on CUDA
   ckpt       gradient checkpointing lowers peak memory for the same step
   oom        a micro-batch too large for the GPU triggers the one automatic retry with half the
              micro-batch and twice the accumulation, which then succeeds
@@ -113,12 +114,13 @@ def check_qlora(model, data, work) -> dict:
 
 
 def check_packing(model, data, work) -> dict:
+    from jobs.training.attention import register_varlen_attention
     from jobs.training.data import collate
     from jobs.training.tokenize import TokenizedExample
     from jobs.training.trainer import forward_loss, load_model
 
     config = config_for(model, data, work / "packing", lora_dropout=0.0)
-    peft_model = load_model(config, torch.device("cuda"))
+    peft_model = load_model(config, torch.device("cuda"), attention=register_varlen_attention())
     peft_model.eval()
     examples = [TokenizedExample(list(range(5, 5 + n)), [0] * (n // 2) + [1] * (n - n // 2))
                 for n in (37, 120, 9, 64)]

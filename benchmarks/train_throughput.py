@@ -8,7 +8,15 @@ Both trainers see the same realistic chat data (log-normal turn lengths, like re
 tokenized the same way (chat template, loss on assistant tokens only), the same LoRA (rank 16 on
 all linear projections), learning rate, micro-batch and number of optimizer steps. The stock run is
 written as a user would write it: `Trainer` with `DataCollatorForSeq2Seq` padding each batch to
-its longest example. Each run happens in a fresh process so its peak memory is its own.
+its longest example, bf16 (autocast) and the same gradient checkpointing; the data set holds
+exactly the examples of `--steps` optimizer steps, so both train on the same examples. Each run
+happens in a fresh process so its peak memory is its own; `--repeats N` alternates the two
+trainers N times and reports the medians (GPU machines of one kind vary from lease to lease).
+
+GPU, as in benchmarks/RESULTS.md (random-initialised Llama-3.1-8B shape, SmolLM2's tokenizer):
+
+    python3 benchmarks/train_throughput.py --shape llama-8b --tokenizer DIR --seq-len 2048 \
+        --mean-words 400 --batch-size 8 --steps 10 --gradient-checkpointing --repeats 2
 
 Printed per trainer: useful (non-padding) tokens per second, tokens computed, peak memory (RSS on
 the CPU, torch's max allocated on a GPU), and on a GPU the MFU, counting 4 x parameters FLOPs per
@@ -24,6 +32,7 @@ import math
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,10 +144,12 @@ def run_ours(args) -> dict:
     steady = log[1:] if len(log) > 2 else log
     seconds = steady[-1]["elapsed_seconds"] - (log[0]["elapsed_seconds"] if steady is not log else 0)
     tokens = sum(m["tokens"] for m in steady)
+    elapsed = [0.0] + [m["elapsed_seconds"] for m in log]
     return {"trainer": "tuneplex", "steps": len(log), "useful_tokens": tokens,
             "computed_tokens": tokens, "seconds": seconds, "wall_seconds": total,
             "useful_tokens_per_second": tokens / seconds, "peak_memory_mib": _peak_memory_mib(),
-            "final_loss": log[-1]["train_loss"]}
+            "final_loss": log[-1]["train_loss"],
+            "step_seconds": [round(b - a, 3) for a, b in zip(elapsed, elapsed[1:])]}
 
 
 def run_stock(args) -> dict:
@@ -175,6 +186,7 @@ def run_stock(args) -> dict:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     computed: list[int] = []
+    useful: list[int] = []
     step_times: list[float] = []
 
     class Timer(TrainerCallback):
@@ -191,6 +203,7 @@ def run_stock(args) -> dict:
     def counting(features):
         batch = collator(features)
         computed.append(batch["input_ids"].numel())
+        useful.append(int(batch["attention_mask"].sum()))
         return batch
 
     training_args = TrainingArguments(
@@ -204,15 +217,14 @@ def run_stock(args) -> dict:
     started = time.perf_counter()
     output = trainer.train()
     total = time.perf_counter() - started
-    useful = [sum(len(r["input_ids"]) for r in rows[i * args.batch_size:(i + 1) * args.batch_size])
-              for i in range(len(step_times))]
     first = 1 if len(step_times) > 2 else 0
     seconds = sum(step_times[first:])
-    tokens = sum(useful[first:])
+    tokens = sum(useful[first:len(step_times)])
     return {"trainer": "stock", "steps": len(step_times), "useful_tokens": tokens,
             "computed_tokens": sum(computed[first:len(step_times)]), "seconds": seconds,
             "wall_seconds": total, "useful_tokens_per_second": tokens / seconds,
-            "peak_memory_mib": _peak_memory_mib(), "final_loss": output.training_loss}
+            "peak_memory_mib": _peak_memory_mib(), "final_loss": output.training_loss,
+            "step_seconds": [round(t, 3) for t in step_times]}
 
 
 # --- orchestration --------------------------------------------------------------------------------
@@ -256,6 +268,21 @@ def _mean_context(model: str, data: Path, seq_len: int, n: int) -> float:
     return sum(n_ * (n_ + 1) / 2 for n_ in lengths) / sum(lengths)
 
 
+def _run_child(which: str, args, data: Path, model: str) -> dict | None:
+    """One trainer in a fresh process, so its peak memory is its own."""
+    command = [sys.executable, __file__, "--which", which, "--data", str(data), "--model", model,
+               "--method", args.method, "--seq-len", str(args.seq_len), "--batch-size",
+               str(args.batch_size), "--steps", str(args.steps), "--packing", args.packing]
+    if args.gradient_checkpointing:
+        command.append("--gradient-checkpointing")
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        print(f"{which} failed:\n{done.stderr[-3000:]}")
+        return None
+    return json.loads(line[len("RESULT "):])
+
+
 def child(args) -> None:
     result = run_ours(args) if args.which == "ours" else run_stock(args)
     print("RESULT " + json.dumps(result))
@@ -274,6 +301,8 @@ def main() -> int:
     parser.add_argument("--mean-words", type=float, default=60.0, help="mean assistant turn length")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--only", choices=("ours", "stock"))
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run each trainer this many times, alternating; report medians")
     parser.add_argument("--packing", choices=("auto", "on", "off"), default="auto",
                         help="this trainer's packing (auto: on for the CPU, off on CUDA)")
     parser.add_argument("--which", help=argparse.SUPPRESS)
@@ -296,27 +325,22 @@ def main() -> int:
     model = args.model or (str(build_random_llama(SHAPES[args.shape], smol, work / args.shape))
                            if args.shape else str(smol))
     data = work / "chat.jsonl"
-    write_dataset(data, args.steps * args.batch_size + 8, mean_words=args.mean_words)
+    # Exactly the examples of `steps` optimizer steps, so both trainers train on the same ones.
+    write_dataset(data, args.steps * args.batch_size, mean_words=args.mean_words)
     mean_context = _mean_context(model, data, args.seq_len, args.steps * args.batch_size)
     results = []
-    for which in ("ours", "stock"):
-        if args.only and which != args.only:
-            continue
-        command = [sys.executable, __file__, "--which", which, "--data", str(data), "--model", model,
-                   "--method", args.method, "--seq-len", str(args.seq_len), "--batch-size",
-                   str(args.batch_size), "--steps", str(args.steps)]
-        if args.gradient_checkpointing:
-            command.append("--gradient-checkpointing")
-        command += ["--packing", args.packing]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{which} failed:\n{done.stderr[-3000:]}")
-            return 1
-        result = json.loads(line[len("RESULT "):])
-        result["mean_context"] = mean_context
-        result["mfu"] = mfu(result, model)
-        results.append(result)
+    # Alternate the trainers (ours, stock, ours, stock, ...): GPU machines of one kind differ by
+    # up to a third in speed from one lease to the next, and drift within one.
+    for _ in range(args.repeats):
+        for which in ("ours", "stock"):
+            if args.only and which != args.only:
+                continue
+            result = _run_child(which, args, data, model)
+            if result is None:
+                return 1
+            result["mean_context"] = mean_context
+            result["mfu"] = mfu(result, model)
+            results.append(result)
     import torch
     import transformers
     import peft
@@ -324,18 +348,30 @@ def main() -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
     print(f"model {args.shape or Path(model).name}, {args.method}, micro-batch {args.batch_size}, "
           f"max length {args.seq_len}, {args.steps} steps, on {device}")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__,
+                "transformers": transformers.__version__, "peft": peft.__version__}
+    if args.method == "qlora":
+        import bitsandbytes
+
+        versions["bitsandbytes"] = bitsandbytes.__version__
+    print(", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"{'trainer':10} {'useful tok/s':>13} {'computed/useful':>16} {'peak MiB':>10} {'MFU':>7} {'loss':>8}")
     for r in results:
         ratio = r["computed_tokens"] / r["useful_tokens"]
         shown_mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") else "-"
         print(f"{r['trainer']:10} {r['useful_tokens_per_second']:13.1f} {ratio:16.2f} "
               f"{r['peak_memory_mib']:10.0f} {shown_mfu:>7} {r['final_loss']:8.4f}")
-    if len(results) == 2:
-        print(f"ratio tuneplex/stock useful tokens/s: "
-              f"{results[0]['useful_tokens_per_second'] / results[1]['useful_tokens_per_second']:.2f}x")
+    rates = {name: statistics.median(r["useful_tokens_per_second"] for r in results
+                                     if r["trainer"] == name)
+             for name in ("tuneplex", "stock") if any(r["trainer"] == name for r in results)}
+    summary = {"median_useful_tokens_per_second": rates}
+    if len(rates) == 2:
+        summary["ratio"] = rates["tuneplex"] / rates["stock"]
+        print(f"ratio tuneplex/stock useful tokens/s (medians of {args.repeats}): "
+              f"{summary['ratio']:.2f}x")
     if args.json_out:
         args.json_out.write_text(json.dumps({"args": vars(args), "device": device,
+                                             "versions": versions, "summary": summary,
                                              "results": results}, indent=2, default=str))
     return 0
 

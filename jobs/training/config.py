@@ -61,9 +61,10 @@ class TrainingConfig:
     max_seq_len: int = _doc("Longer examples are truncated (and counted in an event).", 2048)
     packing: bool | None = _doc(
         "Padding-free packing: a micro-batch is one row of concatenated examples, each attending "
-        "only to itself (position ids restart per example). Off: padded, length-grouped rows. "
-        "None = auto: on for the CPU, off on CUDA, where sdpa has no variable-length kernel and "
-        "attends over the whole packed row (measured slower there).", None)
+        "only to itself (position ids restart per example; on CUDA through PyTorch's flash "
+        "variable-length kernel). Off: padded, length-grouped rows. None = auto: on for the CPU, "
+        "and on CUDA with bf16 compute where PyTorch has the variable-length kernel; off "
+        "otherwise (sdpa would attend over the whole packed row, measured slower).", None)
     assistant_only_loss: bool = _doc(
         "Loss on assistant/completion tokens only (off: on every token).", True)
     gradient_checkpointing: bool = _doc(

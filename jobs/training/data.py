@@ -2,9 +2,10 @@
 
 Two ways to form a micro-batch of ``batch_size`` examples:
 
-* packed (default): one row, the examples concatenated; ``position_ids`` restart at 0 for each
-  example, which makes transformers' attention (sdpa/eager/flash) block-diagonal, so each example
-  attends only to itself. No padding is computed at all.
+* packed: one row, the examples concatenated; ``position_ids`` restart at 0 for each example,
+  which makes transformers' attention (sdpa/eager/flash) block-diagonal, so each example attends
+  only to itself. The row also carries the example boundaries (``cu_seqlens``) for the varlen
+  kernel (:mod:`jobs.training.attention`). No padding is computed at all.
 * padded: one row per example, padded to the longest in the micro-batch. Examples are grouped by
   length within a shuffled window so padding stays small.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from jobs.training.attention import cu_seqlens
 from jobs.training.jsonl import read_examples
 from jobs.training.tokenize import TokenizedExample, tokenize_example
 
@@ -100,11 +102,14 @@ class Batch:
     attention_mask: torch.Tensor | None
     target_tokens: int  # positions that carry loss
     tokens: int  # real (non-padding) tokens computed
+    cu_seqlens: torch.Tensor | None = None  # packed: example boundaries 0, l1, l1+l2, ...
+    max_length: int = 0  # packed: the longest example in the row
 
     def to(self, device: torch.device) -> Batch:
         move = (lambda t: t.to(device, non_blocking=True) if t is not None else None)
         return Batch(move(self.input_ids), move(self.labels), move(self.position_ids),
-                     move(self.attention_mask), self.target_tokens, self.tokens)
+                     move(self.attention_mask), self.target_tokens, self.tokens,
+                     move(self.cu_seqlens), self.max_length)
 
 
 def _shifted_labels(example: TokenizedExample) -> list[int]:
@@ -119,10 +124,11 @@ def collate(examples: list[TokenizedExample], *, packing: bool, pad_id: int) -> 
             ids += example.input_ids
             labels += _shifted_labels(example)
             positions += range(len(example.input_ids))
-        tensor = torch.tensor([ids])
+        lengths = [len(example.input_ids) for example in examples]
         label_tensor = torch.tensor([labels])
-        return Batch(tensor, label_tensor, torch.tensor([positions]), None,
-                     int((label_tensor != IGNORE_INDEX).sum()), len(ids))
+        return Batch(torch.tensor([ids]), label_tensor, torch.tensor([positions]), None,
+                     int((label_tensor != IGNORE_INDEX).sum()), len(ids),
+                     cu_seqlens=cu_seqlens(lengths), max_length=max(lengths))
     longest = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), longest), pad_id)
     labels = torch.full((len(examples), longest), IGNORE_INDEX)
