@@ -98,14 +98,17 @@ def feedback_create_view(request):
     return JsonResponse({"id": feedback.id, "rating": feedback.rating})
 
 
+def _feedback_context(principal: Principal, **extra) -> dict:
+    organization = principal.organization
+    return {"rows": feedback_selectors.feedback_list(organization=organization)[:200],
+            "exportable": feedback_selectors.feedback_exportable(organization=organization).count(),
+            "minimum": settings.DATASET_MIN_EXAMPLES, "can_export": TRAIN in principal.scopes,
+            **extra}
+
+
 @login_required
 def feedback(request):
-    principal = principal_of(request)
-    rows = feedback_selectors.feedback_list(organization=principal.organization)
-    return render(request, "frontend/feedback.html", {
-        "rows": rows[:200], "exportable": feedback_selectors.feedback_exportable(
-            organization=principal.organization).count(),
-        "minimum": settings.DATASET_MIN_EXAMPLES, "can_export": TRAIN in principal.scopes})
+    return render(request, "frontend/feedback.html", _feedback_context(principal_of(request)))
 
 
 @login_required
@@ -115,9 +118,6 @@ def feedback_export_view(request):
     try:
         file = feedback_export(organization=principal.organization, actor=principal)
     except ApiError as exc:
-        rows = feedback_selectors.feedback_list(organization=principal.organization)
-        return render(request, "frontend/feedback.html", {
-            "rows": rows[:200], "error": exc.message, "minimum": settings.DATASET_MIN_EXAMPLES,
-            "exportable": feedback_selectors.feedback_exportable(
-                organization=principal.organization).count(), "can_export": True}, status=exc.status)
+        return render(request, "frontend/feedback.html",
+                      _feedback_context(principal, error=exc.message), status=exc.status)
     return redirect("frontend:dataset", id=file.id)

@@ -10,6 +10,7 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
 from django.views.defaults import page_not_found, server_error
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
@@ -125,8 +126,7 @@ def handler403(request: HttpRequest, exception: Exception | None = None) -> Http
     message = "You do not have permission to do this."
     if is_api_path(request) or getattr(request, "htmx", False):
         return JsonResponse(error_body("permission_denied", message), status=403)
-    from django.shortcuts import render  # a dashboard page: the reason, in the page
-
+    # A dashboard page: the reason, in the page.
     if exception is not None and str(exception):
         message = str(exception)
     return render(request, "error.html", {"status": 403, "message": message}, status=403)
