@@ -26,7 +26,6 @@ urlpatterns = [
     path("adapters/<oid:id>/deploy", serving.adapter_deploy_view, name="adapter-deploy"),
     path("adapters/<oid:id>/undeploy", serving.adapter_undeploy_view, name="adapter-undeploy"),
     path("playground/", serving.playground, name="playground"),
-    path("playground/feedback", serving.feedback_create_view, name="feedback-create"),
     path("feedback/", serving.feedback, name="feedback"),
     path("feedback/export", serving.feedback_export_view, name="feedback-export"),
     path("team/", team.team, name="team"),

@@ -1,12 +1,10 @@
-"""Adapters (deploy, undeploy, download), the playground, and its thumbs up/down feedback."""
+"""Adapters (deploy, undeploy, download), the playground, and the feedback it collects (the
+playground rates answers through POST /v1/feedback)."""
 
 from __future__ import annotations
 
-import json
-
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.http import JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
@@ -14,10 +12,10 @@ from frontend.views.common import get_or_404, principal_of
 from tuneplex.adapters import selectors as adapter_selectors
 from tuneplex.basemodels.selectors import served_base_models
 from tuneplex.core.actors import Principal
-from tuneplex.core.errors import ApiError, error_body
+from tuneplex.core.errors import ApiError
 from tuneplex.core.scopes import INFER, TRAIN
 from tuneplex.feedback import selectors as feedback_selectors
-from tuneplex.feedback.services import feedback_export, feedback_record
+from tuneplex.feedback.services import feedback_export
 from tuneplex.inference.pools import is_loaded
 from tuneplex.inference.services import adapter_deploy, adapter_undeploy
 
@@ -76,26 +74,6 @@ def playground(request):
         "models": models, "left": request.GET.get("model") or (models[0] if models else ""),
         "right": bases[0] if bases else "", "can_infer": INFER in principal.scopes,
         "max_tokens": settings.INFERENCE_MAX_TOKENS})
-
-
-@login_required
-@require_POST
-def feedback_create_view(request):
-    """A thumbs up/down from the playground (JSON body; the session's CSRF token is checked)."""
-    principal = principal_of(request, INFER)
-    try:
-        body = json.loads(request.body or b"{}")
-        if not isinstance(body, dict):
-            raise ValueError
-    except ValueError:
-        return JsonResponse(error_body("invalid_json", "The body must be a JSON object."), status=400)
-    try:
-        feedback = feedback_record(organization=principal.organization, actor=principal,
-                                   model=body.get("model"), messages=body.get("messages"),
-                                   rating=body.get("rating"))
-    except ApiError as exc:
-        return JsonResponse(error_body(exc.code, exc.message, exc.param), status=exc.status)
-    return JsonResponse({"id": feedback.id, "rating": feedback.rating})
 
 
 def _feedback_context(principal: Principal, **extra) -> dict:

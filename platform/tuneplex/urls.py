@@ -6,6 +6,7 @@ from tuneplex.apikeys import apis as apikeys
 from tuneplex.audit import apis as audit
 from tuneplex.basemodels import apis as basemodels
 from tuneplex.core import health
+from tuneplex.feedback import apis as feedback
 from tuneplex.adapters import apis as adapters
 from tuneplex.files import apis as files
 from tuneplex.finetuning import apis as finetuning
@@ -67,6 +68,8 @@ api_v1 = [
     path("completions", gateway.completions, name="completions"),
     path("models", gateway.models_list, name="models"),
     path("models/<str:model>", gateway.model_detail, name="model-detail"),
+    path("feedback", feedback.FeedbackListApi.as_view()),
+    path("feedback/export", feedback.FeedbackExportApi.as_view()),
     path("base_models", basemodels.BaseModelListApi.as_view()),
     path("base_models/<oid:name>", basemodels.BaseModelDetailApi.as_view()),
 ]

@@ -118,7 +118,7 @@ def test_a_viewer_sees_no_write_controls_and_is_refused_when_forging(org_a, defa
               ("/team/add", {"username": "someone", "role": "admin"})]
     for url, data in forged:
         assert viewer.post(url, form(viewer, data)).status_code == 403, url
-    refused = viewer.post("/playground/feedback", json.dumps({"rating": 1}),
+    refused = viewer.post("/v1/feedback", json.dumps({"rating": 1}),
                           content_type="application/json", **csrf(viewer))
     assert refused.status_code == 403
     assert File.objects.filter(id=file.id).exists()
@@ -277,7 +277,7 @@ def test_feedback_is_recorded_checked_and_exported_as_a_dataset(org_a, default_m
     client = browser(org_a.owner)
 
     def rate(body):
-        return client.post("/playground/feedback", json.dumps(body), content_type="application/json",
+        return client.post("/v1/feedback", json.dumps(body), content_type="application/json",
                            **csrf(client))
 
     for body, code, param in [
@@ -289,8 +289,10 @@ def test_feedback_is_recorded_checked_and_exported_as_a_dataset(org_a, default_m
         response = rate(body)
         assert response.status_code == 400, body
         assert response.json()["error"]["code"] == code and response.json()["error"]["param"] == param
-    assert client.post("/playground/feedback", "[1", content_type="application/json",
+    assert client.post("/v1/feedback", "[1", content_type="application/json",
                        **csrf(client)).status_code == 400
+    assert client.post("/v1/feedback", json.dumps({"rating": 1}),  # the session needs its token
+                       content_type="application/json").status_code == 403
     assert not Feedback.objects.exists()
 
     for i in range(settings.DATASET_MIN_EXAMPLES - 1):

@@ -171,10 +171,14 @@ def test_no_list_shows_rows_of_b(org_a, org_b):
     ids_of_b.add(_file_of_b(org_b))
     ids_of_b.add(_job_of_b(org_b))
     ids_of_b.add(_adapter_of_b(org_b))
+    from tuneplex.feedback.models import Feedback
+
+    ids_of_b.add(Feedback.objects.create(organization=org_b.organization, model="m", rating=1,
+                                         messages=[{"role": "user", "content": "b"}]).id)
     schema = _schema(client)
     lists = [p for p, item in schema["paths"].items() if "{" not in p and "get" in item
              and p not in ("/v1/openapi.json", "/v1/docs")]
-    assert "/v1/api_keys" in lists and "/v1/audit_events" in lists
+    assert "/v1/api_keys" in lists and "/v1/audit_events" in lists and "/v1/feedback" in lists
     for path in lists:
         response = client.get(path)
         assert response.status_code == 200, (path, response.content)

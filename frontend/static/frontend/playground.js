@@ -1,6 +1,6 @@
 // The playground: sends the conversation to /v1/chat/completions with the session (and CSRF
 // token) and streams each model's answer into its pane; a thumbs up/down under an answer saves
-// the exchange up to it as feedback. No build step, no dependencies.
+// the exchange up to it as feedback (POST /v1/feedback). No build step, no dependencies.
 (function () {
   const form = document.getElementById("playground");
   if (!form) return;

@@ -34,3 +34,7 @@ class Feedback(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=["organization", "-created_at"])]
+
+    @property
+    def exported_to_or_none(self) -> str | None:
+        return self.exported_to or None
