@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TypeVar
 
 from django.core.exceptions import PermissionDenied
@@ -35,7 +35,7 @@ def get_or_404(selector: Callable[..., T], **kwargs) -> T:
         raise Http404("No such object.") from None
 
 
-def field_errors(error: ApiError, fields: dict[str, str]) -> dict[str, str]:
+def field_errors(error: ApiError, fields: Collection[str]) -> dict[str, str]:
     """Place an API error on the form field its ``param`` names (else on the form as a whole: "form")."""
     param = error.param or ""
     for prefix in ("hyperparameters.", ""):

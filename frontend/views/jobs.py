@@ -16,6 +16,7 @@ from tuneplex.core.scopes import TRAIN
 from tuneplex.files.models import File
 from tuneplex.files.selectors import file_list
 from tuneplex.finetuning import selectors, services
+from tuneplex.finetuning.estimates import time_estimate
 from tuneplex.finetuning.models import FineTuningJob
 
 POLL_SECONDS = 2
@@ -85,22 +86,11 @@ def _parse(post) -> tuple[dict, dict[str, str]]:
     return arguments, errors
 
 
-def _plan(principal, post):
-    """(arguments, plan or None, errors by field)."""
-    arguments, errors = _parse(post)
-    if errors:
-        return arguments, None, errors
-    try:
-        plan = services.job_plan(organization=principal.organization, **arguments)
-    except ApiError as exc:
-        return arguments, None, field_errors(exc, FORM_FIELDS)
-    return arguments, plan, {}
-
-
-def _form_context(principal, values, *, plan=None, errors=None) -> dict:
+def _form_context(principal, values, *, plan=None, estimate=None, errors=None) -> dict:
     files = (file_list(organization=principal.organization, purpose=File.Purpose.FINE_TUNE)
              .filter(status=File.Status.PROCESSED).order_by("-created_at")[:200])
-    return {"values": values, "plan": plan, "errors": errors or {}, "files": files,
+    return {"values": values, "plan": plan, "estimate": estimate, "errors": errors or {},
+            "files": files,
             "base_models": base_model_list(enabled_only=True), "presets": PRESETS,
             "advanced": [(name, *spec) for name, spec in ADVANCED.items()],
             "qlora_available": settings.TRAINING_DEVICE == "cuda",
@@ -111,12 +101,12 @@ def _form_context(principal, values, *, plan=None, errors=None) -> dict:
 def job_new(request):
     principal = principal_of(request, TRAIN)
     if request.method == "POST":
-        arguments, plan, errors = _plan(principal, request.POST)
-        if plan is not None:
+        arguments, errors = _parse(request.POST)
+        if not errors:
             try:
                 job = services.job_create(organization=principal.organization, actor=principal,
                                           **arguments)
-            except ApiError as exc:  # something changed since the plan, e.g. the file was deleted
+            except ApiError as exc:
                 errors = field_errors(exc, FORM_FIELDS)
             else:
                 return redirect("frontend:job", id=job.id)
@@ -133,9 +123,18 @@ def job_new(request):
 def job_check(request):
     """Inline validation: each field's error (swapped out of band) and the pre-flight estimate."""
     principal = principal_of(request, TRAIN)
-    _, plan, errors = _plan(principal, request.POST)
-    return render(request, "frontend/job_new.html#preflight",
-                  _form_context(principal, request.POST, plan=plan, errors=errors) | {"oob": True})
+    arguments, errors = _parse(request.POST)
+    plan = estimate = None
+    if not errors:
+        try:
+            plan = services.job_plan(organization=principal.organization, **arguments)
+        except ApiError as exc:
+            errors = field_errors(exc, FORM_FIELDS)
+        else:
+            estimate = time_estimate(organization=principal.organization, config=plan.config,
+                                     base_model=plan.base_model, train=plan.train)
+    return render(request, "frontend/job_new.html#preflight", _form_context(
+        principal, request.POST, plan=plan, estimate=estimate, errors=errors) | {"oob": True})
 
 
 @login_required

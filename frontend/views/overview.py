@@ -13,7 +13,7 @@ from tuneplex.adapters.selectors import adapter_list
 from tuneplex.files.selectors import storage_used
 from tuneplex.finetuning.models import FineTuningJob
 from tuneplex.finetuning.selectors import job_list
-from tuneplex.inference.selectors import usage_between
+from tuneplex.inference.selectors import usage_since
 from tuneplex.tenancy.sessions import active_membership
 
 
@@ -35,7 +35,7 @@ def home(request):
         "max_concurrent": settings.ORG_MAX_CONCURRENT_JOBS,
         "recent_adapters": adapter_list(organization=organization).order_by("-created_at")[:5],
         "recent_jobs": jobs.filter(status__in=FineTuningJob.FINISHED).order_by("-finished_at")[:5],
-        "usage": usage_between(organization=organization, start=month_start.date()),
+        "usage": usage_since(organization=organization, start=month_start.date()),
         "month": month_start,
         "trained_tokens": trained,
         "storage_used": used, "storage_quota": quota,

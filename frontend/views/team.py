@@ -93,11 +93,10 @@ def member_remove(request, id: str):
     except ApiError as exc:
         return render(request, "frontend/team.html#member-row",
                       _team_context(principal, member=membership, row_error=exc.message))
+    response = render(request, "frontend/team.html#member-row", {"removed": True})
     if membership.user_id == request.user.pk:  # left the organization: back to the overview
-        response = render(request, "frontend/team.html#member-row", {"removed": True})
         response["HX-Redirect"] = "/"
-        return response
-    return render(request, "frontend/team.html#member-row", {"removed": True})
+    return response
 
 
 # --- API keys --------------------------------------------------------------------------------------

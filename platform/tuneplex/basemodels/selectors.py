@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.db.models import QuerySet
 
 from tuneplex.basemodels.models import BaseModel
@@ -20,6 +21,4 @@ def base_model_get(*, name: str) -> BaseModel:
 
 def served_base_models() -> QuerySet[BaseModel]:
     """Enabled base models that an engine replica serves (the playground's and /v1/models' list)."""
-    from django.conf import settings
-
     return base_model_list(enabled_only=True).filter(name__in=list(settings.ENGINE_REPLICAS))

@@ -9,6 +9,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import transaction
 from django.utils import timezone
 
+from jobs.training.jsonl import CHAT, LineError, check_record
 from tuneplex.adapters.models import Adapter
 from tuneplex.audit.services import audit_record
 from tuneplex.basemodels.models import BaseModel
@@ -22,7 +23,6 @@ from tuneplex.tenancy.models import Organization
 
 MAX_MESSAGES = 64
 MAX_EXCHANGE_BYTES = 64 * 1024
-ROLES = ("system", "user", "assistant")
 
 
 def _clean_messages(messages: object) -> list[dict[str, str]]:
@@ -33,17 +33,14 @@ def _clean_messages(messages: object) -> list[dict[str, str]]:
     if len(messages) > MAX_MESSAGES:
         raise ApiError(f"At most {MAX_MESSAGES} messages may be rated at once.",
                        code="invalid_messages", param="messages")
-    cleaned = []
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise ApiError(f"{where} needs a role: one of {', '.join(ROLES)}.",
-                           code="invalid_messages", param=f"{where}.role")
-        if not isinstance(message.get("content"), str):
-            raise ApiError(f"{where}.content must be a string.", code="invalid_messages",
-                           param=f"{where}.content")
-        cleaned.append({"role": message["role"], "content": message["content"]})
-    if cleaned[-1]["role"] != "assistant" or not cleaned[-1]["content"].strip():
+    try:  # the same checks as a chat line of an uploaded dataset
+        check_record({"messages": messages}, CHAT)
+    except LineError as exc:
+        # A missing assistant answer is reported just below, at the message that should be it.
+        if exc.code != "example_missing_assistant_message":
+            raise ApiError(exc.message, code="invalid_messages", param=exc.param) from None
+    cleaned = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if cleaned[-1]["role"] != "assistant":
         raise ApiError("The last message must be the assistant's (non-empty) answer being rated.",
                        code="invalid_messages", param=f"messages[{len(cleaned) - 1}]")
     if not any(m["role"] == "user" for m in cleaned):

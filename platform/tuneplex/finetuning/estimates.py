@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from django.conf import settings
 
@@ -35,9 +35,6 @@ class TimeEstimate:
     speed_basis: str  # "measured": this organization's recent jobs; "assumed": the setting
     tokens_basis: str  # "statistics": tokenized; "file size": statistics not ready
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def measured_speed(*, organization: Organization, base_model: BaseModel, method: str) -> float | None:
     """Median tokens/s the organization's last few succeeded jobs on this model reported."""
@@ -45,8 +42,8 @@ def measured_speed(*, organization: Organization, base_model: BaseModel, method:
         organization=organization, base_model=base_model, method=method,
         status=FineTuningJob.Status.SUCCEEDED).order_by("-finished_at").values_list("id", flat=True)
         [:RECENT_JOBS])
-    speeds = [event.data.get("tokens_per_second") for event in
-              JobEvent.objects.filter(job_id__in=jobs, type="metrics").only("data")]
+    speeds = [data.get("tokens_per_second") for data in
+              JobEvent.objects.filter(job_id__in=jobs, type="metrics").values_list("data", flat=True)]
     speeds = [s for s in speeds if isinstance(s, (int, float)) and s > 0]
     return float(statistics.median(speeds)) if speeds else None
 

@@ -20,7 +20,6 @@ from tuneplex.basemodels.models import BaseModel
 from tuneplex.core.actors import Principal
 from tuneplex.core.errors import ApiError, Conflict
 from tuneplex.files.models import File
-from tuneplex.finetuning.estimates import TimeEstimate, time_estimate
 from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint, JobEvent
 from tuneplex.tenancy.models import Organization
 
@@ -139,15 +138,14 @@ def _training_file(organization: Organization, file_id: Any, param: str) -> File
 
 @dataclasses.dataclass(frozen=True)
 class JobPlan:
-    """A job request checked in full, with what it will cost: what job_create stores and what
-    the dashboard shows before anything is submitted."""
+    """A job request checked in full, with its memory estimate: what job_create stores, and what
+    the dashboard's pre-flight check shows before anything is submitted."""
 
     base_model: BaseModel
     train: File
     validation: File | None
     config: TrainingConfig
     memory: MemoryEstimate
-    time: TimeEstimate
 
 
 def job_plan(*, organization: Organization, model: str, training_file: str,
@@ -183,8 +181,7 @@ def job_plan(*, organization: Organization, model: str, training_file: str,
                               method=config.method),
                        code="insufficient_memory", param="hyperparameters.batch_size")
     return JobPlan(base_model=base_model, train=train, validation=validation, config=config,
-                   memory=peak, time=time_estimate(organization=organization, config=config,
-                                                   base_model=base_model, train=train))
+                   memory=peak)
 
 
 def job_create(*, organization: Organization, actor: Principal, model: str, training_file: str,

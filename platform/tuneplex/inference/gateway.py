@@ -36,6 +36,7 @@ from serving.pool import AdapterLoadError, LoraPool, NoReplicaAvailable
 from tuneplex.adapters.models import Adapter
 from tuneplex.apikeys.authentication import ApiKeyAuthentication
 from tuneplex.basemodels.models import BaseModel
+from tuneplex.basemodels.selectors import served_base_models
 from tuneplex.core.actors import Principal
 from tuneplex.core.apis import timestamp
 from tuneplex.core.errors import ApiError, error_body
@@ -397,12 +398,12 @@ async def completions(request):
 def _model_objects(request, only: str | None = None) -> list[dict]:
     principal = _authenticate(request.headers.get("Authorization"), request)
     _require(principal, INFER, READ)
-    bases = BaseModel.objects.filter(enabled=True, name__in=list(settings.ENGINE_REPLICAS))
+    bases = served_base_models()
     adapters = Adapter.objects.filter(organization=principal.organization, deployed=True)
     if only is not None:
         bases, adapters = bases.filter(name=only), adapters.filter(name=only)
     found = [{"id": b.name, "object": "model", "created": timestamp(b.created_at),
-              "owned_by": "tuneplex", "root": b.name, "parent": None} for b in bases.order_by("name")]
+              "owned_by": "tuneplex", "root": b.name, "parent": None} for b in bases]
     found += [{"id": a.name, "object": "model", "created": timestamp(a.created_at),
                "owned_by": principal.organization.slug, "root": a.base_model.name,
                "parent": a.base_model.name}

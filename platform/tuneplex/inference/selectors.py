@@ -8,12 +8,9 @@ from tuneplex.inference.models import UsageDaily
 from tuneplex.tenancy.models import Organization
 
 
-def usage_between(*, organization: Organization, start: datetime.date,
-                  end: datetime.date | None = None) -> dict:
+def usage_since(*, organization: Organization, start: datetime.date) -> dict:
     """The organization's inference usage from ``start`` (UTC days, inclusive): totals and per model."""
     rows = UsageDaily.objects.filter(organization=organization, day__gte=start)
-    if end is not None:
-        rows = rows.filter(day__lte=end)
     sums = {"requests": Sum("requests"), "prompt_tokens": Sum("prompt_tokens"),
             "completion_tokens": Sum("completion_tokens")}
     totals = {name: value or 0 for name, value in rows.aggregate(**sums).items()}
