@@ -269,7 +269,8 @@ def main() -> None:
                                                training_file="file-bench", suffix=f"fresh{index}",
                                                seed=0, status=FineTuningJob.Status.RUNNING)
             start = time.perf_counter()
-            job_succeed(job=job, adapter_dir=source, result={"sha256": sha256_of(source), "steps": 1})
+            job_succeed(job=job, attempt=job.attempts, adapter_dir=source,
+                        result={"sha256": sha256_of(source), "steps": 1})
             job.refresh_from_db()
             firsts.append(time.perf_counter() - start + run(first_token(url, key, job.fine_tuned_model)))
         results["success_to_first_token_s"] = {"each": firsts, "median": statistics.median(firsts),

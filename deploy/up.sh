@@ -45,7 +45,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # The default worker also runs beat: the reaper of jobs whose worker stopped heartbeating.
-.venv/bin/celery -A jobs.celery worker --queues default --concurrency 1 --hostname "default@%h" \
+.venv/bin/celery -A jobs.celery worker --queues default,statistics --concurrency 1 --hostname "default@%h" \
   --beat --loglevel INFO >"$LOGS/worker-default.log" 2>&1 &
 pids+=($!)
 .venv/bin/celery -A jobs.celery worker --queues gpu --concurrency 1 --prefetch-multiplier 1 \

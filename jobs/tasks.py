@@ -50,12 +50,13 @@ def dispatch_jobs() -> None:
     dispatch()
 
 
-@app.task(name="tuneplex.jobs.reap", ignore_result=True)
-def reap_jobs() -> None:
-    """Celery beat, every 10 s: re-queue or fail jobs whose worker stopped heartbeating."""
-    from tuneplex.finetuning.scheduler import reap
+@app.task(name="tuneplex.sweep", ignore_result=True)
+def sweep() -> None:
+    """Celery beat, every 10 s: re-queue or fail jobs whose worker stopped heartbeating, re-send
+    or fail lost validation, statistics and merge work, and dispatch into free GPU slots."""
+    from tuneplex.finetuning.scheduler import sweep
 
-    reap()
+    sweep()
 
 
 # Late acknowledgement, so a message taken by a worker that dies before claiming the job is

@@ -167,7 +167,7 @@ def celery_worker(test_database_url):
 
     Tests that use it must commit their rows (``@pytest.mark.django_db(transaction=True)``).
     """
-    worker = WorkerProcess(queues="default", database_url=test_database_url, name="default")
+    worker = WorkerProcess(queues="default,statistics", database_url=test_database_url, name="default")
     try:
         yield worker
     finally:
@@ -316,3 +316,62 @@ def gateway(engine, test_database_url):
     finally:
         process.stop()
         _unload_all(engine.url)
+
+
+# --- a real S3-compatible server (moto's server mode) ---------------------------------------------
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    bucket: str
+
+    def environment(self) -> dict[str, str]:
+        """What a process (worker, web) needs to use this bucket as artifact storage."""
+        return {"TUNEPLEX_STORAGE": "s3", "TUNEPLEX_S3_BUCKET": self.bucket,
+                "TUNEPLEX_S3_ENDPOINT_URL": self.endpoint, "TUNEPLEX_S3_REGION": "us-east-1",
+                "TUNEPLEX_S3_PREFIX": "tuneplex", "AWS_ACCESS_KEY_ID": "tuneplex-test",
+                "AWS_SECRET_ACCESS_KEY": "tuneplex-test"}
+
+    def storages_setting(self) -> dict:
+        artifacts = {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": {
+            "bucket_name": self.bucket, "endpoint_url": self.endpoint, "region_name": "us-east-1",
+            "location": "tuneplex", "file_overwrite": False, "default_acl": None,
+            "access_key": "tuneplex-test", "secret_key": "tuneplex-test"}}
+        return {"default": artifacts, "artifacts": artifacts,
+                "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server over HTTP on a free port, with one bucket; stopped after the session."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("s3") / "moto.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
+                                    "127.0.0.1", "-p", str(port)], stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+
+        def answers() -> bool:
+            assert process.poll() is None, log_path.read_text()[-2000:]
+            try:
+                return httpx.get(f"{endpoint}/", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(answers, timeout=30, message="the S3 server")
+        server = S3Server(endpoint=endpoint, bucket="tuneplex-test")
+        httpx.put(f"{endpoint}/{server.bucket}", timeout=5).raise_for_status()
+        yield server
+    finally:
+        stop_process_group(process, timeout=10)
+
+
+@pytest.fixture
+def s3_artifacts(s3_server, settings):
+    """Artifact storage is the S3 bucket for this test (this process; pass
+    ``s3_server.environment()`` to the processes it starts)."""
+    settings.STORAGES = s3_server.storages_setting()
+    return s3_server

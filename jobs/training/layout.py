@@ -11,6 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# What a finished job stores and a download holds: the adapter and the settings it was trained with.
+ADAPTER_ARTIFACT_FILES = (*ADAPTER_FILES, "training_config.json")
+# A resumable checkpoint (written by jobs.training.checkpoint.save_checkpoint).
+CHECKPOINT_FILES = (*ADAPTER_FILES, "optimizer.safetensors", "rng.safetensors", "trainer_state.json")
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:

@@ -150,10 +150,12 @@ else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
                           "LOCATION": str(DATA_DIR / "cache")}}
 
-# Two queues: "default" for light work (statistics, housekeeping), "gpu" for training, served by
-# one worker process per GPU (deploy/up.sh starts one of each).
+# Three queues (tuneplex.core.queue): "default" for light work (job validation, dispatch, sweeps),
+# "statistics" for dataset statistics (minutes for a large file; kept out of the scheduler's way)
+# and "gpu" for training and merges, served by one worker process per GPU.
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_ROUTES = {"tuneplex.train.*": {"queue": "gpu"}}
+CELERY_TASK_ROUTES = {"tuneplex.train.*": {"queue": "gpu"},
+                      "tuneplex.files.statistics": {"queue": "statistics"}}
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -246,9 +248,20 @@ ORG_MAX_CONCURRENT_JOBS = env_int("TUNEPLEX_ORG_MAX_CONCURRENT_JOBS", 1, minimum
 JOB_HEARTBEAT_SECONDS = env_int("TUNEPLEX_JOB_HEARTBEAT_SECONDS", 5, minimum=1)
 JOB_HEARTBEAT_TIMEOUT = env_int("TUNEPLEX_JOB_HEARTBEAT_TIMEOUT", 60, minimum=5)
 JOB_MAX_ATTEMPTS = env_int("TUNEPLEX_JOB_MAX_ATTEMPTS", 3, minimum=1, maximum=20)
+# Checkpoints live in artifact storage (the newest N of each job); the work folder is a cache.
+JOB_KEEP_CHECKPOINTS = env_int("TUNEPLEX_JOB_KEEP_CHECKPOINTS", 3, minimum=1, maximum=100)
+# How long a worker keeps retrying a progress write (metrics, events) the database refused
+# before it drops that one write; checkpoints and success are retried until the job is re-queued.
+JOB_WRITE_RETRY_SECONDS = env_int("TUNEPLEX_JOB_WRITE_RETRY_SECONDS", 60, minimum=1)
 WORK_DIR = env_path("TUNEPLEX_WORK_DIR", DATA_DIR / "work")
+# Deadlines of the sweep (tuneplex.finetuning.scheduler.sweep): work whose worker or message was
+# lost is sent again after a minute, and failed with a clear error after its deadline.
+VALIDATION_DEADLINE_SECONDS = env_int("TUNEPLEX_VALIDATION_DEADLINE_SECONDS", 600, minimum=60)
+STATISTICS_TIMEOUT_SECONDS = env_int("TUNEPLEX_STATISTICS_TIMEOUT_SECONDS", 1800, minimum=60)
+STATISTICS_DEADLINE_SECONDS = env_int("TUNEPLEX_STATISTICS_DEADLINE_SECONDS", 7200, minimum=120)
+MERGE_DEADLINE_SECONDS = env_int("TUNEPLEX_MERGE_DEADLINE_SECONDS", 4 * 3600, minimum=60)
 CELERY_BEAT_SCHEDULE = {
-    "reap-stale-jobs": {"task": "tuneplex.jobs.reap", "schedule": 10.0},
+    "sweep": {"task": "tuneplex.sweep", "schedule": 10.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 

@@ -11,12 +11,12 @@ import httpx
 import pytest
 from django.conf import settings
 from django.core.management import call_command
+from tuneplex.core import queue
+from tuneplex.finetuning.models import FineTuningJob
 
 from tests.conftest import bearer, wait_for
 from tests.finetuning.conftest import create_job, upload
 from tests.fixtures.datasets import lines_to_bytes, pirate_lines
-from tuneplex.finetuning import scheduler
-from tuneplex.finetuning.models import FineTuningJob
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 MODEL = "SmolLM2-135M-Instruct"
@@ -54,7 +54,8 @@ def ready(celery_worker, db):
 
 def test_a_job_trains_serves_its_adapter_and_merges(ready, gpu_workers, gateway, org_a, tmp_path):
     # The worker shares the serving settings of the web processes (it auto-deploys on success).
-    gpu_workers(extra_env={"TUNEPLEX_ENGINE_MODE": "attach", "TUNEPLEX_ENGINE_URLS": gateway.engine_url})
+    worker = gpu_workers(extra_env={"TUNEPLEX_ENGINE_MODE": "attach",
+                                    "TUNEPLEX_ENGINE_URLS": gateway.engine_url})
     client = bearer(org_a.owner_key)
     file_id = upload(org_a, lines_to_bytes(pirate_lines(32)))
     created = create_job(org_a, model=MODEL, training_file=file_id, suffix="pirate",
@@ -92,11 +93,10 @@ def test_a_job_trains_serves_its_adapter_and_merges(ready, gpu_workers, gateway,
     checkpoints = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
     assert sorted(c["step_number"] for c in checkpoints) == [2, 4, 6]
 
-    # A redelivered message for the finished job does not train it again.
-    from jobs.tasks import train_job
-
-    train_job.delay(job_id)
-    time.sleep(3)
+    # A redelivered message for the finished job is consumed and does not train it again.
+    queue.enqueue(queue.TRAIN_JOB, job_id)
+    wait_for(lambda: f"job {job_id} not claimable" in worker.log_path.read_text(), timeout=60,
+             message="the worker to consume the redelivered message")
     assert job_state(job_id).attempts == 1
     assert job.events.filter(message__startswith="Running on").count() == 1
 
@@ -140,35 +140,3 @@ def test_cancel_stops_a_running_job_within_seconds(ready, gpu_workers, org_a):
     from tuneplex.adapters.models import Adapter
 
     assert job.step < 60 and not Adapter.objects.filter(job_id=job_id).exists()
-
-
-def _trainer_processes(job_id: str) -> list[str]:
-    found = subprocess.run(["pgrep", "-f", f"work/{job_id}/config.json"], capture_output=True, text=True)
-    return found.stdout.split()
-
-
-def test_a_worker_killed_mid_run_is_resumed_from_its_checkpoint(ready, gpu_workers, org_a, settings):
-    settings.JOB_HEARTBEAT_TIMEOUT = 5  # what the reaper (run here, not by beat) tolerates
-    first = gpu_workers("doomed")
-    file_id = upload(org_a, lines_to_bytes(pirate_lines(24)))
-    job_id = create_job(org_a, model=MODEL, training_file=file_id,
-                        hyperparameters={"n_epochs": 2, "batch_size": 8, "learning_rate": 1e-3,
-                                         "checkpoint_every_steps": 1}).json()["id"]
-    wait_for(lambda: job_state(job_id).checkpoints.filter(step__gte=2).exists(), timeout=240,
-             message="a checkpoint at step 2")
-    first.kill()
-    time.sleep(1)
-    assert _trainer_processes(job_id) == [], "the trainer died with its worker"
-    assert job_state(job_id).status == "running"  # nobody has noticed yet
-    wait_for(lambda: scheduler.reap()["requeued"] == [job_id], timeout=30, interval=1,
-             message="the reaper to re-queue the job")
-    gpu_workers("rescuer")
-    job = wait_until_finished(job_id, timeout=300)
-    assert job.status == "succeeded", job.error
-    assert job.attempts == 2
-    messages = list(job.events.values_list("message", flat=True))
-    assert any("resuming from the checkpoint at step" in m for m in messages)
-    resumed = [m for m in messages if m.startswith("Resumed from checkpoint at step")]
-    assert len(resumed) == 1
-    steps = sorted(job.events.filter(type="metrics").values_list("data__step", flat=True))
-    assert steps[-1] == 6

@@ -26,9 +26,13 @@ def test_no_module_in_jobs_training_imports_django_or_the_platform():
 
 
 def test_the_trainer_environment_imports_it_without_django():
-    code = ("import sys, jobs.training.gguf_convert, torch, transformers, peft; "
-            "assert 'django' not in sys.modules; assert 'platform' not in "
-            "[m for m in sys.modules if sys.modules[m] is None]; print(torch.__version__)")
+    # Run from the repository root, where the platform/ folder could shadow the standard
+    # library's `platform` module (torch and transformers call platform.system()).
+    code = ("import sys, sysconfig, pathlib, platform, jobs.training.gguf_convert, torch, "
+            "transformers, peft; assert 'django' not in sys.modules; "
+            "assert pathlib.Path(platform.__file__).parent == "
+            "pathlib.Path(sysconfig.get_paths()['stdlib']), platform.__file__; "
+            "assert platform.system() == 'Linux'; print(torch.__version__)")
     result = subprocess.run([str(settings.TRAINER_PYTHON), "-c", code], cwd=settings.REPO_DIR,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -56,7 +56,7 @@ def _job_of_b(b: Tenant) -> str:
     job = FineTuningJob.objects.create(organization=b.organization, base_model=base,
                                        training_file=_file_of_b(b), seed=1, status="running")
     job.events.create(message="hello from B")
-    job.checkpoints.create(step=1, path="/x")
+    job.checkpoints.create(step=1, blob_prefix="orgs/x/jobs/y/checkpoints/step-1-a1")
     return job.id
 
 

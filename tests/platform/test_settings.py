@@ -101,11 +101,16 @@ def test_urls_switch_to_postgres_and_redis():
     assert effective["hosts"] == ["tuneplex.example"]
 
 
-def test_the_running_suite_uses_postgres_and_redis_when_configured(settings):
+def test_the_running_suite_uses_the_servers_it_was_given_or_the_embedded_default(settings):
+    engine = settings.DATABASES["default"]["ENGINE"]
     if "DATABASE_URL" in os.environ:
-        assert settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+        assert engine.endswith("postgresql")
+    else:
+        assert engine.endswith("sqlite3")
     if "REDIS_URL" in os.environ:
-        assert settings.CELERY_BROKER_URL.startswith("redis://")
+        assert settings.CELERY_BROKER_URL == os.environ["REDIS_URL"]
+    else:
+        assert settings.CELERY_BROKER_URL == "filesystem://"
 
 
 def test_engine_urls_map_replicas_to_base_models():

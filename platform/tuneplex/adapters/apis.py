@@ -9,6 +9,7 @@ from drf_spectacular.utils import extend_schema, extend_schema_serializer
 from rest_framework import serializers
 from rest_framework.response import Response
 
+from jobs.training.layout import ADAPTER_ARTIFACT_FILES
 from tuneplex.adapters import selectors, services
 from tuneplex.adapters.merging import merged_prefix
 from tuneplex.adapters.models import Adapter
@@ -101,7 +102,7 @@ class AdapterDownloadApi(OrgApi):
     def get(self, request, id: str):
         adapter = selectors.adapter_get(organization=self.organization, adapter_id=id)
         names = [(f"{adapter.blob_prefix}/{n}", n) for n in
-                 ("adapter_config.json", "adapter_model.safetensors", "training_config.json")
+                 ADAPTER_ARTIFACT_FILES
                  if artifact_storage().exists(f"{adapter.blob_prefix}/{n}")]
         return _zip_response(names, f"{adapter.id}.zip")
 

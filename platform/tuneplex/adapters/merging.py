@@ -1,60 +1,71 @@
-"""Merge-and-export, run by a gpu worker: base + adapter → a merged safetensors model in storage."""
+"""Merge-and-export, run by a gpu worker: base + adapter → a merged safetensors model in storage.
+
+A merge is GPU work: ``adapter_request_merge`` marks it queued and the scheduler dispatches it into
+a free GPU slot like a job (``tuneplex.finetuning.scheduler``); the sweep fails a merge that has
+been running past TUNEPLEX_MERGE_DEADLINE_SECONDS (its worker died).
+"""
 
 from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 from django.conf import settings
-from django.core.files import File as DjangoFile
+from django.db.models.functions import Now
 
+from jobs.training.layout import ADAPTER_FILES
 from tuneplex.adapters.models import Adapter
-from tuneplex.files.services import artifact_storage
+from tuneplex.core import queue
+from tuneplex.core.storage import delete_prefix, download_directory, upload_directory
+from tuneplex.core.trainer_env import last_error_line, run_trainer_module
 
 log = logging.getLogger(__name__)
-MERGE_TIMEOUT_SECONDS = 4 * 3600
+Merge = Adapter.MergeStatus
 
 
 def merged_prefix(adapter: Adapter) -> str:
     return f"{adapter.blob_prefix}/merged"
 
 
+def merge_claim(adapter_id: str) -> Adapter | None:
+    """queued (and dispatched) → running, exactly once: a redelivered message gets None."""
+    claimed = Adapter.objects.filter(id=adapter_id, merge_status=Merge.QUEUED,
+                                     merge_dispatched_at__isnull=False
+                                     ).update(merge_status=Merge.RUNNING, merge_started_at=Now())
+    return Adapter.objects.select_related("base_model").get(id=adapter_id) if claimed else None
+
+
 def run_merge(adapter_id: str) -> None:
-    claimed = Adapter.objects.filter(id=adapter_id, merge_status=Adapter.MergeStatus.QUEUED
-                                     ).update(merge_status=Adapter.MergeStatus.RUNNING)
-    if not claimed:
+    adapter = merge_claim(adapter_id)
+    if adapter is None:
+        log.info("merge of %s not claimable (already taken or not queued)", adapter_id)
         return
-    adapter = Adapter.objects.select_related("base_model").get(id=adapter_id)
-    storage = artifact_storage()
     work = Path(tempfile.mkdtemp(prefix=f"merge-{adapter.id}-", dir=settings.DATA_DIR))
     try:
-        adapter_dir = work / "adapter"
-        adapter_dir.mkdir()
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            with storage.open(f"{adapter.blob_prefix}/{name}", "rb") as source, \
-                    (adapter_dir / name).open("wb") as target:
-                shutil.copyfileobj(source, target, 4 * 2**20)
-        result = subprocess.run(
-            [str(settings.TRAINER_PYTHON), "-m", "jobs.training.merge", "--base",
-             adapter.base_model.directory, "--adapter", str(adapter_dir), "--out", str(work / "merged")],
-            cwd=settings.REPO_DIR, capture_output=True, text=True, timeout=MERGE_TIMEOUT_SECONDS,
-            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(work)})
-        if result.returncode != 0:
-            raise RuntimeError((result.stderr.strip().splitlines() or ["merge failed"])[-1])
-        prefix = merged_prefix(adapter)
-        for path in sorted((work / "merged").iterdir()):
-            name = f"{prefix}/{path.name}"
-            if storage.exists(name):
-                storage.delete(name)
-            with path.open("rb") as handle:
-                storage.save(name, DjangoFile(handle))
-        Adapter.objects.filter(id=adapter_id).update(merge_status=Adapter.MergeStatus.SUCCEEDED)
+        _merge(adapter, work)
+        status, error = Merge.SUCCEEDED, ""
     except Exception as exc:  # noqa: BLE001 - recorded on the adapter for the user
         log.exception("merge of %s failed", adapter_id)
-        Adapter.objects.filter(id=adapter_id).update(merge_status=Adapter.MergeStatus.FAILED,
-                                                     merge_error=f"{exc}"[:1000])
+        status, error = Merge.FAILED, f"{exc}"[:1000]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    Adapter.objects.filter(id=adapter_id, merge_status=Merge.RUNNING).update(
+        merge_status=status, merge_error=error)
+    queue.enqueue(queue.DISPATCH_JOBS)  # its GPU slot is free again
+
+
+def _merge(adapter: Adapter, work: Path) -> None:
+    adapter_dir = work / "adapter"
+    adapter_dir.mkdir()
+    download_directory(adapter.blob_prefix, ADAPTER_FILES, adapter_dir)
+    result = run_trainer_module("jobs.training.merge", "--base", adapter.base_model.directory,
+                                "--adapter", str(adapter_dir), "--out", str(work / "merged"),
+                                timeout=settings.MERGE_DEADLINE_SECONDS, home=work)
+    if result.returncode != 0:
+        raise RuntimeError(last_error_line(result))
+    prefix = merged_prefix(adapter)
+    delete_prefix(prefix)
+    merged = work / "merged"
+    upload_directory(merged, prefix, sorted(p.name for p in merged.iterdir() if p.is_file()))

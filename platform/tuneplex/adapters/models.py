@@ -34,6 +34,9 @@ class Adapter(models.Model):
     merge_status = models.CharField(max_length=16, choices=MergeStatus.choices,
                                     default=MergeStatus.NONE)
     merge_error = models.TextField(blank=True, default="")
+    # A merge is GPU work: the scheduler dispatches it like a job, into a free GPU slot.
+    merge_dispatched_at = models.DateTimeField(null=True, blank=True)
+    merge_started_at = models.DateTimeField(null=True, blank=True)
     deployed = models.BooleanField(default=False, help_text="Served by the pool under `name`.")
     pinned = models.BooleanField(default=False, help_text="Never evicted from the engine's slots.")
     deployed_at = models.DateTimeField(null=True, blank=True)

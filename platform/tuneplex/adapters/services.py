@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from django.core.files import File as DjangoFile
 from django.db import transaction
 
-from jobs.training.layout import ADAPTER_FILES
+from jobs.training.layout import ADAPTER_ARTIFACT_FILES
 from tuneplex.adapters.models import Adapter
 from tuneplex.audit.services import audit_record
+from tuneplex.core import queue
 from tuneplex.core.actors import Principal
 from tuneplex.core.errors import Conflict
-from tuneplex.files.services import artifact_storage
+from tuneplex.core.storage import upload_directory
 
 
 def adapter_name(*, base_model: str, org_slug: str, suffix: str, job_id: str) -> str:
@@ -21,29 +21,17 @@ def adapter_name(*, base_model: str, org_slug: str, suffix: str, job_id: str) ->
     return f"ft:{base_model}:{org_slug}:{suffix}:{job_id.removeprefix('ftjob-')}"
 
 
-def adapter_create_from_job(*, job, adapter_dir: Path, sha256: str) -> Adapter:
-    """Copy adapter_config.json + adapter_model.safetensors into artifact storage; record them."""
+def adapter_prepare(*, job, adapter_dir: Path, sha256: str) -> Adapter:
+    """Upload a finished job's adapter files to artifact storage; the returned Adapter is not
+    saved yet (the caller saves it in the transaction that marks the job succeeded, and deletes
+    ``blob_prefix`` if that does not commit)."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     adapter = Adapter(organization=job.organization, job=job, base_model=job.base_model,
                       name=adapter_name(base_model=job.base_model.name, org_slug=job.organization.slug,
                                         suffix=job.suffix, job_id=job.id),
                       sha256=sha256, rank=int(config["r"]), bytes=0)
     adapter.blob_prefix = f"orgs/{job.organization_id}/adapters/{adapter.id}"
-    storage = artifact_storage()
-    saved: list[str] = []
-    try:
-        for name in (*ADAPTER_FILES, "training_config.json"):
-            source = adapter_dir / name
-            if not source.exists():
-                continue
-            with source.open("rb") as handle:
-                saved.append(storage.save(f"{adapter.blob_prefix}/{name}", DjangoFile(handle)))
-            adapter.bytes += source.stat().st_size
-        adapter.save(force_insert=True)
-    except BaseException:
-        for name in saved:
-            storage.delete(name)
-        raise
+    adapter.bytes = upload_directory(adapter_dir, adapter.blob_prefix, ADAPTER_ARTIFACT_FILES)
     return adapter
 
 
@@ -54,13 +42,9 @@ def adapter_request_merge(*, organization, actor: Principal, adapter: Adapter) -
             raise Conflict("A merge of this adapter is already in progress.", code="merge_in_progress")
         adapter.merge_status = Adapter.MergeStatus.QUEUED
         adapter.merge_error = ""
-        adapter.save(update_fields=["merge_status", "merge_error"])
+        adapter.merge_dispatched_at = None
+        adapter.save(update_fields=["merge_status", "merge_error", "merge_dispatched_at"])
         audit_record(actor=actor, action="adapter.merge", obj=adapter)
-        transaction.on_commit(lambda: _enqueue_merge(adapter.id))
+        # GPU work: the scheduler sends it to the gpu queue when a slot is free.
+        transaction.on_commit(lambda: queue.enqueue(queue.DISPATCH_JOBS))
     return adapter
-
-
-def _enqueue_merge(adapter_id: str) -> None:
-    from jobs.tasks import merge_adapter
-
-    merge_adapter.delay(adapter_id)

@@ -4,53 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import IO
 
 from django.conf import settings
-from django.core.files.storage import storages
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 from django.db.models import Q
-from django.utils import timezone
+from django.db.models.functions import Now
 
 from jobs.training.jsonl import validate_jsonl
 from tuneplex.audit.services import audit_record
+from tuneplex.core import queue
 from tuneplex.core.actors import Principal
 from tuneplex.core.errors import ApiError, Conflict
+from tuneplex.core.storage import artifact_storage
 from tuneplex.files.models import File
 from tuneplex.files.selectors import storage_used
 from tuneplex.tenancy.models import Organization
 
 log = logging.getLogger(__name__)
 _HASH_CHUNK = 4 * 2**20
-
-
-def artifact_storage():
-    return storages["artifacts"]
-
-
-@contextmanager
-def local_copy(blob_name: str) -> Iterator[Path]:
-    """A local path for a blob: the file itself on local storage, a temporary copy otherwise."""
-    storage = artifact_storage()
-    try:
-        local = Path(storage.path(blob_name))
-    except NotImplementedError:  # remote storage (S3) has no local path
-        local = None
-    if local is not None:
-        yield local
-        return
-    with tempfile.NamedTemporaryFile(suffix=".jsonl", dir=settings.FILE_UPLOAD_TEMP_DIR) as copy:
-        with storage.open(blob_name, "rb") as source:
-            shutil.copyfileobj(source, copy, 4 * 2**20)
-        copy.flush()
-        yield Path(copy.name)
 
 
 def blob_name_for(organization: Organization, file_id: str) -> str:
@@ -90,47 +64,48 @@ def file_create(*, organization: Organization, actor: Principal, upload: Uploade
         report = validate_jsonl(stream, max_line_bytes=settings.DATASET_MAX_LINE_BYTES,
                                 min_examples=settings.DATASET_MIN_EXAMPLES)
         sha256 = _sha256(stream)
+    _check_quota(organization, size)  # fail fast; checked again under the lock below
+    record = File(organization=organization, filename=filename, purpose=purpose, bytes=size,
+                  sha256=sha256, format=report.format or "", validation=report.as_dict(),
+                  status=File.Status.PROCESSED if report.ok else File.Status.ERROR,
+                  statistics_status=(File.StatisticsStatus.PENDING if report.ok
+                                     else File.StatisticsStatus.NONE),
+                  created_by=actor.user if actor.api_key is None else actor.api_key.created_by)
+    record.blob_name = blob_name_for(organization, record.id)
     storage = artifact_storage()
-    stored_name: str | None = None
+    upload.seek(0)
+    # The blob is written before the transaction, so no lock is held across storage I/O; if the
+    # row is not committed the blob is deleted again: no blob without its row.
+    stored_name = storage.save(record.blob_name, upload)
     try:
+        if stored_name != record.blob_name:
+            raise RuntimeError(f"storage renamed {record.blob_name} to {stored_name}")
         with transaction.atomic():
             # Lock the organization so concurrent uploads cannot overshoot the quota together.
             Organization.objects.select_for_update().filter(pk=organization.pk).first()
-            used = storage_used(organization=organization)
-            quota = organization.storage_quota
-            if used + size > quota:
-                raise ApiError(
-                    f"Storing this file ({size} bytes) would exceed the organization's quota: "
-                    f"{used} of {quota} bytes are used. Delete files you no longer need.",
-                    code="storage_quota_exceeded", param="file", status=403)
-            record = File(organization=organization, filename=filename, purpose=purpose,
-                          bytes=size, sha256=sha256, format=report.format or "",
-                          validation=report.as_dict(),
-                          status=File.Status.PROCESSED if report.ok else File.Status.ERROR,
-                          statistics_status=(File.StatisticsStatus.PENDING if report.ok
-                                             else File.StatisticsStatus.NONE),
-                          created_by=actor.user if actor.api_key is None else actor.api_key.created_by)
-            record.blob_name = blob_name_for(organization, record.id)
-            upload.seek(0)
-            stored_name = storage.save(record.blob_name, upload)
-            if stored_name != record.blob_name:
-                raise RuntimeError(f"storage renamed {record.blob_name} to {stored_name}")
+            _check_quota(organization, size)
             record.save(force_insert=True)
             audit_record(actor=actor, action="file.create", obj=record,
                          metadata={"filename": filename, "bytes": size, "status": record.status})
             if report.ok:
                 transaction.on_commit(lambda: _enqueue_statistics(record.id))
     except BaseException:
-        if stored_name is not None:
-            storage.delete(stored_name)  # nothing half-written: no blob without its row
+        storage.delete(stored_name)
         raise
     return record
 
 
-def _enqueue_statistics(file_id: str) -> None:
-    from jobs.tasks import compute_file_statistics
+def _check_quota(organization: Organization, size: int) -> None:
+    used = storage_used(organization=organization)
+    quota = organization.storage_quota
+    if used + size > quota:
+        raise ApiError(f"Storing this file ({size} bytes) would exceed the organization's quota: "
+                       f"{used} of {quota} bytes are used. Delete files you no longer need.",
+                       code="storage_quota_exceeded", param="file", status=403)
 
-    compute_file_statistics.delay(file_id)
+
+def _enqueue_statistics(file_id: str) -> None:
+    queue.enqueue(queue.FILE_STATISTICS, file_id)
 
 
 def file_delete(*, organization: Organization, actor: Principal, file: File) -> None:
@@ -157,20 +132,16 @@ def file_in_use_by(file: File) -> str | None:
 # --- statistics, written by the worker ------------------------------------------------------------
 
 
-STATISTICS_STALE_AFTER = timedelta(minutes=30)
-
-
 def file_statistics_claim(*, file_id: str) -> File | None:
     """Move pending → running with a conditional UPDATE; None if another delivery holds it.
 
-    A claim older than STATISTICS_STALE_AFTER (its worker died) may be taken over.
+    A claim older than TUNEPLEX_STATISTICS_TIMEOUT_SECONDS (its worker died) may be taken over.
     """
-    now = timezone.now()
+    stale = Now() - timedelta(seconds=settings.STATISTICS_TIMEOUT_SECONDS + 60)
     claimable = Q(statistics_status=File.StatisticsStatus.PENDING) | Q(
-        statistics_status=File.StatisticsStatus.RUNNING,
-        statistics_claimed_at__lt=now - STATISTICS_STALE_AFTER)
+        statistics_status=File.StatisticsStatus.RUNNING, statistics_claimed_at__lt=stale)
     claimed = File.objects.filter(claimable, id=file_id).update(
-        statistics_status=File.StatisticsStatus.RUNNING, statistics_claimed_at=now)
+        statistics_status=File.StatisticsStatus.RUNNING, statistics_claimed_at=Now())
     return File.objects.filter(id=file_id).first() if claimed else None
 
 

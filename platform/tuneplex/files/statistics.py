@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 
 from django.conf import settings
 
 from tuneplex.basemodels.models import BaseModel
-from tuneplex.files.services import file_statistics_claim, file_statistics_finish, local_copy
+from tuneplex.core.storage import local_copy
+from tuneplex.core.trainer_env import last_error_line, run_trainer_module
+from tuneplex.files.services import file_statistics_claim, file_statistics_finish
 
 log = logging.getLogger(__name__)
-STATISTICS_TIMEOUT_SECONDS = 3600
 
 
 def statistics_model() -> BaseModel | None:
@@ -31,16 +31,11 @@ def compute_statistics(file_id: str) -> None:
         return
     try:
         with local_copy(file.blob_name) as path:
-            result = subprocess.run(
-                [str(settings.TRAINER_PYTHON), "-m", "jobs.training.dataset_stats",
-                 "--file", str(path), "--model", model.directory,
-                 "--max-seq-len", str(model.max_sequence_length)],
-                cwd=settings.REPO_DIR, capture_output=True, text=True,
-                timeout=STATISTICS_TIMEOUT_SECONDS, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-            )
+            result = run_trainer_module(
+                "jobs.training.dataset_stats", "--file", str(path), "--model", model.directory,
+                "--max-seq-len", str(model.max_sequence_length), timeout=settings.STATISTICS_TIMEOUT_SECONDS)
         if result.returncode != 0:
-            raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip()
-                               else f"exit status {result.returncode}")
+            raise RuntimeError(last_error_line(result))
         statistics = json.loads(result.stdout.strip().splitlines()[-1])
         statistics["model"] = model.name
     except Exception as exc:  # noqa: BLE001 - recorded on the file for the user to see

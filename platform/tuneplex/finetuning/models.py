@@ -60,6 +60,8 @@ class FineTuningJob(models.Model):
     dispatched_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     worker = models.CharField(max_length=200, blank=True, default="")
+    # The fencing token: each claim increments it, and a worker's writes (heartbeats, metrics,
+    # checkpoints, success) count only while it still holds the latest attempt.
     attempts = models.PositiveIntegerField(default=0)
     cancel_requested = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -87,8 +89,10 @@ class JobCheckpoint(models.Model):
                           default=_checkpoint_id, editable=False)
     job = models.ForeignKey(FineTuningJob, on_delete=models.CASCADE, related_name="checkpoints")
     step = models.IntegerField()
+    attempt = models.PositiveIntegerField(default=0, help_text="The claim that saved it.")
     metrics = models.JSONField(default=dict)
-    path = models.CharField(max_length=1000, help_text="On the worker's work folder.")
+    blob_prefix = models.CharField(max_length=300, default="",
+                                   help_text="Its files in artifact storage: <prefix>/<name>.")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

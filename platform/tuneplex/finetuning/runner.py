@@ -1,9 +1,20 @@
 """Runs one claimed job on this worker: the trainer as a child process in its own environment.
 
-The worker process streams the trainer's JSON lines into events, metrics and checkpoints; a
-heartbeat thread keeps the job row alive, turns a cancel request into SIGTERM, and stops the
-trainer if this worker's Celery parent disappears. The trainer is also tied to this process with
-PR_SET_PDEATHSIG, so a killed worker never leaves a training process behind.
+The steps, in order (``JobRun``):
+  setup      a fresh work folder for this attempt (a cache: any node's can be wiped), local
+             copies of the datasets, and the newest checkpoint restored from artifact storage;
+  supervise  the trainer's JSON lines become events, metrics and checkpoints; each checkpoint is
+             uploaded to artifact storage by a background thread (training never waits for it);
+             a heartbeat thread keeps the claim alive, turns a cancel request into SIGTERM, and
+             stops the trainer if this worker's Celery parent disappears or the claim is lost;
+  finish     success stores the adapter then marks the job (fenced); cancel, failure, or a
+             re-queue when the worker itself failed and a checkpoint exists.
+
+Every write carries this claim's attempt number: once the reaper has re-queued the job (this
+worker was paused or cut off past the heartbeat timeout), nothing this attempt reports changes
+the job (``services.StaleAttempt``). A database blip does not end the run: writes are retried.
+The trainer is tied to this process with PR_SET_PDEATHSIG, so a killed worker never leaves a
+training process behind.
 """
 
 from __future__ import annotations
@@ -19,29 +30,37 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import DatabaseError, close_old_connections, connection
 
-from jobs.training.layout import latest_checkpoint
+from jobs.training.layout import CHECKPOINT_FILES, staged_directory
+from tuneplex.core.storage import delete_prefix, download_directory, local_copy, upload_directory
+from tuneplex.core.trainer_env import trainer_command, trainer_environment
 from tuneplex.files.models import File
-from tuneplex.files.services import local_copy
 from tuneplex.finetuning import scheduler
-from tuneplex.finetuning.models import FineTuningJob
+from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint
 from tuneplex.finetuning.services import (
-    job_event,
+    StaleAttempt,
+    checkpoint_prefix,
     job_fail,
+    job_holds,
     job_mark_cancelled,
     job_record_checkpoint,
     job_record_metrics,
+    job_report_event,
+    job_requeue,
     job_succeed,
 )
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 CANCEL_GRACE_SECONDS = 30
+UPLOAD_DRAIN_SECONDS = 300  # how long success waits for the last checkpoint upload
+T = TypeVar("T")
 
 
 def worker_name() -> str:
@@ -59,131 +78,312 @@ def job_work_dir(job: FineTuningJob) -> Path:
     return settings.WORK_DIR / job.id
 
 
+def persist(write: Callable[[], T], *, what: str, give_up_after: float | None) -> T | None:
+    """Run a database write, retrying through connection errors with back-off.
+
+    StaleAttempt is never retried. After ``give_up_after`` seconds the write is dropped (None);
+    with None it is retried until it succeeds or the claim is lost.
+    """
+    started, delay = time.monotonic(), 0.5
+    while True:
+        try:
+            return write()
+        except StaleAttempt:
+            raise
+        except DatabaseError as exc:
+            waited = time.monotonic() - started
+            if give_up_after is not None and waited > give_up_after:
+                log.error("dropping %s after %.0f s of database errors: %s", what, waited, exc)
+                return None
+            log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
+            with contextlib.suppress(DatabaseError):
+                connection.close()
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 def run_job(job_id: str) -> str:
-    """Claim and train; returns the final status or 'skipped' if the claim failed."""
+    """Claim and train; returns the final status, 'skipped' if the claim failed, or
+    'superseded' if the job was re-queued while this worker ran it."""
     worker = worker_name()
     job = scheduler.claim(job_id=job_id, worker=worker)
     if job is None:
         log.info("job %s not claimable (already taken, cancelled or gone)", job_id)
         return "skipped"
+    run = JobRun(job, worker)
     try:
-        return _run_claimed(job, worker)
-    except Exception as exc:  # noqa: BLE001 - the job row must never stay "running"
+        return run.run()
+    except StaleAttempt:
+        log.warning("job %s attempt %s was superseded; stopped", job_id, run.attempt)
+        return "superseded"
+    except Exception:  # noqa: BLE001 - the job row must never stay "running"
         log.exception("job %s crashed in the worker", job_id)
-        job_fail(job=job, code="worker_error", message=f"{exc.__class__.__name__}: {exc}"[:1000])
-        return "failed"
+        return run.after_worker_error()
 
 
-def _files(job: FineTuningJob) -> tuple[File, File | None]:
-    train = File.objects.get(organization=job.organization_id, id=job.training_file)
-    validation = (File.objects.get(organization=job.organization_id, id=job.validation_file)
-                  if job.validation_file else None)
-    return train, validation
+class JobRun:
+    def __init__(self, job: FineTuningJob, worker: str) -> None:
+        self.job = job
+        self.worker = worker
+        self.attempt = job.attempts  # the fencing token of this claim
+        self.work = job_work_dir(job) / f"attempt-{self.attempt}"
+        self.superseded = threading.Event()
+        self.process: subprocess.Popen | None = None  # the trainer, once started
 
+    def run(self) -> str:
+        # The heartbeat runs from the claim on: downloading a large dataset or checkpoint must
+        # not look like a dead worker.
+        stop = threading.Event()
+        keeper = threading.Thread(target=self.keep_alive, args=(stop,),
+                                  name=f"heartbeat-{self.job.id}", daemon=True)
+        keeper.start()
+        try:
+            with contextlib.ExitStack() as scope:
+                config_path = self.setup(scope)
+                result, error, returncode = self.supervise(config_path)
+        finally:
+            stop.set()
+            keeper.join(timeout=10)
+        return self.finish(result, error, returncode)
 
-def _run_claimed(job: FineTuningJob, worker: str) -> str:
-    work = job_work_dir(job)
-    work.mkdir(parents=True, exist_ok=True)
-    train_file, validation_file = _files(job)
-    resume = latest_checkpoint(work / "checkpoints")
-    with contextlib.ExitStack() as files:
-        train_path = files.enter_context(local_copy(train_file.blob_name))
-        validation_path = (files.enter_context(local_copy(validation_file.blob_name))
-                           if validation_file else None)
+    # --- setup -------------------------------------------------------------------------------
+
+    def setup(self, scope: contextlib.ExitStack) -> Path:
+        job = self.job
+        # Other attempts' folders on this node are stale caches.
+        shutil.rmtree(job_work_dir(job), ignore_errors=True)
+        self.work.mkdir(parents=True)
+        train = File.objects.get(organization=job.organization_id, id=job.training_file)
+        validation = (File.objects.get(organization=job.organization_id, id=job.validation_file)
+                      if job.validation_file else None)
+        train_path = scope.enter_context(local_copy(train.blob_name))
+        validation_path = scope.enter_context(local_copy(validation.blob_name)) if validation else None
+        resume = self.restore_checkpoint()
         config = {**job.config, "base_model_dir": job.base_model.directory,
-                  "train_file": str(train_path), "output_dir": str(work),
+                  "train_file": str(train_path), "output_dir": str(self.work),
                   "validation_file": str(validation_path) if validation_path else None,
                   "device": settings.TRAINING_DEVICE,
                   "resume_from": str(resume) if resume else None}
-        config_path = work / "config.json"
+        config_path = self.work / "config.json"
         config_path.write_text(json.dumps(config, indent=1))
-        return _supervise(job, worker, config_path, work)
+        return config_path
 
+    def restore_checkpoint(self) -> Path | None:
+        """The newest checkpoint recorded for the job, downloaded from artifact storage."""
+        newest = JobCheckpoint.objects.filter(job=self.job).order_by("-step").first()
+        if newest is None:
+            if self.attempt > 1:
+                self.event("No checkpoint was saved by an earlier attempt: starting from the "
+                           "beginning.")
+            return None
+        target = self.work / "checkpoints" / f"step-{newest.step}"
+        with staged_directory(target) as staging:
+            download_directory(newest.blob_prefix, CHECKPOINT_FILES, staging)
+        self.event(f"Resuming from the checkpoint at step {newest.step} (saved by attempt "
+                   f"{newest.attempt}), restored from artifact storage.",
+                   data={"resumed_from_step": newest.step})
+        return target
 
-def _supervise(job: FineTuningJob, worker: str, config_path: Path, work: Path) -> str:
-    environ = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1",
-               "HOME": str(work), "PYTHONUNBUFFERED": "1"}
-    for passthrough in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "LD_LIBRARY_PATH"):
-        if passthrough in os.environ:
-            environ[passthrough] = os.environ[passthrough]
-    stderr_log = (work / "trainer.log").open("ab")
-    process = subprocess.Popen(
-        [str(settings.TRAINER_PYTHON), "-m", "jobs.training.run", str(config_path)],
-        cwd=settings.REPO_DIR, env=environ, stdout=subprocess.PIPE, stderr=stderr_log,
-        preexec_fn=_die_with_parent)
-    stop = threading.Event()
-    keeper = threading.Thread(target=_keep_alive, args=(job.id, worker, process, stop),
-                              name=f"heartbeat-{job.id}", daemon=True)
-    keeper.start()
-    result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-    try:
-        assert process.stdout is not None
-        for raw in process.stdout:
-            try:
-                message = json.loads(raw)
-            except json.JSONDecodeError:
-                continue
-            kind = message.get("type")
-            if kind == "metrics":
-                job_record_metrics(job=job, metrics=message["data"])
-            elif kind == "event":
-                job_event(job, message["message"], level=message.get("level", "info"),
-                          data=message.get("data"))
-            elif kind == "checkpoint":
-                job_record_checkpoint(job=job, step=message["step"], path=message["path"],
-                                      metrics=message.get("metrics", {}))
-            elif kind == "result":
-                result = message
-            elif kind == "error":
-                error = message
-        process.wait()
-    finally:
-        stop.set()
-        keeper.join(timeout=10)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        stderr_log.close()
-    job.refresh_from_db()
-    if job.status != FineTuningJob.Status.RUNNING or job.worker != worker:
-        return job.status  # re-queued by the reaper meanwhile: not ours to finish
-    if result and result.get("status") == "succeeded":
-        job_succeed(job=job, adapter_dir=Path(result["adapter_dir"]), result=result)
-        shutil.rmtree(work / "checkpoints", ignore_errors=True)
-        return "succeeded"
-    if (result and result.get("status") == "cancelled") or job.cancel_requested:
-        job_mark_cancelled(job=job)
-        return "cancelled"
-    if error:
-        job_fail(job=job, code=error.get("code", "training_error"), message=error["message"])
-    else:
-        tail = (work / "trainer.log").read_text(errors="replace")[-500:]
-        job_fail(job=job, code="trainer_crashed",
-                 message=f"The trainer exited with status {process.returncode}. {tail}")
-    return "failed"
+    # --- supervise ----------------------------------------------------------------------------
 
-
-def _keep_alive(job_id: str, worker: str, process: subprocess.Popen, stop: threading.Event) -> None:
-    parent = os.getppid()
-    cancel_sent_at: float | None = None
-    while not stop.wait(settings.JOB_HEARTBEAT_SECONDS):
+    def supervise(self, config_path: Path) -> tuple[dict | None, dict | None, int]:
+        if self.superseded.is_set():
+            raise StaleAttempt(f"attempt {self.attempt} of {self.job.id}")
+        stderr_log = (self.work / "trainer.log").open("ab")
+        process = self.process = subprocess.Popen(
+            trainer_command("jobs.training.run", str(config_path)), cwd=settings.REPO_DIR,
+            env=trainer_environment(home=self.work), stdout=subprocess.PIPE, stderr=stderr_log,
+            preexec_fn=_die_with_parent)
+        uploader = CheckpointUploader(self)
+        result: dict[str, Any] | None = None
+        error: dict[str, Any] | None = None
         try:
-            close_old_connections()
-            if os.getppid() != parent:  # our Celery worker died: do not train as an orphan
-                log.error("worker parent gone; stopping the trainer of %s", job_id)
+            assert process.stdout is not None
+            for raw in process.stdout:
+                try:
+                    message = json.loads(raw)
+                except json.JSONDecodeError:
+                    continue
+                kind = message.get("type")
+                if kind == "metrics":
+                    persist(lambda: job_record_metrics(job=self.job, attempt=self.attempt,
+                                                       metrics=message["data"]),
+                            what="metrics", give_up_after=settings.JOB_WRITE_RETRY_SECONDS)
+                elif kind == "event":
+                    self.event(message["message"], level=message.get("level", "info"),
+                               data=message.get("data"))
+                elif kind == "checkpoint":
+                    uploader.submit(message["step"], Path(message["path"]),
+                                    message.get("metrics", {}))
+                elif kind == "result":
+                    result = message
+                elif kind == "error":
+                    error = message
+            process.wait()
+            if result and result.get("status") == "succeeded":
+                uploader.drain(UPLOAD_DRAIN_SECONDS)
+        except StaleAttempt:
+            self.superseded.set()
+        finally:
+            uploader.close()
+            if process.poll() is None:
                 process.kill()
-                return
-            if not scheduler.heartbeat(job_id=job_id, worker=worker):
-                process.terminate()  # re-queued elsewhere or finished: stop
-                return
-            if cancel_sent_at is None and scheduler.cancel_requested(job_id=job_id):
-                process.send_signal(signal.SIGTERM)
-                cancel_sent_at = time.monotonic()
-            elif cancel_sent_at and time.monotonic() - cancel_sent_at > CANCEL_GRACE_SECONDS:
-                process.kill()
-        except Exception:  # noqa: BLE001 - a DB hiccup must not kill the heartbeat
-            log.exception("heartbeat for %s failed", job_id)
-    from django.db import connection
+                process.wait()
+            stderr_log.close()
+        if self.superseded.is_set():
+            raise StaleAttempt(f"attempt {self.attempt} of {self.job.id}")
+        return result, error, process.returncode
 
-    connection.close()
+    def event(self, message: str, *, level: str = "info", data: dict | None = None) -> None:
+        persist(lambda: job_report_event(job=self.job, attempt=self.attempt, message=message,
+                                         level=level, data=data),
+                what="event", give_up_after=settings.JOB_WRITE_RETRY_SECONDS)
+
+    def keep_alive(self, stop: threading.Event) -> None:
+        parent = os.getppid()
+        cancel_sent_at: float | None = None
+        while not stop.wait(settings.JOB_HEARTBEAT_SECONDS):
+            process = self.process
+            try:
+                close_old_connections()
+                if os.getppid() != parent:  # our Celery worker died: do not train as an orphan
+                    log.error("worker parent gone; stopping the trainer of %s", self.job.id)
+                    self._kill()
+                    return
+                if not job_holds(job_id=self.job.id, attempt=self.attempt):
+                    # Re-queued (this worker was silent too long) or finished: stop at once.
+                    self.superseded.set()
+                    self._kill()
+                    return
+                if process is None:
+                    continue  # still setting up; a cancel is seen once the trainer runs
+                if cancel_sent_at is None and scheduler.cancel_requested(job_id=self.job.id):
+                    process.send_signal(signal.SIGTERM)
+                    cancel_sent_at = time.monotonic()
+                elif cancel_sent_at and time.monotonic() - cancel_sent_at > CANCEL_GRACE_SECONDS:
+                    process.kill()
+            except Exception:  # noqa: BLE001 - a DB hiccup must not kill the heartbeat
+                log.exception("heartbeat for %s failed", self.job.id)
+        connection.close()
+
+    def _kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+
+    # --- finish -------------------------------------------------------------------------------
+
+    def finish(self, result: dict | None, error: dict | None, returncode: int) -> str:
+        job, attempt = self.job, self.attempt
+        if result and result.get("status") == "succeeded":
+            done = persist(lambda: job_succeed(job=job, attempt=attempt,
+                                               adapter_dir=Path(result["adapter_dir"]), result=result),
+                           what="success", give_up_after=None)
+            if not done:
+                raise StaleAttempt(f"attempt {attempt} of {job.id}")
+            shutil.rmtree(self.work, ignore_errors=True)
+            return "succeeded"
+        if (result and result.get("status") == "cancelled") or scheduler.cancel_requested(job_id=job.id):
+            job_mark_cancelled(job=job, attempt=attempt)
+            return "cancelled"
+        if error:
+            job_fail(job=job, code=error.get("code", "training_error"), message=error["message"],
+                     attempt=attempt)
+            return "failed"
+        if returncode < 0:  # killed by a signal (the OOM killer, an operator): not the job's fault
+            return self.after_worker_error(f"The trainer was stopped by signal {-returncode}.")
+        job_fail(job=job, code="trainer_crashed", attempt=attempt,
+                 message=f"The trainer exited with status {returncode}; see the worker's log.")
+        return "failed"
+
+    def after_worker_error(self, reason: str = "The worker failed while running the job.") -> str:
+        """A failure of the worker, not of the training: resume elsewhere if a checkpoint exists."""
+        job = FineTuningJob.objects.get(pk=self.job.pk)
+        if job.checkpoints.exists():
+            outcome = job_requeue(job=job, attempt=self.attempt, reason=reason)
+            return {"requeued": "queued"}.get(outcome, outcome or "superseded")
+        job_fail(job=job, code="worker_error", attempt=self.attempt,
+                 message=f"{reason} No checkpoint had been saved; see the worker's log.")
+        return "failed"
+
+
+class CheckpointUploader:
+    """Uploads the trainer's checkpoints to artifact storage in a background thread.
+
+    Each checkpoint is first snapshotted with hard links (instant), so the trainer can prune its
+    local copies meanwhile. If uploads fall behind, only the newest pending checkpoint is kept.
+    A checkpoint is recorded (fenced by the attempt) only once all its files are in storage.
+    """
+
+    def __init__(self, run: JobRun) -> None:
+        self.run = run
+        self.snapshots = run.work / "uploading"
+        self._pending: tuple[int, Path, dict] | None = None
+        self._busy = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name=f"upload-{run.job.id}", daemon=True)
+        self._thread.start()
+
+    def submit(self, step: int, path: Path, metrics: dict) -> None:
+        snapshot = self.snapshots / f"step-{step}"
+        shutil.rmtree(snapshot, ignore_errors=True)
+        snapshot.mkdir(parents=True)
+        for name in CHECKPOINT_FILES:
+            try:
+                os.link(path / name, snapshot / name)
+            except OSError:
+                shutil.copy2(path / name, snapshot / name)
+        with self._cond:
+            if self._pending is not None:
+                shutil.rmtree(self._pending[1], ignore_errors=True)
+            self._pending = (step, snapshot, metrics)
+            self._cond.notify_all()
+
+    def drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._pending is not None or self._busy) and time.monotonic() < deadline:
+                self._cond.wait(timeout=1)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=UPLOAD_DRAIN_SECONDS)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while self._pending is None and not self._closed:
+                        self._cond.wait()
+                    if self._pending is None:
+                        return
+                    step, snapshot, metrics = self._pending
+                    self._pending, self._busy = None, True
+                try:
+                    self._upload(step, snapshot, metrics)
+                except StaleAttempt:
+                    self.run.superseded.set()
+                    return
+                except Exception:  # noqa: BLE001 - the next checkpoint will try again
+                    log.exception("upload of checkpoint %s of %s failed", step, self.run.job.id)
+                finally:
+                    shutil.rmtree(snapshot, ignore_errors=True)
+                    with self._cond:
+                        self._busy = False
+                        self._cond.notify_all()
+        finally:
+            connection.close()
+
+    def _upload(self, step: int, snapshot: Path, metrics: dict) -> None:
+        run = self.run
+        prefix = checkpoint_prefix(run.job, attempt=run.attempt, step=step)
+        upload_directory(snapshot, prefix, CHECKPOINT_FILES)
+        try:
+            persist(lambda: job_record_checkpoint(job=run.job, attempt=run.attempt, step=step,
+                                                  blob_prefix=prefix, metrics=metrics),
+                    what="checkpoint", give_up_after=None)
+        except BaseException:
+            delete_prefix(prefix)  # not recorded: nobody would ever resume from it
+            raise

@@ -1,14 +1,18 @@
-"""Which queued job runs next, worker claims, heartbeats, and the reaper.
+"""GPU work: which queued job or merge runs next, worker claims, heartbeats, and the sweeps.
 
-Dispatch sends a job to the ``gpu`` queue only while a GPU slot is free (TUNEPLEX_GPU_SLOTS), so
-the broker never holds a backlog that would be served first-come-first-served. Among queued jobs
-it picks fairly: organizations under their concurrency limit (TUNEPLEX_ORG_MAX_CONCURRENT_JOBS),
-the one whose last job was dispatched longest ago first, and its oldest job. One organization's
-hundred queued jobs therefore alternate with another's single job.
+Dispatch sends work to the ``gpu`` queue only while a GPU slot is free (TUNEPLEX_GPU_SLOTS), so
+the broker never holds a backlog that would be served first-come-first-served. Merges are GPU
+work too and go first (they are short). Among queued jobs it picks fairly: organizations under
+their concurrency limit (TUNEPLEX_ORG_MAX_CONCURRENT_JOBS), the one whose last job was
+dispatched longest ago first, and its oldest job. One organization's hundred queued jobs
+therefore alternate with another's single job.
 
-The reaper (Celery beat) re-queues a running job whose worker stopped heartbeating, to resume
-from its last checkpoint, or fails it after TUNEPLEX_JOB_MAX_ATTEMPTS attempts; a job is never
-"running" forever.
+Every claim increments the job's ``attempts``, the fencing token that its worker's writes carry
+(see ``services.StaleAttempt``). Timeouts are measured with the database's clock, never a
+worker's. The sweep (Celery beat, every 10 s) re-queues a running job whose worker stopped
+heartbeating, to resume from the newest checkpoint in artifact storage on any node, or fails it
+after TUNEPLEX_JOB_MAX_ATTEMPTS attempts; it also re-sends or fails work whose message was lost
+(jobs validating their files, dataset statistics, merges). Nothing stays "running" forever.
 """
 
 from __future__ import annotations
@@ -17,17 +21,31 @@ import logging
 from datetime import timedelta
 
 from django.conf import settings
+from django.core.cache import cache
 from django.db import connection, transaction
 from django.db.models import Count, Max, Q
+from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
+from tuneplex.adapters.models import Adapter
+from tuneplex.core import queue
+from tuneplex.files.models import File
+from tuneplex.files.services import file_statistics_finish
 from tuneplex.finetuning.models import FineTuningJob
-from tuneplex.finetuning.services import job_event, job_fail
+from tuneplex.finetuning.services import job_event, job_fail, job_mark_cancelled, job_requeue
 
 log = logging.getLogger(__name__)
 Status = FineTuningJob.Status
+Merge = Adapter.MergeStatus
 # A dispatched message no worker claimed within this long is dispatched again.
 DISPATCH_CLAIM_TIMEOUT = timedelta(minutes=10)
+# Work whose message may have been lost is sent again after this long, at most this often.
+RESEND_AFTER = timedelta(seconds=60)
+
+
+def _ago(delta: timedelta):
+    """A point in time on the database's clock."""
+    return Now() - delta
 
 
 def _lock_scheduler() -> None:
@@ -39,6 +57,12 @@ def _lock_scheduler() -> None:
 
 def _in_flight() -> Q:
     return Q(status=Status.RUNNING) | Q(status=Status.QUEUED, dispatched_at__isnull=False)
+
+
+def gpu_slots_in_use() -> int:
+    merges = Adapter.objects.filter(Q(merge_status=Merge.RUNNING) | Q(
+        merge_status=Merge.QUEUED, merge_dispatched_at__isnull=False)).count()
+    return FineTuningJob.objects.filter(_in_flight()).count() + merges
 
 
 def next_job() -> FineTuningJob | None:
@@ -64,42 +88,44 @@ def next_job() -> FineTuningJob | None:
 
 
 def dispatch() -> list[str]:
-    """Send as many fairly chosen queued jobs to the gpu queue as there are free slots."""
-    sent: list[str] = []
+    """Send as many queued merges, then fairly chosen jobs, to the gpu queue as slots are free."""
+    sent: list[tuple[str, str]] = []
     with transaction.atomic():
         _lock_scheduler()
-        free = settings.GPU_SLOTS - FineTuningJob.objects.filter(_in_flight()).count()
+        free = settings.GPU_SLOTS - gpu_slots_in_use()
+        merges = Adapter.objects.filter(merge_status=Merge.QUEUED, merge_dispatched_at__isnull=True
+                                        ).order_by("created_at").values_list("id", flat=True)
+        for adapter_id in list(merges[:max(free, 0)]):
+            if Adapter.objects.filter(id=adapter_id, merge_status=Merge.QUEUED,
+                                      merge_dispatched_at__isnull=True
+                                      ).update(merge_dispatched_at=Now()):
+                sent.append((queue.MERGE_ADAPTER, adapter_id))
+                free -= 1
         while free > 0:
             job = next_job()
             if job is None:
                 break
-            now = timezone.now()
             if FineTuningJob.objects.filter(id=job.id, status=Status.QUEUED,
-                                            dispatched_at__isnull=True).update(dispatched_at=now):
-                sent.append(job.id)
+                                            dispatched_at__isnull=True).update(dispatched_at=Now()):
+                sent.append((queue.TRAIN_JOB, job.id))
                 free -= 1
-        for job_id in sent:
-            transaction.on_commit(lambda job_id=job_id: _send(job_id))
-    return sent
-
-
-def _send(job_id: str) -> None:
-    from jobs.tasks import train_job
-
-    train_job.delay(job_id)
+        for task_name, object_id in sent:
+            transaction.on_commit(lambda t=task_name, o=object_id: queue.enqueue(t, o))
+    return [object_id for _, object_id in sent]
 
 
 def claim(*, job_id: str, worker: str) -> FineTuningJob | None:
-    """queued (and dispatched) → running, exactly once: a redelivered message gets None."""
-    now = timezone.now()
+    """queued (and dispatched) → running, exactly once: a redelivered message gets None.
+
+    The returned job's ``attempts`` is this claim's fencing token.
+    """
     job = FineTuningJob.objects.filter(id=job_id).first()
     if job is None:
         return None
     claimed = FineTuningJob.objects.filter(
-        id=job_id, status=Status.QUEUED, dispatched_at__isnull=False,
-        attempts=job.attempts,
-    ).update(status=Status.RUNNING, worker=worker, heartbeat_at=now, attempts=job.attempts + 1,
-             started_at=job.started_at or now)
+        id=job_id, status=Status.QUEUED, dispatched_at__isnull=False, attempts=job.attempts,
+    ).update(status=Status.RUNNING, worker=worker, heartbeat_at=Now(), attempts=job.attempts + 1,
+             started_at=Coalesce("started_at", Now()))
     if not claimed:
         return None
     job.refresh_from_db()
@@ -107,44 +133,100 @@ def claim(*, job_id: str, worker: str) -> FineTuningJob | None:
     return job
 
 
-def heartbeat(*, job_id: str, worker: str) -> bool:
-    """Record liveness; False if the job is no longer ours (re-queued or finished)."""
-    return bool(FineTuningJob.objects.filter(id=job_id, status=Status.RUNNING, worker=worker)
-                .update(heartbeat_at=timezone.now()))
-
-
 def cancel_requested(*, job_id: str) -> bool:
     return FineTuningJob.objects.filter(id=job_id, cancel_requested=True).exists()
 
 
+# --- sweeps ----------------------------------------------------------------------------------------
+
+
+def sweep() -> dict[str, list[str]]:
+    """Everything beat runs every 10 s; returns what it did, by kind."""
+    done = reap()
+    done.update(sweep_merges())
+    done["validation_resent"], done["validation_failed"] = sweep_job_validation()
+    done["statistics_resent"], done["statistics_failed"] = sweep_statistics()
+    dispatch()
+    return done
+
+
 def reap() -> dict[str, list[str]]:
     """Re-queue or fail running jobs whose worker went silent; re-dispatch unclaimed messages."""
-    now = timezone.now()
-    stale = now - timedelta(seconds=settings.JOB_HEARTBEAT_TIMEOUT)
+    stale = _ago(timedelta(seconds=settings.JOB_HEARTBEAT_TIMEOUT))
     requeued, failed = [], []
     for job in FineTuningJob.objects.filter(status=Status.RUNNING, heartbeat_at__lt=stale):
-        last_checkpoint = job.checkpoints.order_by("-step").first()
         if job.cancel_requested:
-            from tuneplex.finetuning.services import job_mark_cancelled
-
-            job_mark_cancelled(job=job)
+            job_mark_cancelled(job=job, attempt=job.attempts)
             continue
-        if job.attempts >= settings.JOB_MAX_ATTEMPTS:
-            job_fail(job=job, code="worker_lost",
-                     message=f"The worker stopped responding {job.attempts} time(s); giving up.")
-            failed.append(job.id)
-            continue
-        moved = FineTuningJob.objects.filter(id=job.id, status=Status.RUNNING,
-                                             heartbeat_at__lt=stale).update(
-            status=Status.QUEUED, dispatched_at=None, worker="", eta_seconds=None)
-        if moved:
-            resume = (f"resuming from the checkpoint at step {last_checkpoint.step}"
-                      if last_checkpoint else "starting over (no checkpoint yet)")
-            job_event(job, f"Worker {job.worker} stopped heartbeating; job re-queued, {resume}.",
-                      level="warning")
-            requeued.append(job.id)
+        outcome = job_requeue(job=job, attempt=job.attempts,
+                              reason=f"Worker {job.worker} stopped heartbeating (attempt "
+                                     f"{job.attempts}).")
+        {"requeued": requeued, "failed": failed}.get(outcome, []).append(job.id)
     FineTuningJob.objects.filter(status=Status.QUEUED,
-                                 dispatched_at__lt=now - DISPATCH_CLAIM_TIMEOUT
+                                 dispatched_at__lt=_ago(DISPATCH_CLAIM_TIMEOUT)
                                  ).update(dispatched_at=None)
-    dispatch()
     return {"requeued": requeued, "failed": failed}
+
+
+def sweep_merges() -> dict[str, list[str]]:
+    """Merges dispatched but never claimed go back to the queue; merges running past
+    TUNEPLEX_MERGE_DEADLINE_SECONDS (their worker died) fail with merge_stalled."""
+    Adapter.objects.filter(merge_status=Merge.QUEUED,
+                           merge_dispatched_at__lt=_ago(DISPATCH_CLAIM_TIMEOUT)
+                           ).update(merge_dispatched_at=None)
+    deadline = _ago(timedelta(seconds=settings.MERGE_DEADLINE_SECONDS + 60))
+    stalled = list(Adapter.objects.filter(merge_status=Merge.RUNNING, merge_started_at__lt=deadline)
+                   .values_list("id", flat=True))
+    Adapter.objects.filter(id__in=stalled, merge_status=Merge.RUNNING).update(
+        merge_status=Merge.FAILED,
+        merge_error=f"merge_stalled: the merge did not finish within "
+                    f"{settings.MERGE_DEADLINE_SECONDS} s (its worker stopped); request it again.")
+    return {"merges_failed": stalled}
+
+
+def _resend_once(kind: str, object_id: str) -> bool:
+    """True at most once per RESEND_AFTER for this object, across every beat process."""
+    return cache.add(f"tuneplex:resent:{kind}:{object_id}", 1, RESEND_AFTER.total_seconds())
+
+
+def sweep_job_validation() -> tuple[list[str], list[str]]:
+    """Jobs still validating their files: the (idempotent) task is sent again after RESEND_AFTER,
+    and after TUNEPLEX_VALIDATION_DEADLINE_SECONDS the job fails with validation_stalled."""
+    resent, failed = [], []
+    waiting = FineTuningJob.objects.filter(status=Status.VALIDATING_FILES,
+                                           created_at__lt=_ago(RESEND_AFTER))
+    deadline = timedelta(seconds=settings.VALIDATION_DEADLINE_SECONDS)
+    for job in waiting.filter(created_at__lt=_ago(deadline)):
+        if job_fail(job=job, code="validation_stalled",
+                    message=f"The job's files were not checked within {int(deadline.total_seconds())} s "
+                            "(no default worker took the task). Create the job again."):
+            failed.append(job.id)
+    for job_id in waiting.exclude(id__in=failed).values_list("id", flat=True):
+        if _resend_once("validate", job_id):
+            queue.enqueue(queue.VALIDATE_JOB_FILES, job_id)
+            resent.append(job_id)
+    return resent, failed
+
+
+def sweep_statistics() -> tuple[list[str], list[str]]:
+    """Statistics pending (message lost) or running on a worker that died are sent again (the
+    claim takes over a stale one); after TUNEPLEX_STATISTICS_DEADLINE_SECONDS they fail."""
+    Stats = File.StatisticsStatus
+    unfinished = File.objects.filter(statistics_status__in=(Stats.PENDING, Stats.RUNNING),
+                                     created_at__lt=_ago(RESEND_AFTER))
+    deadline = timedelta(seconds=settings.STATISTICS_DEADLINE_SECONDS)
+    failed = []
+    for file in unfinished.filter(created_at__lt=_ago(deadline)):
+        file_statistics_finish(file=file, statistics=None,
+                               error=f"statistics_stalled: not computed within "
+                                     f"{int(deadline.total_seconds())} s.")
+        failed.append(file.id)
+    resent = []
+    stale_claim = _ago(timedelta(seconds=settings.STATISTICS_TIMEOUT_SECONDS + 60))
+    candidates = unfinished.exclude(id__in=failed).filter(
+        Q(statistics_status=Stats.PENDING) | Q(statistics_claimed_at__lt=stale_claim))
+    for file_id in candidates.values_list("id", flat=True):
+        if _resend_once("statistics", file_id):
+            queue.enqueue(queue.FILE_STATISTICS, file_id)
+            resent.append(file_id)
+    return resent, failed

@@ -10,6 +10,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from jobs.training.config import ALL_LINEAR, ConfigError, TrainingConfig
@@ -17,8 +18,10 @@ from jobs.training.memory import GIB, MemoryEstimate, ModelShape, advice, estima
 from tuneplex.audit.services import audit_record
 from tuneplex.basemodels.inspect import linear_module_names
 from tuneplex.basemodels.models import BaseModel
+from tuneplex.core import queue
 from tuneplex.core.actors import Principal
 from tuneplex.core.errors import ApiError, Conflict
+from tuneplex.core.storage import delete_prefix
 from tuneplex.files.models import File
 from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint, JobEvent
 from tuneplex.tenancy.models import Organization
@@ -210,9 +213,7 @@ def job_create(*, organization: Organization, actor: Principal, model: str, trai
 
 
 def _enqueue_validation(job_id: str) -> None:
-    from jobs.tasks import validate_job_files
-
-    validate_job_files.delay(job_id)
+    queue.enqueue(queue.VALIDATE_JOB_FILES, job_id)
 
 
 # --- events --------------------------------------------------------------------------------------
@@ -274,63 +275,175 @@ def _finish(job: FineTuningJob, status: str, **fields: Any) -> None:
 
 
 def _enqueue_dispatch() -> None:
-    from jobs.tasks import dispatch_jobs
-
-    dispatch_jobs.delay()
+    queue.enqueue(queue.DISPATCH_JOBS)
 
 
-def job_fail(*, job: FineTuningJob, code: str, message: str, param: str | None = None) -> None:
+def job_fail(*, job: FineTuningJob, code: str, message: str, param: str | None = None,
+             attempt: int | None = None) -> bool:
+    """Fail the job unless it has finished; with ``attempt``, only while that claim holds it."""
     with transaction.atomic():
         job = FineTuningJob.objects.select_for_update().get(pk=job.pk)
-        if job.status in FineTuningJob.FINISHED:
-            return
+        if job.status in FineTuningJob.FINISHED or not _still_holds(job, attempt):
+            return False
         _finish(job, FineTuningJob.Status.FAILED,
                 error={"code": code, "message": message, "param": param})
         job_event(job, f"Job failed: {message}", level="error")
+    return True
 
 
-def job_mark_cancelled(*, job: FineTuningJob) -> None:
+def job_mark_cancelled(*, job: FineTuningJob, attempt: int | None = None) -> None:
     with transaction.atomic():
         job = FineTuningJob.objects.select_for_update().get(pk=job.pk)
-        if job.status not in FineTuningJob.FINISHED:
+        if job.status not in FineTuningJob.FINISHED and _still_holds(job, attempt):
             _finish(job, FineTuningJob.Status.CANCELLED)
             job_event(job, "Job cancelled; training stopped.")
 
 
-def job_record_metrics(*, job: FineTuningJob, metrics: dict[str, Any]) -> None:
+def _still_holds(job: FineTuningJob, attempt: int | None) -> bool:
+    return attempt is None or (job.status == FineTuningJob.Status.RUNNING and job.attempts == attempt)
+
+
+# --- a worker's writes, fenced by its attempt ----------------------------------------------------
+
+
+class StaleAttempt(Exception):
+    """The worker's claim was superseded: the job was re-queued (and maybe claimed again) or it
+    finished. Nothing the old attempt reports may change the job any more."""
+
+
+def _touch(job_id: str, attempt: int, **fields: Any) -> None:
+    """Within the caller's transaction: refresh the heartbeat (the database's clock) and set
+    ``fields``, only while ``attempt`` still holds the running job. The UPDATE's row lock keeps
+    the reaper from re-queuing the job until the caller's transaction ends."""
+    held = FineTuningJob.objects.filter(id=job_id, status=FineTuningJob.Status.RUNNING,
+                                        attempts=attempt).update(heartbeat_at=Now(), **fields)
+    if not held:
+        raise StaleAttempt(f"attempt {attempt} of {job_id} no longer holds the job")
+
+
+def job_holds(*, job_id: str, attempt: int) -> bool:
+    """Heartbeat: True (and the heartbeat recorded) while ``attempt`` still holds the job."""
+    try:
+        _touch(job_id, attempt)
+    except StaleAttempt:
+        return False
+    return True
+
+
+def job_report_event(*, job: FineTuningJob, attempt: int, message: str, level: str = "info",
+                     data: dict | None = None) -> None:
+    with transaction.atomic():
+        _touch(job.id, attempt)
+        job_event(job, message, level=level, data=data)
+
+
+def job_record_metrics(*, job: FineTuningJob, attempt: int, metrics: dict[str, Any]) -> None:
     parts = [f"Step {metrics['step']}/{metrics['total_steps']}: training loss={metrics['train_loss']:.4f}"]
     if "eval_loss" in metrics:
         parts.append(f"eval loss={metrics['eval_loss']:.4f}")
-    job_event(job, ", ".join(parts), type="metrics", data=metrics)
-    FineTuningJob.objects.filter(pk=job.pk).update(
-        step=metrics["step"], total_steps=metrics["total_steps"], eta_seconds=metrics.get("eta_seconds"),
-        trained_tokens=metrics.get("trained_tokens"), heartbeat_at=timezone.now())
+    with transaction.atomic():
+        _touch(job.id, attempt, step=metrics["step"], total_steps=metrics["total_steps"],
+               eta_seconds=metrics.get("eta_seconds"), trained_tokens=metrics.get("trained_tokens"))
+        job_event(job, ", ".join(parts), type="metrics", data=metrics)
 
 
-def job_record_checkpoint(*, job: FineTuningJob, step: int, path: str, metrics: dict) -> None:
-    JobCheckpoint.objects.update_or_create(job=job, step=step,
-                                           defaults={"path": path, "metrics": metrics})
-    job_event(job, f"Checkpoint saved at step {step}.", data={"step": step})
+def checkpoint_prefix(job: FineTuningJob, *, attempt: int, step: int) -> str:
+    """Where a checkpoint's files live in artifact storage. The attempt is part of the name, so
+    a superseded worker can never overwrite the files of the attempt that replaced it."""
+    return f"orgs/{job.organization_id}/jobs/{job.id}/checkpoints/step-{step}-a{attempt}"
 
 
-def job_succeed(*, job: FineTuningJob, adapter_dir: Path, result: dict[str, Any]) -> None:
-    from tuneplex.adapters.services import adapter_create_from_job
+def job_record_checkpoint(*, job: FineTuningJob, attempt: int, step: int, blob_prefix: str,
+                          metrics: dict) -> None:
+    """Record a checkpoint whose files are already in artifact storage, then drop the ones beyond
+    the newest TUNEPLEX_JOB_KEEP_CHECKPOINTS (their rows in this transaction, their files after)."""
+    with transaction.atomic():
+        _touch(job.id, attempt)
+        replaced = list(JobCheckpoint.objects.filter(job=job, step__gte=step)
+                        .exclude(blob_prefix=blob_prefix).values_list("blob_prefix", flat=True))
+        JobCheckpoint.objects.filter(job=job, step__gte=step).delete()
+        JobCheckpoint.objects.create(job=job, step=step, attempt=attempt, blob_prefix=blob_prefix,
+                                     metrics=metrics)
+        stale = list(JobCheckpoint.objects.filter(job=job).order_by("-step")
+                     [settings.JOB_KEEP_CHECKPOINTS:].values_list("id", "blob_prefix"))
+        JobCheckpoint.objects.filter(id__in=[checkpoint_id for checkpoint_id, _ in stale]).delete()
+        job_event(job, f"Checkpoint saved at step {step}.", data={"step": step})
+        dropped = replaced + [prefix for _, prefix in stale]
+        transaction.on_commit(lambda: _delete_checkpoint_files(dropped), robust=True)
+
+
+def _delete_checkpoint_files(prefixes: list[str]) -> None:
+    for prefix in prefixes:
+        if prefix:
+            delete_prefix(prefix)
+
+
+def job_requeue(*, job: FineTuningJob, attempt: int | None, reason: str) -> str:
+    """running → queued (to resume from the newest checkpoint in storage on any node), or failed
+    once TUNEPLEX_JOB_MAX_ATTEMPTS claims were spent. ``attempt`` None: whichever attempt holds
+    it (the reaper, which has checked the heartbeat against the database's clock).
+    Returns "requeued", "failed", or "" when the job was no longer running (as that attempt)."""
+    if job.attempts >= settings.JOB_MAX_ATTEMPTS:
+        failed = job_fail(job=job, code="worker_lost", attempt=attempt,
+                          message=f"{reason} This happened on each of {job.attempts} attempts; "
+                                  "giving up.")
+        return "failed" if failed else ""
+    held = {"attempts": attempt} if attempt is not None else {}
+    with transaction.atomic():
+        moved = FineTuningJob.objects.filter(
+            id=job.id, status=FineTuningJob.Status.RUNNING, **held
+        ).update(status=FineTuningJob.Status.QUEUED, dispatched_at=None, worker="", eta_seconds=None)
+        if not moved:
+            return ""
+        newest = job.checkpoints.order_by("-step").first()
+        then = (f"the next attempt resumes from the checkpoint at step {newest.step} in storage"
+                if newest else "no checkpoint was saved yet, so the next attempt starts over")
+        job_event(job, f"{reason} Job re-queued; {then}.", level="warning")
+        transaction.on_commit(_enqueue_dispatch)
+    return "requeued"
+
+
+def job_succeed(*, job: FineTuningJob, attempt: int, adapter_dir: Path,
+                result: dict[str, Any]) -> bool:
+    """Store the adapter, then mark the job succeeded with its Adapter row in one short
+    transaction (fenced by ``attempt``); auto-deploy runs after the commit.
+
+    False (and nothing stored) if this attempt no longer holds the job.
+    """
+    from tuneplex.adapters.services import adapter_prepare
+
+    if not job_holds(job_id=job.id, attempt=attempt):
+        return False
+    job = FineTuningJob.objects.select_related("organization", "base_model").get(pk=job.pk)
+    adapter = adapter_prepare(job=job, adapter_dir=adapter_dir, sha256=result["sha256"])
+    try:
+        with transaction.atomic():
+            _touch(job.id, attempt, status=FineTuningJob.Status.SUCCEEDED, finished_at=Now(),
+                   eta_seconds=None, fine_tuned_model=adapter.name,
+                   trained_tokens=result.get("trained_tokens"),
+                   step=result.get("steps", job.step))
+            adapter.save(force_insert=True)
+            job_event(job, f"Job succeeded: adapter {adapter.name} is ready.",
+                      data={"adapter_id": adapter.id, "sha256": adapter.sha256})
+            transaction.on_commit(_enqueue_dispatch)
+            transaction.on_commit(lambda: _deploy_after_success(adapter.id), robust=True)
+    except BaseException as exc:
+        delete_prefix(adapter.blob_prefix)  # nothing half-written: no files without the row
+        if isinstance(exc, StaleAttempt):
+            return False
+        raise
+    return True
+
+
+def _deploy_after_success(adapter_id: str) -> None:
+    from tuneplex.adapters.models import Adapter
     from tuneplex.inference.services import adapter_auto_deploy
 
-    with transaction.atomic():
-        job = FineTuningJob.objects.select_for_update().select_related(
-            "organization", "base_model").get(pk=job.pk)
-        if job.status != FineTuningJob.Status.RUNNING:
-            return
-        adapter = adapter_create_from_job(job=job, adapter_dir=adapter_dir, sha256=result["sha256"])
-        # Deployed in the same commit as the success, so the adapter answers as soon as the job
-        # reads succeeded.
-        not_deployed = adapter_auto_deploy(adapter)
-        _finish(job, FineTuningJob.Status.SUCCEEDED, fine_tuned_model=adapter.name,
-                trained_tokens=result.get("trained_tokens"), step=result.get("steps", job.step))
-        job_event(job, f"Job succeeded: adapter {adapter.name} is ready.",
-                  data={"adapter_id": adapter.id, "sha256": adapter.sha256})
-        if not_deployed is None:
-            job_event(job, f"Adapter deployed: use model '{adapter.name}' on /v1/chat/completions.")
-        elif adapter.organization.auto_deploy:
-            job_event(job, f"Adapter not deployed automatically: {not_deployed}", level="warning")
+    adapter = Adapter.objects.select_related("organization", "base_model", "job").get(id=adapter_id)
+    not_deployed = adapter_auto_deploy(adapter)
+    if not_deployed is None:
+        job_event(adapter.job, f"Adapter deployed: use model '{adapter.name}' on "
+                               "/v1/chat/completions.")
+    elif adapter.organization.auto_deploy:
+        job_event(adapter.job, f"Adapter not deployed automatically: {not_deployed}",
+                  level="warning")

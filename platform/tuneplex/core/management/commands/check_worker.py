@@ -4,6 +4,8 @@ import uuid
 from django.core.cache import cache
 from django.core.management.base import BaseCommand, CommandError
 
+from tuneplex.core import queue
+
 
 class Command(BaseCommand):
     help = "Send a ping task through the broker and wait until a Celery worker has run it."
@@ -12,11 +14,9 @@ class Command(BaseCommand):
         parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait")
 
     def handle(self, *args, **options):
-        from jobs.tasks import ping
-
         token = uuid.uuid4().hex
         started = time.monotonic()
-        ping.delay(token)
+        queue.enqueue(queue.PING, token)
         while time.monotonic() - started < options["timeout"]:
             version = cache.get(f"tuneplex:ping:{token}")
             if version is not None:
