@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from frontend.views import datasets, jobs, overview, serving, team
+from frontend.views import datasets, jobs, organizations, overview, serving, signup, team
 from frontend.views.organizations import organization_switch
 
 app_name = "frontend"
@@ -10,6 +10,7 @@ urlpatterns = [
     path("login/", auth_views.LoginView.as_view(template_name="frontend/login.html",
                                                 redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("signup/", signup.signup, name="signup"),
     path("organizations/switch/", organization_switch, name="organization-switch"),
     path("", overview.home, name="home"),
     path("datasets/", datasets.datasets, name="datasets"),
@@ -29,7 +30,11 @@ urlpatterns = [
     path("feedback/", serving.feedback, name="feedback"),
     path("feedback/export", serving.feedback_export_view, name="feedback-export"),
     path("team/", team.team, name="team"),
-    path("team/add", team.member_add, name="member-add"),
+    path("team/invitations", team.invitation_create_view, name="invitation-create"),
+    path("team/invitations/<oid:id>/revoke", team.invitation_revoke_view, name="invitation-revoke"),
+    path("invitations/", organizations.invitations, name="invitations"),
+    path("invitations/<oid:id>/respond", organizations.invitation_respond_view,
+         name="invitation-respond"),
     path("team/<oid:id>/role", team.member_role, name="member-role"),
     path("team/<oid:id>/remove", team.member_remove, name="member-remove"),
     path("api-keys/", team.api_keys, name="api-keys"),

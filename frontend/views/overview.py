@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.db.models import Sum
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 from django.utils import timezone
 
 from frontend.views.common import principal_of
@@ -20,7 +20,7 @@ from tuneplex.tenancy.sessions import active_membership
 @login_required
 def home(request):
     if active_membership(request) is None:
-        return render(request, "frontend/home.html", {})
+        return redirect("frontend:invitations")  # not a member anywhere yet
     organization = principal_of(request).organization
     month_start = timezone.now().replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     jobs = job_list(organization=organization)

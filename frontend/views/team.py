@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from django.contrib.auth import get_user_model
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.shortcuts import redirect, render
+from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
@@ -36,9 +36,13 @@ def _grantable_roles(principal: Principal) -> list[str]:
 
 
 def _team_context(principal: Principal, **extra) -> dict:
+    can_manage = ADMIN in principal.scopes
+    invitations = (tenancy_selectors.invitation_list(organization=principal.organization)[:100]
+                   if can_manage else [])
     return {"members": tenancy_selectors.membership_list(organization=principal.organization),
-            "can_manage": ADMIN in principal.scopes, "roles": _grantable_roles(principal),
-            "all_roles": Role.values, "me": principal.membership, **extra}
+            "can_manage": can_manage, "roles": _grantable_roles(principal),
+            "all_roles": Role.values, "me": principal.membership, "invitations": invitations,
+            "invitation_days": settings.INVITATION_DAYS, **extra}
 
 
 @login_required
@@ -48,19 +52,34 @@ def team(request):
 
 @login_required
 @require_POST
-def member_add(request):
+def invitation_create_view(request):
     principal = principal_of(request, ADMIN)
-    username, role = request.POST.get("username", "").strip(), request.POST.get("role", "")
-    user = get_user_model().objects.filter(username=username).first() if username else None
     try:
-        if user is None:
-            raise ApiError("No user with that username.", code="user_not_found", param="username")
-        tenancy_services.membership_add(organization=principal.organization, actor=principal,
-                                        user=user, role=role)
+        invitation = tenancy_services.invitation_create(
+            organization=principal.organization, actor=principal,
+            invitee=request.POST.get("invitee", "")[:254], role=request.POST.get("role", ""))
     except ApiError as exc:
         return render(request, "frontend/team.html", _team_context(
-            principal, add_error=exc.message, add_values=request.POST), status=exc.status)
-    return redirect("frontend:team")
+            principal, invite_error=exc.message, invite_values=request.POST), status=exc.status)
+    return render(request, "frontend/team.html", _team_context(principal, invited=invitation))
+
+
+@login_required
+@require_POST
+def invitation_revoke_view(request, id: str):
+    principal = principal_of(request, ADMIN)
+    invitation = get_or_404(tenancy_selectors.invitation_get, organization=principal.organization,
+                            invitation_id=id)
+    error = ""
+    try:
+        invitation = tenancy_services.invitation_revoke(
+            organization=principal.organization, actor=principal, invitation=invitation)
+    except ApiError as exc:
+        if exc.status == 403:
+            raise PermissionDenied(exc.message) from None
+        error = exc.message
+    return render(request, "frontend/team.html#invitation-row",
+                  _team_context(principal, invitation=invitation, row_error=error))
 
 
 @login_required

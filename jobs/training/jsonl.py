@@ -27,6 +27,7 @@ Internal representation (:class:`Example`), what the trainer tokenizes:
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -242,6 +243,45 @@ def iter_lines(stream: IO[bytes], *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTE
         yield number, raw.rstrip(b"\r\n")
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def unencodable_text(value: Any, text: str) -> str | None:
+    """The first string in ``value`` (parsed from ``text``) that UTF-8 cannot encode: an unpaired
+    UTF-16 surrogate written as a ``\\uD800``-style escape. Valid UTF-8 input can only hold one
+    through such an escape, so the walk runs only when ``text`` has one."""
+    if "\\u" not in text or not _SURROGATE_ESCAPE.search(text):
+        return None
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return item
+    return None
+
+
+def loads_strict(text: str) -> Any:
+    """json.loads that turns what Python accepts but nothing downstream can store into
+    ValueError: nesting beyond the parser's depth, and unpaired surrogates."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError("The JSON is nested too deeply.") from None
+    bad = unencodable_text(value, text)
+    if bad is not None:
+        raise ValueError("The JSON holds text that cannot be encoded as UTF-8 (an unpaired "
+                         "surrogate escape such as \\ud800).")
+    return value
+
+
 def parse_line(raw: bytes) -> dict:
     """One JSON object from one line, or LineError."""
     try:
@@ -253,6 +293,11 @@ def parse_line(raw: bytes) -> dict:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         raise LineError("invalid_json", f"Invalid JSON: {exc.msg} at column {exc.colno}.") from None
+    except RecursionError:
+        raise LineError("json_too_deep", "The JSON is nested too deeply.") from None
+    if unencodable_text(record, text) is not None:
+        raise LineError("invalid_text", "The line holds text that cannot be encoded as UTF-8 (an "
+                        "unpaired surrogate escape such as \\ud800).")
     if not isinstance(record, dict):
         hint = " (a JSON array? put one object per line)" if isinstance(record, list) else ""
         raise LineError("not_an_object", f"Each line must be a JSON object, not "

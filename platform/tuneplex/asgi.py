@@ -11,8 +11,20 @@ application = get_asgi_application()
 if settings.SERVE_STATIC:
     # The embedded default has no proxy in front; production serves /static/ from the proxy.
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+    from django.core.exceptions import SuspiciousFileOperation
+    from django.http import Http404
 
-    application = ASGIStaticFilesHandler(application)
+    class StaticFiles(ASGIStaticFilesHandler):
+        """Django's static handler, but a path that tries to leave the static folders
+        (``/static/../..``) is the 404 of any missing file, not an unhandled error (a 500)."""
+
+        def serve(self, request):
+            try:
+                return super().serve(request)
+            except SuspiciousFileOperation:
+                raise Http404("No such file.") from None
+
+    application = StaticFiles(application)
 
 from tuneplex.core.asgi_limits import BodyLimitMiddleware  # noqa: E402 - needs settings loaded
 from tuneplex.inference.asgi import InferenceFastPath  # noqa: E402

@@ -7,10 +7,12 @@ files, all under one data folder. DATABASE_URL and REDIS_URL switch to PostgreSQ
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.csp import CSP
 
 from tuneplex.env import (
     env_bool,
@@ -61,6 +63,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_htmx",
+    "axes",
     "tuneplex.core",
     "tuneplex.tenancy",
     "tuneplex.apikeys",
@@ -76,6 +79,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "django.middleware.csp.ContentSecurityPolicyMiddleware",
     "tuneplex.core.middleware.ApiErrorMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -85,6 +89,7 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "frontend.middleware.ApiErrorPageMiddleware",
+    "axes.middleware.AxesMiddleware",  # last: it turns a lockout into the lockout page
 ]
 
 ROOT_URLCONF = "tuneplex.urls"
@@ -274,7 +279,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["tuneplex.core.permissions.HasScope"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["tuneplex.core.parsers.StrictJSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "tuneplex.core.errors.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
@@ -301,6 +306,57 @@ FILE_UPLOAD_TEMP_DIR = str(DATA_DIR / "uploads")
 Path(FILE_UPLOAD_TEMP_DIR).mkdir(parents=True, exist_ok=True)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 2**20
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_bytes("TUNEPLEX_MAX_REQUEST_BODY", 10 * 2**20)
+
+# --- accounts and sign-in --------------------------------------------------------------------------
+# django-axes: a username + client address pair that fails to sign in TUNEPLEX_LOGIN_FAILURE_LIMIT
+# times is refused for TUNEPLEX_LOGIN_LOCKOUT_MINUTES; every failure is logged in the database
+# (axes' access failure log), and the counters are shared by every web process.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend",
+                           "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = env_int("TUNEPLEX_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("TUNEPLEX_LOGIN_LOCKOUT_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_ENABLE_ACCESS_FAILURE_LOG = True
+AXES_LOCKOUT_TEMPLATE = "frontend/locked_out.html"
+AXES_VERBOSE = False
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator",
+     "OPTIONS": {"min_length": 12}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+# Self-service sign-up at /signup/ creates a user and a new organization they own. Off by
+# default: operators create organizations (manage.py create_organization) and admins invite.
+SIGNUP_ENABLED = env_bool("TUNEPLEX_SIGNUP", False)
+INVITATION_DAYS = env_int("TUNEPLEX_INVITATION_DAYS", 7, minimum=1, maximum=365)
+ORG_MAX_API_KEYS = env_int("TUNEPLEX_ORG_MAX_API_KEYS", 50, minimum=1)
+
+# --- TLS deployment ---------------------------------------------------------------------------------
+# Behind a TLS-terminating proxy: secure cookies, HSTS, the proxy's X-Forwarded-Proto trusted,
+# plain HTTP redirected (except the probes).
+TLS = env_bool("TUNEPLEX_TLS", False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = TLS
+SECURE_HSTS_SECONDS = 31_536_000 if TLS else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = TLS
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if TLS else None
+SECURE_SSL_REDIRECT = TLS
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+# Django's content security policy, on every page: only this origin's scripts, styles, images
+# and connections; no inline script, no framing. (The API reference page has its own, looser one.)
+SECURE_CSP = {
+    "default-src": [CSP.SELF],
+    "script-src": [CSP.SELF],
+    "style-src": [CSP.SELF],
+    "img-src": [CSP.SELF, "data:"],
+    "connect-src": [CSP.SELF],
+    "font-src": [CSP.SELF],
+    "object-src": [CSP.NONE],
+    "base-uri": [CSP.SELF],
+    "form-action": [CSP.SELF],
+    "frame-ancestors": [CSP.NONE],
+}
 
 # --- misc --------------------------------------------------------------------------------------
 SESSION_COOKIE_HTTPONLY = True

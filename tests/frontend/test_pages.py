@@ -20,7 +20,8 @@ from tuneplex.core.scopes import Role
 from tuneplex.feedback.models import Feedback
 from tuneplex.files.models import File
 from tuneplex.finetuning.models import FineTuningJob
-from tuneplex.tenancy.models import Membership
+from tuneplex.tenancy.models import Invitation, Membership
+from tuneplex.tenancy.services import invitation_create
 
 pytestmark = pytest.mark.django_db
 PAGES = ["/", "/datasets/", "/jobs/", "/adapters/", "/playground/", "/feedback/", "/team/",
@@ -51,7 +52,10 @@ def objects_of_b(org_b, default_model):
     return {"dataset": file.id, "job": job.id,
             "adapter": adapter_row(org_b.organization, default_model).id,
             "member": Membership.objects.get(organization=org_b.organization, user=org_b.owner).id,
-            "api-key": ApiKey.objects.filter(organization=org_b.organization).first().id}
+            "api-key": ApiKey.objects.filter(organization=org_b.organization).first().id,
+            "invitation": invitation_create(organization=org_b.organization,
+                                            actor=org_b.principal(), invitee="someone-else",
+                                            role="admin").id}
 
 
 def _id_routes() -> list[tuple[str, str]]:
@@ -83,6 +87,7 @@ def test_every_id_route_is_a_404_for_another_organizations_object(org_a, objects
     assert FineTuningJob.objects.get(id=before["job"]).status == "running"
     assert ApiKey.objects.get(id=before["api-key"]).revoked_at is None
     assert Membership.objects.filter(id=before["member"]).exists()
+    assert Invitation.objects.get(id=before["invitation"]).status == "pending"
 
 
 def test_every_page_renders_for_each_role_and_lists_only_its_own_organization(
@@ -115,7 +120,7 @@ def test_a_viewer_sees_no_write_controls_and_is_refused_when_forging(org_a, defa
     forged = [(f"/datasets/{file.id}/delete", {}), ("/jobs/new", {"training_file": file.id}),
               ("/jobs/new/check", {}), (f"/jobs/{job.id}/cancel", {}),
               ("/api-keys/", {"name": "x", "scopes": ["read"]}), ("/feedback/export", {}),
-              ("/team/add", {"username": "someone", "role": "admin"})]
+              ("/team/invitations", {"invitee": "someone", "role": "admin"})]
     for url, data in forged:
         assert viewer.post(url, form(viewer, data)).status_code == 403, url
     refused = viewer.post("/v1/feedback", json.dumps({"rating": 1}),
@@ -253,15 +258,26 @@ def test_admins_manage_members_but_only_owners_make_owners(org_a):
     admin = add_member(org_a, Role.ADMIN)
     newcomer = make_user("newcomer")
     client = browser(admin)
-    assert client.post("/team/add", form(client, {"username": "newcomer", "role": "member"})).status_code == 302
+    invited = client.post("/team/invitations", form(client, {"invitee": "newcomer", "role": "member"}))
+    assert invited.status_code == 200 and "Invitation sent to newcomer" in invited.content.decode()
+    assert not Membership.objects.filter(organization=org_a.organization, user=newcomer).exists()
+    invitee = browser(newcomer)
+    assert invitee.get("/").url == "/invitations/"  # no organization yet: their invitations
+    page = invitee.get("/invitations/").content.decode()
+    assert org_a.organization.name in page
+    invitation = Invitation.objects.get(organization=org_a.organization, invitee="newcomer")
+    answered = invitee.post(f"/invitations/{invitation.id}/respond",
+                            form(invitee, {"answer": "accept"}))
+    assert answered.status_code == 302
     membership = Membership.objects.get(organization=org_a.organization, user=newcomer)
+    assert membership.role == "member"
     row = client.post(f"/team/{membership.id}/role", form(client, {"role": "viewer"}))
     assert row.status_code == 200 and Membership.objects.get(pk=membership.pk).role == "viewer"
     row = client.post(f"/team/{membership.id}/role", form(client, {"role": "owner"}))
     assert "Only an owner" in row.content.decode()
     assert Membership.objects.get(pk=membership.pk).role == "viewer"
-    missing = client.post("/team/add", form(client, {"username": "nobody-here", "role": "member"}))
-    assert missing.status_code == 400 and "No user with that username" in missing.content.decode()
+    again = client.post("/team/invitations", form(client, {"invitee": "newcomer", "role": "member"}))
+    assert again.status_code == 409 and "already a member" in again.content.decode()
     owner_row = Membership.objects.get(organization=org_a.organization, user=org_a.owner)
     assert client.post(f"/team/{owner_row.id}/remove", **csrf(client)).status_code == 200
     assert Membership.objects.filter(pk=owner_row.pk).exists()  # admins cannot remove owners

@@ -71,7 +71,7 @@ def test_a_viewer_cannot_write_by_session_or_key(org_a, viewer_of_a):
         for method, url, body in [
             ("post", "/v1/api_keys", {"name": "mine"}),
             ("post", f"/v1/api_keys/{owner_key_id}/revoke", None),
-            ("post", "/v1/organization/members", {"username": "nobody"}),
+            ("post", "/v1/organization/invitations", {"invitee": "nobody"}),
         ]:
             response = getattr(client, method)(url, body, format="json")
             assert response.status_code == 403, (url, response.content)
@@ -138,25 +138,28 @@ def test_every_write_is_audited_with_its_actor(org_a):
     assert listed[0]["action"] == "api_key.revoke" and listed[0]["object_id"] == new_id
 
 
-def test_members_can_be_added_demoted_and_the_last_owner_is_kept(org_a):
-    from tests.conftest import make_user
-
-    newcomer = make_user("newcomer")
+def test_members_can_be_demoted_and_the_last_owner_is_kept(org_a):
+    newcomer = add_member(org_a, Role.MEMBER)
+    member_id = org_a.organization.memberships.get(user=newcomer).id
     client = bearer(org_a.owner_key)
-    response = client.post("/v1/organization/members", {"username": "newcomer", "role": "member"},
-                           format="json")
-    assert response.status_code == 201
-    member_id = response.json()["id"]
     assert client.patch(f"/v1/organization/members/{member_id}", {"role": "viewer"},
                         format="json").json()["role"] == "viewer"
-    duplicate = client.post("/v1/organization/members", {"username": "newcomer"}, format="json")
-    assert duplicate.status_code == 409 and duplicate.json()["error"]["code"] == "already_member"
     owner_membership = org_a.organization.memberships.get(user=org_a.owner)
     last = client.patch(f"/v1/organization/members/{owner_membership.id}", {"role": "admin"},
                         format="json")
     assert last.status_code == 409 and last.json()["error"]["code"] == "last_owner"
     assert client.delete(f"/v1/organization/members/{member_id}").status_code == 204
     assert not newcomer.memberships.exists()
+
+
+def test_nobody_can_be_added_without_an_invitation(org_a):
+    from tests.conftest import make_user
+
+    make_user("bystander")
+    response = bearer(org_a.owner_key).post("/v1/organization/members",
+                                            {"username": "bystander"}, format="json")
+    assert response.status_code == 405
+    assert not org_a.organization.memberships.filter(user__username="bystander").exists()
 
 
 def test_an_admin_cannot_make_an_owner(org_a):
@@ -167,3 +170,53 @@ def test_an_admin_cannot_make_an_owner(org_a):
     response = bearer(key).patch(f"/v1/organization/members/{membership.id}", {"role": "owner"},
                                  format="json")
     assert response.status_code == 403 and response.json()["error"]["param"] == "role"
+
+
+def test_an_admin_cannot_demote_or_remove_an_owner(org_a):
+    admin = add_member(org_a, Role.ADMIN)
+    key = key_for(org_a, admin, ["read", "admin"])
+    owner = org_a.organization.memberships.get(user=org_a.owner)
+    second_owner = org_a.organization.memberships.get(user=add_member(org_a, Role.OWNER))
+    for target in (owner, second_owner):
+        demoted = bearer(key).patch(f"/v1/organization/members/{target.id}", {"role": "viewer"},
+                                    format="json")
+        assert demoted.status_code == 403 and demoted.json()["error"]["param"] == "role"
+        assert bearer(key).delete(f"/v1/organization/members/{target.id}").status_code == 403
+    assert sorted(org_a.organization.memberships.filter(role="owner").values_list("id", flat=True)
+                  ) == sorted([owner.id, second_owner.id])
+
+
+def test_keys_die_with_their_creators_membership_or_account(org_a):
+    from tuneplex.tenancy.services import membership_remove
+
+    leaver, deactivated, deleted = (add_member(org_a, Role.MEMBER) for _ in range(3))
+    keys = {user.username: key_for(org_a, user, ["read"]) for user in (leaver, deactivated, deleted)}
+    for key in keys.values():
+        assert bearer(key).get("/v1/files").status_code == 200
+    membership_remove(organization=org_a.organization, actor=org_a.principal(),
+                      membership=org_a.organization.memberships.get(user=leaver))
+    deactivated.is_active = False
+    deactivated.save()
+    deleted.delete()
+    for username, key in keys.items():
+        response = bearer(key).get("/v1/files")
+        assert response.status_code == 401, username
+    assert not ApiKey.objects.filter(organization=org_a.organization, revoked_at__isnull=True,
+                                     name="test key").exists()
+    assert ApiKey.objects.filter(created_by=None, revoked_at__isnull=False).count() == 1
+
+
+def test_the_number_of_live_keys_is_capped(org_a, settings):
+    settings.ORG_MAX_API_KEYS = 3  # the owner's key exists already
+    client = bearer(org_a.owner_key)
+    for name in ("one", "two"):
+        assert client.post("/v1/api_keys", {"name": name, "scopes": ["read"]},
+                           format="json").status_code == 201
+    refused = client.post("/v1/api_keys", {"name": "three", "scopes": ["read"]}, format="json")
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "api_key_limit_reached"
+    assert ApiKey.objects.filter(organization=org_a.organization).count() == 3
+    two = ApiKey.objects.get(organization=org_a.organization, name="two")
+    assert client.post(f"/v1/api_keys/{two.id}/revoke").status_code == 200
+    assert client.post("/v1/api_keys", {"name": "three", "scopes": ["read"]},
+                       format="json").status_code == 201

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from rest_framework.test import APIClient
 
@@ -136,3 +137,41 @@ def test_session_writes_without_csrf_are_refused(org_a):
     assert client.get("/v1/api_keys").status_code == 200
     response = client.post("/v1/api_keys", {"name": "x"}, format="json")
     assert_error(response, 403)
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"name": "\\ud800 alone", "scopes": ["read"]}', "cannot be encoded as UTF-8"),
+])
+def test_hostile_json_bodies_get_400_and_store_nothing(org_a, body, fragment):
+    from tuneplex.apikeys.models import ApiKey
+
+    before = ApiKey.objects.count()
+    response = bearer(org_a.owner_key).generic("POST", "/v1/api_keys", body,
+                                               content_type="application/json")
+    assert_error(response, 400, "invalid_json")
+    assert fragment in response.json()["error"]["message"]
+    assert ApiKey.objects.count() == before
+
+
+def test_a_paired_surrogate_escape_is_ordinary_text(org_a):
+    response = bearer(org_a.owner_key).generic(
+        "POST", "/v1/api_keys", '{"name": "smile \\ud83d\\ude00", "scopes": ["read"]}',
+        content_type="application/json")
+    assert response.status_code == 201 and response.json()["name"] == "smile \U0001F600"
+
+
+@pytest.mark.parametrize("path", ["/static/../../etc/passwd", "/static/..%2f..%2fsettings.py",
+                                  "/static/frontend/../../../x", "/static/no-such-file.css"])
+def test_paths_outside_the_static_folders_are_404_not_500(path):
+    import asyncio
+
+    from tuneplex.asgi import application
+
+    async def get(url: str):
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            return await client.get(url)
+
+    assert asyncio.run(get(path)).status_code == 404
+    assert asyncio.run(get("/static/frontend/app.css")).status_code == 200  # served at all

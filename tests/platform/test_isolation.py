@@ -28,7 +28,19 @@ OBJECT_OF_B = {
     "/v1/api_keys/{id}": lambda b: ApiKey.objects.filter(organization=b.organization).first().id,
     "/v1/api_keys/{id}/revoke": lambda b: ApiKey.objects.filter(
         organization=b.organization).first().id,
+    "/v1/organization/invitations/{id}/revoke": lambda b: _invitation_of_b(b),
 }
+
+
+def _invitation_of_b(b: Tenant) -> str:
+    from tuneplex.tenancy.models import Invitation
+    from tuneplex.tenancy.services import invitation_create
+
+    existing = Invitation.objects.filter(organization=b.organization).first()
+    if existing is not None:
+        return existing.id
+    return invitation_create(organization=b.organization, actor=b.principal(),
+                             invitee="someone@b.example", role="member").id
 
 
 def _file_of_b(b: Tenant) -> str:

@@ -18,6 +18,12 @@
     flash(message);
   });
   document.addEventListener("htmx:sendError", () => flash("The server could not be reached."));
+  // Selects that act at once (the organization switcher): no inline handlers under the CSP.
+  document.addEventListener("change", (event) => {
+    if (event.target.matches && event.target.matches("select[data-submit-on-change]")) {
+      event.target.form.submit();
+    }
+  });
   document.addEventListener("htmx:beforeRequest", () => {
     const region = document.getElementById("flash");
     if (region) region.hidden = true;

@@ -38,17 +38,16 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
             raise exceptions.AuthenticationFailed("This API key has been revoked.")
         if not api_key.is_active:
             raise exceptions.AuthenticationFailed("This API key has expired.")
-        scopes = frozenset(api_key.scopes)
-        membership = None
-        if api_key.created_by_id is not None:
-            # A key never outranks its creator's current role (and dies with their membership).
-            membership = Membership.objects.filter(organization=api_key.organization,
-                                                   user_id=api_key.created_by_id).first()
-            if membership is None:
-                raise exceptions.AuthenticationFailed(
-                    "This API key's creator is no longer a member of the organization."
-                )
-            scopes = scopes & membership.scopes
+        # A key never outranks its creator's current role, and dies with their membership or
+        # account (removal and deactivation also revoke it; this refuses any left over).
+        membership = (Membership.objects.filter(organization=api_key.organization,
+                                                user_id=api_key.created_by_id,
+                                                user__is_active=True).first()
+                      if api_key.created_by_id is not None else None)
+        if membership is None:
+            raise exceptions.AuthenticationFailed(
+                "This API key's creator is no longer an active member of the organization.")
+        scopes = frozenset(api_key.scopes) & membership.scopes
         api_key_touch(api_key=api_key)
         principal = Principal(organization=api_key.organization, scopes=scopes,
                               api_key=api_key, user=None, membership=membership)

@@ -56,6 +56,14 @@ def api_key_create(*, organization: Organization, actor: Principal, name: str,
         secrets.choice(_ALPHABET) for _ in range(SECRET_LENGTH)
     )
     with transaction.atomic():
+        # Lock the organization so concurrent creations cannot overshoot the cap together.
+        Organization.objects.select_for_update().filter(pk=organization.pk).first()
+        live = ApiKey.objects.filter(organization=organization, revoked_at__isnull=True).filter(
+            Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now())).count()
+        if live >= settings.ORG_MAX_API_KEYS:
+            raise Conflict(f"The organization has {live} live API keys, the most allowed "
+                           f"(TUNEPLEX_ORG_MAX_API_KEYS); revoke one first.",
+                           code="api_key_limit_reached")
         api_key = ApiKey.objects.create(
             organization=organization,
             name=name,

@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-from django.contrib.auth import get_user_model
 from drf_spectacular.utils import extend_schema, extend_schema_serializer
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
 from tuneplex.core.apis import ApiObjectOutput, OrgApi
-from tuneplex.core.errors import ApiError
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import ADMIN, READ, Role
 from tuneplex.tenancy import selectors, services
@@ -51,30 +49,63 @@ class MemberOutput(ApiObjectOutput):
 
 
 class MemberListApi(OrgApi):
-    scopes = {"GET": READ, "POST": ADMIN}
-
-    @extend_schema_serializer(component_name="MemberCreateInput")
-    class Input(serializers.Serializer):
-        username = serializers.CharField(max_length=150)
-        role = serializers.ChoiceField(choices=Role.choices, default=Role.MEMBER)
+    scopes = {"GET": READ}
 
     @extend_schema(responses=MemberOutput(many=True), summary="List members")
     def get(self, request):
         return Response(list_page(selectors.membership_list(organization=self.organization),
                                   request.query_params, serializer_class=MemberOutput))
 
-    @extend_schema(request=Input, responses={201: MemberOutput}, summary="Add an existing user")
+
+class InvitationOutput(ApiObjectOutput):
+    object_name = "organization.invitation"
+    id = serializers.CharField()
+    invitee = serializers.CharField(help_text="The username or email address invited.")
+    role = serializers.CharField()
+    status = serializers.ChoiceField(source="effective_status",
+                                     choices=["pending", "accepted", "declined", "revoked",
+                                              "expired"])
+    invited_by = serializers.CharField(source="invited_by.username", allow_null=True,
+                                       default=None)
+    expires_at = serializers.DateTimeField()
+    responded_at = serializers.DateTimeField(allow_null=True)
+
+
+class InvitationListApi(OrgApi):
+    """Members join by invitation only: the invitee accepts or declines once signed in."""
+
+    scopes = {"GET": ADMIN, "POST": ADMIN}
+
+    @extend_schema_serializer(component_name="InvitationCreateInput")
+    class Input(serializers.Serializer):
+        invitee = serializers.CharField(max_length=254,
+                                        help_text="A username or an email address.")
+        role = serializers.ChoiceField(choices=Role.choices, default=Role.MEMBER)
+
+    @extend_schema(responses=InvitationOutput(many=True), summary="List invitations")
+    def get(self, request):
+        return Response(list_page(selectors.invitation_list(organization=self.organization),
+                                  request.query_params, serializer_class=InvitationOutput))
+
+    @extend_schema(request=Input, responses={201: InvitationOutput},
+                   summary="Invite a user to the organization")
     def post(self, request):
         data = self.Input(data=request.data)
         data.is_valid(raise_exception=True)
-        user = get_user_model().objects.filter(username=data.validated_data["username"]).first()
-        if user is None:
-            raise ApiError("No user with that username.", code="user_not_found",
-                           param="username", status=404)
-        membership = services.membership_add(organization=self.organization,
-                                             actor=self.principal, user=user,
-                                             role=data.validated_data["role"])
-        return Response(MemberOutput(membership).data, status=status.HTTP_201_CREATED)
+        invitation = services.invitation_create(organization=self.organization,
+                                                actor=self.principal, **data.validated_data)
+        return Response(InvitationOutput(invitation).data, status=status.HTTP_201_CREATED)
+
+
+class InvitationRevokeApi(OrgApi):
+    scopes = {"POST": ADMIN}
+
+    @extend_schema(request=None, responses=InvitationOutput, summary="Revoke a pending invitation")
+    def post(self, request, id: str):
+        invitation = selectors.invitation_get(organization=self.organization, invitation_id=id)
+        invitation = services.invitation_revoke(organization=self.organization,
+                                                actor=self.principal, invitation=invitation)
+        return Response(InvitationOutput(invitation).data)
 
 
 class MemberDetailApi(OrgApi):

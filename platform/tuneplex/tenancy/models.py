@@ -8,6 +8,11 @@ from tuneplex.core.scopes import ROLE_SCOPES, Role
 class User(AbstractUser):
     """A person. Belongs to organizations through :class:`Membership`."""
 
+    # The organization the dashboard acts in: chosen by the user (the switcher), remembered
+    # across sessions, and never changed by anyone else.
+    selected_organization = models.ForeignKey("Organization", null=True, blank=True,
+                                              on_delete=models.SET_NULL, related_name="+")
+
 
 def _org_id() -> str:
     return new_id("org-")
@@ -15,6 +20,10 @@ def _org_id() -> str:
 
 def _membership_id() -> str:
     return new_id("mem-")
+
+
+def _invitation_id() -> str:
+    return new_id("inv-")
 
 
 class Organization(models.Model):
@@ -57,3 +66,46 @@ class Membership(models.Model):
     @property
     def scopes(self) -> frozenset[str]:
         return ROLE_SCOPES[self.role]
+
+
+class Invitation(models.Model):
+    """An offer of membership. Nobody becomes a member of an organization without accepting.
+
+    ``invitee`` is a username or an email address, as the admin typed it; the invitation is shown
+    to the signed-in user with that username or email. Creating one tells the admin nothing about
+    whether such a user exists.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        ACCEPTED = "accepted"
+        DECLINED = "declined"
+        REVOKED = "revoked"
+        EXPIRED = "expired"  # never stored: a pending invitation past expires_at
+
+    id = models.CharField(primary_key=True, max_length=id_field_length("inv-"),
+                          default=_invitation_id, editable=False)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE,
+                                     related_name="invitations")
+    invitee = models.CharField(max_length=254, help_text="A username or an email address.")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    invited_by = models.ForeignKey(User, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    accepted_by = models.ForeignKey(User, null=True, blank=True, on_delete=models.SET_NULL,
+                                    related_name="+")
+    expires_at = models.DateTimeField()
+    responded_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["invitee", "status"]),
+                   models.Index(fields=["organization", "-created_at"])]
+
+    @property
+    def effective_status(self) -> str:
+        from django.utils import timezone
+
+        if self.status == self.Status.PENDING and self.expires_at <= timezone.now():
+            return self.Status.EXPIRED
+        return self.status

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 from django.utils.text import slugify
 
 from tuneplex.audit.services import audit_record
@@ -10,10 +14,11 @@ from tuneplex.core.actors import Principal
 from tuneplex.core.errors import ApiError, Conflict
 from tuneplex.core.ids import new_id
 from tuneplex.core.scopes import Role
-from tuneplex.tenancy.models import Membership, Organization, User
+from tuneplex.tenancy.models import Invitation, Membership, Organization, User
 
 
 def organization_create(*, name: str, owner: User) -> Organization:
+    """A new organization with ``owner`` as its first owner (the operator's command, sign-up)."""
     base = slugify(name)[:40] or "org"
     slug = base
     with transaction.atomic():
@@ -37,25 +42,14 @@ def organization_update(*, organization: Organization, actor: Principal, **chang
     return organization
 
 
-def membership_add(*, organization: Organization, actor: Principal, user: User,
-                   role: str) -> Membership:
-    _check_can_grant(actor=actor, role=role)
-    with transaction.atomic():
-        if Membership.objects.filter(organization=organization, user=user).exists():
-            raise Conflict(f"{user.username} is already a member.", code="already_member",
-                           param="username")
-        membership = Membership.objects.create(organization=organization, user=user, role=role)
-        audit_record(actor=actor, action="membership.create", obj=membership,
-                     metadata={"username": user.username, "role": role})
-    return membership
-
-
 def membership_set_role(*, organization: Organization, actor: Principal, membership: Membership,
                         role: str) -> Membership:
     _check_can_grant(actor=actor, role=role)
     with transaction.atomic():
         membership = Membership.objects.select_for_update().get(pk=membership.pk,
                                                                 organization=organization)
+        if membership.role == Role.OWNER:
+            _check_can_grant(actor=actor, role=Role.OWNER)  # only owners change an owner's role
         if membership.role == Role.OWNER and role != Role.OWNER:
             _keep_one_owner(organization=organization, leaving=membership)
         previous = membership.role
@@ -76,7 +70,12 @@ def membership_remove(*, organization: Organization, actor: Principal,
             _keep_one_owner(organization=organization, leaving=membership)
         audit_record(actor=actor, action="membership.delete", obj=membership,
                      metadata={"username": membership.user.username})
+        user = membership.user
         membership.delete()
+        revoked = api_keys_revoke_of_user(user=user, organization=organization)
+        if revoked:
+            audit_record(actor=actor, action="api_key.revoke", obj=organization,
+                         metadata={"reason": "creator removed", "keys": revoked})
 
 
 def _check_can_grant(*, actor: Principal, role: str) -> None:
@@ -85,8 +84,8 @@ def _check_can_grant(*, actor: Principal, role: str) -> None:
                        code="invalid_role", param="role")
     actor_role = actor.membership.role if actor.membership is not None else None
     if role == Role.OWNER and actor_role != Role.OWNER:
-        raise ApiError("Only an owner can make or unmake owners.", code="permission_denied",
-                       param="role", status=403)
+        raise ApiError("Only an owner can make, change or remove owners.",
+                       code="permission_denied", param="role", status=403)
 
 
 def _keep_one_owner(*, organization: Organization, leaving: Membership) -> None:
@@ -94,3 +93,113 @@ def _keep_one_owner(*, organization: Organization, leaving: Membership) -> None:
     if not owners.exclude(pk=leaving.pk).exists():
         raise Conflict("An organization needs at least one owner.", code="last_owner",
                        param="role")
+
+
+# --- who belongs: the selected organization, keys of people who leave -----------------------------
+
+
+def user_select_organization(*, user: User, organization: Organization) -> None:
+    """Remember the user's choice of organization (the caller checked the membership)."""
+    if user.selected_organization_id != organization.pk:
+        user.selected_organization = organization
+        user.save(update_fields=["selected_organization"])
+
+
+def api_keys_revoke_of_user(*, user: User, organization: Organization | None = None) -> list[str]:
+    """Revoke the live keys ``user`` created (in one organization, or everywhere): a key never
+    outlives its creator's membership or account. Returns the revoked keys' prefixes."""
+    from tuneplex.apikeys.models import ApiKey
+
+    keys = ApiKey.objects.filter(created_by=user, revoked_at__isnull=True)
+    if organization is not None:
+        keys = keys.filter(organization=organization)
+    revoked = []
+    for key in keys:
+        key.revoked_at = timezone.now()
+        key.save(update_fields=["revoked_at"])  # per row: the signal clears admission caches
+        revoked.append(key.prefix)
+    return revoked
+
+
+# --- invitations ----------------------------------------------------------------------------------
+
+
+def _normalise_invitee(invitee: str) -> str:
+    invitee = invitee.strip()
+    return invitee.lower() if "@" in invitee else invitee
+
+
+def invitation_create(*, organization: Organization, actor: Principal, invitee: str,
+                      role: str) -> Invitation:
+    """Invite a username or an email address. The answer is the same whether or not such a user
+    exists; the invitee sees it once signed in and accepts or declines."""
+    _check_can_grant(actor=actor, role=role)
+    invitee = _normalise_invitee(invitee)
+    if not invitee:
+        raise ApiError("Give a username or an email address.", code="invalid_invitee",
+                       param="invitee")
+    with transaction.atomic():
+        Organization.objects.select_for_update().filter(pk=organization.pk).first()
+        members = Membership.objects.filter(organization=organization)
+        if members.filter(user__username=invitee).exists() or (
+                "@" in invitee and members.filter(user__email__iexact=invitee).exists()):
+            raise Conflict(f"{invitee} is already a member.", code="already_member",
+                           param="invitee")
+        pending = Invitation.objects.filter(organization=organization, invitee=invitee,
+                                            status=Invitation.Status.PENDING,
+                                            expires_at__gt=timezone.now())
+        if pending.exists():
+            raise Conflict(f"{invitee} already has a pending invitation; revoke it first to "
+                           "change it.", code="invitation_exists", param="invitee")
+        invitation = Invitation.objects.create(
+            organization=organization, invitee=invitee, role=role,
+            invited_by=actor.user if actor.api_key is None else actor.api_key.created_by,
+            expires_at=timezone.now() + timedelta(days=settings.INVITATION_DAYS))
+        audit_record(actor=actor, action="invitation.create", obj=invitation,
+                     metadata={"invitee": invitee, "role": role})
+    return invitation
+
+
+def invitation_revoke(*, organization: Organization, actor: Principal,
+                      invitation: Invitation) -> Invitation:
+    with transaction.atomic():
+        invitation = Invitation.objects.select_for_update().get(pk=invitation.pk,
+                                                                organization=organization)
+        if invitation.effective_status != Invitation.Status.PENDING:
+            raise Conflict(f"The invitation is {invitation.effective_status}.",
+                           code="invitation_not_pending")
+        if invitation.role == Role.OWNER:
+            _check_can_grant(actor=actor, role=Role.OWNER)
+        invitation.status = Invitation.Status.REVOKED
+        invitation.responded_at = timezone.now()
+        invitation.save(update_fields=["status", "responded_at"])
+        audit_record(actor=actor, action="invitation.revoke", obj=invitation,
+                     metadata={"invitee": invitation.invitee})
+    return invitation
+
+
+def invitation_respond(*, user: User, invitation: Invitation, accept: bool) -> Membership | None:
+    """The invitee accepts (becoming a member with the invited role) or declines. The caller
+    found the invitation through ``invitations_for_user``, so it is addressed to ``user``."""
+    with transaction.atomic():
+        invitation = Invitation.objects.select_for_update().select_related("organization").get(
+            pk=invitation.pk)
+        if invitation.effective_status != Invitation.Status.PENDING:
+            raise Conflict(f"The invitation is {invitation.effective_status}.",
+                           code="invitation_not_pending")
+        invitation.status = (Invitation.Status.ACCEPTED if accept
+                             else Invitation.Status.DECLINED)
+        invitation.responded_at = timezone.now()
+        invitation.accepted_by = user if accept else None
+        invitation.save(update_fields=["status", "responded_at", "accepted_by"])
+        membership = None
+        if accept:
+            membership, _ = Membership.objects.get_or_create(
+                organization=invitation.organization, user=user,
+                defaults={"role": invitation.role})
+            actor = Principal.of_member(membership)
+        else:
+            actor = Principal(organization=invitation.organization, scopes=frozenset(), user=user)
+        audit_record(actor=actor, action=f"invitation.{invitation.status}", obj=invitation,
+                     metadata={"invitee": invitation.invitee, "role": invitation.role})
+    return membership

@@ -12,7 +12,8 @@ _CACHE_ATTR = "_tuneplex_membership"
 
 
 def active_membership(request: HttpRequest) -> Membership | None:
-    """The user's membership in their chosen organization (else their first), cached per request."""
+    """The user's membership in their chosen organization (this session's choice, else the one
+    they selected last, else the one they joined first), cached per request."""
     if not hasattr(request, _CACHE_ATTR):
         user = getattr(request, "user", None)
         membership = None
@@ -24,5 +25,9 @@ def active_membership(request: HttpRequest) -> Membership | None:
 
 
 def switch_organization(request: HttpRequest, membership: Membership) -> None:
+    """The user chose this organization: for this session and, remembered, the next ones."""
+    from tuneplex.tenancy.services import user_select_organization
+
     request.session[SESSION_KEY] = membership.organization_id
+    user_select_organization(user=membership.user, organization=membership.organization)
     setattr(request, _CACHE_ATTR, membership)
