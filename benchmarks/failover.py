@@ -142,12 +142,12 @@ def run(args) -> dict:
     killed_at = time.time()
     _wait(lambda: job.id in scheduler.sweep()["requeued"], 120, "the re-queue")
     job = FineTuningJob.objects.get(id=job.id)
-    requeued = _event_time(job, "Worker ")
+    requeued = _event_time(job, "The worker running attempt")
     requeued_at = requeued.timestamp()
-    claimed_b = _wait(lambda: _event_time(job, "Running on", after=requeued), 120, "B's claim")
+    claimed_b = _wait(lambda: _event_time(job, "Running (attempt", after=requeued), 120, "B's claim")
     first_b = _wait(lambda: _event_time(job, "", after=claimed_b, kind="metrics"), 600,
                     "B's first step")
-    claimed_a = _event_time(job, "Running on")
+    claimed_a = _event_time(job, "Running (attempt")
     first_a = _event_time(job, "", kind="metrics")
     resumed_step = job.events.filter(type="metrics", created_at=first_b).first().data["step"]
     job_cancel(organization=organization, actor=actor, job=job)

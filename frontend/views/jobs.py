@@ -146,10 +146,7 @@ def jobs(request):
 
 
 def _progress_context(principal, job: FineTuningJob) -> dict:
-    points = list(selectors.job_metrics(job=job))
-    if len(points) > CHART_POINTS:  # keep the page small: every n-th point, and the last
-        stride = -(-len(points) // CHART_POINTS)
-        points = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
+    points = selectors.job_metrics_sampled(job=job, at_most=CHART_POINTS)  # bounded per poll
     chart = {"step": [p.get("step") for p in points],
              "train_loss": [p.get("train_loss") for p in points],
              "eval_loss": [p.get("eval_loss") for p in points]}

@@ -78,6 +78,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "tuneplex.core.request_id.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.middleware.csp.ContentSecurityPolicyMiddleware",
     "tuneplex.core.middleware.ApiErrorMiddleware",
@@ -253,6 +254,8 @@ ORG_MAX_CONCURRENT_JOBS = env_int("TUNEPLEX_ORG_MAX_CONCURRENT_JOBS", 1, minimum
 JOB_HEARTBEAT_SECONDS = env_int("TUNEPLEX_JOB_HEARTBEAT_SECONDS", 5, minimum=1)
 JOB_HEARTBEAT_TIMEOUT = env_int("TUNEPLEX_JOB_HEARTBEAT_TIMEOUT", 60, minimum=5)
 JOB_MAX_ATTEMPTS = env_int("TUNEPLEX_JOB_MAX_ATTEMPTS", 3, minimum=1, maximum=20)
+# A job running longer than this since it first started (over all attempts) is stopped and failed.
+JOB_MAX_RUNTIME_SECONDS = env_int("TUNEPLEX_JOB_MAX_RUNTIME_SECONDS", 72 * 3600, minimum=60)
 # Checkpoints live in artifact storage (the newest N of each job); the work folder is a cache.
 JOB_KEEP_CHECKPOINTS = env_int("TUNEPLEX_JOB_KEEP_CHECKPOINTS", 3, minimum=1, maximum=100)
 # How long a worker keeps retrying a progress write (metrics, events) the database refused
@@ -372,8 +375,11 @@ USE_I18N = False
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"request_id": {"()": "tuneplex.core.request_id.RequestIdFilter"}},
+    "formatters": {"plain": {
+        "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain",
+                             "filters": ["request_id"]}},
     "root": {"handlers": ["console"], "level": env_str("TUNEPLEX_LOG_LEVEL", "INFO",
                                                         choices=("DEBUG", "INFO", "WARNING", "ERROR"))},
 }

@@ -134,3 +134,20 @@ def test_a_viewer_cannot_create_or_cancel(org_a, viewer_of_a, default_model, pir
     job = create_job(org_a, model="SmolLM2-135M-Instruct", training_file=pirate_file_of_a).json()
     assert bearer(key).post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 403
     assert bearer(key).get(f"/v1/fine_tuning/jobs/{job['id']}").status_code == 200
+
+
+@pytest.mark.parametrize("metadata,param", [
+    ({f"k{i}": "v" for i in range(17)}, "metadata"),
+    ({"k" * 65: "v"}, "metadata"),
+    ({"k": "v" * 513}, "metadata.k"),
+    ({"k": {"nested": 1}}, "metadata.k"),
+])
+def test_job_metadata_has_openais_limits(org_a, metadata, param):
+    from tuneplex.finetuning.models import FineTuningJob
+
+    response = bearer(org_a.owner_key).post("/v1/fine_tuning/jobs", {
+        "model": "SmolLM2-135M-Instruct", "training_file": "file-x", "metadata": metadata},
+        format="json")
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["param"] == param
+    assert not FineTuningJob.objects.filter(organization=org_a.organization).exists()

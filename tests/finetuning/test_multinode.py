@@ -80,7 +80,7 @@ def test_a_job_survives_a_paused_node_and_a_killed_node(celery_worker, gpu_worke
     assert in_bucket == recorded, (in_bucket, recorded)
     assert not job.checkpoints.filter(attempt=1, step__gt=first_resume.data["resumed_from_step"]
                                       ).exists()
-    second_claim = job.events.filter(message__startswith="Running on").latest("created_at")
+    second_claim = job.events.filter(message__startswith="Running (attempt").latest("created_at")
     steps_b = list(job.events.filter(type="metrics", created_at__gt=second_claim.created_at)
                    .order_by("created_at").values_list("data__step", flat=True))
     assert steps_b == sorted(set(steps_b)), steps_b
@@ -100,7 +100,7 @@ def test_a_job_survives_a_paused_node_and_a_killed_node(celery_worker, gpu_worke
     resumes = list(job.events.filter(message__startswith="Resuming from the checkpoint")
                    .order_by("created_at").values_list("data__resumed_from_step", flat=True))
     assert len(resumes) == 2 and resumes[1] >= newest.step, resumes
-    last_claim = job.events.filter(message__startswith="Running on").latest("created_at")
+    last_claim = job.events.filter(message__startswith="Running (attempt").latest("created_at")
     steps = list(job.events.filter(type="metrics", created_at__gt=last_claim.created_at)
                  .order_by("created_at").values_list("data__step", flat=True))
     assert steps[0] == resumes[1] + 1 and steps[-1] == 12, steps

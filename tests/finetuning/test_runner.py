@@ -107,3 +107,46 @@ def test_the_platform_never_imports_jobs_tasks():
                 offenders += [f"{path.relative_to(REPO)}: {n}" for n in names
                               if n == "jobs.tasks" or n.startswith("jobs.tasks.")]
     assert offenders == []
+
+
+@pytest.mark.django_db
+def test_a_polled_chart_reads_a_bounded_sample_with_the_newest_point(claimed_job):
+    from tuneplex.finetuning.models import JobEvent
+    from tuneplex.finetuning.selectors import job_metrics_sampled
+
+    JobEvent.objects.bulk_create([JobEvent(job=claimed_job, type="metrics", message=f"s{i}",
+                                           data={"step": i}) for i in range(1, 1001)])
+    sampled = job_metrics_sampled(job=claimed_job, at_most=200)
+    steps = [row["step"] for row in sampled]
+    assert len(steps) <= 201 and steps[0] == 1 and steps[-1] == 1000
+    assert steps == sorted(steps) and steps[1] - steps[0] == 5
+    assert [r["step"] for r in job_metrics_sampled(job=claimed_job, at_most=5000)] == list(
+        range(1, 1001))
+
+
+@pytest.mark.django_db
+def test_the_quota_counts_adapters_merged_exports_and_checkpoints(org_a, default_model, settings):
+    from tests.conftest import bearer
+    from tests.fixtures.adapter_rows import adapter_row
+    from tuneplex.adapters.models import Adapter
+    from tuneplex.files.selectors import storage_used
+
+    from tests.finetuning.conftest import upload
+    from tests.fixtures.datasets import lines_to_bytes, pirate_lines
+
+    file_id = upload(org_a, lines_to_bytes(pirate_lines(24)))
+    datasets = storage_used(organization=org_a.organization)
+    adapter = adapter_row(org_a.organization, default_model)
+    Adapter.objects.filter(id=adapter.id).update(bytes=1000, merged_bytes=5000)
+    JobCheckpoint.objects.create(job=adapter.job, step=2, attempt=1, blob_prefix="p", bytes=300)
+    assert storage_used(organization=org_a.organization) == datasets + 6300
+    org_a.organization.storage_quota_bytes = datasets + 6300
+    org_a.organization.save()
+    client = bearer(org_a.owner_key)
+    merge = client.post(f"/v1/adapters/{adapter.id}/merge")
+    assert merge.status_code == 403 and merge.json()["error"]["code"] == "storage_quota_exceeded"
+    job = client.post("/v1/fine_tuning/jobs", {"model": default_model.name,
+                                               "training_file": file_id}, format="json")
+    assert job.status_code == 403 and job.json()["error"]["code"] == "storage_quota_exceeded"
+    assert Adapter.objects.get(id=adapter.id).merge_status == "none"
+    assert list(FineTuningJob.objects.filter(organization=org_a.organization)) == [adapter.job]

@@ -249,3 +249,19 @@ def test_the_sweep_resends_lost_statistics_then_fails_them(org_a, settings,
     assert done["statistics_failed"] == [abandoned.id]
     abandoned.refresh_from_db()
     assert abandoned.statistics_status == "failed"
+
+
+def test_a_job_past_its_runtime_limit_is_failed(org_a, default_model, settings,
+                                                django_capture_on_commit_callbacks):
+    settings.JOB_MAX_RUNTIME_SECONDS = 3600
+    job = queued_job(org_a, default_model, dispatched_at=timezone.now())
+    scheduler.claim(job_id=job.id, worker="w1")
+    young = queued_job(org_a, default_model, dispatched_at=timezone.now())
+    scheduler.claim(job_id=young.id, worker="w2")
+    FineTuningJob.objects.filter(id=job.id).update(started_at=timezone.now() - timedelta(hours=2))
+    with django_capture_on_commit_callbacks(execute=False):
+        assert scheduler.reap()["failed"] == [job.id]
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error["code"] == "runtime_limit_exceeded"
+    assert not job_holds(job_id=job.id, attempt=1)  # its worker stops at the next heartbeat
+    assert FineTuningJob.objects.get(id=young.id).status == "running"

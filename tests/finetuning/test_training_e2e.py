@@ -98,7 +98,7 @@ def test_a_job_trains_serves_its_adapter_and_merges(ready, gpu_workers, gateway,
     wait_for(lambda: f"job {job_id} not claimable" in worker.log_path.read_text(), timeout=60,
              message="the worker to consume the redelivered message")
     assert job_state(job_id).attempts == 1
-    assert job.events.filter(message__startswith="Running on").count() == 1
+    assert job.events.filter(message__startswith="Running (attempt").count() == 1
 
     adapters = client.get("/v1/adapters").json()["data"]
     assert [a["name"] for a in adapters] == [body["fine_tuned_model"]]

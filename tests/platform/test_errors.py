@@ -175,3 +175,31 @@ def test_paths_outside_the_static_folders_are_404_not_500(path):
 
     assert asyncio.run(get(path)).status_code == 404
     assert asyncio.run(get("/static/frontend/app.css")).status_code == 200  # served at all
+
+
+def test_an_internal_error_shows_a_request_id_and_no_internals(org_a, monkeypatch):
+    from tuneplex.tenancy import apis
+
+    def broken(self, request):
+        raise RuntimeError("connection to db-7.internal:5432 failed, see /srv/tuneplex/x.py")
+
+    monkeypatch.setattr(apis.OrganizationApi, "get", broken)
+    client = APIClient()
+    client.raise_request_exception = False  # answer like production: the 500 page, not a raise
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {org_a.owner_key}")
+    response = client.get("/v1/organization", HTTP_X_REQUEST_ID="proxy-id-12345678")
+    assert_error(response, 500, "server_error")
+    message = response.json()["error"]["message"]
+    assert "proxy-id-12345678" in message and response["X-Request-Id"] == "proxy-id-12345678"
+    assert "db-7" not in message and "/srv" not in message and "RuntimeError" not in message
+    ordinary = bearer(org_a.owner_key).get("/v1/base_models", HTTP_X_REQUEST_ID="bad id!")
+    assert len(ordinary["X-Request-Id"]) == 32  # an unusable offered id is replaced
+
+
+def test_client_messages_lose_paths_and_addresses():
+    from tuneplex.core.redact import client_message
+
+    text = ("FileNotFoundError: [Errno 2] No such file: '/var/lib/tuneplex/work/x/config.json' "
+            "from 10.0.3.7:8100\nTraceback (most recent call last):\n  File \"/srv/a.py\"")
+    assert client_message(text) == ("FileNotFoundError: [Errno 2] No such file: '<path>' from "
+                                    "<address>")

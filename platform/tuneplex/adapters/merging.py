@@ -19,6 +19,7 @@ from jobs.training.layout import ADAPTER_FILES
 from tuneplex.adapters.models import Adapter
 from tuneplex.core import queue
 from tuneplex.core.storage import delete_prefix, download_directory, upload_directory
+from tuneplex.core.redact import client_message
 from tuneplex.core.trainer_env import last_error_line, run_trainer_module
 
 log = logging.getLogger(__name__)
@@ -43,20 +44,22 @@ def run_merge(adapter_id: str) -> None:
         log.info("merge of %s not claimable (already taken or not queued)", adapter_id)
         return
     work = Path(tempfile.mkdtemp(prefix=f"merge-{adapter.id}-", dir=settings.DATA_DIR))
+    size = 0
     try:
-        _merge(adapter, work)
+        size = _merge(adapter, work)
         status, error = Merge.SUCCEEDED, ""
     except Exception as exc:  # noqa: BLE001 - recorded on the adapter for the user
         log.exception("merge of %s failed", adapter_id)
-        status, error = Merge.FAILED, f"{exc}"[:1000]
+        status, error = Merge.FAILED, f"The merge failed: {client_message(str(exc))}"
     finally:
         shutil.rmtree(work, ignore_errors=True)
     Adapter.objects.filter(id=adapter_id, merge_status=Merge.RUNNING).update(
-        merge_status=status, merge_error=error)
+        merge_status=status, merge_error=error, merged_bytes=size)
     queue.enqueue(queue.DISPATCH_JOBS)  # its GPU slot is free again
 
 
-def _merge(adapter: Adapter, work: Path) -> None:
+def _merge(adapter: Adapter, work: Path) -> int:
+    """Merge and upload; returns the bytes stored."""
     adapter_dir = work / "adapter"
     adapter_dir.mkdir()
     download_directory(adapter.blob_prefix, ADAPTER_FILES, adapter_dir)
@@ -68,4 +71,5 @@ def _merge(adapter: Adapter, work: Path) -> None:
     prefix = merged_prefix(adapter)
     delete_prefix(prefix)
     merged = work / "merged"
-    upload_directory(merged, prefix, sorted(p.name for p in merged.iterdir() if p.is_file()))
+    return upload_directory(merged, prefix,
+                            sorted(p.name for p in merged.iterdir() if p.is_file()))

@@ -37,6 +37,7 @@ class Adapter(models.Model):
     # A merge is GPU work: the scheduler dispatches it like a job, into a free GPU slot.
     merge_dispatched_at = models.DateTimeField(null=True, blank=True)
     merge_started_at = models.DateTimeField(null=True, blank=True)
+    merged_bytes = models.BigIntegerField(default=0, help_text="The merged export's size.")
     deployed = models.BooleanField(default=False, help_text="Served by the pool under `name`.")
     pinned = models.BooleanField(default=False, help_text="Never evicted from the engine's slots.")
     deployed_at = models.DateTimeField(null=True, blank=True)

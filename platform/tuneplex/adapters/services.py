@@ -14,6 +14,7 @@ from tuneplex.core import queue
 from tuneplex.core.actors import Principal
 from tuneplex.core.errors import Conflict
 from tuneplex.core.storage import upload_directory
+from tuneplex.files.services import storage_quota_check
 
 
 def adapter_name(*, base_model: str, org_slug: str, suffix: str, job_id: str) -> str:
@@ -36,6 +37,7 @@ def adapter_prepare(*, job, adapter_dir: Path, sha256: str) -> Adapter:
 
 
 def adapter_request_merge(*, organization, actor: Principal, adapter: Adapter) -> Adapter:
+    storage_quota_check(organization, 0, what="a merged model", param=None)
     with transaction.atomic():
         adapter = Adapter.objects.select_for_update().get(pk=adapter.pk, organization=organization)
         if adapter.merge_status in (Adapter.MergeStatus.QUEUED, Adapter.MergeStatus.RUNNING):

@@ -141,8 +141,12 @@ def handler404(request: HttpRequest, exception: Exception | None = None) -> Http
 
 def handler500(request: HttpRequest) -> HttpResponse:
     if is_api_path(request):
-        return JsonResponse(error_body("server_error", "Internal error; it has been logged."),
-                            status=500)
+        from tuneplex.core.request_id import request_id_of
+
+        return JsonResponse(error_body(
+            "server_error", f"Internal error; it has been logged with request id "
+                            f"{request_id_of(request)}. Quote it when you report the problem."),
+            status=500)
     return server_error(request, template_name="500.html")
 
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from django.core.files.storage import storages
-from django.db.models import QuerySet, Sum
+from django.db.models import F, QuerySet, Sum
 
 from jobs.training.jsonl import (LineError, check_record, detect_format, iter_lines, parse_line,
                                  to_example)
@@ -24,7 +24,17 @@ def file_get(*, organization: Organization, file_id: str) -> File:
 
 
 def storage_used(*, organization: Organization) -> int:
-    return File.objects.filter(organization=organization).aggregate(total=Sum("bytes"))["total"] or 0
+    """Bytes the organization keeps in artifact storage: datasets (feedback exports included),
+    adapters, their merged exports and jobs' checkpoints."""
+    from tuneplex.adapters.models import Adapter
+    from tuneplex.finetuning.models import JobCheckpoint
+
+    files = File.objects.filter(organization=organization).aggregate(t=Sum("bytes"))["t"] or 0
+    adapters = Adapter.objects.filter(organization=organization).aggregate(
+        t=Sum(F("bytes") + F("merged_bytes")))["t"] or 0
+    checkpoints = JobCheckpoint.objects.filter(job__organization=organization).aggregate(
+        t=Sum("bytes"))["t"] or 0
+    return files + adapters + checkpoints
 
 
 PREVIEW_LINE_BYTES = 64 * 1024

@@ -64,7 +64,7 @@ def file_create(*, organization: Organization, actor: Principal, upload: Uploade
         report = validate_jsonl(stream, max_line_bytes=settings.DATASET_MAX_LINE_BYTES,
                                 min_examples=settings.DATASET_MIN_EXAMPLES)
         sha256 = _sha256(stream)
-    _check_quota(organization, size)  # fail fast; checked again under the lock below
+    storage_quota_check(organization, size, what=f"this file ({size} bytes)")  # fail fast
     record = File(organization=organization, filename=filename, purpose=purpose, bytes=size,
                   sha256=sha256, format=report.format or "", validation=report.as_dict(),
                   status=File.Status.PROCESSED if report.ok else File.Status.ERROR,
@@ -83,7 +83,7 @@ def file_create(*, organization: Organization, actor: Principal, upload: Uploade
         with transaction.atomic():
             # Lock the organization so concurrent uploads cannot overshoot the quota together.
             Organization.objects.select_for_update().filter(pk=organization.pk).first()
-            _check_quota(organization, size)
+            storage_quota_check(organization, size, what=f"this file ({size} bytes)")
             record.save(force_insert=True)
             audit_record(actor=actor, action="file.create", obj=record,
                          metadata={"filename": filename, "bytes": size, "status": record.status})
@@ -95,13 +95,16 @@ def file_create(*, organization: Organization, actor: Principal, upload: Uploade
     return record
 
 
-def _check_quota(organization: Organization, size: int) -> None:
+def storage_quota_check(organization: Organization, size: int, *, what: str = "this file",
+                        param: str | None = "file") -> None:
+    """Refuse work that would store ``size`` more bytes (or any, once the quota is used up)."""
     used = storage_used(organization=organization)
     quota = organization.storage_quota
-    if used + size > quota:
-        raise ApiError(f"Storing this file ({size} bytes) would exceed the organization's quota: "
-                       f"{used} of {quota} bytes are used. Delete files you no longer need.",
-                       code="storage_quota_exceeded", param="file", status=403)
+    if used + max(size, 1) > quota:
+        raise ApiError(f"Storing {what} would exceed the organization's storage quota: {used} of "
+                       f"{quota} bytes are used by datasets, adapters, merged exports and "
+                       "checkpoints. Delete what you no longer need.",
+                       code="storage_quota_exceeded", param=param, status=403)
 
 
 def _enqueue_statistics(file_id: str) -> None:

@@ -8,6 +8,7 @@ import logging
 from django.conf import settings
 
 from tuneplex.basemodels.models import BaseModel
+from tuneplex.core.redact import client_message
 from tuneplex.core.storage import local_copy
 from tuneplex.core.trainer_env import last_error_line, run_trainer_module
 from tuneplex.files.services import file_statistics_claim, file_statistics_finish
@@ -40,6 +41,8 @@ def compute_statistics(file_id: str) -> None:
         statistics["model"] = model.name
     except Exception as exc:  # noqa: BLE001 - recorded on the file for the user to see
         log.exception("statistics for %s failed", file_id)
-        file_statistics_finish(file=file, statistics=None, error=f"{exc.__class__.__name__}: {exc}"[:500])
+        file_statistics_finish(file=file, statistics=None,
+                               error=f"Statistics could not be computed: "
+                                     f"{client_message(str(exc)) or exc.__class__.__name__}")
         return
     file_statistics_finish(file=file, statistics=statistics)

@@ -93,8 +93,22 @@ class JobCreateInput(serializers.Serializer):
                                    "supervised: {hyperparameters}}; merged with hyperparameters.")
     suffix = serializers.CharField(max_length=64, required=False, allow_null=True)
     seed = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=2**31 - 1)
-    metadata = serializers.DictField(required=False, allow_null=True)
+    metadata = serializers.DictField(
+        child=serializers.CharField(max_length=512, allow_blank=True), required=False,
+        allow_null=True, help_text="Up to 16 string pairs; keys up to 64 characters, values up "
+                                   "to 512 (OpenAI's limits).")
     integrations = serializers.ListField(required=False, allow_null=True, max_length=0)
+
+    def validate_metadata(self, value):
+        if value is None:
+            return value
+        if len(value) > 16:
+            raise serializers.ValidationError("At most 16 metadata pairs.", code="too_many_pairs")
+        for key in value:
+            if not 1 <= len(key) <= 64:
+                raise serializers.ValidationError("Metadata keys are 1 to 64 characters.",
+                                                  code="invalid_key")
+        return value
 
     def validate_method(self, value):
         if value.get("type", "supervised") != "supervised":

@@ -93,6 +93,7 @@ class JobCheckpoint(models.Model):
     metrics = models.JSONField(default=dict)
     blob_prefix = models.CharField(max_length=300, default="",
                                    help_text="Its files in artifact storage: <prefix>/<name>.")
+    bytes = models.BigIntegerField(default=0, help_text="Counted in the storage quota.")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

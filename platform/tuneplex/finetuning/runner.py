@@ -38,6 +38,7 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 
 from jobs.training.layout import CHECKPOINT_FILES, staged_directory
+from tuneplex.core.redact import client_message
 from tuneplex.core.storage import delete_prefix, download_directory, local_copy, upload_directory
 from tuneplex.core.trainer_env import trainer_command, trainer_environment
 from tuneplex.files.models import File
@@ -286,7 +287,10 @@ class JobRun:
             job_mark_cancelled(job=job, attempt=attempt)
             return "cancelled"
         if error:
-            job_fail(job=job, code=error.get("code", "training_error"), message=error["message"],
+            log.error("job %s attempt %s: trainer error %s: %s", job.id, attempt,
+                      error.get("code"), error.get("message"))
+            job_fail(job=job, code=error.get("code", "training_error"),
+                     message=client_message(str(error.get("message", ""))) or "Training failed.",
                      attempt=attempt)
             return "failed"
         if returncode < 0:  # killed by a signal (the OOM killer, an operator): not the job's fault
@@ -379,10 +383,10 @@ class CheckpointUploader:
     def _upload(self, step: int, snapshot: Path, metrics: dict) -> None:
         run = self.run
         prefix = checkpoint_prefix(run.job, attempt=run.attempt, step=step)
-        upload_directory(snapshot, prefix, CHECKPOINT_FILES)
+        size = upload_directory(snapshot, prefix, CHECKPOINT_FILES)
         try:
             persist(lambda: job_record_checkpoint(job=run.job, attempt=run.attempt, step=step,
-                                                  blob_prefix=prefix, metrics=metrics),
+                                                  blob_prefix=prefix, metrics=metrics, size=size),
                     what="checkpoint", give_up_after=None)
         except BaseException:
             delete_prefix(prefix)  # not recorded: nobody would ever resume from it

@@ -129,7 +129,8 @@ def claim(*, job_id: str, worker: str) -> FineTuningJob | None:
     if not claimed:
         return None
     job.refresh_from_db()
-    job_event(job, f"Running on {worker} (attempt {job.attempts} of {settings.JOB_MAX_ATTEMPTS}).")
+    log.info("job %s attempt %s claimed by %s", job.id, job.attempts, worker)
+    job_event(job, f"Running (attempt {job.attempts} of {settings.JOB_MAX_ATTEMPTS}).")
     return job
 
 
@@ -158,10 +159,18 @@ def reap() -> dict[str, list[str]]:
         if job.cancel_requested:
             job_mark_cancelled(job=job, attempt=job.attempts)
             continue
+        log.warning("job %s: worker %s stopped heartbeating", job.id, job.worker)
         outcome = job_requeue(job=job, attempt=job.attempts,
-                              reason=f"Worker {job.worker} stopped heartbeating (attempt "
-                                     f"{job.attempts}).")
+                              reason=f"The worker running attempt {job.attempts} stopped "
+                                     "responding.")
         {"requeued": requeued, "failed": failed}.get(outcome, []).append(job.id)
+    limit = timedelta(seconds=settings.JOB_MAX_RUNTIME_SECONDS)
+    for job in FineTuningJob.objects.filter(status=Status.RUNNING, started_at__lt=_ago(limit)):
+        # The worker's next heartbeat finds the job finished and stops its trainer.
+        if job_fail(job=job, code="runtime_limit_exceeded",
+                    message=f"The job ran longer than its limit of {limit.total_seconds() / 3600:g} "
+                            "hours (TUNEPLEX_JOB_MAX_RUNTIME_SECONDS) and was stopped."):
+            failed.append(job.id)
     FineTuningJob.objects.filter(status=Status.QUEUED,
                                  dispatched_at__lt=_ago(DISPATCH_CLAIM_TIMEOUT)
                                  ).update(dispatched_at=None)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from django.db.models import Q, QuerySet
+from django.db.models import F, Q, QuerySet, Window
+from django.db.models.functions import Mod, RowNumber
 
 from tuneplex.core.errors import NotFound
 from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint, JobEvent
@@ -37,3 +38,16 @@ def job_metrics(*, job: FineTuningJob) -> QuerySet:
     """The metrics the trainer reported (step, train_loss, eval_loss, ...), oldest first."""
     return (JobEvent.objects.filter(job=job, type="metrics").order_by("created_at", "id")
             .values_list("data", flat=True))
+
+
+def job_metrics_sampled(*, job: FineTuningJob, at_most: int) -> list[dict]:
+    """At most about ``at_most`` metric rows, evenly spread, always with the newest: what a
+    polled chart reads, whatever the job's length (the database samples; no row is read twice)."""
+    rows = JobEvent.objects.filter(job=job, type="metrics")
+    total = rows.count()
+    if total <= at_most:
+        return list(job_metrics(job=job))
+    stride = -(-total // at_most)
+    numbered = rows.annotate(n=Window(RowNumber(), order_by=[F("created_at").asc(), F("id").asc()]))
+    picked = numbered.annotate(phase=Mod(F("n") - 1, stride)).filter(Q(phase=0) | Q(n=total))
+    return list(picked.order_by("created_at", "id").values_list("data", flat=True))

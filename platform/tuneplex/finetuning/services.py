@@ -23,6 +23,7 @@ from tuneplex.core.actors import Principal
 from tuneplex.core.errors import ApiError, Conflict
 from tuneplex.core.storage import delete_prefix
 from tuneplex.files.models import File
+from tuneplex.files.services import storage_quota_check
 from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint, JobEvent
 from tuneplex.tenancy.models import Organization
 
@@ -197,6 +198,8 @@ def job_create(*, organization: Organization, actor: Principal, model: str, trai
     base_model, train, validation, config, peak = (plan.base_model, plan.train, plan.validation,
                                                    plan.config, plan.memory)
     stored = {k: v for k, v in dataclasses.asdict(config).items() if k not in PATH_FIELDS}
+    # A job stores checkpoints and an adapter: none may start once the quota is used up.
+    storage_quota_check(organization, 0, what="a new job's checkpoints and adapter", param=None)
     with transaction.atomic():
         job = FineTuningJob.objects.create(
             organization=organization, base_model=base_model, training_file=train.id,
@@ -354,7 +357,7 @@ def checkpoint_prefix(job: FineTuningJob, *, attempt: int, step: int) -> str:
 
 
 def job_record_checkpoint(*, job: FineTuningJob, attempt: int, step: int, blob_prefix: str,
-                          metrics: dict) -> None:
+                          metrics: dict, size: int = 0) -> None:
     """Record a checkpoint whose files are already in artifact storage, then drop the ones beyond
     the newest TUNEPLEX_JOB_KEEP_CHECKPOINTS (their rows in this transaction, their files after)."""
     with transaction.atomic():
@@ -363,7 +366,7 @@ def job_record_checkpoint(*, job: FineTuningJob, attempt: int, step: int, blob_p
                         .exclude(blob_prefix=blob_prefix).values_list("blob_prefix", flat=True))
         JobCheckpoint.objects.filter(job=job, step__gte=step).delete()
         JobCheckpoint.objects.create(job=job, step=step, attempt=attempt, blob_prefix=blob_prefix,
-                                     metrics=metrics)
+                                     metrics=metrics, bytes=size)
         stale = list(JobCheckpoint.objects.filter(job=job).order_by("-step")
                      [settings.JOB_KEEP_CHECKPOINTS:].values_list("id", "blob_prefix"))
         JobCheckpoint.objects.filter(id__in=[checkpoint_id for checkpoint_id, _ in stale]).delete()
