@@ -294,7 +294,8 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums",
-                             "tuneplex.inference.schema.add_inference_paths"],
+                             "tuneplex.inference.schema.add_inference_paths",
+                             "tuneplex.core.schema.document_lists_and_errors"],
 }
 
 API_KEY_PREFIX = "tpx_"

@@ -26,3 +26,27 @@ def test_schema_and_docs_are_served_without_a_cdn():
     assert docs.status_code == 200
     html = docs.content.decode()
     assert "/static/drf_spectacular_sidecar/" in html and "cdn" not in html.lower()
+
+
+def test_lists_are_documented_as_the_envelope_they_return_and_errors_in_their_shape(org_a):
+    from tests.conftest import bearer
+
+    schema = Client().get("/v1/openapi.json").json()
+    client = bearer(org_a.owner_key)
+    lists = [path for path, ops in schema["paths"].items()
+             if "get" in ops and "{" not in path and "200" in ops["get"]["responses"]
+             and "data" in ops["get"]["responses"]["200"].get("content", {})
+             .get("application/json", {}).get("schema", {}).get("properties", {})]
+    assert {"/v1/files", "/v1/fine_tuning/jobs", "/v1/adapters", "/v1/api_keys",
+            "/v1/organization/members", "/v1/organization/invitations"} <= set(lists)
+    for path in lists:
+        documented = schema["paths"][path]["get"]["responses"]["200"]["content"][
+            "application/json"]["schema"]
+        body = client.get(path).json()
+        assert set(documented.get("required", ["object", "data"])) <= set(body), path
+        assert body["object"] == "list" and isinstance(body["data"], list), path
+    for path, ops in schema["paths"].items():
+        for method, operation in ops.items():
+            assert {"400", "401", "403"} <= set(operation["responses"]), (method, path)
+            if "{" in path:
+                assert "404" in operation["responses"], (method, path)

@@ -19,3 +19,57 @@ class SessionScheme(OpenApiAuthenticationExtension):
     def get_security_definition(self, auto_schema):
         return {"type": "apiKey", "in": "cookie", "name": "sessionid",
                 "description": "A signed-in browser session (writes also need the CSRF token)."}
+
+
+# --- what every operation may answer, and the list envelope --------------------------------------
+
+ERROR_SCHEMA = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {
+        "type": "object", "required": ["code", "message", "param"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                       "param": {"type": "string", "nullable": True}}}},
+}
+_ERROR_TEXT = {
+    "400": "Invalid input: `code` says what, `param` names the field",
+    "401": "Missing or invalid credentials",
+    "403": "The key's scopes or the member's role do not allow this",
+    "404": "No such object in this organization",
+    "409": "The object's state does not allow this now",
+    "413": "The request body is too large",
+}
+_WRITES = {"post", "put", "patch", "delete"}
+
+
+def _envelope(items: dict) -> dict:
+    return {"type": "object", "required": ["object", "data", "has_more"], "properties": {
+        "object": {"type": "string", "enum": ["list"]},
+        "data": {"type": "array", "items": items},
+        "has_more": {"type": "boolean"},
+        "first_id": {"type": "string", "nullable": True},
+        "last_id": {"type": "string", "nullable": True}}}
+
+
+def document_lists_and_errors(result, generator, request, public):
+    """drf-spectacular postprocessing hook: list operations answer OpenAI's list envelope (not a
+    bare array), and every operation documents the errors it can answer, in our one shape."""
+    result.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    error_ref = {"$ref": "#/components/schemas/Error"}
+    for path, operations in result.get("paths", {}).items():
+        for method, operation in operations.items():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            responses = operation["responses"]
+            ok = responses.get("200", {}).get("content", {}).get("application/json", {})
+            if ok.get("schema", {}).get("type") == "array":
+                ok["schema"] = _envelope(ok["schema"]["items"])
+            wanted = ["400", "401", "403"]
+            if "{" in path:
+                wanted.append("404")
+            if method in _WRITES:
+                wanted += ["409", "413"]
+            for status in wanted:
+                responses.setdefault(status, {
+                    "description": _ERROR_TEXT[status],
+                    "content": {"application/json": {"schema": error_ref}}})
+    return result
