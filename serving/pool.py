@@ -1,278 +1,352 @@
-"""Which adapter is loaded on which vLLM replica, kept within each replica's slots.
+"""The residency authority of one vLLM replica: which adapters it holds, and which are leased.
 
-The one small interface the gateway and the platform use: ``ensure_loaded`` (load lazily, evict
-the least recently used unpinned adapter when a replica is full), ``deploy``/``undeploy`` (with
-pinning), ``route``/``acquire``/``release`` (a replica that has the adapter, loading it if none
-has; an acquired adapter is never evicted while its request runs), ``sync`` (the deployed set from the platform's database)
-and ``reconcile`` (compare with each replica's ``/v1/models``: a replica that restarted has lost
-its adapters, and the deployed ones are loaded again). Adapter names and paths come from
-the platform (generated ids, paths confined under the artifact root); nothing here trusts a
-tenant's input.
+Design: **a pool agent beside each replica** (``serving/agent.py``, run by ``manage.py
+run_engine`` in the same process that supervises the engine). Of the two candidates (this, or
+pool state and leases in Redis) it is the one that needs no shared disk and no shared server:
+
+- staging must happen on the replica's own node (vLLM reads ``lora_path`` from its local disk),
+  so something must run there anyway; the agent is that thing, and it is also the only writer of
+  its replica's slots, so "which adapter is loaded where" has exactly one owner per replica and
+  needs no distributed lock;
+- the embedded default has no Redis: an agent works the same on one machine (SQLite, filesystem
+  broker) as on many;
+- a restarted engine is noticed by the process that restarted it, which loads its adapters again.
+
+Gateways (any number, on any node) ask the agent for a **lease** on an adapter: the agent loads
+it if needed (evicting the least recently used adapter that is neither pinned nor leased) and
+answers with a lease id. A leased adapter is never evicted or unloaded. A gateway holds one lease
+per adapter while its requests on it run, renews it every few seconds and releases it when idle;
+a lease that is not renewed expires after ``lease_seconds``, so a gateway that died pins nothing.
+
+Rules kept here: the lock guards only in-memory decisions; staging (artifact storage) and every
+call to the engine happen outside it, with the adapter marked as *loading* or *unloading* so
+that concurrent requests for it wait for the outcome instead of doing the work twice. No Django:
+the platform passes in ``stage`` (adapter id -> local path, validated) and the deployed set.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
-from collections import Counter, OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import httpx
+
+from serving.engine import auth_headers
 
 log = logging.getLogger(__name__)
 
 
 class AdapterLoadError(RuntimeError):
-    """The engine refused an adapter (missing, corrupt, rank too high, wrong shapes)."""
+    """The adapter cannot be served: staging/validation refused it, or the engine did."""
+
+    def __init__(self, message: str, code: str = "adapter_load_failed") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class NoReplicaAvailable(RuntimeError):
+    """No replica can take the request now (down, or every slot pinned or leased)."""
+
+
+class SlotsBusy(NoReplicaAvailable):
+    pass
+
+
+class EngineDown(NoReplicaAvailable):
     pass
 
 
 @dataclass
-class Replica:
-    url: str
-    loaded: OrderedDict[str, str] = field(default_factory=OrderedDict)  # name -> path, LRU first
-    healthy: bool = True
+class Lease:
+    id: str
+    adapter: str
+    holder: str
+    expires: float  # time.monotonic()
 
 
-class LoraPool:
-    def __init__(self, replica_urls: list[str], *, slots: int,
-                 client: httpx.Client | None = None, timeout: float = 60.0) -> None:
-        if not replica_urls:
-            raise ValueError("a pool needs at least one replica")
-        self.replicas = [Replica(url.rstrip("/")) for url in replica_urls]
-        self.slots = slots
-        self.client = client or httpx.Client(timeout=timeout)
-        self.pinned: set[str] = set()
-        self.wanted: dict[str, str] = {}  # deployed adapters: name -> path
-        self.in_flight: Counter[str] = Counter()  # requests running per adapter: never evicted
-        self._flight_lock = threading.Lock()  # never held across I/O: release() must not wait
-        self._turn = -1
-        self._lock = threading.RLock()
+class EngineClient:
+    """The engine's runtime LoRA API, with the install's key."""
 
-    # --- queries ------------------------------------------------------------------------------
+    def __init__(self, url: str, api_key: str, timeout: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(timeout=timeout, headers=auth_headers(api_key))
 
-    def loaded_on(self, name: str) -> list[str]:
-        return [r.url for r in self.replicas if name in r.loaded]
-
-    def engine_adapters(self, replica: Replica) -> dict[str, str]:
-        """What the engine itself reports: LoRA name -> path (``root``)."""
-        response = self.client.get(f"{replica.url}/v1/models")
+    def adapters(self) -> dict[str, str]:
+        """LoRA name -> path (``root``), as the engine reports them."""
+        response = self.client.get(f"{self.url}/v1/models", timeout=5)
         response.raise_for_status()
         return {m["id"]: m.get("root", "") for m in response.json()["data"] if m.get("parent")}
 
-    # --- deploy / undeploy ----------------------------------------------------------------------
-
-    def deploy(self, name: str, path: str, *, pinned: bool = False) -> str:
-        """Remember the adapter as wanted (pinned or not) and load it now; returns the replica URL."""
-        with self._lock:
-            url = self.ensure_loaded(name, path)
-            self.wanted[name] = path
-            if pinned:
-                self.pinned.add(name)
-            else:
-                self.pinned.discard(name)
-            return url
-
-    def undeploy(self, name: str) -> None:
-        with self._lock:
-            self.wanted.pop(name, None)
-            self.pinned.discard(name)
-            self.unload(name)
-
-    # --- loading ------------------------------------------------------------------------------
-
-    def _touch(self, name: str) -> str | None:
-        """The URL of a healthy replica that has ``name`` loaded (marked as just used), or None."""
-        for replica in self.replicas:
-            if name in replica.loaded and replica.healthy:
-                replica.loaded.move_to_end(name)
-                return replica.url
-        return None
-
-    def route(self, name: str, path: str | None = None) -> str:
-        """A replica URL that has ``name`` loaded, loading it (lazily) if it is deployed.
-
-        ``path`` marks the adapter as deployed (the platform's database says so) when this
-        process's pool has not heard of it yet.
-        """
-        with self._lock:
-            url = self._touch(name)
-            if url is not None:
-                return url
-            if path is not None:
-                self.wanted[name] = path
-            if name not in self.wanted:
-                raise KeyError(name)
-            return self.ensure_loaded(name, self.wanted[name])
-
-    def acquire(self, name: str, path: str | None = None) -> str:
-        """``route`` for the length of one request: the adapter is not evicted until the matching
-        :meth:`release`, which the gateway calls when the answer (or its stream) ends."""
-        with self._lock:
-            url = self.route(name, path)
-            with self._flight_lock:
-                self.in_flight[name] += 1
-            return url
-
-    def acquire_nowait(self, name: str) -> str | None:
-        """:meth:`acquire` if ``name`` is loaded and nothing holds the pool; else None, at once."""
-        if not self._lock.acquire(blocking=False):
-            return None
-        try:
-            url = self._touch(name)
-            if url is not None:
-                with self._flight_lock:
-                    self.in_flight[name] += 1
-            return url
-        finally:
-            self._lock.release()
-
-    def release(self, name: str) -> None:
-        """Cheap and never blocked by a load in progress (called from the gateway's event loop)."""
-        with self._flight_lock:
-            self.in_flight[name] -= 1
-            if self.in_flight[name] <= 0:
-                del self.in_flight[name]
-
-    def _busy(self) -> set[str]:
-        with self._flight_lock:
-            return set(self.in_flight)
-
-    def any_replica(self) -> str:
-        """A healthy replica for a base-model request, in turn (never waits on the pool's lock)."""
-        with self._flight_lock:
-            healthy = [r for r in self.replicas if r.healthy]
-            if not healthy:
-                raise NoReplicaAvailable("no healthy engine replica")
-            self._turn = (self._turn + 1) % len(healthy)
-            return healthy[self._turn].url
-
-    def mark_unhealthy(self, url: str) -> None:
-        """A replica did not answer: route around it until ``reconcile`` sees it again."""
-        with self._lock:
-            for replica in self.replicas:
-                if replica.url == url.rstrip("/"):
-                    replica.healthy = False
-
-    def forget(self, url: str, name: str) -> None:
-        """The engine at ``url`` no longer knows ``name`` (it restarted): drop our record of it."""
-        with self._lock:
-            for replica in self.replicas:
-                if replica.url == url.rstrip("/"):
-                    replica.loaded.pop(name, None)
-
-    def ensure_loaded(self, name: str, path: str) -> str:
-        with self._lock:
-            url = self._touch(name)
-            if url is not None:
-                return url
-            candidates = [r for r in self.replicas if r.healthy]
-            if not candidates:
-                raise NoReplicaAvailable("no healthy engine replica")
-            replica = max(candidates, key=lambda r: self.slots - len(r.loaded))
-            while len(replica.loaded) >= self.slots:
-                self._evict_one(replica)
-            self._load(replica, name, path)
-            return replica.url
-
-    def _evict_one(self, replica: Replica) -> None:
-        busy = self._busy()
-        victim = next((n for n in replica.loaded if n not in self.pinned and n not in busy), None)
-        if victim is None:
-            raise NoReplicaAvailable(f"all {self.slots} adapter slots of the engine are pinned or "
-                                     f"serving requests; try again shortly")
-        self._unload_from(replica, victim)
-        log.info("evicted %s from %s (least recently used)", victim, replica.url)
-
-    def _load(self, replica: Replica, name: str, path: str) -> None:
-        response = self.client.post(f"{replica.url}/v1/load_lora_adapter",
+    def load(self, name: str, path: str) -> None:
+        response = self.client.post(f"{self.url}/v1/load_lora_adapter",
                                     json={"lora_name": name, "lora_path": path})
         if response.status_code == 400 and "already" in response.text.lower():
-            pass  # the engine has it (e.g. loaded by another process): adopt it
-        elif response.status_code != 200:
+            return  # the engine has it: adopt it
+        if response.status_code != 200:
             raise AdapterLoadError(_engine_message(response))
-        replica.loaded[name] = path
-        replica.loaded.move_to_end(name)
 
     def unload(self, name: str) -> None:
-        with self._lock:
-            for replica in self.replicas:
-                if name in replica.loaded:
-                    self._unload_from(replica, name)
-
-    def _unload_from(self, replica: Replica, name: str) -> None:
-        response = self.client.post(f"{replica.url}/v1/unload_lora_adapter",
-                                    json={"lora_name": name})
+        response = self.client.post(f"{self.url}/v1/unload_lora_adapter", json={"lora_name": name})
         if response.status_code not in (200, 404):
-            log.warning("unloading %s from %s: %s", name, replica.url, _engine_message(response))
-        replica.loaded.pop(name, None)
+            log.warning("unloading %s: %s", name, _engine_message(response))
 
-    # --- reconciliation -----------------------------------------------------------------------
+    def close(self) -> None:
+        self.client.close()
 
-    def sync(self, deployed: Mapping[str, tuple[str, bool]]) -> None:
-        """Take the deployed set (name -> (path, pinned)) from the platform; unload the rest.
 
-        Several web processes may share the replicas: the database is the one record of what is
-        deployed, and each process's pool follows it.
+Stage = Callable[[str, str], str]  # (adapter id, name) -> local path; raises AdapterLoadError
+
+
+class ReplicaPool:
+    """Slots, LRU order, pins and leases of one replica; the only code that loads or unloads."""
+
+    def __init__(self, engine: EngineClient, *, slots: int, stage: Stage,
+                 lease_seconds: float = 15.0, wait_seconds: float = 30.0) -> None:
+        self.engine = engine
+        self.slots = slots
+        self.stage_adapter = stage
+        self.lease_seconds = lease_seconds
+        self.wait_seconds = wait_seconds  # how long an acquire waits for a slot to be released
+        self.ready = False  # the engine answers; set by the process that runs it
+        self.loaded: OrderedDict[str, str] = OrderedDict()  # name -> path, least recently used first
+        self.pinned: set[str] = set()
+        self.leases: dict[str, Lease] = {}
+        self._loading: dict[str, threading.Event] = {}
+        self._unloading: dict[str, threading.Event] = {}
+        self._retired: set[str] = set()  # undeployed while leased: unloaded at the last release
+        self.evictions = 0
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a lease ended or a slot came free
+
+    # --- queries (no I/O) ---------------------------------------------------------------------
+
+    def state(self) -> dict:
+        with self._lock:
+            self._expire()
+            return {"ready": self.ready, "slots": self.slots, "loaded": list(self.loaded),
+                    "loading": list(self._loading), "pinned": sorted(self.pinned),
+                    "leased": sorted(self._leased()), "evictions": self.evictions}
+
+    def _leased(self) -> set[str]:
+        return {lease.adapter for lease in self.leases.values()}
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        gone = [key for key, lease in self.leases.items() if lease.expires < now]
+        for key in gone:
+            log.warning("lease %s on %s expired (holder %s stopped renewing)", key,
+                        self.leases[key].adapter, self.leases[key].holder)
+            del self.leases[key]
+        if gone:
+            self._changed.notify_all()
+
+    def _new_lease(self, name: str, holder: str) -> Lease:
+        lease = Lease(secrets.token_hex(8), name, holder, time.monotonic() + self.lease_seconds)
+        self.leases[lease.id] = lease
+        self.loaded.move_to_end(name)
+        return lease
+
+    # --- leases -------------------------------------------------------------------------------
+
+    def acquire(self, name: str, adapter_id: str, holder: str, wait: float | None = None) -> Lease:
+        """A lease on ``name``, loading it first if this replica does not hold it; waits up to
+        ``wait`` seconds (at most ``wait_seconds``) for a slot when every one is pinned or leased."""
+        wait = self.wait_seconds if wait is None else max(0.0, min(wait, self.wait_seconds))
+        deadline = time.monotonic() + wait
+        with self._lock:
+            while True:
+                self._expire()
+                if not self.ready:
+                    raise EngineDown("the engine of this replica is not running")
+                if name in self.loaded:
+                    self._retired.discard(name)
+                    return self._new_lease(name, holder)
+                busy = self._loading.get(name) or self._unloading.get(name)
+                if busy is None:
+                    victim = self._make_room()
+                    if victim is not False:
+                        break
+                    busy = None  # every slot pinned, leased or changing: wait for a release
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SlotsBusy(f"all {self.slots} adapter slots of this replica are pinned "
+                                    f"or serving requests")
+                if busy is not None:
+                    self._lock.release()
+                    try:
+                        busy.wait(remaining)
+                    finally:
+                        self._lock.acquire()
+                else:
+                    self._changed.wait(remaining)
+            done = self._loading[name] = threading.Event()
+        return self._load(name, adapter_id, holder, victim, done)
+
+    def _make_room(self) -> str | None | bool:
+        """Under the lock: None if a slot is free, the name of the adapter to evict (now marked
+        unloading), or False when nothing can be evicted."""
+        if len(self.loaded) + len(self._loading) < self.slots:
+            return None
+        leased = self._leased()
+        victim = next((n for n in self.loaded if n not in self.pinned and n not in leased), None)
+        if victim is None:
+            return False
+        del self.loaded[victim]
+        self._unloading[victim] = threading.Event()
+        self.evictions += 1
+        return victim
+
+    def _load(self, name: str, adapter_id: str, holder: str, victim: str | None,
+              done: threading.Event) -> Lease:
+        try:
+            if victim is not None:
+                self._unload_now(victim)
+                log.info("evicted %s (least recently used) for %s", victim, name)
+            path = self.stage_adapter(adapter_id, name)
+            self.engine.load(name, path)
+        except BaseException:
+            with self._lock:
+                del self._loading[name]
+                self._changed.notify_all()
+            done.set()
+            raise
+        with self._lock:
+            del self._loading[name]
+            self.loaded[name] = path
+            lease = self._new_lease(name, holder)
+            self._changed.notify_all()
+        done.set()
+        return lease
+
+    def _unload_now(self, name: str) -> None:
+        """``name`` is marked unloading (out of ``loaded``): tell the engine, then clear the mark."""
+        try:
+            self.engine.unload(name)
+        except httpx.HTTPError as exc:  # a dead engine has lost it anyway
+            log.warning("unloading %s reached no engine: %s", name, exc)
+        finally:
+            with self._lock:
+                self._unloading.pop(name).set()
+                self._changed.notify_all()
+
+    def stage(self, adapter_id: str, name: str) -> str:
+        """Stage and validate without loading (a deploy while every slot is busy)."""
+        return self.stage_adapter(adapter_id, name)
+
+    def renew(self, lease_ids: list[str]) -> list[str]:
+        """Extend the leases; returns the ids this replica does not know (expired, or lost in an
+        engine restart): their holder must acquire again."""
+        with self._lock:
+            self._expire()
+            expires = time.monotonic() + self.lease_seconds
+            unknown = []
+            for key in lease_ids:
+                lease = self.leases.get(key)
+                if lease is None:
+                    unknown.append(key)
+                else:
+                    lease.expires = expires
+            return unknown
+
+    def release(self, lease_ids: list[str]) -> None:
+        with self._lock:
+            for key in lease_ids:
+                self.leases.pop(key, None)
+            retire = self._retirable()
+            self._changed.notify_all()
+        for name in retire:
+            self._unload_now(name)
+
+    def _retirable(self) -> list[str]:
+        """Under the lock: retired adapters no lease holds any more, marked unloading."""
+        leased = self._leased()
+        names = [n for n in self._retired if n not in leased and n in self.loaded]
+        for name in names:
+            self._retired.discard(name)
+            del self.loaded[name]
+            self._unloading[name] = threading.Event()
+        return names
+
+    # --- deploy state -------------------------------------------------------------------------
+
+    def unload(self, name: str) -> bool:
+        """Undeployed: unload now, or at the last release if a lease holds it. True if unloaded."""
+        with self._lock:
+            if name not in self.loaded:
+                return False
+            self._retired.add(name)
+            retire = self._retirable()
+        for victim in retire:
+            self._unload_now(victim)
+        return bool(retire)
+
+    def reconcile(self, deployed: Mapping[str, tuple[str, bool]]) -> dict[str, list[str]]:
+        """Follow the platform's deployed set (name -> (adapter id, pinned)) and the engine's view.
+
+        Unloads adapters no longer deployed (once no lease holds them), forgets adapters the
+        engine lost (it restarted), adopts deployed ones it has that we did not know, then loads
+        pinned adapters (evicting if needed) and other deployed ones into free slots only.
         """
         with self._lock:
-            self.wanted = {name: path for name, (path, _) in deployed.items()}
             self.pinned = {name for name, (_, pinned) in deployed.items() if pinned}
-            busy = self._busy()
-            for replica in self.replicas:
-                for name in [n for n in replica.loaded if n not in self.wanted and n not in busy]:
-                    self._unload_from(replica, name)
-
-    def preload(self) -> list[str]:
-        """Load deployed adapters that no replica holds, into free slots only (never evicting)."""
+            # A leased adapter missing from the set may be one being deployed right now (loaded,
+            # its row not yet committed): only an explicit unload retires a leased adapter.
+            leased = self._leased()
+            self._retired |= {n for n in self.loaded if n not in deployed and n not in leased}
+            retire = self._retirable()
+        for name in retire:
+            self._unload_now(name)
+        actual = self.engine.adapters()  # raises when the engine does not answer
+        stray = []
+        with self._lock:
+            for name in [n for n in self.loaded if n not in actual]:
+                del self.loaded[name]
+            for name, path in actual.items():
+                if name in self.loaded or name in self._loading or name in self._unloading:
+                    continue
+                if name in deployed and len(self.loaded) + len(self._loading) < self.slots:
+                    self.loaded[name] = path
+                    self.loaded.move_to_end(name, last=False)
+                else:
+                    stray.append(name)
+        for name in stray:
+            self.engine.unload(name)
         loaded = []
-        with self._lock:
-            for name, path in self.wanted.items():
-                if any(name in r.loaded for r in self.replicas):
+        order = sorted(deployed.items(), key=lambda item: not item[1][1])  # pinned first
+        for name, (adapter_id, pinned) in order:
+            with self._lock:
+                if name in self.loaded or name in self._loading:
                     continue
-                free = [r for r in self.replicas if r.healthy and len(r.loaded) < self.slots]
-                if not free:
-                    break
-                try:
-                    self._load(max(free, key=lambda r: self.slots - len(r.loaded)), name, path)
-                    loaded.append(name)
-                except (AdapterLoadError, httpx.HTTPError) as exc:
-                    log.error("could not preload %s: %s", name, exc)
-        return loaded
+                full = len(self.loaded) + len(self._loading) >= self.slots
+            if full and not pinned:
+                continue
+            try:
+                lease = self.acquire(name, adapter_id, holder="reconcile")
+            except (AdapterLoadError, NoReplicaAvailable, httpx.HTTPError) as exc:
+                log.error("could not load deployed adapter %s: %s", name, exc)
+                continue
+            self.release([lease.id])
+            loaded.append(name)
+        return {"unloaded": retire + stray, "loaded": loaded}
 
-    def reconcile(self) -> dict[str, list[str]]:
-        """Align our view with each replica's; reload deployed adapters a restart dropped.
-
-        Returns, per replica URL, the adapters that had to be loaded again.
-        """
-        restored: dict[str, list[str]] = {}
+    def engine_started(self) -> None:
         with self._lock:
-            for replica in self.replicas:
-                try:
-                    actual = self.engine_adapters(replica)
-                except httpx.HTTPError:
-                    replica.healthy = False
-                    continue
-                replica.healthy = True
-                lost = [n for n in replica.loaded if n not in actual]
-                for name in lost:
-                    replica.loaded.pop(name)
-                for name, path in actual.items():
-                    replica.loaded.setdefault(name, path)
-                again = []
-                for name in lost:
-                    if name in self.wanted and not any(name in r.loaded for r in self.replicas):
-                        try:
-                            self._load(replica, name, self.wanted[name])
-                            again.append(name)
-                        except (AdapterLoadError, httpx.HTTPError) as exc:
-                            log.error("could not reload %s on %s: %s", name, replica.url, exc)
-                restored[replica.url] = again
-        return restored
+            self.ready = True
+            self._changed.notify_all()
+
+    def engine_stopped(self) -> None:
+        """The engine died: it lost every adapter, and leases on it mean nothing any more."""
+        with self._lock:
+            self.ready = False
+            self.loaded.clear()
+            self.leases.clear()
+            self._retired.clear()
+            self._changed.notify_all()
 
 
 def _engine_message(response: httpx.Response) -> str:

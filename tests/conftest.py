@@ -202,22 +202,36 @@ def wait_for(predicate, *, timeout: float, interval: float = 0.3, message: str =
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
-# --- a real vLLM CPU server, and the gateway (uvicorn) in front of it ----------------------------------
+# --- real serving replicas (vLLM CPU + pool agent), and the gateway (uvicorn) in front of them --------
 
 import shutil  # noqa: E402
 
 from django.conf import settings as django_settings  # noqa: E402
 import socket  # noqa: E402
 
-from serving.engine import EngineProcess, EngineSpec, stop_process_group  # noqa: E402
+from serving.engine import auth_headers, stop_process_group  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
+REPLICA_SLOTS = 4  # adapters per replica in the tests (vLLM --max-cpu-loras), --max-loras 2
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_port_pair() -> int:
+    """A port P with P + 1 free as well (a replica's agent and its engine)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
 
 
 @pytest.fixture(scope="session")
@@ -229,22 +243,116 @@ def model_dir() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def engine_spec(model_dir) -> EngineSpec:
-    return EngineSpec(python=django_settings.ENGINE_PYTHON, model_dir=str(model_dir), served_name=MODEL,
-                      port=free_port(), max_loras=2, max_cpu_loras=4, max_lora_rank=16,
-                      max_model_len=1024)
+class ReplicaProcess:
+    """`manage.py run_engine`: one vLLM CPU replica and its pool agent, on the test database, with
+    a serving folder of its own (no shared volume). ``url`` is the agent (the replica's address),
+    ``engine_url`` the vLLM server."""
+
+    def __init__(self, *, database_url: str, name: str, serving_dir: Path) -> None:
+        self.name = name
+        self.port = free_port_pair()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.engine_url = f"http://127.0.0.1:{self.port + 1}"
+        self.api_key = django_settings.ENGINE_API_KEY
+        self.serving_dir = serving_dir
+        self.environ = dict(os.environ, DATABASE_URL=database_url, TUNEPLEX_SERVING_DIR=str(serving_dir),
+                            TUNEPLEX_ENGINE_API_KEY=self.api_key, TUNEPLEX_ENGINE_MAX_LORAS="2",
+                            TUNEPLEX_ENGINE_LORA_SLOTS=str(REPLICA_SLOTS),
+                            TUNEPLEX_ENGINE_MAX_MODEL_LEN="1024",
+                            # Tests ask the agent to reconcile (POST /v1/reconcile) when they
+                            # mean it, so its slots change only when a test expects it.
+                            TUNEPLEX_ENGINE_RECONCILE_SECONDS="3600",
+                            TUNEPLEX_ENGINE_LEASE_SECONDS="6")
+        self.log_path = Path(os.environ.get("TUNEPLEX_DATA_DIR", "/tmp")) / f"replica-{name}-{self.port}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self._log = self.log_path.open("a")
+        self.process = subprocess.Popen(
+            [sys.executable, "manage.py", "run_engine", "--port", str(self.port), "--timeout", "400"],
+            cwd=REPO, env=self.environ, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 400) -> None:
+        wait_for(self.ready, timeout=timeout, interval=1, message=f"replica {self.name} ({self.log_path})")
+
+    def ready(self) -> bool:
+        assert self.process.poll() is None, self.log_path.read_text()[-3000:]
+        return bool(self.state().get("ready"))
+
+    def state(self) -> dict:
+        try:
+            response = httpx.get(f"{self.url}/v1/state", headers=auth_headers(self.api_key), timeout=5)
+            return response.json() if response.status_code == 200 else {}
+        except httpx.HTTPError:
+            return {}
+
+    def reconcile(self) -> dict:
+        """Ask the agent to follow the deployed set now."""
+        try:
+            return httpx.post(f"{self.url}/v1/reconcile", headers=auth_headers(self.api_key),
+                              timeout=120).json()
+        except httpx.HTTPError:
+            return {}
+
+    def engine_adapters(self) -> set[str]:
+        """What vLLM itself has loaded."""
+        models = httpx.get(f"{self.engine_url}/v1/models", headers=auth_headers(self.api_key),
+                           timeout=10).json()["data"]
+        return {m["id"] for m in models if m.get("parent")}
+
+    def engine_pid(self) -> int:
+        """The vLLM API server's pid (the replica process's child)."""
+        children = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        assert children, "the replica has no engine process"
+        return int(children[0])
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_group(self.process)
+            self._log.close()
 
 
 @pytest.fixture(scope="session")
-def engine(engine_spec, tmp_path_factory):
-    process = EngineProcess(engine_spec, tmp_path_factory.mktemp("engine") / "vllm.log")
-    process.start()
+def registered_base_model(django_db_setup, django_db_blocker, model_dir):
+    """Registers the embedded base model (committed) for a replica about to start: transactional
+    tests flush the tables, so each start registers it again."""
+    from django.core.management import call_command
+
+    def register() -> None:
+        with django_db_blocker.unblock():
+            call_command("prepare_default_model")
+    return register
+
+
+from contextlib import contextmanager  # noqa: E402
+
+
+@contextmanager
+def _running_replica(name: str, test_database_url: str, tmp_path_factory, register):
+    register()
+    replica = ReplicaProcess(database_url=test_database_url, name=name,
+                             serving_dir=tmp_path_factory.mktemp(f"serving-{name}"))
+    replica.start()
     try:
-        process.wait_ready(timeout=300)
-        yield process
+        replica.wait_ready()
+        yield replica
     finally:
-        process.stop()
+        replica.stop()
+
+
+@pytest.fixture(scope="session")
+def engine(registered_base_model, test_database_url, tmp_path_factory):
+    """The first serving replica, shared by every serving test of the session."""
+    with _running_replica("a", test_database_url, tmp_path_factory, registered_base_model) as replica:
+        yield replica
+
+
+@pytest.fixture(scope="session")
+def second_engine(engine, registered_base_model, test_database_url, tmp_path_factory):
+    """A second replica (started when a test first needs two): with ``engine``, two at most."""
+    with _running_replica("b", test_database_url, tmp_path_factory, registered_base_model) as replica:
+        yield replica
 
 
 @pytest.fixture(scope="session")
@@ -263,25 +371,29 @@ def adapters(model_dir, tmp_path_factory) -> dict[str, Path]:
     return found
 
 
-def _unload_all(url: str) -> None:
-    models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
-    for model in models:
-        if model.get("parent"):
-            httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": model["id"]}, timeout=10)
+def empty_replicas(*replicas: ReplicaProcess) -> None:
+    """Wait until no replica holds an adapter: the tests' rows are gone (flushed), and each agent,
+    asked to follow the database, unloads them once no lease holds them."""
+    for replica in replicas:
+        wait_for(lambda: replica.reconcile() and replica.state().get("ready")
+                 and not replica.state().get("loaded") and not replica.engine_adapters(),
+                 timeout=60, message=f"replica {replica.name} to unload every adapter")
 
 
 class GatewayProcess:
-    """The real ASGI app under uvicorn, on the test database, attached to the test engine."""
+    """The real ASGI app under uvicorn, on the test database, attached to the test replicas."""
 
-    def __init__(self, *, database_url: str, engine: EngineProcess, extra_env: dict | None = None):
+    def __init__(self, *, database_url: str, engine: ReplicaProcess, extra_env: dict | None = None,
+                 replicas: list[ReplicaProcess] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.engine_url = engine.url
+        self.replicas = replicas or [engine]
+        self.engine_url = ",".join(r.url for r in self.replicas)  # TUNEPLEX_ENGINE_URLS
         environ = dict(os.environ, DATABASE_URL=database_url, TUNEPLEX_ENGINE_MODE="attach",
-                       TUNEPLEX_ENGINE_URLS=engine.url,
-                       TUNEPLEX_ENGINE_LORA_SLOTS=str(engine.spec.max_cpu_loras),
-                       TUNEPLEX_ENGINE_MAX_LORA_RANK=str(engine.spec.max_lora_rank),
-                       TUNEPLEX_ENGINE_RECONCILE_SECONDS="1", **(extra_env or {}))
+                       TUNEPLEX_ENGINE_URLS=self.engine_url,
+                       TUNEPLEX_ENGINE_API_KEY=django_settings.ENGINE_API_KEY,
+                       TUNEPLEX_ENGINE_LORA_SLOTS=str(REPLICA_SLOTS),
+                       TUNEPLEX_ENGINE_LEASE_SECONDS="6", **(extra_env or {}))
         self.log_path = Path(os.environ.get("TUNEPLEX_DATA_DIR", "/tmp")) / f"gateway-{self.port}.log"
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
@@ -308,14 +420,13 @@ class GatewayProcess:
 
 @pytest.fixture(scope="module")
 def gateway(engine, test_database_url):
-    """uvicorn serving the platform for this module's tests; the engine is emptied afterwards."""
-    _unload_all(engine.url)
+    """uvicorn serving the platform for this module's tests, on the first replica."""
     process = GatewayProcess(database_url=test_database_url, engine=engine)
     try:
         yield process
     finally:
         process.stop()
-        _unload_all(engine.url)
+        empty_replicas(engine)
 
 
 # --- a real S3-compatible server (moto's server mode) ---------------------------------------------

@@ -48,6 +48,20 @@ def _secret_key() -> str:
 
 
 SECRET_KEY = _secret_key()
+
+
+def _kept_secret(variable: str, file_name: str) -> str:
+    """A secret from the environment, or (embedded default) generated once into the data folder."""
+    configured = env_str(variable)
+    if configured is not None:
+        if len(configured) < 32:
+            raise ImproperlyConfigured(f"{variable} must be at least 32 characters long")
+        return configured
+    key_file = DATA_DIR / file_name
+    if not key_file.exists():
+        key_file.touch(mode=0o600)
+        key_file.write_text(secrets.token_urlsafe(32))
+    return key_file.read_text().strip()
 DEBUG = env_bool("TUNEPLEX_DEBUG", False)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
@@ -209,6 +223,7 @@ DEFAULT_BASE_MODEL = env_str("TUNEPLEX_DEFAULT_BASE_MODEL", "SmolLM2-135M-Instru
 # Inference runs on vLLM replicas listening on loopback or an internal network only. `spawn`: the
 # README's command 1 starts one replica for the default base model (manage.py run_engine) on
 # TUNEPLEX_ENGINE_PORT; `attach`: use TUNEPLEX_ENGINE_URLS; `off`: no inference endpoints.
+# A replica's address is its pool agent's (docs/serving.md); its vLLM listens on the next port.
 ENGINE_MODE = env_str("TUNEPLEX_ENGINE_MODE", "spawn", choices=("spawn", "attach", "off"))
 ENGINE_PORT = env_int("TUNEPLEX_ENGINE_PORT", 8100, minimum=1, maximum=65535)
 ENGINE_PYTHON = env_path("TUNEPLEX_ENGINE_PYTHON", REPO_DIR / ".venv-engine" / "bin" / "python")
@@ -233,6 +248,11 @@ for _entry in _engine_urls:
                                    f"with an http(s) URL")
     ENGINE_REPLICAS.setdefault(_model or DEFAULT_BASE_MODEL, []).append(_url.rstrip("/"))
 SERVING_DIR = env_path("TUNEPLEX_SERVING_DIR", DATA_DIR / "serving")  # adapters staged for the engine
+# Every replica (vLLM and its pool agent) requires this key; the gateways and agents send it.
+ENGINE_API_KEY = _kept_secret("TUNEPLEX_ENGINE_API_KEY", "engine_api_key")
+# A gateway's lease on an adapter it is serving expires this long after its last renewal (a
+# gateway that died pins nothing for longer).
+ENGINE_LEASE_SECONDS = env_int("TUNEPLEX_ENGINE_LEASE_SECONDS", 15, minimum=3)
 
 # --- inference gateway -----------------------------------------------------------------------------
 INFERENCE_MAX_BODY = env_bytes("TUNEPLEX_INFERENCE_MAX_BODY", 1 * 2**20)

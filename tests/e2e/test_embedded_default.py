@@ -1,8 +1,10 @@
 """README command 1, end to end: deploy/up.sh on the embedded default (SQLite, filesystem broker,
-local files), then the web server, a real Celery worker and the login page, then a clean stop."""
+local files), then the web server, a real Celery worker and the login page, processes that die
+and are started again alone by the supervisor, then a clean stop."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,7 +16,8 @@ import httpx
 import pytest
 from django.conf import settings
 
-from tests.conftest import free_port
+from serving.engine import group_alive
+from tests.conftest import free_port_pair, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 480  # builds nothing here, but starts vLLM (about a minute)
@@ -25,7 +28,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("embedded")
-    port, engine_port = free_port(), free_port()
+    port, engine_port = free_port_pair(), free_port_pair()
     environ = {k: v for k, v in os.environ.items()
                if not k.startswith(("TUNEPLEX_", "DATABASE_URL", "REDIS_URL", "DJANGO_"))}
     # Reuse the converted base model of the test run so the smoke test does not convert twice.
@@ -46,7 +49,8 @@ def embedded(tmp_path_factory):
         key = re.search(r"api key:\s+(\S+)", output).group(1)
         password = re.search(r"password:\s+(\S+)", output).group(1)
         yield {"url": f"http://127.0.0.1:{port}", "key": key, "password": password,
-               "engine_url": f"http://127.0.0.1:{engine_port}",
+               "engine_url": f"http://127.0.0.1:{engine_port}",  # the replica's pool agent
+               "vllm_url": f"http://127.0.0.1:{engine_port + 1}",
                "process": process, "data_dir": data_dir, "output": output}
     finally:
         _stop(process)
@@ -73,6 +77,7 @@ def test_it_serves_healthz_and_the_login_page(embedded):
 def test_it_runs_on_sqlite_and_the_serverless_broker(embedded):
     ready = httpx.get(embedded["url"] + "/readyz").json()
     assert ready["status"] == "ok", ready
+    assert ready["checks"]["serving"] == "ok"  # the replica command 1 started is up
     assert ready["database_engine"] == "sqlite3" and ready["broker"] == "filesystem"
     assert (embedded["data_dir"] / "db.sqlite3").is_file()
     assert (embedded["data_dir"] / "broker" / "queue").is_dir()
@@ -161,6 +166,60 @@ def test_a_dataset_round_trips_and_an_interrupted_upload_leaves_nothing(embedded
     assert state["statistics"]["examples"] == 20
 
 
+def _supervised(embedded) -> dict:
+    return json.loads((embedded["data_dir"] / "supervise.json").read_text())
+
+
+def _replaced(embedded, name: str, old_pid: int) -> dict | None:
+    state = _supervised(embedded)
+    return state if state[name]["pid"] not in (None, old_pid) else None
+
+
+def test_every_process_runs_on_its_own_under_the_supervisor(embedded):
+    state = _supervised(embedded)
+    assert set(state) == {"web", "beat", "worker-default", "worker-statistics", "worker-gpu", "engine"}
+    assert all(program["pid"] for program in state.values()), state
+
+
+def test_a_killed_worker_is_started_again_alone(embedded):
+    before = _supervised(embedded)
+    victim = before["worker-default"]["pid"]
+    os.killpg(victim, signal.SIGKILL)  # the worker and its pool child, like an OOM kill
+    after = wait_for(lambda: _replaced(embedded, "worker-default", victim), timeout=60,
+                     message="the supervisor to start the worker again")
+    assert after["worker-default"]["restarts"] == before["worker-default"]["restarts"] + 1
+    assert {n: p["pid"] for n, p in after.items() if n != "worker-default"} == \
+        {n: p["pid"] for n, p in before.items() if n != "worker-default"}
+    assert httpx.get(embedded["url"] + "/healthz").status_code == 200
+    test_a_real_worker_consumes_the_queue(embedded)  # the new worker answers
+
+
+def test_a_killed_engine_is_started_again_alone_and_serves_again(embedded):
+    before = _supervised(embedded)
+    victim = before["engine"]["pid"]
+    vllm = int(subprocess.run(["pgrep", "-P", str(victim)], capture_output=True, text=True).stdout.split()[0])
+    os.kill(victim, signal.SIGKILL)  # the replica process; its vLLM is told to stop with it
+    after = wait_for(lambda: _replaced(embedded, "engine", victim), timeout=60,
+                     message="the supervisor to start the engine again")
+    wait_for(lambda: not group_alive(vllm), timeout=30, message="the old vLLM and its engine core to stop")
+    assert {n: p["pid"] for n, p in after.items() if n != "engine"} == \
+        {n: p["pid"] for n, p in before.items() if n != "engine"}
+    # The rest kept serving meanwhile; inference comes back once the new engine is up.
+    assert httpx.get(embedded["url"] + "/login/").status_code == 200
+    ready = httpx.get(embedded["url"] + "/readyz").json()
+    assert ready["status"] in ("ok", "degraded") and ready["checks"]["database"] == "ok"
+    headers = {"Authorization": f"Bearer {embedded['key']}"}
+
+    def answered():
+        reply = httpx.post(embedded["url"] + "/v1/chat/completions", headers=headers, timeout=120, json={
+            "model": "SmolLM2-135M-Instruct", "max_tokens": 4,
+            "messages": [{"role": "user", "content": "Hi"}]})
+        return reply.status_code == 200
+
+    wait_for(answered, timeout=400, interval=2, message="inference to work again")
+    assert httpx.get(embedded["url"] + "/readyz").json()["checks"]["serving"] == "ok"
+
+
 def test_ctrl_c_stops_every_process(embedded):
     process = embedded["process"]
     os.killpg(process.pid, signal.SIGINT)
@@ -170,5 +229,7 @@ def test_ctrl_c_stops_every_process(embedded):
         os.killpg(process.pid, 0)
     with pytest.raises(httpx.ConnectError):
         httpx.get(embedded["url"] + "/healthz", timeout=2)
-    with pytest.raises(httpx.ConnectError):  # the engine (its own process group) is gone too
-        httpx.get(embedded["engine_url"] + "/v1/models", timeout=2)
+    with pytest.raises(httpx.ConnectError):  # the replica's agent and engine are gone too
+        httpx.get(embedded["engine_url"] + "/healthz", timeout=2)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(embedded["vllm_url"] + "/health", timeout=2)

@@ -27,3 +27,13 @@ def test_readyz_names_the_failing_dependency(settings):
     assert response.status_code == 503
     body = response.json()
     assert body["failed"] == ["broker"] and body["checks"]["database"] == "ok"
+
+
+@pytest.mark.django_db
+def test_readyz_says_degraded_with_the_reason_when_no_replica_serves_a_base_model(settings):
+    settings.ENGINE_REPLICAS = {"SmolLM2-135M-Instruct": ["http://127.0.0.1:9"]}  # nothing listens
+    response = Client().get("/readyz")
+    assert response.status_code == 200  # the dashboard, API and training still work
+    body = response.json()
+    assert body["status"] == "degraded" and body["degraded"] == ["serving"] and body["failed"] == []
+    assert body["checks"]["serving"].startswith("error: no healthy replica for SmolLM2-135M-Instruct")

@@ -124,3 +124,24 @@ def test_engine_urls_map_replicas_to_base_models():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ("{'SmolLM2-135M-Instruct': ['http://10.0.0.4:8100'], "
                                      "'Other-1B': ['http://10.0.0.5:8100']}")
+
+
+def test_the_engine_key_is_generated_once_per_install_or_taken_from_the_environment(tmp_path):
+    code = ("import os, django; os.environ['DJANGO_SETTINGS_MODULE']='tuneplex.settings'; "
+            "django.setup(); from django.conf import settings; print(settings.ENGINE_API_KEY)")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("TUNEPLEX_", "DJANGO_"))}
+    environ["TUNEPLEX_DATA_DIR"] = str(tmp_path)
+
+    def key(**extra: str) -> str:
+        result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**environ, **extra},
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    generated = key()
+    assert len(generated) >= 32 and key() == generated  # kept in the data folder, like SECRET_KEY
+    assert (tmp_path / "engine_api_key").stat().st_mode & 0o777 == 0o600
+    assert key(TUNEPLEX_ENGINE_API_KEY="k" * 40) == "k" * 40
+    short = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                           env={**environ, "TUNEPLEX_ENGINE_API_KEY": "short"}, timeout=60)
+    assert short.returncode != 0 and "TUNEPLEX_ENGINE_API_KEY" in short.stderr

@@ -1,4 +1,13 @@
-"""/healthz (the process answers) and /readyz (database, broker and storage reachable)."""
+"""/healthz (the process answers) and /readyz (database, broker and storage reachable, and the
+serving pool).
+
+A failed database, broker or storage check makes the process not ready (503). The serving pool
+is reported separately: when no replica of a served base model is up, /readyz answers 200 with
+status ``degraded`` and the reason under ``checks.serving``. The dashboard, the API and training
+keep working without an engine, so taking every web process out of a load balancer because the
+engines are down would turn an inference outage into a full one; a probe that cares about
+inference reads ``degraded``.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +48,15 @@ def _check_storage() -> None:
     storage.delete(name)
 
 
+def _check_serving() -> str | None:
+    """None when every served base model has a replica up, else why not."""
+    from tuneplex.inference.pools import serving_health
+
+    down = [f"no healthy replica for {base}: {reason}"
+            for base, (up, reason) in serving_health().items() if not up]
+    return "; ".join(down) or None
+
+
 CHECKS = {"database": _check_database, "broker": _check_broker, "storage": _check_storage}
 
 
@@ -54,7 +72,18 @@ def readyz(request):
             log.warning("readiness check %s failed: %s", name, exc)
             results[name] = f"error: {exc.__class__.__name__}: {exc}"[:300]
             failed.append(name)
-    body = {"status": "ok" if not failed else "unavailable", "checks": results,
-            "failed": failed, "database_engine": settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1],
+    degraded = []
+    try:
+        problem = _check_serving()
+    except Exception as exc:  # noqa: BLE001 - reported like the others
+        problem = f"{exc.__class__.__name__}: {exc}"
+    if settings.ENGINE_REPLICAS:
+        results["serving"] = "ok" if problem is None else f"error: {problem}"[:300]
+        if problem is not None:
+            log.warning("readiness: serving degraded: %s", problem)
+            degraded.append("serving")
+    status = "unavailable" if failed else "degraded" if degraded else "ok"
+    body = {"status": status, "checks": results, "failed": failed, "degraded": degraded,
+            "database_engine": settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1],
             "broker": "redis" if settings.REDIS_URL else "filesystem"}
     return JsonResponse(body, status=200 if not failed else 503)

@@ -36,8 +36,25 @@ class InferenceFastPath:
         raw, disconnected = await _read_body(receive)
         if disconnected:
             return
+        # Watch for the client leaving for as long as the request lasts: cancelling the work
+        # closes the connection to the engine, and vLLM aborts the request (frees its slot in
+        # the batch) when its client goes away.
+        gone = asyncio.ensure_future(_disconnected(receive))
         try:
-            reply = await complete(endpoint, authorization=authorization.decode("latin-1"), raw=raw)
+            await self._answer(authorization, endpoint, raw, gone, send)
+        finally:
+            gone.cancel()
+
+    async def _answer(self, authorization: bytes, endpoint: str, raw: bytes, gone, send) -> None:
+        work = asyncio.ensure_future(complete(endpoint, authorization=authorization.decode("latin-1"),
+                                              raw=raw))
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()  # gone before the answer began
+            await asyncio.gather(work, return_exceptions=True)
+            return
+        try:
+            reply = work.result()
         except Exception:  # what Django's handler500 does for its views: log, answer in our shape
             log.exception("inference request failed")
             reply = Reply(500, {"Content-Type": "application/json"}, json.dumps(error_body(
@@ -49,7 +66,7 @@ class InferenceFastPath:
             await send({"type": "http.response.body", "body": reply.body})
             return
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-        await _stream(reply.stream, receive, send)
+        await _stream(reply.stream, gone, send)
 
 
 async def _read_body(receive) -> tuple[bytes, bool]:
@@ -63,20 +80,25 @@ async def _read_body(receive) -> tuple[bytes, bool]:
             return b"".join(chunks), False
 
 
-async def _stream(events, receive, send) -> None:
-    """Send the events; stop (and so abort the engine's work) when the client goes away."""
-    async def watch() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
-    watcher = asyncio.ensure_future(watch())
-    try:
+
+async def _stream(events, gone, send) -> None:
+    """Send the events; stop (and so abort the engine's work) as soon as the client goes away,
+    also while the engine has not produced the next event yet."""
+    async def pump() -> None:
         async for chunk in events:
-            if watcher.done():
-                break
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        else:
-            await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.body", "body": b""})
+
+    pumping = asyncio.ensure_future(pump())
+    gone.add_done_callback(lambda _: pumping.cancel())
+    try:
+        await pumping
+    except asyncio.CancelledError:
+        if not gone.done() or gone.cancelled():
+            raise  # we were cancelled, not the client gone
     finally:
-        watcher.cancel()
         await events.aclose()

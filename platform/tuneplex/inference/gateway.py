@@ -31,8 +31,9 @@ from rest_framework import exceptions as drf
 from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 
-from serving.adapters import AdapterInvalid
-from serving.pool import AdapterLoadError, LoraPool, NoReplicaAvailable
+from serving.client import PoolClient, Route
+from serving.engine import auth_headers
+from serving.pool import AdapterLoadError, NoReplicaAvailable
 from tuneplex.adapters.models import Adapter
 from tuneplex.apikeys.authentication import ApiKeyAuthentication
 from tuneplex.basemodels.models import BaseModel
@@ -43,7 +44,6 @@ from tuneplex.core.errors import ApiError, error_body
 from tuneplex.core.scopes import INFER, READ
 from tuneplex.inference import cache, ratelimit, usage
 from tuneplex.inference.pools import EngineUnavailable, pool_for, serves
-from tuneplex.inference.staging import ensure_staged
 from tuneplex.tenancy.authentication import OrganizationSessionAuthentication
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,12 @@ class ModelNotFound(ApiError):
 
 @dataclass(frozen=True)
 class Target:
-    """Where an admitted request goes: the engine's model name and, for an adapter, its pool entry."""
+    """Where an admitted request goes: the engine's model name and, for an adapter, its id."""
 
     principal: Principal
     model: str
     base_model: str
     adapter_id: str | None
-    adapter_path: str | None
 
 
 @dataclass
@@ -153,14 +152,10 @@ def _lookup(principal: Principal, model: str) -> Target:
     if adapter is not None:
         if not adapter.deployed:
             raise ModelNotFound(model, deployed_hint=True)
-        try:
-            path = ensure_staged(adapter)
-        except AdapterInvalid as exc:
-            raise ApiError(f"The adapter cannot be served: {exc}", code="adapter_unavailable",
-                           status=503) from None
-        return Target(principal, adapter.name, adapter.base_model.name, adapter.id, str(path))
+        # Staged and validated on the replica's own node by its pool agent, not here.
+        return Target(principal, adapter.name, adapter.base_model.name, adapter.id)
     if serves(model) and BaseModel.objects.filter(name=model, enabled=True).exists():
-        return Target(principal, model, model, None, None)
+        return Target(principal, model, model, None)
     raise ModelNotFound(model)
 
 
@@ -184,7 +179,9 @@ def _admit(authorization: str | None, raw: bytes, endpoint: str, request=None) -
     if not verdict.allowed:
         raise RateLimited(verdict)
     body = parse_body(raw, endpoint)
-    return _resolve(principal, body["model"]), body, _limit_headers(verdict)
+    target = _resolve(principal, body["model"])
+    pool_for(target.base_model).ensure_fresh()  # the first request of this process asks the agents
+    return target, body, _limit_headers(verdict)
 
 
 # --- request checks (pure) ------------------------------------------------------------------------
@@ -252,44 +249,52 @@ def _client() -> httpx.AsyncClient:
     if client is None:
         client = _clients[loop] = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.ENGINE_TIMEOUT, connect=5.0),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+            headers=auth_headers(settings.ENGINE_API_KEY))
     return client
 
 
-def _release(pool: LoraPool, target: Target) -> None:
-    if target.adapter_path is not None:
-        pool.release(target.model)
+async def _route(pool: PoolClient, target: Target) -> Route:
+    """A replica for the request. A leased adapter costs no I/O; otherwise lease it off the loop."""
+    try:
+        if target.adapter_id is None:
+            return pool.any_replica()
+        route = pool.acquire_nowait(target.model)
+        if route is None:
+            route = await sync_to_async(pool.acquire, thread_sensitive=False)(
+                target.model, target.adapter_id)
+        return route
+    except AdapterLoadError as exc:
+        log.error("adapter %s could not be loaded: %s", target.model, exc)
+        raise ApiError("The adapter could not be loaded by the serving pool; try again later or "
+                       "deploy it again.", code="adapter_unavailable", status=503) from None
+    except NoReplicaAvailable as exc:
+        raise EngineUnavailable(f"No engine replica can take the request now: {exc}") from None
 
 
-async def _send(pool: LoraPool, target: Target, endpoint: str, body: dict) -> tuple[httpx.Response, str]:
-    """Send to a replica; when it no longer knows the adapter (it restarted), load it and retry once."""
-    for attempt in (1, 2):
+async def _send(pool: PoolClient, target: Target, endpoint: str, body: dict) -> tuple[httpx.Response, Route]:
+    """Send to a replica. A replica that does not answer is marked down and the request goes to
+    another (nothing was generated yet); one that no longer knows the adapter (it restarted) gets
+    it again through a new lease. At most three tries."""
+    for attempt in (1, 2, 3):
+        route = await _route(pool, target)
         try:
-            # Loaded already (the usual case): no thread. Otherwise load it off the event loop.
-            url = (pool.any_replica() if target.adapter_path is None
-                   else pool.acquire_nowait(target.model))
-            if url is None:
-                url = await sync_to_async(pool.acquire, thread_sensitive=False)(
-                    target.model, target.adapter_path)
-        except AdapterLoadError as exc:
-            raise ApiError(f"The adapter could not be loaded: {exc}", code="adapter_unavailable",
-                           status=503) from None
-        except NoReplicaAvailable as exc:
-            raise EngineUnavailable(str(exc)) from None
-        try:
-            request = _client().build_request("POST", f"{url}/v1/{endpoint}", json=body)
+            request = _client().build_request("POST", f"{route.engine_url}/v1/{endpoint}", json=body)
             response = await _client().send(request, stream=True)
         except httpx.HTTPError as exc:
-            _release(pool, target)
-            await sync_to_async(pool.mark_unhealthy, thread_sensitive=False)(url)
-            raise EngineUnavailable(f"The engine replica did not answer ({type(exc).__name__}).") from None
-        if response.status_code == 404 and target.adapter_path is not None and attempt == 1:
-            await response.aclose()
-            _release(pool, target)
-            await sync_to_async(pool.forget, thread_sensitive=False)(url, target.model)
+            pool.release(route)
+            pool.mark_down(route.replica, f"its engine did not answer ({type(exc).__name__})")
             continue
-        return response, url
-    raise EngineUnavailable("The engine does not know the adapter after reloading it.")
+        except BaseException:  # cancelled (the client went away): hand the lease back
+            pool.release(route)
+            raise
+        if response.status_code == 404 and target.adapter_id is not None and attempt < 3:
+            await response.aclose()
+            pool.release(route)
+            pool.forget(route)
+            continue
+        return response, route
+    raise EngineUnavailable("No engine replica answered the request.")
 
 
 async def _engine_error(response: httpx.Response) -> Reply:
@@ -301,7 +306,8 @@ async def _engine_error(response: httpx.Response) -> Reply:
     except (ValueError, AttributeError):
         message = raw[:500].decode(errors="replace")
     if response.status_code >= 500:
-        return _error(ApiError(f"The engine failed: {message}", code="engine_error", status=502))
+        log.error("engine answered %s: %s", response.status_code, message)
+        return _error(ApiError("The engine failed on this request.", code="engine_error", status=502))
     return _error(ApiError(message, code="invalid_request", status=response.status_code))
 
 
@@ -316,7 +322,11 @@ def _record(target: Target, prompt: int, completion: int) -> None:
 
 
 async def complete(endpoint: str, *, authorization: str | None, raw: bytes, request=None) -> Reply:
-    """Admit, route, forward and answer one completion request."""
+    """Admit, route, forward and answer one completion request.
+
+    Cancelling it (the ASGI fast path does when the client goes away) closes the connection to
+    the engine, which aborts the request there.
+    """
     try:
         target, body, limit_headers = await sync_to_async(_admit)(authorization, raw, endpoint, request)
         pool = pool_for(target.base_model)
@@ -324,21 +334,24 @@ async def complete(endpoint: str, *, authorization: str | None, raw: bytes, requ
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if stream:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        response, _ = await _send(pool, target, endpoint, body)
+        response, route = await _send(pool, target, endpoint, body)
     except ApiError as exc:
         return _error(exc, getattr(exc, "headers", None))
     if response.status_code != 200:
-        _release(pool, target)
+        pool.release(route)
         return await _engine_error(response)
     if stream:
         return Reply(200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                            "X-Accel-Buffering": "no", **limit_headers},
-                     stream=_relay(response, pool, target, wants_usage))
+                     stream=_relay(response, pool, route, target, wants_usage))
     try:
         answer = await response.aread()
+    except httpx.HTTPError as exc:
+        pool.mark_down(route.replica, f"it failed during an answer ({type(exc).__name__})")
+        return _error(EngineUnavailable("The engine replica failed during the answer; retry the request."))
     finally:
         await response.aclose()
-        _release(pool, target)
+        pool.release(route)
     _record(target, *_usage_of(json.loads(answer)))
     return Reply(200, {"Content-Type": JSON, **limit_headers}, answer)
 
@@ -352,9 +365,20 @@ async def _complete(request, endpoint: str) -> HttpResponse:
     return reply.as_django()
 
 
-async def _relay(response: httpx.Response, pool: LoraPool, target: Target, wants_usage: bool):
-    """Pass the engine's server-sent events through; take the usage from its last chunk."""
+STREAM_FAILED = ("data: " + json.dumps({"error": {
+    "message": "The engine replica failed during the answer; retry the request.",
+    "type": "engine_error", "param": None, "code": "engine_error"}}) + "\n\ndata: [DONE]\n\n").encode()
+
+
+async def _relay(response: httpx.Response, pool: PoolClient, route: Route, target: Target,
+                 wants_usage: bool):
+    """Pass the engine's server-sent events through; take the usage from its last chunk.
+
+    A stream the engine breaks off (the replica died) ends with an error event and ``[DONE]``,
+    and the replica is marked down so that new requests go elsewhere.
+    """
     prompt = completion = 0
+    done = False
     try:
         async for line in response.aiter_lines():
             if not line:
@@ -364,11 +388,17 @@ async def _relay(response: httpx.Response, pool: LoraPool, target: Target, wants
                 prompt, completion = _usage_of(chunk)
                 if not wants_usage and not chunk.get("choices"):
                     continue  # the usage-only chunk we asked for on the caller's behalf
+            done = line == "data: [DONE]"
             yield f"{line}\n\n".encode()
+    except httpx.HTTPError as exc:
+        pool.mark_down(route.replica, f"it broke off a stream ({type(exc).__name__})")
+        log.warning("stream of %s broken off by %s: %s", target.model, route.engine_url, exc)
     finally:
         await response.aclose()
-        _release(pool, target)
+        pool.release(route)
         _record(target, prompt, completion)
+    if not done:
+        yield STREAM_FAILED
 
 
 def _subject(principal: Principal) -> str:

@@ -19,7 +19,7 @@ from tuneplex.core.errors import ApiError, Conflict
 from tuneplex.inference import cache
 from tuneplex.inference.models import UsageDaily
 from tuneplex.inference.pools import EngineUnavailable, pool_for, serves
-from tuneplex.inference.staging import stage_adapter, unstage_adapter
+from tuneplex.inference.staging import stage_adapter
 
 log = logging.getLogger(__name__)
 
@@ -31,28 +31,33 @@ class AdapterRefused(ApiError):
 def adapter_deploy(*, organization, actor: Principal, adapter: Adapter, pinned: bool = False) -> Adapter:
     """Validate the adapter and load it into the pool now; the engine's refusal is the caller's error.
 
-    On any failure the adapter stays undeployed and ``deploy_error`` says why.
+    A replica's pool agent stages it from artifact storage onto its own node, validates and loads
+    it; the lease taken for that is held until the row says deployed, so no agent unloads it in
+    between (when every slot is busy serving requests it is only staged and validated, and
+    loaded on first use). On any failure the adapter stays undeployed and ``deploy_error`` says why.
     """
     pool = pool_for(adapter.base_model.name)
     if pinned and not adapter.pinned:
         _check_pin_limit(adapter, pool.slots)
     try:
-        path, _ = stage_adapter(adapter)
-        pool.deploy(adapter.name, str(path), pinned=pinned)
-    except AdapterInvalid as exc:
-        _deploy_failed(adapter, str(exc))
-        raise AdapterRefused(str(exc), code=exc.code) from None
+        route = pool.deploy(adapter.name, adapter.id)
     except AdapterLoadError as exc:
-        unstage_adapter(adapter.id)
         _deploy_failed(adapter, str(exc))
-        raise AdapterRefused(f"The engine refused the adapter: {exc}", code="adapter_load_failed") from None
+        code = exc.code if exc.code.startswith("adapter_") else "adapter_load_failed"
+        message = str(exc) if code != "adapter_load_failed" else f"The engine refused the adapter: {exc}"
+        raise AdapterRefused(message, code=code) from None
     except (NoReplicaAvailable, httpx.HTTPError) as exc:
         raise EngineUnavailable(f"The serving pool cannot take the adapter now: {exc}") from None
-    with transaction.atomic():
-        Adapter.objects.filter(pk=adapter.pk).update(
-            deployed=True, pinned=pinned, deploy_error="",
-            deployed_at=adapter.deployed_at if adapter.deployed else timezone.now())
-        audit_record(actor=actor, action="adapter.deploy", obj=adapter, metadata={"pinned": pinned})
+    try:
+        with transaction.atomic():
+            Adapter.objects.filter(pk=adapter.pk).update(
+                deployed=True, pinned=pinned, deploy_error="",
+                deployed_at=adapter.deployed_at if adapter.deployed else timezone.now())
+            audit_record(actor=actor, action="adapter.deploy", obj=adapter, metadata={"pinned": pinned})
+    finally:
+        if route is not None:
+            pool.release(route)
+    pool.follow_deployed()  # pinned adapters onto every replica
     adapter.refresh_from_db()
     return adapter
 
@@ -64,10 +69,9 @@ def adapter_undeploy(*, organization, actor: Principal, adapter: Adapter) -> Ada
         audit_record(actor=actor, action="adapter.undeploy", obj=adapter)
     cache.targets.clear()  # this process's admissions; others' expire within seconds
     if serves(adapter.base_model.name):
-        try:
-            pool_for(adapter.base_model.name).undeploy(adapter.name)
-        except httpx.HTTPError as exc:  # the reconciler unloads it once the engine answers
-            log.warning("undeploy of %s reached no engine: %s", adapter.name, exc)
+        # Every replica unloads it (once no request holds it); an agent that does not answer
+        # now unloads it at its next reconciliation.
+        pool_for(adapter.base_model.name).undeploy(adapter.name)
     adapter.refresh_from_db()
     return adapter
 
@@ -75,7 +79,7 @@ def adapter_undeploy(*, organization, actor: Principal, adapter: Adapter) -> Ada
 def adapter_auto_deploy(adapter: Adapter) -> str | None:
     """After a job succeeds (on the worker): stage and validate, then mark it deployed.
 
-    The web processes' pools load it (into a free slot within seconds, or on its first request).
+    The replicas' pool agents load it (into a free slot within seconds, or on its first request).
     Returns why it was not deployed, or None.
     """
     if not adapter.organization.auto_deploy:

@@ -15,7 +15,7 @@ from django.conf import settings
 
 from jobs.training.layout import ADAPTER_FILES, sha256_of, staged_directory
 from serving.adapters import AdapterInfo, AdapterInvalid, validate_adapter
-from tuneplex.files.services import artifact_storage
+from tuneplex.core.storage import artifact_storage, download_directory
 
 
 def serving_root() -> Path:
@@ -35,12 +35,10 @@ def stage_adapter(adapter) -> tuple[Path, AdapterInfo]:
         storage = artifact_storage()
         with staged_directory(target) as staging:
             for name in ADAPTER_FILES:
-                blob = f"{adapter.blob_prefix}/{name}"
-                if not storage.exists(blob):
+                if not storage.exists(f"{adapter.blob_prefix}/{name}"):
                     raise AdapterInvalid(f"The adapter's {name} is missing from artifact storage.",
                                          code="adapter_incomplete")
-                with storage.open(blob, "rb") as source, (staging / name).open("wb") as sink:
-                    shutil.copyfileobj(source, sink, 1 << 20)
+            download_directory(adapter.blob_prefix, ADAPTER_FILES, staging)
             if sha256_of(staging) != adapter.sha256:
                 raise AdapterInvalid("The adapter's files do not match the checksum recorded when "
                                      "its job finished.", code="adapter_checksum_mismatch")

@@ -1,60 +1,173 @@
-"""Run one vLLM replica for a base model in the foreground (deploy/up.sh starts it).
+"""Run one serving replica in the foreground: a vLLM engine and its pool agent (deploy/up.sh
+starts it under the supervisor; on an engine node, run one per replica).
 
-    manage.py run_engine [--model NAME] [--port PORT]
+    manage.py run_engine [--model NAME] [--port AGENT_PORT] [--engine-port PORT]
+                         [--host ADDRESS] [--advertise HOST]
 
-It listens on 127.0.0.1 only, with runtime LoRA loading on and the pool limits from the
-settings (TUNEPLEX_ENGINE_*). SIGTERM or Ctrl-C stops the engine and its helper processes.
+The pool agent (``serving/agent.py``) listens on ``--port`` and is the replica's address in
+TUNEPLEX_ENGINE_URLS; vLLM listens on ``--engine-port`` (the next port by default). Both bind
+``--host`` (loopback by default; an internal address on an engine node, with ``--advertise``
+naming the host the gateways should use). Both require TUNEPLEX_ENGINE_API_KEY.
+
+The agent stages adapters from artifact storage into this node's TUNEPLEX_SERVING_DIR (a cache),
+follows the deployed set in the database every TUNEPLEX_ENGINE_RECONCILE_SECONDS, and owns the
+replica's slots. When the engine dies, this command marks the replica not ready, ends the
+engine's whole process group, and starts it again with back-off (1 s doubling to 30 s); once it
+answers, the deployed adapters are loaded again. SIGTERM or Ctrl-C stops everything.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
+import threading
+import time
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+from django.db import connections
 
+from serving.adapters import AdapterInvalid
+from serving.agent import AgentServer
 from serving.engine import EngineProcess, EngineSpec, EngineStartError
+from serving.pool import AdapterLoadError, EngineClient, ReplicaPool
+from tuneplex.adapters.models import Adapter
 from tuneplex.basemodels.models import BaseModel
+from tuneplex.inference.staging import stage_adapter
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF = 30.0
+STABLE_AFTER = 60.0  # an engine that ran this long starts the back-off over
 
 
 class Command(BaseCommand):
-    help = "Run one vLLM engine replica for a base model on loopback."
+    help = "Run one serving replica (vLLM engine + pool agent) for a base model."
 
     def add_arguments(self, parser):
         parser.add_argument("--model", default=settings.DEFAULT_BASE_MODEL)
-        parser.add_argument("--port", type=int, default=settings.ENGINE_PORT)
+        parser.add_argument("--port", type=int, default=settings.ENGINE_PORT, help="the pool agent's port")
+        parser.add_argument("--engine-port", type=int, default=None, help="vLLM's port (default: --port + 1)")
+        parser.add_argument("--host", default="127.0.0.1", help="address both listen on")
+        parser.add_argument("--advertise", default=None, help="host the gateways reach (default: --host)")
         parser.add_argument("--timeout", type=float, default=300.0, help="start-up wait, seconds")
 
-    def handle(self, *args, model: str, port: int, timeout: float, **options):
+    def handle(self, *args, model: str, port: int, engine_port: int | None, host: str,
+               advertise: str | None, timeout: float, **options):
         base = BaseModel.objects.filter(name=model, enabled=True).first()
         if base is None:
             raise CommandError(f"No enabled base model named {model}; register it first.")
         if not settings.ENGINE_PYTHON.exists():
             raise CommandError(f"No engine environment at {settings.ENGINE_PYTHON}; run deploy/setup.sh.")
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call otherwise
+        engine_port = engine_port or port + 1
         spec = EngineSpec(python=settings.ENGINE_PYTHON, model_dir=base.directory, served_name=base.name,
-                          port=port, max_loras=settings.ENGINE_MAX_LORAS,
+                          host=host, port=engine_port, max_loras=settings.ENGINE_MAX_LORAS,
                           max_cpu_loras=settings.ENGINE_LORA_SLOTS,
                           max_lora_rank=settings.ENGINE_MAX_LORA_RANK,
                           max_model_len=min(settings.ENGINE_MAX_MODEL_LEN, base.max_sequence_length),
-                          kv_cache_gib=settings.ENGINE_KV_CACHE_GIB)
-        engine = EngineProcess(spec, settings.DATA_DIR / "logs" / f"engine-{port}.log")
+                          kv_cache_gib=settings.ENGINE_KV_CACHE_GIB, api_key=settings.ENGINE_API_KEY)
+        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        engine = EngineProcess(spec, settings.DATA_DIR / "logs" / f"engine-{engine_port}.log")
+        pool = ReplicaPool(EngineClient(f"http://{local}:{engine_port}", settings.ENGINE_API_KEY),
+                           slots=settings.ENGINE_LORA_SLOTS, stage=_stager(base.name),
+                           lease_seconds=settings.ENGINE_LEASE_SECONDS)
+        reconcile = _reconciler(pool, base.name)
+        server = AgentServer((host, port), pool=pool, api_key=settings.ENGINE_API_KEY,
+                             engine_url=f"http://{advertise or local}:{engine_port}", model=base.name,
+                             reconcile=reconcile)
+        server.serve_in_thread()
+        self.agent_url = f"http://{local}:{port}"
+        threading.Thread(target=_reconcile_forever, args=(pool, reconcile), daemon=True,
+                         name="pool-reconcile").start()
 
         def stop(signum, frame):
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, stop)
-        engine.start()
         try:
-            engine.wait_ready(timeout=timeout)
-            self.stdout.write(f"engine for {base.name} ready at {spec.url} (log: {engine.log_path})",
-                              ending="\n")
-            self.stdout.flush()
-            engine.process.wait()
-            raise CommandError(f"the engine exited with status {engine.process.returncode}; "
-                               f"see {engine.log_path}")
-        except EngineStartError as exc:
-            raise CommandError(str(exc)) from None
+            self._run(engine, pool, reconcile, timeout)
         except KeyboardInterrupt:
             pass
         finally:
+            pool.engine_stopped()
+            server.shutdown()
             engine.stop()
+
+    def _run(self, engine: EngineProcess, pool: ReplicaPool, reconcile, timeout: float) -> None:
+        """Start the engine and start it again whenever it dies. Runs on the main thread: the
+        engine is told to stop when the thread that started it ends."""
+        backoff, first = 1.0, True
+        while True:
+            engine.start()
+            started = time.monotonic()
+            try:
+                engine.wait_ready(timeout=timeout)
+            except EngineStartError as exc:
+                if first:
+                    raise CommandError(str(exc)) from None
+                log.error("the engine did not start again: %s", exc)
+            else:
+                pool.engine_started()
+                self.stdout.write(f"engine for {engine.spec.served_name} {'ready' if first else 'restarted and ready'} "
+                                  f"at {engine.url} (pool agent: {self.agent_url}; log: {engine.log_path})",
+                                  ending="\n")
+                self.stdout.flush()
+                first = False
+                _quietly(reconcile)  # a restarted engine gets its deployed adapters back
+                engine.process.wait()
+            pool.engine_stopped()
+            status = engine.process.returncode
+            engine.stop(timeout=10)  # its engine-core helpers too, if the server died alone
+            if time.monotonic() - started > STABLE_AFTER:
+                backoff = 1.0
+            self.stdout.write(f"the engine exited with status {status}; starting it again in "
+                              f"{backoff:.0f}s (log: {engine.log_path})", ending="\n")
+            self.stdout.flush()
+            time.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+
+def _stager(base_model: str):
+    """Adapter id -> a validated local directory, staged from artifact storage onto this node."""
+    def stage(adapter_id: str, name: str) -> str:
+        try:
+            adapter = Adapter.objects.select_related("base_model").filter(pk=adapter_id).first()
+            if adapter is None or adapter.name != name or adapter.base_model.name != base_model:
+                raise AdapterLoadError(f"No adapter {adapter_id} named {name} for {base_model}.",
+                                       code="adapter_unknown")
+            path, _ = stage_adapter(adapter)
+            return str(path)
+        except AdapterInvalid as exc:
+            raise AdapterLoadError(str(exc), code=exc.code) from None
+        finally:
+            connections.close_all()  # this thread's; the agent's threads come and go
+    return stage
+
+
+def _reconciler(pool: ReplicaPool, base_model: str):
+    def reconcile() -> dict:
+        try:
+            deployed = {name: (adapter_id, pinned) for name, adapter_id, pinned in
+                        Adapter.objects.filter(deployed=True, base_model__name=base_model)
+                        .values_list("name", "id", "pinned")}
+        finally:
+            connections.close_all()
+        if not pool.ready:
+            return {"unloaded": [], "loaded": []}
+        return pool.reconcile(deployed)
+    return reconcile
+
+
+def _quietly(reconcile) -> None:
+    try:
+        reconcile()
+    except Exception:  # the database or engine hiccuped: the next round tries again
+        log.exception("pool reconciliation failed")
+
+
+def _reconcile_forever(pool: ReplicaPool, reconcile) -> None:
+    stop = threading.Event()
+    while not stop.wait(settings.ENGINE_RECONCILE_SECONDS):
+        if pool.ready:
+            _quietly(reconcile)
