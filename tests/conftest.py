@@ -383,14 +383,16 @@ def empty_replicas(*replicas: ReplicaProcess) -> None:
 class GatewayProcess:
     """The real ASGI app under uvicorn, on the test database, attached to the test replicas."""
 
-    def __init__(self, *, database_url: str, engine: ReplicaProcess, extra_env: dict | None = None,
-                 replicas: list[ReplicaProcess] | None = None):
+    def __init__(self, *, database_url: str, engine: ReplicaProcess | None,
+                 extra_env: dict | None = None, replicas: list[ReplicaProcess] | None = None):
+        """With no engine (and no replicas) the platform runs with inference off."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.replicas = replicas or [engine]
+        self.replicas = replicas or ([engine] if engine is not None else [])
         self.engine_url = ",".join(r.url for r in self.replicas)  # TUNEPLEX_ENGINE_URLS
-        environ = dict(os.environ, DATABASE_URL=database_url, TUNEPLEX_ENGINE_MODE="attach",
-                       TUNEPLEX_ENGINE_URLS=self.engine_url,
+        serving = ({"TUNEPLEX_ENGINE_MODE": "attach", "TUNEPLEX_ENGINE_URLS": self.engine_url}
+                   if self.replicas else {"TUNEPLEX_ENGINE_MODE": "off"})
+        environ = dict(os.environ, DATABASE_URL=database_url, **serving,
                        TUNEPLEX_ENGINE_API_KEY=django_settings.ENGINE_API_KEY,
                        TUNEPLEX_ENGINE_LORA_SLOTS=str(REPLICA_SLOTS),
                        TUNEPLEX_ENGINE_LEASE_SECONDS="6", **(extra_env or {}))

@@ -83,7 +83,33 @@ def readyz(request):
             log.warning("readiness: serving degraded: %s", problem)
             degraded.append("serving")
     status = "unavailable" if failed else "degraded" if degraded else "ok"
-    body = {"status": status, "checks": results, "failed": failed, "degraded": degraded,
-            "database_engine": settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1],
-            "broker": "redis" if settings.REDIS_URL else "filesystem"}
+    body = {"status": status}
+    if _may_see_detail(request):  # which part failed, and why: operators only
+        body |= {"checks": results, "failed": failed, "degraded": degraded,
+                 "database_engine": settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1],
+                 "broker": "redis" if settings.REDIS_URL else "filesystem"}
     return JsonResponse(body, status=200 if not failed else 503)
+
+
+LOOPBACK = {"127.0.0.1", "::1"}
+
+
+def _may_see_detail(request) -> bool:
+    """A caller on this machine (not through a proxy), or an admin (session or admin-scoped key)."""
+    if request.META.get("REMOTE_ADDR") in LOOPBACK and "HTTP_X_FORWARDED_FOR" not in request.META:
+        return True
+    from rest_framework.exceptions import AuthenticationFailed
+    from rest_framework.request import Request
+
+    from tuneplex.apikeys.authentication import ApiKeyAuthentication
+    from tuneplex.core.scopes import ADMIN
+    from tuneplex.tenancy.sessions import active_membership
+
+    try:
+        found = ApiKeyAuthentication().authenticate(Request(request))
+    except AuthenticationFailed:
+        return False
+    if found is not None:
+        return ADMIN in found[1].scopes
+    membership = active_membership(request)
+    return membership is not None and ADMIN in membership.scopes
