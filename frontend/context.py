@@ -9,7 +9,8 @@ def navigation(request):
     many invitations wait for an answer."""
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated:
-        return {"signup_enabled": settings.SIGNUP_ENABLED}
+        return {"signup_enabled": settings.SIGNUP_ENABLED, "oidc_enabled": settings.OIDC_ENABLED,
+                "sso_failed": request.GET.get("sso") == "failed"}
     return {"membership": active_membership(request),
             "memberships": sorted(memberships_of_user(user=user),
                                   key=lambda m: (m.organization.name.lower(), m.organization_id)),

@@ -384,9 +384,10 @@ class GatewayProcess:
     """The real ASGI app under uvicorn, on the test database, attached to the test replicas."""
 
     def __init__(self, *, database_url: str, engine: ReplicaProcess | None,
-                 extra_env: dict | None = None, replicas: list[ReplicaProcess] | None = None):
+                 extra_env: dict | None = None, replicas: list[ReplicaProcess] | None = None,
+                 port: int | None = None):
         """With no engine (and no replicas) the platform runs with inference off."""
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.replicas = replicas or ([engine] if engine is not None else [])
         self.engine_url = ",".join(r.url for r in self.replicas)  # TUNEPLEX_ENGINE_URLS

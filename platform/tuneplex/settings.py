@@ -351,6 +351,48 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# Single sign-on with OpenID Connect (tuneplex.tenancy.oidc): on when a client id is set. The
+# provider's endpoints are given one by one (every provider publishes them in its discovery
+# document); TUNEPLEX_OIDC_GROUPS maps its groups to memberships: "group=org-slug:role,...".
+OIDC_RP_CLIENT_ID = env_str("TUNEPLEX_OIDC_CLIENT_ID", "")
+OIDC_ENABLED = bool(OIDC_RP_CLIENT_ID)
+if OIDC_ENABLED:
+    OIDC_RP_CLIENT_SECRET = env_str("TUNEPLEX_OIDC_CLIENT_SECRET", "")
+    OIDC_OP_AUTHORIZATION_ENDPOINT = env_url("TUNEPLEX_OIDC_AUTHORIZATION_URL", None,
+                                             schemes=("http", "https"))
+    OIDC_OP_TOKEN_ENDPOINT = env_url("TUNEPLEX_OIDC_TOKEN_URL", None, schemes=("http", "https"))
+    OIDC_OP_USER_ENDPOINT = env_url("TUNEPLEX_OIDC_USERINFO_URL", None, schemes=("http", "https"))
+    OIDC_OP_JWKS_ENDPOINT = env_url("TUNEPLEX_OIDC_JWKS_URL", None, schemes=("http", "https"))
+    for _name, _value in (("TUNEPLEX_OIDC_CLIENT_SECRET", OIDC_RP_CLIENT_SECRET),
+                          ("TUNEPLEX_OIDC_AUTHORIZATION_URL", OIDC_OP_AUTHORIZATION_ENDPOINT),
+                          ("TUNEPLEX_OIDC_TOKEN_URL", OIDC_OP_TOKEN_ENDPOINT),
+                          ("TUNEPLEX_OIDC_USERINFO_URL", OIDC_OP_USER_ENDPOINT),
+                          ("TUNEPLEX_OIDC_JWKS_URL", OIDC_OP_JWKS_ENDPOINT)):
+        if not _value:
+            raise ImproperlyConfigured(f"{_name} is required when TUNEPLEX_OIDC_CLIENT_ID is set")
+    OIDC_RP_SIGN_ALGO = "RS256"
+    OIDC_RP_SCOPES = env_str("TUNEPLEX_OIDC_SCOPES", "openid email profile groups")
+    OIDC_USE_PKCE = True
+    OIDC_TIMEOUT = 10
+    LOGIN_REDIRECT_URL_FAILURE = "/login/?sso=failed"
+    AUTHENTICATION_BACKENDS = [*AUTHENTICATION_BACKENDS, "tuneplex.tenancy.oidc.OrganizationOIDCBackend"]
+
+
+def _group_map(items: list[str]) -> list[tuple[str, tuple[str, str]]]:
+    roles = ("owner", "admin", "member", "viewer")
+    mapping = []
+    for item in items:
+        group, _, target = item.partition("=")
+        slug, _, role = target.partition(":")
+        if not group or not slug or role not in roles:
+            raise ImproperlyConfigured(f"TUNEPLEX_OIDC_GROUPS: {item!r} is not group=org-slug:role "
+                                       f"(role one of {', '.join(roles)})")
+        mapping.append((group, (slug, role)))
+    return mapping
+
+
+OIDC_GROUP_MAP = _group_map(env_list("TUNEPLEX_OIDC_GROUPS", []))
+
 # Self-service sign-up at /signup/ creates a user and a new organization they own. Off by
 # default: operators create organizations (manage.py create_organization) and admins invite.
 SIGNUP_ENABLED = env_bool("TUNEPLEX_SIGNUP", False)

@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.urls import include, path, register_converter
 from django.utils.csp import CSP
 from django.utils.decorators import method_decorator
@@ -93,6 +94,8 @@ urlpatterns = [
     path("v1/", include(api_v1)),
     path("", include("frontend.urls")),
 ]
+if settings.OIDC_ENABLED:  # /oidc/authenticate/ and /oidc/callback/ (single sign-on)
+    urlpatterns.insert(0, path("oidc/", include("mozilla_django_oidc.urls")))
 
 handler400 = "tuneplex.core.errors.handler400"
 handler403 = "tuneplex.core.errors.handler403"

@@ -69,6 +69,8 @@ def _load_settings(**overrides: str) -> subprocess.CompletedProcess:
     ("TUNEPLEX_INFERENCE_MAX_BODY", "big"),
     ("TUNEPLEX_MAX_REQUEST_BODY", "lots"),
     ("ALLOWED_HOSTS", "a,,b"),
+    ("TUNEPLEX_OIDC_GROUPS", "admins=acme:king"),
+    ("TUNEPLEX_OIDC_CLIENT_ID", "tuneplex"),  # without the provider's endpoints
 ])
 def test_the_settings_module_refuses_bad_values(variable, value):
     result = _load_settings(**{variable: value})

@@ -12,6 +12,8 @@ class User(AbstractUser):
     # across sessions, and never changed by anyone else.
     selected_organization = models.ForeignKey("Organization", null=True, blank=True,
                                               on_delete=models.SET_NULL, related_name="+")
+    # The OpenID Connect subject (``sub``) this account signs in as; set only for single sign-on.
+    oidc_subject = models.CharField(max_length=255, null=True, blank=True, unique=True)
 
 
 def _org_id() -> str:
