@@ -258,6 +258,11 @@ ENGINE_LEASE_SECONDS = env_int("TUNEPLEX_ENGINE_LEASE_SECONDS", 15, minimum=3)
 INFERENCE_MAX_BODY = env_bytes("TUNEPLEX_INFERENCE_MAX_BODY", 1 * 2**20)
 INFERENCE_MAX_TOKENS = env_int("TUNEPLEX_INFERENCE_MAX_TOKENS", 512, minimum=1)
 INFERENCE_MAX_N = env_int("TUNEPLEX_INFERENCE_MAX_N", 4, minimum=1, maximum=128)
+# One completion request may carry a list of prompts: at most this many, and at most
+# INFERENCE_MAX_SEQUENCES prompts x n, so one request cannot occupy the shared engine.
+INFERENCE_MAX_PROMPTS = env_int("TUNEPLEX_INFERENCE_MAX_PROMPTS", 16, minimum=1, maximum=1024)
+INFERENCE_MAX_SEQUENCES = env_int("TUNEPLEX_INFERENCE_MAX_SEQUENCES", 32, minimum=1,
+                                  maximum=4096)
 INFERENCE_AUTH_CACHE_SECONDS = env_int("TUNEPLEX_INFERENCE_AUTH_CACHE_SECONDS", 2, minimum=0, maximum=60)
 INFERENCE_RATE_LIMIT = env_int("TUNEPLEX_INFERENCE_RATE_LIMIT", 600, minimum=0)  # per key per minute
 

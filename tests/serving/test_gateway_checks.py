@@ -65,6 +65,16 @@ def test_callers_without_a_valid_infer_key_are_refused(org_a):
     ({"model": BASE, "messages": CHAT, "max_completion_tokens": 10**6},
      (400, "max_completion_tokens_out_of_range", "max_completion_tokens")),
     ({"model": BASE, "messages": CHAT, "n": 99}, (400, "n_out_of_range", "n")),
+    ({"model": BASE, "messages": CHAT, "kv_transfer_params": {}}, (400, "unknown_parameter",
+                                                                   "kv_transfer_params")),
+    ({"model": BASE, "messages": CHAT, "cache_salt": "guess"}, (400, "unknown_parameter",
+                                                                "cache_salt")),
+    ('{"model": "SmolLM2-135M-Instruct", "messages": ' + "[" * 50_000 + "]" * 50_000 + "}",
+     (400, "invalid_json", None)),
+    ('{"model": "SmolLM2\\udc00", "messages": [{"role": "user", "content": "hi"}]}',
+     (400, "invalid_json", None)),
+    ('{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "\\ud800"}]}',
+     (400, "invalid_json", None)),
 ])
 def test_bad_chat_requests_name_the_field(org_a, body, expected):
     assert error(post(org_a.owner_key, body)) == expected
@@ -143,3 +153,25 @@ def test_auto_deploy_is_an_admin_setting_of_the_organization(org_a):
     assert refused.status_code == 403
     org_a.organization.refresh_from_db()
     assert org_a.organization.auto_deploy is False
+
+
+@pytest.mark.django_db
+def test_a_huge_prompt_list_is_refused_before_the_engine(org_a, settings):
+    """1,000 prompts with n=4 is under vLLM's own cap: the gateway's check refuses it first."""
+    settings.INFERENCE_MAX_N = 4
+    thousand = {"model": BASE, "prompt": ["Tell me a story."] * 1000, "n": 4}
+    assert error(post(org_a.owner_key, thousand, "/v1/completions")) == (
+        400, "too_many_prompts", "prompt")
+    sixteen_by_four = {"model": BASE, "prompt": ["Hi."] * 16, "n": 4}
+    assert error(post(org_a.owner_key, sixteen_by_four, "/v1/completions")) == (
+        400, "too_many_sequences", "n")
+
+
+def test_the_forwarded_body_holds_only_allowlisted_fields_and_the_organizations_salt():
+    from tuneplex.inference.gateway import ALLOWED_FIELDS, COMPLETIONS, cache_salt, parse_body
+
+    body = parse_body(json.dumps({"model": BASE, "prompt": "hi", "temperature": 0}).encode(),
+                      COMPLETIONS)
+    assert set(body) <= ALLOWED_FIELDS[COMPLETIONS]
+    assert cache_salt("org-a") == cache_salt("org-a") != cache_salt("org-b")
+    assert len(cache_salt("org-a")) == 32

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
+import hmac
 import json
 import logging
 import weakref
@@ -31,6 +33,7 @@ from rest_framework import exceptions as drf
 from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 
+from jobs.training.jsonl import loads_strict
 from serving.client import PoolClient, Route
 from serving.engine import auth_headers
 from serving.pool import AdapterLoadError, NoReplicaAvailable
@@ -50,6 +53,24 @@ log = logging.getLogger(__name__)
 
 CHAT, COMPLETIONS = "chat/completions", "completions"
 MESSAGE_ROLES = {"system", "developer", "user", "assistant", "tool"}
+# The OpenAI fields a request may carry; anything else (engine-specific knobs, a cache salt of
+# the caller's own) is refused with unknown_parameter, so the engine sees only what we document.
+_SAMPLING = {"model", "max_tokens", "n", "temperature", "top_p", "stop", "seed", "stream",
+             "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+             "user"}
+ALLOWED_FIELDS = {
+    CHAT: _SAMPLING | {"messages", "max_completion_tokens", "top_logprobs", "response_format",
+                       "tools", "tool_choice", "parallel_tool_calls"},
+    COMPLETIONS: _SAMPLING | {"prompt", "echo", "suffix"},
+}
+
+
+@functools.lru_cache(maxsize=4096)
+def cache_salt(organization_id: str) -> str:
+    """The organization's prefix-cache salt: requests of one organization never reuse another's
+    cached prefixes (whose timing would tell that the same text was sent by someone else)."""
+    return hmac.new(settings.SECRET_KEY.encode(), f"cache-salt:{organization_id}".encode(),
+                    hashlib.sha256).hexdigest()[:32]
 
 
 class ModelNotFound(ApiError):
@@ -179,6 +200,7 @@ def _admit(authorization: str | None, raw: bytes, endpoint: str, request=None) -
     if not verdict.allowed:
         raise RateLimited(verdict)
     body = parse_body(raw, endpoint)
+    body["cache_salt"] = cache_salt(principal.organization.id)
     target = _resolve(principal, body["model"])
     pool_for(target.base_model).ensure_fresh()  # the first request of this process asks the agents
     return target, body, _limit_headers(verdict)
@@ -204,11 +226,18 @@ def parse_body(raw: bytes, endpoint: str) -> dict:
                        f"{settings.INFERENCE_MAX_BODY} (TUNEPLEX_INFERENCE_MAX_BODY).",
                        code="request_too_large", status=413)
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(f"The body is not valid JSON: {exc}.", code="invalid_json") from None
+        body = loads_strict(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ApiError("The body is not valid UTF-8.", code="invalid_json") from None
+    except ValueError as exc:  # not JSON, too deeply nested, or text UTF-8 cannot hold
+        raise ApiError(f"The body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError("The body must be a JSON object.", code="invalid_json")
+    unknown = sorted(set(body) - ALLOWED_FIELDS[endpoint])
+    if unknown:
+        raise ApiError(f"Unrecognized request argument: {unknown[0]}. The fields accepted are "
+                       f"OpenAI's: {', '.join(sorted(ALLOWED_FIELDS[endpoint]))}.",
+                       code="unknown_parameter", param=unknown[0])
     model = body.get("model")
     if not isinstance(model, str) or not model or len(model) > 300:
         raise ApiError("model is required: the name of a base model or of one of your adapters.",
@@ -233,6 +262,17 @@ def parse_body(raw: bytes, endpoint: str) -> dict:
     for name in ("max_tokens", "max_completion_tokens"):
         _int_field(body, name, low=1, high=cap, hint="TUNEPLEX_INFERENCE_MAX_TOKENS")
     _int_field(body, "n", low=1, high=settings.INFERENCE_MAX_N, hint="TUNEPLEX_INFERENCE_MAX_N")
+    if endpoint == COMPLETIONS and isinstance(body["prompt"], list):
+        prompts = len(body["prompt"])
+        if prompts > settings.INFERENCE_MAX_PROMPTS:
+            raise ApiError(f"At most {settings.INFERENCE_MAX_PROMPTS} prompts in one request "
+                           f"(TUNEPLEX_INFERENCE_MAX_PROMPTS); this one has {prompts}.",
+                           code="too_many_prompts", param="prompt")
+        sequences = prompts * (body.get("n") or 1)
+        if sequences > settings.INFERENCE_MAX_SEQUENCES:
+            raise ApiError(f"prompts x n is {sequences}; at most {settings.INFERENCE_MAX_SEQUENCES} "
+                           "sequences in one request (TUNEPLEX_INFERENCE_MAX_SEQUENCES).",
+                           code="too_many_sequences", param="n")
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = cap
     return body
