@@ -260,6 +260,11 @@ INFERENCE_MAX_TOKENS = env_int("TUNEPLEX_INFERENCE_MAX_TOKENS", 512, minimum=1)
 INFERENCE_MAX_N = env_int("TUNEPLEX_INFERENCE_MAX_N", 4, minimum=1, maximum=128)
 # One completion request may carry a list of prompts: at most this many, and at most
 # INFERENCE_MAX_SEQUENCES prompts x n, so one request cannot occupy the shared engine.
+# Per organization, shared by every web process (Redis): tokens a minute (each request reserves
+# its prompt plus max_tokens x n and settles with the real usage) and requests in flight; 0: off.
+ORG_INFERENCE_TOKENS_PER_MINUTE = env_int("TUNEPLEX_ORG_INFERENCE_TOKENS_PER_MINUTE", 200_000,
+                                          minimum=0)
+ORG_INFERENCE_CONCURRENCY = env_int("TUNEPLEX_ORG_INFERENCE_CONCURRENCY", 32, minimum=0)
 INFERENCE_MAX_PROMPTS = env_int("TUNEPLEX_INFERENCE_MAX_PROMPTS", 16, minimum=1, maximum=1024)
 INFERENCE_MAX_SEQUENCES = env_int("TUNEPLEX_INFERENCE_MAX_SEQUENCES", 32, minimum=1,
                                   maximum=4096)

@@ -175,3 +175,58 @@ def test_the_forwarded_body_holds_only_allowlisted_fields_and_the_organizations_
     assert set(body) <= ALLOWED_FIELDS[COMPLETIONS]
     assert cache_salt("org-a") == cache_salt("org-a") != cache_salt("org-b")
     assert len(cache_salt("org-a")) == 32
+
+
+@pytest.mark.django_db
+def test_token_budgets_reserve_and_settle_per_organization(settings):
+    """Against the real Redis: a reservation beyond the budget is refused and not kept; settling
+    returns what a request did not use."""
+    from tuneplex.inference import ratelimit
+
+    import time
+    import uuid
+
+    subject, other = f"org:budget-{uuid.uuid4().hex}", f"org:other-{uuid.uuid4().hex}"
+    now = time.time()  # one minute window for the whole test
+    first = ratelimit.spend(subject, 600, 1000, now=now)
+    assert first.allowed and first.remaining == 400
+    refused = ratelimit.spend(subject, 600, 1000, now=now)
+    assert not refused.allowed and refused.remaining == 400 and refused.reset_after > 0
+    ratelimit.settle(subject, first.window, 120 - 600)  # it really cost 120
+    assert ratelimit.spend(subject, 600, 1000, now=now).allowed
+    assert ratelimit.spend(other, 900, 1000, now=now).allowed  # budgets are per organization
+
+
+@pytest.mark.django_db
+def test_a_request_beyond_the_token_budget_is_refused_with_headers(org_a, settings, default_model):
+    settings.ENGINE_REPLICAS = {BASE: ["http://127.0.0.1:9"]}  # served (nothing listens there)
+    settings.ORG_INFERENCE_TOKENS_PER_MINUTE = 100
+    response = post(org_a.owner_key, {"model": BASE, "messages": CHAT, "max_tokens": 200})
+    assert error(response)[:2] == (429, "token_budget_exceeded")
+    assert int(response["Retry-After"]) > 0
+    assert response["x-ratelimit-limit-tokens"] == "100"
+
+
+@pytest.mark.django_db
+def test_an_organization_at_its_concurrency_cap_does_not_hold_up_another(org_a, org_b, settings,
+                                                                         default_model):
+    from tuneplex.inference import ratelimit
+
+    settings.ENGINE_REPLICAS = {BASE: ["http://127.0.0.1:9"]}  # served (nothing listens there)
+    settings.ORG_INFERENCE_CONCURRENCY = 2
+    held = [f"held-{i}" for i in range(2)]
+    subject = f"org:{org_a.organization.id}"
+    for token in held:
+        assert ratelimit.acquire_slot(subject, token, 2, stale_after=60)
+    try:
+        busy = post(org_a.owner_key, {"model": BASE, "messages": CHAT, "max_tokens": 4})
+        assert error(busy)[:2] == (429, "concurrency_limit_exceeded")
+        other = post(org_b.owner_key, {"model": BASE, "messages": CHAT, "max_tokens": 4})
+        assert other.status_code != 429  # admitted (no engine runs here: 503 after admission)
+        assert error(other)[1] == "engine_unavailable"
+    finally:
+        for token in held:
+            ratelimit.release_slot(subject, token)
+    # A request that ends (here: no engine) gives its slot back.
+    assert ratelimit.acquire_slot(subject, "probe", 1, stale_after=60)
+    ratelimit.release_slot(subject, "probe")

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import logging
+import uuid
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -189,7 +190,68 @@ class RateLimited(ApiError):
         self.headers = {**_limit_headers(verdict), "Retry-After": str(verdict.reset_after)}
 
 
-def _admit(authorization: str | None, raw: bytes, endpoint: str, request=None) -> tuple[Target, dict, dict]:
+class TokenBudgetExceeded(ApiError):
+    status = 429
+
+    def __init__(self, verdict: ratelimit.TokenVerdict, asked: int) -> None:
+        super().__init__(f"This request may cost {asked} tokens; the organization has "
+                         f"{verdict.remaining} of its {verdict.limit} tokens a minute left "
+                         f"(TUNEPLEX_ORG_INFERENCE_TOKENS_PER_MINUTE); retry in "
+                         f"{verdict.reset_after}s or ask for fewer max_tokens.",
+                         code="token_budget_exceeded")
+        self.headers = {**_token_headers(verdict), "Retry-After": str(verdict.reset_after)}
+
+
+class ConcurrencyLimited(ApiError):
+    status = 429
+
+    def __init__(self) -> None:
+        super().__init__(f"The organization already has {settings.ORG_INFERENCE_CONCURRENCY} "
+                         "requests in flight (TUNEPLEX_ORG_INFERENCE_CONCURRENCY); retry when one "
+                         "ends.", code="concurrency_limit_exceeded")
+        self.headers = {"Retry-After": "1"}
+
+
+@dataclass
+class Reservation:
+    """What an admitted request holds of its organization's budgets until it ends."""
+
+    subject: str
+    window: int
+    reserved: int
+    slot: str
+    finished: bool = False
+
+    def finish(self, actual_tokens: int) -> None:
+        """Settle the tokens with what the engine reported, and free the concurrency slot."""
+        if self.finished:
+            return
+        self.finished = True
+        ratelimit.settle(self.subject, self.window, actual_tokens - self.reserved)
+        ratelimit.release_slot(self.subject, self.slot)
+
+
+def _reserve(principal: Principal, body: dict, raw: bytes, endpoint: str
+             ) -> tuple[Reservation, dict[str, str]]:
+    """Reserve what the request may cost (its prompt, about 4 bytes a token, plus max_tokens x n
+    x prompts) and one concurrency slot, both per organization (429 otherwise)."""
+    subject = f"org:{principal.organization.id}"
+    prompts = len(body["prompt"]) if isinstance(body.get("prompt"), list) else 1
+    most = body.get("max_completion_tokens") or body.get("max_tokens") or settings.INFERENCE_MAX_TOKENS
+    estimate = len(raw) // 4 + most * (body.get("n") or 1) * prompts
+    verdict = ratelimit.spend(subject, estimate, settings.ORG_INFERENCE_TOKENS_PER_MINUTE)
+    if not verdict.allowed:
+        raise TokenBudgetExceeded(verdict, estimate)
+    slot = uuid.uuid4().hex
+    if not ratelimit.acquire_slot(subject, slot, settings.ORG_INFERENCE_CONCURRENCY,
+                                  stale_after=settings.ENGINE_TIMEOUT + 60):
+        ratelimit.settle(subject, verdict.window, -estimate)
+        raise ConcurrencyLimited()
+    return Reservation(subject, verdict.window, estimate, slot), _token_headers(verdict)
+
+
+def _admit(authorization: str | None, raw: bytes, endpoint: str, request=None
+           ) -> tuple[Target, dict, dict, Reservation]:
     """Who asks (401/403), how often (429: every authenticated request counts), what (400/413),
     for which model (404). One trip to the database thread per request."""
     if request is None:
@@ -203,7 +265,8 @@ def _admit(authorization: str | None, raw: bytes, endpoint: str, request=None) -
     body["cache_salt"] = cache_salt(principal.organization.id)
     target = _resolve(principal, body["model"])
     pool_for(target.base_model).ensure_fresh()  # the first request of this process asks the agents
-    return target, body, _limit_headers(verdict)
+    reservation, token_headers = _reserve(principal, body, raw, endpoint)
+    return target, body, {**_limit_headers(verdict), **token_headers}, reservation
 
 
 # --- request checks (pure) ------------------------------------------------------------------------
@@ -367,8 +430,10 @@ async def complete(endpoint: str, *, authorization: str | None, raw: bytes, requ
     Cancelling it (the ASGI fast path does when the client goes away) closes the connection to
     the engine, which aborts the request there.
     """
+    reservation: Reservation | None = None
     try:
-        target, body, limit_headers = await sync_to_async(_admit)(authorization, raw, endpoint, request)
+        target, body, limit_headers, reservation = await sync_to_async(_admit)(
+            authorization, raw, endpoint, request)
         pool = pool_for(target.base_model)
         stream = bool(body.get("stream"))
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -376,24 +441,40 @@ async def complete(endpoint: str, *, authorization: str | None, raw: bytes, requ
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         response, route = await _send(pool, target, endpoint, body)
     except ApiError as exc:
+        await _finish(reservation, 0)
         return _error(exc, getattr(exc, "headers", None))
+    except BaseException:  # cancelled (the client went away) before the engine answered
+        await _finish(reservation, 0)
+        raise
     if response.status_code != 200:
         pool.release(route)
+        await _finish(reservation, 0)
         return await _engine_error(response)
     if stream:
         return Reply(200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                            "X-Accel-Buffering": "no", **limit_headers},
-                     stream=_relay(response, pool, route, target, wants_usage))
+                     stream=_relay(response, pool, route, target, wants_usage, reservation))
     try:
         answer = await response.aread()
     except httpx.HTTPError as exc:
         pool.mark_down(route.replica, f"it failed during an answer ({type(exc).__name__})")
+        await _finish(reservation, 0)
         return _error(EngineUnavailable("The engine replica failed during the answer; retry the request."))
+    except BaseException:  # cancelled mid-answer
+        await _finish(reservation, 0)
+        raise
     finally:
         await response.aclose()
         pool.release(route)
-    _record(target, *_usage_of(json.loads(answer)))
+    prompt, completion = _usage_of(json.loads(answer))
+    _record(target, prompt, completion)
+    await _finish(reservation, prompt + completion)
     return Reply(200, {"Content-Type": JSON, **limit_headers}, answer)
+
+
+async def _finish(reservation: Reservation | None, actual_tokens: int) -> None:
+    if reservation is not None and not reservation.finished:
+        await sync_to_async(reservation.finish, thread_sensitive=False)(actual_tokens)
 
 
 async def _complete(request, endpoint: str) -> HttpResponse:
@@ -411,7 +492,7 @@ STREAM_FAILED = ("data: " + json.dumps({"error": {
 
 
 async def _relay(response: httpx.Response, pool: PoolClient, route: Route, target: Target,
-                 wants_usage: bool):
+                 wants_usage: bool, reservation: Reservation):
     """Pass the engine's server-sent events through; take the usage from its last chunk.
 
     A stream the engine breaks off (the replica died) ends with an error event and ``[DONE]``,
@@ -437,12 +518,21 @@ async def _relay(response: httpx.Response, pool: PoolClient, route: Route, targe
         await response.aclose()
         pool.release(route)
         _record(target, prompt, completion)
+        await _finish(reservation, prompt + completion)
     if not done:
         yield STREAM_FAILED
 
 
 def _subject(principal: Principal) -> str:
     return f"key:{principal.api_key.id}" if principal.api_key is not None else f"user:{principal.user.pk}"
+
+
+def _token_headers(verdict: ratelimit.TokenVerdict) -> dict[str, str]:
+    if not verdict.limit:
+        return {}
+    return {"x-ratelimit-limit-tokens": str(verdict.limit),
+            "x-ratelimit-remaining-tokens": str(verdict.remaining),
+            "x-ratelimit-reset-tokens": f"{verdict.reset_after}s"}
 
 
 def _limit_headers(verdict: ratelimit.Verdict) -> dict[str, str]:
