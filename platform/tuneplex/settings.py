@@ -260,6 +260,8 @@ INFERENCE_MAX_TOKENS = env_int("TUNEPLEX_INFERENCE_MAX_TOKENS", 512, minimum=1)
 INFERENCE_MAX_N = env_int("TUNEPLEX_INFERENCE_MAX_N", 4, minimum=1, maximum=128)
 # One completion request may carry a list of prompts: at most this many, and at most
 # INFERENCE_MAX_SEQUENCES prompts x n, so one request cannot occupy the shared engine.
+# REST API requests per minute per organization (every key and member together); 0: unlimited.
+ORG_API_RATE_LIMIT = env_int("TUNEPLEX_ORG_API_RATE_LIMIT", 1200, minimum=0)
 # Per organization, shared by every web process (Redis): tokens a minute (each request reserves
 # its prompt plus max_tokens x n and settles with the real usage) and requests in flight; 0: off.
 ORG_INFERENCE_TOKENS_PER_MINUTE = env_int("TUNEPLEX_ORG_INFERENCE_TOKENS_PER_MINUTE", 200_000,
@@ -311,6 +313,7 @@ REST_FRAMEWORK = {
         "tuneplex.tenancy.authentication.OrganizationSessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["tuneplex.core.permissions.HasScope"],
+    "DEFAULT_THROTTLE_CLASSES": ["tuneplex.core.throttles.OrganizationRateThrottle"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["tuneplex.core.parsers.StrictJSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",

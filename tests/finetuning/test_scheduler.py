@@ -6,7 +6,6 @@ from datetime import timedelta
 from unittest import mock
 
 import pytest
-from django.core.cache import cache
 from django.utils import timezone
 from tuneplex.adapters.merging import merge_claim
 from tuneplex.adapters.models import Adapter
@@ -215,7 +214,6 @@ def test_the_sweep_resends_lost_validation_then_fails_it(org_a, default_model, s
     old = queued_job(org_a, default_model, status="validating_files")
     FineTuningJob.objects.filter(id=job.id).update(created_at=timezone.now() - timedelta(minutes=2))
     FineTuningJob.objects.filter(id=old.id).update(created_at=timezone.now() - timedelta(hours=1))
-    cache.clear()
     with mock.patch("tuneplex.core.queue.enqueue") as enqueue, \
             django_capture_on_commit_callbacks(execute=False):
         first, second = scheduler.sweep(), scheduler.sweep()
@@ -240,7 +238,6 @@ def test_the_sweep_resends_lost_statistics_then_fails_them(org_a, settings,
     lost = a_file(timedelta(minutes=2), "pending")
     fresh = a_file(timedelta(seconds=1), "pending")
     abandoned = a_file(timedelta(days=1), "running")
-    cache.clear()
     with mock.patch("tuneplex.core.queue.enqueue") as enqueue, \
             django_capture_on_commit_callbacks(execute=False):
         done = scheduler.sweep()

@@ -203,3 +203,13 @@ def test_client_messages_lose_paths_and_addresses():
             "from 10.0.3.7:8100\nTraceback (most recent call last):\n  File \"/srv/a.py\"")
     assert client_message(text) == ("FileNotFoundError: [Errno 2] No such file: '<path>' from "
                                     "<address>")
+
+
+def test_an_organization_over_its_api_rate_is_throttled_alone(org_a, org_b, settings):
+    settings.ORG_API_RATE_LIMIT = 3  # the organizations are new: their counters start at 0
+    client_a = bearer(org_a.owner_key)
+    assert [client_a.get("/v1/files").status_code for _ in range(3)] == [200] * 3
+    refused = client_a.get("/v1/files")
+    assert_error(refused, 429, "rate_limit_exceeded")
+    assert int(refused["Retry-After"]) > 0
+    assert bearer(org_b.owner_key).get("/v1/files").status_code == 200  # B is not A

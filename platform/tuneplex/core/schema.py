@@ -37,6 +37,7 @@ _ERROR_TEXT = {
     "404": "No such object in this organization",
     "409": "The object's state does not allow this now",
     "413": "The request body is too large",
+    "429": "The organization's request rate was reached (Retry-After says when to retry)",
 }
 _WRITES = {"post", "put", "patch", "delete"}
 
@@ -63,7 +64,7 @@ def document_lists_and_errors(result, generator, request, public):
             ok = responses.get("200", {}).get("content", {}).get("application/json", {})
             if ok.get("schema", {}).get("type") == "array":
                 ok["schema"] = _envelope(ok["schema"]["items"])
-            wanted = ["400", "401", "403"]
+            wanted = ["400", "401", "403", "429"]
             if "{" in path:
                 wanted.append("404")
             if method in _WRITES:
