@@ -18,11 +18,11 @@ The plan (:func:`plan_activations`): gradient checkpointing covers the fewest le
 that make the estimate fit the budget (none when everything fits), decided again for each
 forward pass from its own token count (a short micro-batch recomputes fewer layers); only when
 even every layer checkpointed does not fit, a micro-batch runs as several forward passes of fewer
-tokens (split at example boundaries, never below the longest example; the same gradient). That order is what the
-H200 measured (benchmarks/RESULTS.md, GPU run 3): on an 8B model each checkpointed layer costs
-about 1.3% of the step for 1.3 GiB at 10k tokens, while splitting a 10k-token pass in two cost 18%
-(per-pass launch overhead). Leading layers, because the backward pass reaches them last, when the
-other layers' activations are already freed.
+tokens (split at example boundaries, never below the longest example; the same gradient). That
+order is what the H200 measured (benchmarks/RESULTS.md, GPU run 3): on an 8B model each
+checkpointed layer cost about 1.3% of the step for 1.3 GiB at 10k tokens, while splitting a
+10k-token pass in two cost 18% (per-pass launch overhead). Leading layers, because the backward
+pass reaches them last, when the other layers' activations are already freed.
 
 It is an estimate for refusing jobs that cannot fit and for the dashboard's pre-flight, not a
 measurement: the GPU benchmark reports real peaks next to it.

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     # Keep library chatter (progress bars, warnings) off stdout, which carries the protocol.
     sys.stdout = sys.stderr
 
-    def request_stop(signum, frame):
+    def request_stop(signum, frame):  # noqa: ARG001
         reporter.stop_requested = True
 
     signal.signal(signal.SIGTERM, request_stop)
