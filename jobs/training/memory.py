@@ -147,7 +147,11 @@ def activation_bytes(shape: ModelShape, *, tokens: int, checkpointed_layers: int
     full = layer_bytes_per_token(shape, method=method, bf16=bf16, fused_kernels=fused_kernels)
     kept = checkpointed_layer_bytes_per_token(shape, method=method, bf16=bf16)
     layers = min(checkpointed_layers, shape.layers)
-    per_token = layers * kept + (shape.layers - layers) * full + (full if layers else 0)
+    # The peak is at the end of the forward pass. A checkpointed (leading) layer recomputes its
+    # activations only after the backward pass has freed those of every later layer, so its one
+    # layer's worth adds to the peak only when there are no uncheckpointed layers to free.
+    recompute = full if layers == shape.layers else 0
+    per_token = layers * kept + (shape.layers - layers) * full + recompute
     return tokens * per_token
 
 
