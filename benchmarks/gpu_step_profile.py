@@ -1,23 +1,18 @@
-"""Where a training step's time goes on a GPU: the trainer's own step under several settings.
+"""Where a training step's time and memory go on a GPU: the trainer's own step under several
+settings, in one process with one model load.
 
-    python3 benchmarks/gpu_step_profile.py --model DIR [--variants padded packed ...] [--out DIR]
+    python3 benchmarks/gpu_step_profile.py --model DIR [--variants today fused ...] [--out DIR]
 
-One process, one model load (a Llama directory, e.g. the random 8B that train_throughput.py
-builds), chat data from train_throughput.py's generator (steps x batch + 8 examples, micro-batches
-as the trainer forms them), and the trainer's own ``_optimizer_step``: each variant runs
-``--steps`` optimizer steps and reports useful tokens/s (first step excluded), peak memory and the
-per-step times. Also checks the varlen attention against attending each example separately (fp64
-reference), measures a bf16 GEMM of the model's shapes (the ceiling the linear layers can reach),
-and profiles one step of ``--profile``.
+Chat data from train_throughput.py's generator (steps x batch + 8 examples, micro-batches as the
+trainer forms them), the trainer's own ``_optimizer_step``; each variant starts from the same
+initial adapter and a fresh optimizer, runs ``--steps`` optimizer steps and reports useful
+tokens/s (first step excluded), peak memory, the memory held before the step (weights, adapter),
+the largest forward pass and the per-step losses (so variants can be compared with ``today``).
+Also checks the varlen attention against attending each example separately (fp64 reference),
+measures a bf16 GEMM of the model's shapes, and profiles one step of ``--profile``.
 
-Variants:
-  padded         padded, length-grouped rows, sdpa, fp32 adapter path (the CUDA default before)
-  packed-fp32    one packed row per micro-batch, flash varlen attention, fp32 adapter path
-  packed-autocast  packed varlen under bf16 autocast, peft still casting inputs to fp32
-  packed         packed varlen, bf16 autocast, peft's input cast off (the trainer's default now)
-  packed-sdpa    packed row through sdpa's block-diagonal mask, bf16 autocast
-  packed-nockpt  the default without gradient checkpointing
-All with gradient checkpointing unless named otherwise.
+Each variant is (checkpointed layers, forward-pass token cap, head, LoRA scale-add, Liger
+kernels). Liger's kernels are patched into the model once, so variants without them run first.
 """
 
 from __future__ import annotations
@@ -32,30 +27,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch
+import torch  # noqa: E402
 
-VARIANTS = {  # name: (packing, attention, gradient checkpointing, autocast, peft input cast)
-    "padded": (False, "sdpa", True, False, True),
-    "packed-fp32": (True, "varlen", True, False, True),
-    "packed-autocast": (True, "varlen", True, True, True),
-    "packed": (True, "varlen", True, True, False),
-    "packed-sdpa": (True, "sdpa", True, True, False),
-    "packed-nockpt": (True, "varlen", False, True, False),
+ALL = 10**6  # "every layer"
+# name: (checkpointed layers, max forward tokens or None, head, addmm LoRA, liger kernels,
+#        SwiGLU adapter without its product)
+#   head: "plain" = full logits then cross-entropy (the trainer before), "liger" = Liger's fused
+#   linear cross-entropy, "torch" = the chunked torch version (the trainer now)
+VARIANTS = {
+    "today": (ALL, None, "plain", False, False, False),
+    "today-nockpt": (0, None, "plain", False, False, False),
+    "head-liger": (ALL, None, "liger", False, False, False),
+    "head-torch": (ALL, None, "torch", False, False, False),
+    "head+addmm": (ALL, None, "torch", True, False, False),
+    "fused": (ALL, None, "torch", True, True, False),
+    "fused-nockpt": (0, None, "torch", True, True, False),
+    "fused-nockpt-8k": (0, 8192, "torch", True, True, False),
+    "fused-nockpt-4k": (0, 4096, "torch", True, True, False),
+    "fused-nockpt-2k": (0, 2048, "torch", True, True, False),
+    "fused-ckpt8-4k": (8, 4096, "torch", True, True, False),
+    "fused-ckpt16-4k": (16, 4096, "torch", True, True, False),
+    "swiglu-nockpt": (0, None, "torch", True, True, True),
+    "swiglu-ckpt12": (12, None, "torch", True, True, True),
+    "swiglu-ckpt16": (16, None, "torch", True, True, True),
 }
-
-
-def set_precision(model, *, autocast: bool, peft_cast: bool) -> None:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    from jobs.training.trainer import AUTOCAST_DTYPE
-
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = peft_cast
-    if autocast:
-        setattr(model, AUTOCAST_DTYPE, torch.bfloat16)
-    elif hasattr(model, AUTOCAST_DTYPE):
-        delattr(model, AUTOCAST_DTYPE)
 
 
 class Quiet:
@@ -70,6 +65,55 @@ class Quiet:
 
     def should_stop(self):
         return False
+
+
+def set_head(kind: str) -> None:
+    """Swap the trainer's head + loss for the variant's."""
+    import torch.nn.functional as F
+
+    from jobs.training import kernels, trainer
+
+    def plain(head, hidden, labels):
+        logits = head(hidden).float()
+        return (F.cross_entropy(logits, labels, reduction="sum"),
+                (logits.detach().argmax(-1) == labels).sum())
+
+    def liger(head, hidden, labels):
+        from liger_kernel.ops.fused_linear_cross_entropy import (
+            LigerFusedLinearCrossEntropyFunction,
+        )
+
+        hidden = hidden.to(head.weight.dtype)
+        loss, _, accuracy, *_ = LigerFusedLinearCrossEntropyFunction.apply(
+            hidden, head.weight, labels, None, None, -100, 0.0, 0.0, "sum", None, False, None,
+            False, True)
+        return loss, (accuracy.detach() * labels.shape[0]).round().long()
+
+    trainer.linear_cross_entropy = {"plain": plain, "torch": kernels.linear_cross_entropy,
+                                    "liger": liger}[kind]
+
+
+def set_swiglu(model, enabled: bool) -> None:
+    from jobs.training.kernels import fuse_swiglu_adapters
+
+    unfused = [m for m in model.modules() if "_tuneplex_unfused_forward" in vars(m)]
+    for module in unfused:
+        module.forward = module._tuneplex_unfused_forward
+        del module._tuneplex_unfused_forward
+    if enabled:
+        fuse_swiglu_adapters(model)
+
+
+def set_addmm(model, enabled: bool) -> None:
+    from jobs.training.kernels import fuse_lora_scale_add
+
+    if enabled:
+        fuse_lora_scale_add(model)
+        return
+    for module in model.modules():
+        if "forward" in vars(module) and type(module).__name__ in ("Linear", "Linear4bit") \
+                and hasattr(module, "lora_A"):
+            del module.forward
 
 
 def check_varlen(device: torch.device) -> dict:
@@ -123,30 +167,38 @@ def gemm_ceiling(tokens: int, hidden: int, inner: int) -> dict:
     return {"shape": [tokens, hidden, inner], "tflops": 2 * tokens * hidden * inner / median / 1e12}
 
 
-def run_variant(name, model, data, args, pad_id, device, *, profile: bool = False) -> dict:
-    from jobs.training.attention import register_varlen_attention
+def run_variant(name, model, data, args, pad_id, device, initial, *, profile: bool = False) -> dict:
     from jobs.training.config import TrainingConfig
-    from jobs.training.data import epoch_order, micro_batches
-    from jobs.training.trainer import _optimizer_step
+    from jobs.training.data import epoch_order, forward_passes, micro_batches
+    from jobs.training.kernels import apply_fused_kernels
+    from jobs.training.trainer import apply_checkpoint_plan, _optimizer_step
 
-    packing, attention, checkpointing, autocast, peft_cast = VARIANTS[name]
-    set_precision(model, autocast=autocast, peft_cast=peft_cast)
-    base = model.get_base_model()
-    base.config._attn_implementation = register_varlen_attention() if attention == "varlen" else "sdpa"
-    if checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        base.gradient_checkpointing_disable()
+    layers, cap, head, addmm, liger, swiglu = VARIANTS[name]
+    if liger and not getattr(model, "_profile_liger", False):
+        model._profile_liger = apply_fused_kernels(model.get_base_model())
+    if not liger and getattr(model, "_profile_liger", False):
+        return {"variant": name, "error": "runs before the Liger variants only"}
+    set_head(head)
+    set_addmm(model, addmm)
+    set_swiglu(model, swiglu)
+    apply_checkpoint_plan(model, layers)
+    with torch.no_grad():
+        for param, value in zip((p for p in model.parameters() if p.requires_grad), initial):
+            param.copy_(value)
     config = TrainingConfig(base_model_dir=args.model, train_file="-", output_dir="-",
-                            packing=packing, max_grad_norm=1.0, batch_size=args.batch_size)
+                            packing=True, max_grad_norm=1.0, batch_size=args.batch_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     order = epoch_order(len(data), seed=0, epoch=0)
-    groups = micro_batches(data, order, batch_size=args.batch_size, packing=packing)[:args.steps]
+    groups = micro_batches(data, order, batch_size=args.batch_size, packing=True)[:args.steps]
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    times, tokens, computed = [], [], []
+    held = torch.cuda.memory_allocated()
+    largest = max(sum(len(data[i].input_ids) for i in part) for micro in groups
+                  for part in (forward_passes(micro, data, max_tokens=cap, packing=True)
+                               if cap else [micro]))
+    times, tokens, losses = [], [], []
     prof = None
     try:
         for i, micro in enumerate(groups):
@@ -157,13 +209,12 @@ def run_variant(name, model, data, args, pad_id, device, *, profile: bool = Fals
             torch.cuda.synchronize()
             started = time.perf_counter()
             metrics = _optimizer_step(model, optimizer, scheduler, trainable, [micro], data,
-                                      config=config, pad_id=pad_id, device=device, report=Quiet())
+                                      config=config, pad_id=pad_id, device=device, report=Quiet(),
+                                      max_forward_tokens=cap)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
             tokens.append(metrics["tokens"])
-            width = metrics["tokens"] if packing else len(micro) * max(
-                len(data[j].input_ids) for j in micro)
-            computed.append(width)
+            losses.append(metrics["train_loss"])
             if prof is not None:
                 prof.__exit__(None, None, None)
                 break
@@ -173,10 +224,14 @@ def run_variant(name, model, data, args, pad_id, device, *, profile: bool = Fals
         optimizer.zero_grad(set_to_none=True)
         del optimizer
     steady = slice(1, None)
+    peak = torch.cuda.max_memory_allocated()
+    n_layers = model.get_base_model().config.num_hidden_layers
     result = {"variant": name, "useful_tokens_per_second": sum(tokens[steady]) / sum(times[steady]),
-              "computed_per_useful": sum(computed[steady]) / sum(tokens[steady]),
-              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-              "step_seconds": [round(t, 3) for t in times], "step_tokens": tokens}
+              "peak_memory_gib": peak / 2**30, "held_before_gib": held / 2**30,
+              "largest_forward_tokens": largest,
+              "activation_bytes_per_token_layer": (peak - held) / largest / n_layers,
+              "step_seconds": [round(t, 3) for t in times], "step_tokens": tokens,
+              "losses": losses}
     if prof is not None:
         result["profile"] = _profile_summary(prof, times[-1])
     return result
@@ -202,10 +257,11 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--profile", help="variant to profile one step of")
+    parser.add_argument("--profile", choices=list(VARIANTS), help="variant to profile one step of")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     from benchmarks.train_throughput import write_dataset
+    from jobs.training.attention import register_varlen_attention
     from jobs.training.config import TrainingConfig
     from jobs.training.data import load_data
     from jobs.training.tokenize import load_tokenizer
@@ -228,29 +284,36 @@ def main() -> int:
                      tokenizer=tokenizer, max_seq_len=args.seq_len, assistant_only_loss=True,
                      seed=0).train
     config = TrainingConfig(base_model_dir=args.model, train_file="-", output_dir="-",
-                            lora_dropout=0.0, gradient_checkpointing=True, device="cuda")
-    model = load_model(config, device)
+                            lora_dropout=0.0, gradient_checkpointing=False, device="cuda")
+    model = load_model(config, device, attention=register_varlen_attention(), fused_kernels=False)
     model.train()
+    initial = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     shape = json.loads(Path(args.model, "config.json").read_text())
     step_tokens = sum(len(e.input_ids) for e in data[:args.batch_size])
     report["gemm"] = gemm_ceiling(step_tokens, shape["hidden_size"], shape["intermediate_size"])
     print("gemm", json.dumps(report["gemm"]), flush=True)
     report["variants"] = []
     for name in args.variants:
-        result = run_variant(name, model, data, args, pad_id, device)
+        result = run_variant(name, model, data, args, pad_id, device, initial)
         report["variants"].append(result)
         print(name, json.dumps(result), flush=True)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "gpu_step_profile.json").write_text(json.dumps(report, indent=2))
     if args.profile:
-        result = run_variant(args.profile, model, data, args, pad_id, device, profile=True)
+        result = run_variant(args.profile, model, data, args, pad_id, device, initial, profile=True)
         report["profile"] = result.get("profile")
         print("profile", json.dumps(result.get("profile"), indent=1), flush=True)
-    print(f"{'variant':16} {'useful tok/s':>13} {'computed/useful':>16} {'peak GiB':>9}")
+    print(f"{'variant':18} {'useful tok/s':>13} {'peak GiB':>9} {'fwd tokens':>10} "
+          f"{'B/tok/layer':>11}  losses")
     for r in report["variants"]:
         if "error" in r:
-            print(f"{r['variant']:16} {r['error']}")
+            print(f"{r['variant']:18} {r['error']}")
         else:
-            print(f"{r['variant']:16} {r['useful_tokens_per_second']:13.1f} "
-                  f"{r['computed_per_useful']:16.2f} {r['peak_memory_gib']:9.1f}")
+            print(f"{r['variant']:18} {r['useful_tokens_per_second']:13.1f} "
+                  f"{r['peak_memory_gib']:9.1f} {r['largest_forward_tokens']:10d} "
+                  f"{r['activation_bytes_per_token_layer']:11.0f}  "
+                  f"{' '.join(f'{x:.4f}' for x in r['losses'])}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_step_profile.json").write_text(json.dumps(report, indent=2))

@@ -1,4 +1,5 @@
-"""This trainer against stock `transformers.Trainer` + peft, same model, data and hyperparameters.
+"""This trainer against stock `transformers.Trainer` + peft (plain, and with Liger's kernels),
+same model, data and hyperparameters.
 
     .venv-train/bin/python benchmarks/train_throughput.py                      # CPU, SmolLM2-135M
     .venv-train/bin/python benchmarks/train_throughput.py --shape llama-8b \
@@ -8,15 +9,20 @@ Both trainers see the same realistic chat data (log-normal turn lengths, like re
 tokenized the same way (chat template, loss on assistant tokens only), the same LoRA (rank 16 on
 all linear projections), learning rate, micro-batch and number of optimizer steps. The stock run is
 written as a user would write it: `Trainer` with `DataCollatorForSeq2Seq` padding each batch to
-its longest example, bf16 (autocast) and the same gradient checkpointing; the data set holds
-exactly the examples of `--steps` optimizer steps, so both train on the same examples. Each run
-happens in a fresh process so its peak memory is its own; `--repeats N` alternates the two
-trainers N times and reports the medians (GPU machines of one kind vary from lease to lease).
+its longest example, bf16 (autocast) and gradient checkpointing if `--gradient-checkpointing` is
+given; `stock-liger` is the same with `use_liger_kernel=True` (Liger's RMSNorm, SwiGLU, RoPE and
+fused linear cross-entropy: the stronger baseline a user would pick; on CUDA with liger-kernel
+installed). This trainer runs its own memory plan (`--ours-checkpointing auto`, the default:
+checkpointing only the layers the memory budget needs; `--memory-limit-gib` sets that budget, and
+enforces it). The data set holds exactly the examples of `--steps` optimizer steps, so all train
+on the same examples. Each run happens in a fresh process so its peak memory is its own;
+`--repeats N` alternates the trainers N times and reports the medians (GPU machines of one kind
+vary from lease to lease).
 
 GPU, as in benchmarks/RESULTS.md (random-initialised Llama-3.1-8B shape, SmolLM2's tokenizer):
 
-    python3 benchmarks/train_throughput.py --shape llama-8b --tokenizer DIR --seq-len 2048 \
-        --mean-words 400 --batch-size 8 --steps 10 --gradient-checkpointing --repeats 2
+    python3 benchmarks/train_throughput.py --shape llama-8b --seq-len 2048 --mean-words 400 \
+        --batch-size 8 --steps 10 --gradient-checkpointing --json-out FILE
 
 Printed per trainer: useful (non-padding) tokens per second, tokens computed, peak memory (RSS on
 the CPU, torch's max allocated on a GPU), and on a GPU the MFU, counting 4 x parameters FLOPs per
@@ -53,6 +59,7 @@ SHAPES = {  # Llama-3.2-1B's and Llama-3.1-8B's dimensions
                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                      max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False),
 }
+TRAINERS = ("ours", "stock", "stock-liger")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
@@ -113,14 +120,17 @@ def _peak_memory_mib() -> float:
 
 
 def run_ours(args) -> dict:
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as run.py does
     from jobs.training.config import TrainingConfig
     from jobs.training.trainer import train
 
     log: list[dict] = []
+    plan: dict = {}
 
     class Recorder:
-        def event(self, *a, **k):
-            pass
+        def event(self, message, *, level="info", data=None):
+            if data and "checkpointed_layers" in data:
+                plan.update(data)
 
         def metrics(self, data):
             log.append(data)
@@ -131,12 +141,13 @@ def run_ours(args) -> dict:
         def should_stop(self):
             return False
 
+    tri_state = {"auto": None, "on": True, "off": False}
     config = TrainingConfig(
         base_model_dir=args.model, train_file=args.data, output_dir=tempfile.mkdtemp(),
         method=args.method, lora_rank=16, lora_alpha=32, lora_dropout=0.0, learning_rate=2e-4,
         epochs=1, batch_size=args.batch_size, max_seq_len=args.seq_len, max_steps=args.steps,
-        checkpoint_every_steps=10**6, gradient_checkpointing=args.gradient_checkpointing,
-        packing={"auto": None, "on": True, "off": False}[args.packing], seed=0)
+        checkpoint_every_steps=10**6, gradient_checkpointing=tri_state[args.ours_checkpointing],
+        memory_limit_gib=args.memory_limit_gib, packing=tri_state[args.packing], seed=0)
     started = time.perf_counter()
     train(config, Recorder())
     total = time.perf_counter() - started
@@ -148,11 +159,11 @@ def run_ours(args) -> dict:
     return {"trainer": "tuneplex", "steps": len(log), "useful_tokens": tokens,
             "computed_tokens": tokens, "seconds": seconds, "wall_seconds": total,
             "useful_tokens_per_second": tokens / seconds, "peak_memory_mib": _peak_memory_mib(),
-            "final_loss": log[-1]["train_loss"],
-            "step_seconds": [round(b - a, 3) for a, b in zip(elapsed, elapsed[1:])]}
+            "final_loss": log[-1]["train_loss"], "losses": [m["train_loss"] for m in log],
+            "step_seconds": [round(b - a, 3) for a, b in zip(elapsed, elapsed[1:])], "plan": plan}
 
 
-def run_stock(args) -> dict:
+def run_stock(args, *, liger: bool = False) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
@@ -188,6 +199,7 @@ def run_stock(args) -> dict:
     computed: list[int] = []
     useful: list[int] = []
     step_times: list[float] = []
+    losses: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
@@ -197,6 +209,10 @@ def run_stock(args) -> dict:
             if on_gpu:
                 torch.cuda.synchronize()
             step_times.append(time.perf_counter() - self.t)
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
 
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
@@ -211,7 +227,8 @@ def run_stock(args) -> dict:
         learning_rate=2e-4, num_train_epochs=1, max_steps=args.steps, lr_scheduler_type="cosine",
         warmup_steps=math.ceil(0.03 * args.steps), logging_steps=1, save_strategy="no", report_to=[], seed=0,
         bf16=on_gpu, use_cpu=not on_gpu, gradient_checkpointing=args.gradient_checkpointing,
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
+        use_liger_kernel=liger)
     trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=counting,
                       callbacks=[Timer()])
     started = time.perf_counter()
@@ -220,7 +237,8 @@ def run_stock(args) -> dict:
     first = 1 if len(step_times) > 2 else 0
     seconds = sum(step_times[first:])
     tokens = sum(useful[first:len(step_times)])
-    return {"trainer": "stock", "steps": len(step_times), "useful_tokens": tokens,
+    return {"trainer": "stock-liger" if liger else "stock", "steps": len(step_times),
+            "useful_tokens": tokens, "losses": losses,
             "computed_tokens": sum(computed[first:len(step_times)]), "seconds": seconds,
             "wall_seconds": total, "useful_tokens_per_second": tokens / seconds,
             "peak_memory_mib": _peak_memory_mib(), "final_loss": output.training_loss,
@@ -272,9 +290,12 @@ def _run_child(which: str, args, data: Path, model: str) -> dict | None:
     """One trainer in a fresh process, so its peak memory is its own."""
     command = [sys.executable, __file__, "--which", which, "--data", str(data), "--model", model,
                "--method", args.method, "--seq-len", str(args.seq_len), "--batch-size",
-               str(args.batch_size), "--steps", str(args.steps), "--packing", args.packing]
+               str(args.batch_size), "--steps", str(args.steps), "--packing", args.packing,
+               "--ours-checkpointing", args.ours_checkpointing]
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
+    if args.memory_limit_gib:
+        command += ["--memory-limit-gib", str(args.memory_limit_gib)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -283,8 +304,19 @@ def _run_child(which: str, args, data: Path, model: str) -> dict | None:
     return json.loads(line[len("RESULT "):])
 
 
+def _trainers(args) -> tuple[str, ...]:
+    if args.only:
+        return (args.only,)
+    if args.trainers:
+        return tuple(args.trainers)
+    from jobs.training.kernels import liger_available
+
+    return TRAINERS if liger_available() else ("ours", "stock")
+
+
 def child(args) -> None:
-    result = run_ours(args) if args.which == "ours" else run_stock(args)
+    result = (run_ours(args) if args.which == "ours"
+              else run_stock(args, liger=args.which == "stock-liger"))
     print("RESULT " + json.dumps(result))
 
 
@@ -299,8 +331,16 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--mean-words", type=float, default=60.0, help="mean assistant turn length")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--only", choices=("ours", "stock"))
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="the stock runs checkpoint every layer (this trainer: see below)")
+    parser.add_argument("--ours-checkpointing", choices=("auto", "on", "off"), default="auto",
+                        help="this trainer's gradient_checkpointing (auto: its memory plan)")
+    parser.add_argument("--memory-limit-gib", type=float,
+                        help="this trainer's memory_limit_gib (default: the whole device)")
+    parser.add_argument("--trainers", nargs="+", choices=TRAINERS,
+                        help="which to run (default: all three on CUDA with liger-kernel, "
+                             "else ours and stock)")
+    parser.add_argument("--only", choices=TRAINERS, help="just this one")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run each trainer this many times, alternating; report medians")
     parser.add_argument("--packing", choices=("auto", "on", "off"), default="auto",
@@ -332,9 +372,7 @@ def main() -> int:
     # Alternate the trainers (ours, stock, ours, stock, ...): GPU machines of one kind differ by
     # up to a third in speed from one lease to the next, and drift within one.
     for _ in range(args.repeats):
-        for which in ("ours", "stock"):
-            if args.only and which != args.only:
-                continue
+        for which in _trainers(args):
             result = _run_child(which, args, data, model)
             if result is None:
                 return 1
@@ -354,21 +392,28 @@ def main() -> int:
         import bitsandbytes
 
         versions["bitsandbytes"] = bitsandbytes.__version__
+    from jobs.training.kernels import liger_version
+
+    if liger_version():
+        versions["liger-kernel"] = liger_version()
     print(", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"{'trainer':10} {'useful tok/s':>13} {'computed/useful':>16} {'peak MiB':>10} {'MFU':>7} {'loss':>8}")
+    print(f"{'trainer':11} {'useful tok/s':>13} {'computed/useful':>16} {'peak MiB':>10} {'MFU':>7} {'loss':>8}")
     for r in results:
         ratio = r["computed_tokens"] / r["useful_tokens"]
         shown_mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") else "-"
-        print(f"{r['trainer']:10} {r['useful_tokens_per_second']:13.1f} {ratio:16.2f} "
+        print(f"{r['trainer']:11} {r['useful_tokens_per_second']:13.1f} {ratio:16.2f} "
               f"{r['peak_memory_mib']:10.0f} {shown_mfu:>7} {r['final_loss']:8.4f}")
     rates = {name: statistics.median(r["useful_tokens_per_second"] for r in results
                                      if r["trainer"] == name)
-             for name in ("tuneplex", "stock") if any(r["trainer"] == name for r in results)}
-    summary = {"median_useful_tokens_per_second": rates}
-    if len(rates) == 2:
-        summary["ratio"] = rates["tuneplex"] / rates["stock"]
-        print(f"ratio tuneplex/stock useful tokens/s (medians of {args.repeats}): "
-              f"{summary['ratio']:.2f}x")
+             for name in ("tuneplex", "stock", "stock-liger")
+             if any(r["trainer"] == name for r in results)}
+    summary: dict = {"median_useful_tokens_per_second": rates}
+    for baseline in ("stock", "stock-liger"):
+        if "tuneplex" in rates and baseline in rates:
+            key = "ratio" if baseline == "stock" else "ratio_vs_stock_liger"
+            summary[key] = rates["tuneplex"] / rates[baseline]
+            print(f"ratio tuneplex/{baseline} useful tokens/s (medians of {args.repeats}): "
+                  f"{summary[key]:.2f}x")
     if args.json_out:
         args.json_out.write_text(json.dumps({"args": vars(args), "device": device,
                                              "versions": versions, "summary": summary,

@@ -55,7 +55,8 @@ ADVANCED: dict[str, tuple[type, str, str]] = {
     "checkpoint_every_steps": (int, "Checkpoint every", "Steps between resumable checkpoints."),
     "seed": (int, "Seed", "Data order, initialisation and dropout."),
     "gradient_checkpointing": (bool, "Gradient checkpointing",
-                               "Less memory, about 30% slower."),
+                               "Recompute every layer: least memory, slowest. Unchecked, the "
+                               "worker checkpoints only the layers its memory needs."),
 }
 FORM_FIELDS = {"model", "training_file", "validation_file", "method", "suffix", *ADVANCED}
 _TYPE_ERRORS = {int: "Enter a whole number.", float: "Enter a number."}

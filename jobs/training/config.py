@@ -55,7 +55,9 @@ class TrainingConfig:
     warmup_ratio: float = _doc("Fraction of the steps spent warming up (0-0.5).", 0.03)
     epochs: int | None = _doc("Passes over the data (1-50); None = auto from dataset size.", None)
     batch_size: int | None = _doc(
-        "Examples per forward pass (micro-batch, 1-512); None = auto.", None)
+        "Examples per micro-batch (1-512); None = auto. A micro-batch larger than the trainer's "
+        "row budget runs as several forward passes, split at example boundaries (same gradient).",
+        None)
     gradient_accumulation_steps: int = _doc(
         "Micro-batches per optimizer step; effective batch = batch_size x this.", 1)
     max_seq_len: int = _doc("Longer examples are truncated (and counted in an event).", 2048)
@@ -67,8 +69,13 @@ class TrainingConfig:
         "otherwise (sdpa would attend over the whole packed row, measured slower).", None)
     assistant_only_loss: bool = _doc(
         "Loss on assistant/completion tokens only (off: on every token).", True)
-    gradient_checkpointing: bool = _doc(
-        "Recompute activations in the backward pass: less memory, about 30% slower.", False)
+    gradient_checkpointing: bool | None = _doc(
+        "Recompute activations in the backward pass: less memory, slower. None = auto: on a GPU, "
+        "only the leading layers needed to fit the memory budget (none if everything fits); off "
+        "on the CPU. True: every layer; False: none.", None)
+    memory_limit_gib: float | None = _doc(
+        "GPU memory this job may use, in GiB (enforced, and what the activation plan fits); "
+        "None = the whole device.", None)
     bf16: bool | None = _doc("bf16 weights/compute; None = auto (on where CUDA supports it).", None)
     max_grad_norm: float = _doc("Gradient clipping norm (0 = off).", 1.0)
     weight_decay: float = _doc("AdamW weight decay on LoRA weights.", 0.0)
@@ -110,8 +117,12 @@ class TrainingConfig:
         _int_range(self, "checkpoint_every_steps", 0, 10**9)
         if self.max_steps is not None:
             _int_range(self, "max_steps", 1, 10**9)
-        for flag in ("assistant_only_loss", "gradient_checkpointing"):
-            _check(isinstance(getattr(self, flag), bool), flag, "must be true or false")
+        _check(isinstance(self.assistant_only_loss, bool), "assistant_only_loss",
+               "must be true or false")
+        _check(self.gradient_checkpointing is None or isinstance(self.gradient_checkpointing, bool),
+               "gradient_checkpointing", "must be true, false or null")
+        if self.memory_limit_gib is not None:
+            _number_range(self, "memory_limit_gib", 0, 100_000, low_open=True)
         _check(self.packing is None or isinstance(self.packing, bool), "packing",
                "must be true, false or null")
         _check(self.bf16 is None or isinstance(self.bf16, bool), "bf16", "must be true, false or null")

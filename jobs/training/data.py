@@ -94,6 +94,30 @@ def micro_batches(examples: list[TokenizedExample], order: list[int], *, batch_s
     return regrouped
 
 
+def forward_passes(micro: list[int], examples: list[TokenizedExample], *, max_tokens: int,
+                   packing: bool) -> list[list[int]]:
+    """One micro-batch as consecutive forward passes of at most ``max_tokens`` computed tokens
+    (packed: their sum; padded: rows x the longest), at example boundaries; an example longer
+    than ``max_tokens`` gets a pass of its own. The loss is normalised over the whole optimizer
+    step, so the gradient is the same as in one pass; only the activations kept are smaller."""
+    passes: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for index in micro:
+        length = len(examples[index].input_ids)
+        grown = max(longest, length)
+        cost = (sum(len(examples[i].input_ids) for i in current) + length if packing
+                else grown * (len(current) + 1))
+        if current and cost > max_tokens:
+            passes.append(current)
+            current, grown = [], length
+        current.append(index)
+        longest = grown
+    if current:
+        passes.append(current)
+    return passes
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor

@@ -1,15 +1,28 @@
-"""Peak training memory, estimated from a model's config.json before a job is queued.
+"""Peak training memory, estimated from a model's config.json, and the activation plan that
+fits a memory budget: one rule for the platform's pre-flight and the trainer.
 
 Pure Python (the platform runs it at job creation). The estimate adds up, in bytes:
 
   weights       parameters x bytes per parameter (4 fp32, 2 bf16, ~0.56 for NF4 with double
-                quantization and its block constants; QLoRA keeps embeddings and head in bf16)
+                quantization and its block constants; QLoRA keeps its head in bf16); on a GPU an
+                untied input embedding stays in host memory (jobs.training.offload)
   adapter       LoRA parameters x 16: fp32 weights, gradients and AdamW's two moments
-  activations   per token and layer, what autograd keeps for the backward pass: about 18 values
-                of width hidden and 3 of width intermediate (the MLP), in the compute dtype. With
-                gradient checkpointing only each layer's input is kept, plus one layer's worth.
-  logits        the output head on target tokens, fp32, with its gradient
+  activations   per token of the largest forward pass and per layer, what autograd keeps for the
+                backward pass (:func:`layer_bytes_per_token`); a checkpointed layer keeps only its
+                input, and recomputes one layer's worth at a time in the backward pass
+  logits        the output head on target tokens: with the fused head only one chunk of logits
+                and the hidden states' gradient; otherwise fp32 logits with their gradient
   overhead      CUDA context and allocator slack: 1 GiB on GPUs, 0.5 GiB on the CPU
+
+The plan (:func:`plan_activations`): gradient checkpointing covers the fewest leading layers
+that make the estimate fit the budget (none when everything fits), decided again for each
+forward pass from its own token count (a short micro-batch recomputes fewer layers); only when
+even every layer checkpointed does not fit, a micro-batch runs as several forward passes of fewer
+tokens (split at example boundaries, never below the longest example; the same gradient). That
+order is what the H200 measured (benchmarks/RESULTS.md, GPU run 3): on an 8B model each
+checkpointed layer cost about 1.3% of the step for 1.3 GiB at 10k tokens, while splitting a
+10k-token pass in two cost 18% (per-pass launch overhead). Leading layers, because the backward
+pass reaches them last, when the other layers' activations are already freed.
 
 It is an estimate for refusing jobs that cannot fit and for the dashboard's pre-flight, not a
 measurement: the GPU benchmark reports real peaks next to it.
@@ -23,6 +36,15 @@ from pathlib import Path
 
 GIB = 2**30
 NF4_BYTES_PER_PARAM = 0.5 + 0.0625  # 4 bits + double-quantized absmax per 64-value block
+# Forward-pass token caps the plan tries, largest first, when every layer checkpointed still does
+# not fit (a pass never holds less than the longest example).
+SPLIT_TOKENS = (8192, 4096, 2048, 1024, 512)
+# The plan keeps its estimate under this share of the budget: allocator fragmentation, cuBLAS
+# workspaces and kernels' temporaries are not counted above (on the H200 the estimate came out
+# 5% above the measured peak).
+HEADROOM = 0.95
+# fp32 logits per chunk of the fused head (jobs.training.kernels.CHUNK_LOGIT_BYTES).
+HEAD_CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,7 @@ class ModelShape:
     vocab: int
     heads: int
     kv_heads: int
+    tied: bool = False  # input embedding and output head share one matrix
 
     @classmethod
     def from_config(cls, config: dict, parameters: int) -> ModelShape:
@@ -42,7 +65,8 @@ class ModelShape:
         return cls(parameters=parameters, hidden=hidden,
                    intermediate=int(config.get("intermediate_size", 4 * hidden)),
                    layers=int(config["num_hidden_layers"]), vocab=int(config["vocab_size"]),
-                   heads=heads, kv_heads=int(config.get("num_key_value_heads", heads)))
+                   heads=heads, kv_heads=int(config.get("num_key_value_heads", heads)),
+                   tied=bool(config.get("tie_word_embeddings", False)))
 
     @classmethod
     def from_directory(cls, directory: Path, parameters: int) -> ModelShape:
@@ -78,36 +102,198 @@ def lora_parameters(shape: ModelShape, rank: int, targets: set[str] | None) -> i
     return shape.layers * sum(rank * (i + o) for i, o in chosen.values())
 
 
+def layer_bytes_per_token(shape: ModelShape, *, method: str, bf16: bool,
+                          fused_kernels: bool) -> int:
+    """Bytes autograd keeps per token for one transformer layer that is not checkpointed.
+
+    Counted for a Llama-style layer with LoRA on every projection (the adapters' rank-r tensors are
+    negligible): q, k, v after RoPE, the attention output and o_proj's input; per RMSNorm its input
+    and output, plus (unfused, transformers' own) an fp32 copy and the normalised value; the MLP's
+    gate and up outputs, plus (unfused) SiLU's output (the product that feeds down_proj is not
+    kept: jobs.training.kernels.fuse_swiglu_adapters); RoPE's inputs and rotated halves (unfused).
+    Measured on an H200 (8B, bf16): 223 KB unfused, 143 KB with Liger's kernels, before the
+    product went (estimates: 219 and 147).
+    """
+    compute = residual = 2 if bf16 or method == "qlora" else 4
+    h, kv, i = shape.hidden, shape.kv_heads * (shape.hidden // shape.heads), shape.intermediate
+    attention = (2 * h + 2 * kv + h) * compute  # q, k, v, output, o_proj's input
+    if fused_kernels:
+        norms = 2 * 2 * h * residual
+        mlp = 2 * i * compute
+        rope = 0
+    else:
+        norms = 2 * (h * 4 + 2 * h * residual)
+        mlp = 3 * i * compute
+        rope = (h + kv) * compute
+    return attention + norms + mlp + rope
+
+
+def checkpointed_layer_bytes_per_token(shape: ModelShape, *, method: str, bf16: bool) -> int:
+    """A checkpointed layer keeps only its input (the residual stream)."""
+    return shape.hidden * (2 if bf16 or method == "qlora" else 4)
+
+
+def forward_tokens(*, micro_batch: int, longest_example: int, cap: int | None = None) -> int:
+    """The most tokens one forward pass computes: a micro-batch of the longest examples, split
+    at example boundaries into passes of at most ``cap`` tokens (never below one example)."""
+    if cap is None:
+        return micro_batch * longest_example
+    per_pass = max(1, cap // longest_example)
+    return min(micro_batch, per_pass) * longest_example
+
+
+def activation_bytes(shape: ModelShape, *, tokens: int, checkpointed_layers: int, method: str,
+                     bf16: bool, fused_kernels: bool) -> int:
+    full = layer_bytes_per_token(shape, method=method, bf16=bf16, fused_kernels=fused_kernels)
+    kept = checkpointed_layer_bytes_per_token(shape, method=method, bf16=bf16)
+    layers = min(checkpointed_layers, shape.layers)
+    # The peak is at the end of the forward pass. A checkpointed (leading) layer recomputes its
+    # activations only after the backward pass has freed those of every later layer, so its one
+    # layer's worth adds to the peak only when there are no uncheckpointed layers to free.
+    recompute = full if layers == shape.layers else 0
+    per_token = layers * kept + (shape.layers - layers) * full + recompute
+    return tokens * per_token
+
+
+def head_bytes(shape: ModelShape, *, target_tokens: int, fused_head: bool, bf16: bool) -> int:
+    if not fused_head:
+        return target_tokens * shape.vocab * 4 * 2
+    # the target rows, their gradient, and one chunk of fp32 logits with its low-precision copies
+    chunk = HEAD_CHUNK_BYTES * 5 // 2
+    return 2 * target_tokens * shape.hidden * (2 if bf16 else 4) + chunk
+
+
+@dataclass(frozen=True)
+class ActivationPlan:
+    """What the trainer recomputes and how it splits micro-batches, with the peak it expects."""
+
+    checkpointed_layers: int  # for the largest forward pass
+    layers: int
+    forward_tokens: int
+    split: bool  # micro-batches run as several forward passes of at most forward_tokens
+    estimate: MemoryEstimate
+    # auto: the most tokens a forward pass may hold with k leading layers checkpointed (index k),
+    # so that a smaller pass recomputes fewer layers; empty when the plan is fixed
+    token_limits: tuple[int, ...] = ()
+
+    def layers_for(self, tokens: int) -> int:
+        """Layers to checkpoint for a forward pass of ``tokens`` tokens: the same rule, per pass."""
+        if not self.token_limits:
+            return self.checkpointed_layers
+        return next((k for k, limit in enumerate(self.token_limits) if tokens <= limit),
+                    self.layers)
+
+    def describe(self) -> str:
+        if self.checkpointed_layers == 0:
+            what = "no activation checkpointing"
+        elif self.checkpointed_layers >= self.layers:
+            what = f"activation checkpointing on all {self.layers} layers"
+        else:
+            what = (f"activation checkpointing on the first {self.checkpointed_layers} of "
+                    f"{self.layers} layers")
+        passes = (f"forward passes of at most {self.forward_tokens:,} tokens" if self.split
+                  else f"whole micro-batches (up to {self.forward_tokens:,} tokens)")
+        return f"{what}, {passes}, estimated peak {self.estimate.total / GIB:.1f} GiB"
+
+
+def plan_activations(shape: ModelShape, *, fixed: int, pass_tokens: list[int],
+                     target_share: float, method: str, bf16: bool, fused_kernels: bool,
+                     fused_head: bool, gradient_checkpointing: bool | None,
+                     available: int | None, weights: int = 0, adapter: int = 0) -> ActivationPlan:
+    """The fewest checkpointed layers whose estimate fits ``available`` x :data:`HEADROOM`.
+
+    ``pass_tokens``: the largest forward pass whole, then under each split cap the plan may use
+    (largest first; see :func:`forward_tokens`). ``fixed`` is what does not depend on the plan
+    (weights, adapter state, overhead; the trainer measures it, the pre-flight estimates it).
+    ``gradient_checkpointing`` True or False forces all or no layers (splitting still follows the
+    budget); None (auto) without ``available`` means all layers, whole passes: the least memory
+    the job needs without splitting, which is what refusing a job needs.
+    """
+    def at(layers: int, tokens: int) -> MemoryEstimate:
+        activations = activation_bytes(shape, tokens=tokens, checkpointed_layers=layers,
+                                       method=method, bf16=bf16, fused_kernels=fused_kernels)
+        logits = head_bytes(shape, target_tokens=int(tokens * target_share),
+                            fused_head=fused_head, bf16=bf16)
+        return MemoryEstimate(weights=weights, adapter=adapter, activations=activations,
+                              logits=logits, overhead=fixed - weights - adapter)
+
+    def plan(layers: int, index: int, limits: tuple[int, ...] = ()) -> ActivationPlan:
+        return ActivationPlan(checkpointed_layers=layers, layers=shape.layers,
+                              forward_tokens=pass_tokens[index], split=index > 0,
+                              estimate=at(layers, pass_tokens[index]), token_limits=limits)
+
+    def most_tokens(layers: int) -> int:
+        # the estimate is affine in the tokens: fixed part + tokens x slope
+        base, slope = at(layers, 0).total, at(layers, 1000).total - at(layers, 0).total
+        return max(0, int((budget - base) * 1000 / slope)) if slope > 0 else 0
+
+    choices = (range(shape.layers + 1) if gradient_checkpointing is None
+               else [shape.layers if gradient_checkpointing else 0])
+    if available is None:
+        return plan(shape.layers if gradient_checkpointing is None else choices[0], 0)
+    budget = available * HEADROOM
+    limits = (tuple(most_tokens(k) for k in range(shape.layers + 1))
+              if gradient_checkpointing is None else ())
+    for index, tokens in enumerate(pass_tokens):
+        layers = next((k for k in choices if at(k, tokens).total <= budget), None)
+        if layers is not None:
+            return plan(layers, index, limits)
+    return plan(choices[-1], len(pass_tokens) - 1)
+
+
+def split_choices(tokens: int, longest_example: int, *, packing: bool = True) -> list[int]:
+    """The largest forward pass whole, then under each cap of :data:`SPLIT_TOKENS` below it."""
+    choices = [tokens]
+    for cap in SPLIT_TOKENS:
+        if packing:
+            capped = max(longest_example, min(cap, tokens))
+        else:
+            capped = max(1, cap // longest_example) * longest_example
+        if capped < choices[-1]:
+            choices.append(capped)
+    return choices
+
+
 def estimate(shape: ModelShape, *, method: str, rank: int, targets: set[str] | None,
-             micro_batch: int, seq_len: int, gradient_checkpointing: bool, bf16: bool,
-             on_gpu: bool, target_fraction: float = 0.5) -> MemoryEstimate:
-    embed_and_head = 2 * shape.vocab * shape.hidden
+             micro_batch: int, seq_len: int, gradient_checkpointing: bool | None, bf16: bool,
+             on_gpu: bool, target_fraction: float = 0.5, available: int | None = None,
+             fused_kernels: bool = False) -> MemoryEstimate:
+    """Peak memory of a micro-batch of ``seq_len``-token examples under the trainer's plan.
+
+    ``gradient_checkpointing`` None is the trainer's auto: on a GPU, the plan that fits
+    ``available`` (all layers checkpointed when ``available`` is not given: the least memory
+    the job can run in); on the CPU, none. ``fused_kernels``: liger-kernel on the worker
+    (smaller activations); leave False when unknown, the larger estimate.
+    """
+    table = shape.vocab * shape.hidden
+    # on a GPU an untied input embedding stays in host memory (jobs.training.offload)
+    on_device = shape.parameters - (table if on_gpu and not shape.tied else 0)
     if method == "qlora":
-        body = max(0, shape.parameters - embed_and_head)
-        weights = int(body * NF4_BYTES_PER_PARAM + embed_and_head * 2)
-        act_bytes = 2
+        body = max(0, shape.parameters - (1 if shape.tied else 2) * table)
+        weights = int(body * NF4_BYTES_PER_PARAM + table * 2)
     else:
-        per_param = 2 if bf16 else 4
-        weights = shape.parameters * per_param
-        act_bytes = 2 if bf16 else 4
+        weights = on_device * (2 if bf16 else 4)
     adapter = lora_parameters(shape, rank, targets) * 16
-    tokens = micro_batch * seq_len
-    per_layer_token = (18 * shape.hidden + 3 * shape.intermediate) * act_bytes
-    if gradient_checkpointing:
-        activations = tokens * shape.layers * shape.hidden * act_bytes + tokens * per_layer_token
-    else:
-        activations = tokens * shape.layers * per_layer_token
-    logits = int(tokens * target_fraction * shape.vocab * 4 * 2)
     overhead = GIB if on_gpu else GIB // 2
-    return MemoryEstimate(weights=int(weights), adapter=adapter, activations=int(activations),
-                          logits=logits, overhead=overhead)
+    tokens = forward_tokens(micro_batch=micro_batch, longest_example=seq_len)
+    mode = gradient_checkpointing
+    if mode is None and not on_gpu:
+        mode = False
+    plan = plan_activations(
+        shape, fixed=weights + adapter + overhead,
+        pass_tokens=split_choices(tokens, seq_len) if available else [tokens],
+        target_share=target_fraction, method=method, bf16=bf16,
+        fused_kernels=fused_kernels and on_gpu, fused_head=True, gradient_checkpointing=mode,
+        available=available, weights=weights, adapter=adapter)
+    return plan.estimate
 
 
 def advice(estimate_: MemoryEstimate, *, available: int, micro_batch: int, seq_len: int,
-           gradient_checkpointing: bool, method: str) -> str:
+           gradient_checkpointing: bool | None, method: str, on_gpu: bool = False) -> str:
     """What to change so the job fits, most effective first."""
     tips = []
-    if not gradient_checkpointing and estimate_.activations > estimate_.weights:
+    recomputing = gradient_checkpointing or (gradient_checkpointing is None and on_gpu)
+    if not recomputing and estimate_.activations > estimate_.weights:
         tips.append("enable gradient_checkpointing")
     if micro_batch > 1:
         tips.append(f"lower batch_size (now {micro_batch}) and raise gradient_accumulation_steps")

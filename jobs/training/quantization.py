@@ -36,20 +36,23 @@ def four_bit_config():
     )
 
 
-def prepare_quantized(model, *, gradient_checkpointing: bool):
-    """peft's preparation, then the frozen input embeddings and output head back to bf16.
+def prepare_quantized(model, device):
+    """Freeze the 4-bit model for LoRA: every weight frozen, everything that is not 4-bit left in
+    bf16, the input embedding moved to host memory.
 
-    peft upcasts every weight that is not 4-bit to fp32, for fp16 training's sake; the trainer
-    computes in bf16 under autocast, where an fp32 head is cast to bf16 at every forward anyway
-    (a second copy, kept for the backward pass). For Llama-3.1-8B's 128k vocabulary the two fp32
-    matrices are 4.2 GB of an under-12-GB budget; in bf16 they are half that and the copy goes
-    (measured on an H100, micro-batch 1: 12.2 GiB peak with them in fp32). Norm weights stay fp32.
+    peft's ``prepare_model_for_kbit_training`` upcasts every weight that is not 4-bit to fp32, for
+    fp16 training's sake. The trainer computes in bf16 under autocast (as for LoRA on a bf16 base),
+    where fp32 copies only cost memory: for Llama-3.1-8B's 128k vocabulary the embedding and head
+    alone are 4.2 GB in fp32 (12.2 GiB peak at micro-batch 1 on an H100 with them; 9.2 GiB after
+    casting them back), the fp32 norms make the whole residual stream fp32 (twice the bytes in
+    every saved activation), and the upcast itself needs 4 GB more while loading. The frozen input
+    embedding is a lookup table: only a batch's rows are needed, so it stays in host memory
+    (:func:`jobs.training.offload.embedding_to_host`, not when tied to the head): 1 GB less.
+    Activation checkpointing is the trainer's own plan, not peft's (which checkpoints every layer).
     """
-    import torch
-    from peft import prepare_model_for_kbit_training
+    from jobs.training.offload import embedding_to_host
 
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if module is not None:
-            module.to(torch.bfloat16)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    embedding_to_host(model, device)
     return model

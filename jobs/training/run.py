@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Fewer, growable segments: the activation plan runs close to its budget, where a fragmented
+    # cache would otherwise free and re-allocate (a synchronising cudaFree) on the way to a peak.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     reporter = JsonLinesReporter()
     # Keep library chatter (progress bars, warnings) off stdout, which carries the protocol.
     sys.stdout = sys.stderr

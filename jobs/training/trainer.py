@@ -8,7 +8,16 @@ stock ``transformers.Trainer`` run on real (variable-length) chat data:
 * the output head runs only on positions that carry loss (assistant tokens), not on every token:
   for small models the vocabulary projection is a large share of the work;
 * with bf16 base weights, the adapters compute in bf16 under autocast without peft's extra casts
-  (their weights, gradients and optimizer state stay fp32), see :func:`_compute_adapters_in_bf16`.
+  (their weights, gradients and optimizer state stay fp32), see :func:`_compute_adapters_in_bf16`;
+* the output head and the loss run fused, a chunk of rows at a time, so the full-vocabulary
+  logits never exist; on CUDA with liger-kernel, Liger's RMSNorm/SwiGLU/RoPE kernels, and the
+  LoRA scale-and-add inside the adapter's matmul (:mod:`jobs.training.kernels`);
+* activation checkpointing only where memory needs it: an automatic plan
+  (:func:`jobs.training.memory.plan_activations`, the rule the pre-flight estimate uses)
+  checkpoints the fewest leading layers that let each forward pass fit the worker's memory, and
+  splits micro-batches into smaller passes only when even every layer checkpointed does not fit;
+* QLoRA and LoRA on a GPU keep the frozen input embedding in host memory
+  (:mod:`jobs.training.offload`).
 
 Loss is the mean over target tokens of the whole effective batch (micro-batches x accumulation),
 so accumulation and packing do not change what is optimised.
@@ -25,7 +34,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from jobs.training import checkpoint as ckpt
 from jobs.training.attention import (
@@ -35,11 +43,35 @@ from jobs.training.attention import (
     varlen_kernel_available,
 )
 from jobs.training.config import ALL_LINEAR, TrainingConfig, resolve_auto
-from jobs.training.data import IGNORE_INDEX, Batch, collate, epoch_order, load_data, micro_batches
+from jobs.training.data import (
+    IGNORE_INDEX,
+    Batch,
+    collate,
+    epoch_order,
+    forward_passes,
+    load_data,
+    micro_batches,
+)
 from jobs.training.jsonl import read_examples
+from jobs.training.kernels import (
+    apply_fused_kernels,
+    fuse_lora_scale_add,
+    fuse_swiglu_adapters,
+    linear_cross_entropy,
+)
+from jobs.training.memory import (
+    GIB,
+    ActivationPlan,
+    ModelShape,
+    plan_activations,
+    split_choices,
+)
+from jobs.training.offload import embedding_to_host
 
 KEEP_CHECKPOINTS = 3
 AUTOCAST_DTYPE = "_tuneplex_autocast_dtype"  # set on the model by load_model; read by forward_loss
+FUSED_KERNELS = "_tuneplex_fused_kernels"  # set by load_model: Liger's kernels are in the layers
+CHECKPOINT_READY = "_tuneplex_checkpoint_ready"  # checkpointing set up once; layers then toggled
 
 
 class Reporter(Protocol):
@@ -118,7 +150,11 @@ def _use_bf16(config: TrainingConfig, device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def load_model(config: TrainingConfig, device: torch.device, attention: str = "sdpa"):
+def load_model(config: TrainingConfig, device: torch.device, attention: str = "sdpa",
+               fused_kernels: bool = True):
+    """The base model with LoRA adapters, fused kernels where available, and activation
+    checkpointing on every layer if the config forces it (the automatic plan comes later,
+    :func:`apply_checkpoint_plan`, once the model's real size is known)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -132,12 +168,12 @@ def load_model(config: TrainingConfig, device: torch.device, attention: str = "s
         kwargs["dtype"] = torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(config.base_model_dir, **kwargs)
     if config.method == "qlora":
-        model = prepare_quantized(model, gradient_checkpointing=config.gradient_checkpointing)
+        model = prepare_quantized(model, device)
     else:
+        if device.type == "cuda":
+            embedding_to_host(model, device)  # frozen lookup table: 1 GB less on an 8B model
         model.to(device)
-        if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+    fused = fused_kernels and device.type == "cuda" and apply_fused_kernels(model)
     model.config.use_cache = False
     torch.manual_seed(config.seed)  # LoRA's A matrices are initialised from this
     lora = LoraConfig(
@@ -147,7 +183,36 @@ def load_model(config: TrainingConfig, device: torch.device, attention: str = "s
     model = get_peft_model(model, lora)
     if kwargs["dtype"] == torch.bfloat16:
         _compute_adapters_in_bf16(model)
+    if fused_kernels:
+        fuse_lora_scale_add(model)
+        fuse_swiglu_adapters(model)
+    setattr(model, FUSED_KERNELS, fused)
+    if config.gradient_checkpointing:
+        apply_checkpoint_plan(model, len(_decoder_layers(model)))
     return model
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def apply_checkpoint_plan(model, checkpointed_layers: int) -> None:
+    """Recompute the activations of the first ``checkpointed_layers`` decoder layers in the
+    backward pass (non-reentrant checkpointing); the other layers keep theirs."""
+    layers = _decoder_layers(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if checkpointed_layers > 0 and not getattr(base, CHECKPOINT_READY, False):
+        setattr(base, CHECKPOINT_READY, True)
+        # transformers 5.2x renamed it; 5.17 (the GPU image) has only the old name
+        options = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index < checkpointed_layers
 
 
 def _compute_adapters_in_bf16(model) -> None:
@@ -177,6 +242,61 @@ def _scheduler(config: TrainingConfig, optimizer, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
+def _memory_budget(config: TrainingConfig, device: torch.device) -> int | None:
+    """The GPU memory this job plans for: ``memory_limit_gib`` (enforced through the caching
+    allocator) or the whole device; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    if config.memory_limit_gib is None:
+        return total
+    limit = min(total, int(config.memory_limit_gib * GIB))
+    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    return limit
+
+
+def _activation_plan(model, config: TrainingConfig, examples, trainable, device: torch.device,
+                     available: int | None) -> ActivationPlan:
+    """The memory rule of :func:`jobs.training.memory.plan_activations`, fed with this job's
+    real numbers: the memory the loaded model and adapter state take, and the largest forward
+    pass the micro-batches of the planned epochs form."""
+    lengths = [len(e.input_ids) for e in examples]
+    largest = 0
+    for epoch in range(config.epochs or 1):
+        order = epoch_order(len(examples), seed=config.seed, epoch=epoch)
+        for micro in micro_batches(examples, order, batch_size=config.batch_size,
+                                   packing=config.packing):
+            size = (sum(lengths[i] for i in micro) if config.packing
+                    else len(micro) * max(lengths[i] for i in micro))
+            largest = max(largest, size)
+    target_share = min(1.0, sum(sum(e.loss_mask) for e in examples) / sum(lengths) * 1.25)
+    n_trainable = sum(p.numel() for p in trainable)
+    adapter = n_trainable * 16  # fp32 weights, gradients, AdamW's two moments
+    if device.type == "cuda":
+        weights = torch.cuda.memory_allocated(device) - n_trainable * 4
+    else:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters()) - n_trainable * 4
+    mode = config.gradient_checkpointing
+    if mode is None and device.type != "cuda":
+        mode = False  # the CPU has the memory; recomputing would only cost time
+    shape = ModelShape.from_config(model.get_base_model().config.to_dict(),
+                                   sum(p.numel() for p in model.parameters()))
+    return plan_activations(
+        shape, fixed=weights + adapter,
+        pass_tokens=split_choices(largest, max(lengths), packing=bool(config.packing)),
+        target_share=target_share, method=config.method, bf16=bool(config.bf16),
+        fused_kernels=bool(getattr(model, FUSED_KERNELS, False)), fused_head=True,
+        gradient_checkpointing=mode, available=available, weights=weights, adapter=adapter)
+
+
+def _report_plan(plan: ActivationPlan, available: int | None, report: Reporter) -> None:
+    report.event(f"Memory plan: {plan.describe()}.",
+                 data={"checkpointed_layers": plan.checkpointed_layers, "layers": plan.layers,
+                       "forward_tokens": plan.forward_tokens, "split": plan.split,
+                       "estimated_peak_bytes": plan.estimate.total,
+                       "memory_budget_bytes": available})
+
+
 # --- the loop ------------------------------------------------------------------------------------
 
 
@@ -203,7 +323,8 @@ def _attention(packing: bool, device: torch.device, bf16: bool) -> str:
 def forward_loss(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses, correct predictions) over the positions that carry loss.
 
-    The transformer runs on every token; the output head only on target positions.
+    The transformer runs on every token; the output head only on target positions, fused with
+    the loss (:func:`jobs.training.kernels.linear_cross_entropy`).
     """
     base = model.get_base_model()
     extra: dict[str, Any] = {}
@@ -216,11 +337,8 @@ def forward_loss(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
                             attention_mask=batch.attention_mask, use_cache=False,
                             **extra).last_hidden_state
         targets = batch.labels != IGNORE_INDEX
-        logits = base.get_output_embeddings()(hidden[targets]).float()
-    labels = batch.labels[targets]
-    loss_sum = F.cross_entropy(logits, labels, reduction="sum")
-    correct = (logits.detach().argmax(-1) == labels).sum()
-    return loss_sum, correct
+        return linear_cross_entropy(base.get_output_embeddings(), hidden[targets],
+                                    batch.labels[targets])
 
 
 @torch.no_grad()
@@ -262,11 +380,14 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
                                             "dropped": data.dropped_without_targets})
     bf16 = config.method == "qlora" or _use_bf16(config, device)  # QLoRA computes in bf16
     config = config.replace(packing=_use_packing(config, device, bf16), bf16=bf16)
+    available = _memory_budget(config, device)
     model = load_model(config, device, attention=_attention(config.packing, device, bf16))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
                                   weight_decay=config.weight_decay, fused=device.type == "cuda")
+    plan = _activation_plan(model, config, data.train, trainable, device, available)
+    _report_plan(plan, available, report)
     micro_per_epoch = math.ceil(len(data.train) / config.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / config.gradient_accumulation_steps)
     total_steps = config.epochs * steps_per_epoch
@@ -305,7 +426,9 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
             step_started = time.monotonic()
             step_metrics = _optimizer_step(model, optimizer, scheduler, trainable, group, data.train,
                                            config=config, pad_id=pad_id, device=device,
-                                           report=report)
+                                           report=report, plan=plan,
+                                           max_forward_tokens=plan.forward_tokens if plan.split
+                                           else None)
             state.step += 1
             state.step_in_epoch += 1
             state.trained_tokens += step_metrics.pop("target_tokens")
@@ -349,12 +472,18 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
 
 
 def _optimizer_step(model, optimizer, scheduler, trainable, group, examples, *, config, pad_id,
-                    device, report) -> dict[str, Any]:
-    batches = [collate([examples[i] for i in micro], packing=config.packing, pad_id=pad_id)
-               for micro in group]
+                    device, report, max_forward_tokens: int | None = None,
+                    plan: ActivationPlan | None = None) -> dict[str, Any]:
+    passes = [part for micro in group for part in (
+        forward_passes(micro, examples, max_tokens=max_forward_tokens, packing=config.packing)
+        if max_forward_tokens else [micro])]
+    batches = [collate([examples[i] for i in part], packing=config.packing, pad_id=pad_id)
+               for part in passes]
     targets = sum(b.target_tokens for b in batches)
     loss_total, correct_total, tokens = 0.0, 0, 0
     for batch in batches:
+        if plan is not None:
+            apply_checkpoint_plan(model, plan.layers_for(batch.input_ids.numel()))
         loss_sum, correct = forward_loss(model, batch.to(device))
         (loss_sum / targets).backward()
         loss_total += loss_sum.item()
