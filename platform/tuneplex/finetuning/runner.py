@@ -164,6 +164,7 @@ class JobRun:
                   "train_file": str(train_path), "output_dir": str(self.work),
                   "validation_file": str(validation_path) if validation_path else None,
                   "device": settings.TRAINING_DEVICE,
+                  "memory_limit_gib": settings.TRAINING_MEMORY / 2**30,
                   "resume_from": str(resume) if resume else None}
         config_path = self.work / "config.json"
         config_path.write_text(json.dumps(config, indent=1))

@@ -32,7 +32,9 @@ BASE_LEARNING_RATE = 2e-4  # what learning_rate_multiplier multiplies
 # Request names (OpenAI's and ours) → TrainingConfig fields.
 OPENAI_NAMES = {"n_epochs": "epochs", "batch_size": "batch_size"}
 PATH_FIELDS = {"base_model_dir", "train_file", "validation_file", "output_dir", "resume_from"}
-TUNABLE = sorted({f.name for f in dataclasses.fields(TrainingConfig)} - PATH_FIELDS - {"device"})
+# Set by the worker, not the tenant: where the data is, the device, and its memory budget.
+WORKER_FIELDS = PATH_FIELDS | {"device", "memory_limit_gib"}
+TUNABLE = sorted({f.name for f in dataclasses.fields(TrainingConfig)} - WORKER_FIELDS)
 
 
 # --- create --------------------------------------------------------------------------------------
@@ -122,7 +124,8 @@ def memory_estimate(config: TrainingConfig, base_model: BaseModel, *,
                     micro_batch=config.batch_size or 8,
                     seq_len=longest_example or config.max_seq_len,
                     gradient_checkpointing=config.gradient_checkpointing,
-                    bf16=on_gpu if config.bf16 is None else config.bf16, on_gpu=on_gpu)
+                    bf16=on_gpu if config.bf16 is None else config.bf16, on_gpu=on_gpu,
+                    available=settings.TRAINING_MEMORY)  # the trainer plans within it too
 
 
 def _training_file(organization: Organization, file_id: Any, param: str) -> File:
@@ -197,7 +200,7 @@ def job_create(*, organization: Organization, actor: Principal, model: str, trai
                     suffix=suffix, seed=seed)
     base_model, train, validation, config, peak = (plan.base_model, plan.train, plan.validation,
                                                    plan.config, plan.memory)
-    stored = {k: v for k, v in dataclasses.asdict(config).items() if k not in PATH_FIELDS}
+    stored = {k: v for k, v in dataclasses.asdict(config).items() if k not in WORKER_FIELDS}
     # A job stores checkpoints and an adapter: none may start once the quota is used up.
     storage_quota_check(organization, 0, what="a new job's checkpoints and adapter", param=None)
     with transaction.atomic():
