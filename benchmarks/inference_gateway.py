@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -46,6 +47,9 @@ def _free_port() -> int:
 
 
 def _setup_django() -> None:
+    # A SIGTERM (e.g. from `timeout`) unwinds like an exception, so the `finally` blocks stop the
+    # replica and gateways this run started instead of leaving them behind.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     os.environ.setdefault("TUNEPLEX_DATA_DIR", str(REPO / "var" / "bench"))
     os.environ.setdefault("TUNEPLEX_MODELS_DIR", str(REPO / "var" / "models"))
     os.environ["TUNEPLEX_ENGINE_MODE"] = "off"  # set to the replica started below, once it runs
