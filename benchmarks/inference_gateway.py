@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/inference_gateway.py [--requests 48] [--concurrency 8] [--max-tokens 32]
 
-Starts everything it needs on this machine and stops it at the end, even on failure: a vLLM CPU
-replica of the embedded base model (.venv-engine, the README's engine settings), the platform
+Starts everything it needs on this machine and stops it at the end, even on failure: a serving
+replica of the embedded base model (`manage.py run_engine`: vLLM CPU with its pool agent, the
+README's engine settings and the install's engine key), the platform
 under uvicorn (the real gateway, attached to that replica) on a scratch data folder (var/bench;
 DATABASE_URL and REDIS_URL are honoured), and LoRA adapters made with peft
 (tests/fixtures/make_adapters.py, r=8 on q_proj/v_proj). Then, in one run:
@@ -27,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -45,6 +47,9 @@ def _free_port() -> int:
 
 
 def _setup_django() -> None:
+    # A SIGTERM (e.g. from `timeout`) unwinds like an exception, so the `finally` blocks stop the
+    # replica and gateways this run started instead of leaving them behind.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     os.environ.setdefault("TUNEPLEX_DATA_DIR", str(REPO / "var" / "bench"))
     os.environ.setdefault("TUNEPLEX_MODELS_DIR", str(REPO / "var" / "models"))
     os.environ["TUNEPLEX_ENGINE_MODE"] = "off"  # set to the replica started below, once it runs
@@ -91,7 +96,7 @@ async def load(url: str, key: str | None, models: list[str], *, requests: int, c
             "latencies": latencies}
 
 
-async def one_token_latencies(direct_url: str, gateway_url: str, key: str, model: str,
+async def one_token_latencies(direct_url: str, gateway_url: str, key: str, model: str, engine_key: str,
                               rounds: int = 3, per_round: int = 20) -> tuple[list[float], list[float]]:
     """Sequential one-token completions over kept-alive connections, alternating direct and
     gateway rounds: the difference of their medians is the gateway's own cost per request."""
@@ -101,7 +106,7 @@ async def one_token_latencies(direct_url: str, gateway_url: str, key: str, model
     direct, ours = [], []
     async with httpx.AsyncClient(timeout=60) as client:
         for _ in range(rounds):
-            for url, headers, out in ((direct_url, {}, direct),
+            for url, headers, out in ((direct_url, {"Authorization": f"Bearer {engine_key}"}, direct),
                                       (gateway_url, {"Authorization": f"Bearer {key}"}, ours)):
                 for _ in range(per_round):
                     start = time.perf_counter()
@@ -129,15 +134,65 @@ async def first_token(url: str, key: str, model: str) -> float:
 
 
 class Child:
-    def __init__(self, command: list[str], env: dict, log: Path) -> None:
+    def __init__(self, command: list[str], env: dict, log: Path, cwd: Path = REPO) -> None:
         self.log = log
-        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"),
+        self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log.open("w"),
                                         stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop(self) -> None:
         from serving.engine import stop_process_group
 
         stop_process_group(self.process)
+
+
+def bench_setup(adapter_count: int):
+    """Migrated scratch database, the embedded base model, a tenant and ``adapter_count`` LoRA
+    adapter directories (made once with peft): (base model, organization, key, directories)."""
+    from django.conf import settings
+    from django.core.management import call_command
+
+    from tuneplex.basemodels.models import BaseModel
+
+    (settings.DATA_DIR / "logs").mkdir(parents=True, exist_ok=True)
+    call_command("migrate", verbosity=0)
+    call_command("prepare_default_model")
+    base = BaseModel.objects.get(name=settings.DEFAULT_BASE_MODEL)
+    adapters_dir = settings.DATA_DIR / "bench-adapters"
+    if len(list(adapters_dir.glob("adapter-*"))) < adapter_count:
+        print(f"making {adapter_count} LoRA adapters with peft ...", flush=True)
+        subprocess.run([str(settings.TRAINER_PYTHON), str(REPO / "tests/fixtures/make_adapters.py"),
+                        base.directory, str(adapters_dir), str(adapter_count)], cwd=REPO, check=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    sources = sorted(adapters_dir.glob("adapter-*"), key=lambda p: int(p.name.split("-")[1]))
+    return base, *bench_tenant(), sources
+
+
+def bench_tenant():
+    """A fresh organization and a full-scope key of its owner (Django set up)."""
+    from tuneplex.apikeys.services import api_key_create
+    from tuneplex.core.actors import Principal
+    from tuneplex.core.scopes import ALL_SCOPES
+    from tuneplex.tenancy.models import Membership, User
+    from tuneplex.tenancy.services import organization_create
+
+    stamp = int(time.time())
+    owner = User.objects.create_user(f"bench-{stamp}")
+    organization = organization_create(name=f"Bench {stamp}", owner=owner)
+    principal = Principal.of_member(Membership.objects.get(organization=organization, user=owner))
+    return organization, api_key_create(organization=organization, actor=principal, name="bench",
+                                        scopes=list(ALL_SCOPES)).plaintext
+
+
+def _ready(agent_url: str, engine_key: str) -> bool:
+    import httpx
+
+    from serving.engine import auth_headers
+
+    try:
+        return bool(httpx.get(f"{agent_url}/v1/state", headers=auth_headers(engine_key),
+                              timeout=2).json().get("ready"))
+    except (httpx.HTTPError, ValueError):
+        return False
 
 
 def wait_http(url: str, timeout: float, what: str, child) -> None:
@@ -168,47 +223,19 @@ def main() -> None:
     _setup_django()
     import httpx
     from django.conf import settings
-    from django.core.management import call_command
 
     from jobs.training.layout import sha256_of
-    from serving.engine import EngineProcess, EngineSpec
     from tests.fixtures.adapter_rows import adapter_from_dir
-    from tuneplex.apikeys.services import api_key_create
-    from tuneplex.basemodels.models import BaseModel
-    from tuneplex.core.actors import Principal
-    from tuneplex.core.scopes import ALL_SCOPES
     from tuneplex.finetuning.models import FineTuningJob
     from tuneplex.finetuning.services import job_succeed
-    from tuneplex.tenancy.models import Membership, User
-    from tuneplex.tenancy.services import organization_create
 
-    data_dir = settings.DATA_DIR
-    logs = data_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    call_command("migrate", verbosity=0)
-    call_command("prepare_default_model")
-    base = BaseModel.objects.get(name=settings.DEFAULT_BASE_MODEL)
+    base, organization, key, sources = bench_setup(13)
+    logs = settings.DATA_DIR / "logs"
 
-    stamp = int(time.time())
-    owner = User.objects.create_user(f"bench-{stamp}")
-    organization = organization_create(name=f"Bench {stamp}", owner=owner)
-    principal = Principal.of_member(Membership.objects.get(organization=organization, user=owner))
-    key = api_key_create(organization=organization, actor=principal, name="bench",
-                         scopes=list(ALL_SCOPES)).plaintext
-
-    adapters_dir = data_dir / "bench-adapters"
-    if len(list(adapters_dir.glob("adapter-*"))) < 13:
-        print("making 13 LoRA adapters with peft ...", flush=True)
-        subprocess.run([str(settings.TRAINER_PYTHON), str(REPO / "tests/fixtures/make_adapters.py"),
-                        base.directory, str(adapters_dir), "13"], cwd=REPO, check=True,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
-    sources = sorted(adapters_dir.glob("adapter-*"), key=lambda p: int(p.name.split("-")[1]))
-
-    engine = EngineProcess(EngineSpec(
-        python=settings.ENGINE_PYTHON, model_dir=base.directory, served_name=base.name,
-        port=_free_port(), max_loras=settings.ENGINE_MAX_LORAS, max_cpu_loras=settings.ENGINE_LORA_SLOTS,
-        max_lora_rank=settings.ENGINE_MAX_LORA_RANK, max_model_len=settings.ENGINE_MAX_MODEL_LEN,
-        kv_cache_gib=settings.ENGINE_KV_CACHE_GIB), logs / "bench-engine.log")
+    agent_port = _free_port()
+    agent_url, engine_url = f"http://127.0.0.1:{agent_port}", f"http://127.0.0.1:{agent_port + 1}"
+    engine_key = settings.ENGINE_API_KEY
+    engine = None
     gateway = None
     results: dict = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(),
                      "database": settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1],
@@ -217,13 +244,19 @@ def main() -> None:
                      "load": {"requests": args.requests, "concurrency": args.concurrency,
                               "max_tokens": args.max_tokens}}
     try:
-        print("starting vLLM ...", flush=True)
-        engine.start()
-        engine.wait_ready(timeout=300)
+        print("starting a replica (vLLM + pool agent) ...", flush=True)
+        engine = Child([sys.executable, "manage.py", "run_engine", "--port", str(agent_port),
+                        "--timeout", "400"], {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'platform'}"},
+                       logs / "bench-replica.log")
+        deadline = time.monotonic() + 400
+        while not _ready(agent_url, engine_key):
+            if engine.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the replica did not start; see {engine.log}")
+            time.sleep(1)
         port = _free_port()
         gateway = Child([str(REPO / ".venv/bin/uvicorn"), "tuneplex.asgi:application", "--host", "127.0.0.1",
                          "--port", str(port), "--no-access-log", "--log-level", "warning"],
-                        {**os.environ, "TUNEPLEX_ENGINE_MODE": "attach", "TUNEPLEX_ENGINE_URLS": engine.url,
+                        {**os.environ, "TUNEPLEX_ENGINE_MODE": "attach", "TUNEPLEX_ENGINE_URLS": agent_url,
                          "TUNEPLEX_INFERENCE_RATE_LIMIT": "1000000"}, logs / "bench-gateway.log")
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/healthz", 60, "the gateway", gateway)
@@ -237,16 +270,16 @@ def main() -> None:
 
         run = asyncio.run
         common = dict(requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens)
-        run(load(engine.url, None, [base.name], requests=8, concurrency=4, max_tokens=8))  # warm-up
+        run(load(engine_url, engine_key, [base.name], requests=8, concurrency=4, max_tokens=8))  # warm-up
         run(load(url, key, [base.name], requests=8, concurrency=4, max_tokens=8))
 
         # 1. gateway against vLLM directly, same load, alternated.
         direct, ours = [], []
         for round_ in range(args.rounds):
             print(f"round {round_ + 1}: direct, then through the gateway ...", flush=True)
-            direct.append(run(load(engine.url, None, [base.name], **common)))
+            direct.append(run(load(engine_url, engine_key, [base.name], **common)))
             ours.append(run(load(url, key, [base.name], **common)))
-        single_direct, single_ours = run(one_token_latencies(engine.url, url, key, base.name))
+        single_direct, single_ours = run(one_token_latencies(engine_url, url, key, base.name, engine_key))
         def pooled(runs):
             latencies = [x for r in runs for x in r["latencies"]]
             return {"tokens_per_s": statistics.mean(r["tokens_per_s"] for r in runs),
@@ -262,7 +295,7 @@ def main() -> None:
 
         # 2. job success -> first token, through the worker's success path (auto-deploy; this
         # process plays the GPU worker, which shares the web processes' engine settings).
-        settings.ENGINE_REPLICAS = {base.name: [engine.url]}
+        settings.ENGINE_REPLICAS = {base.name: [agent_url]}
         firsts = []
         for index, source in enumerate(sources[8:13]):
             job = FineTuningJob.objects.create(organization=organization, base_model=base,
@@ -287,7 +320,8 @@ def main() -> None:
     finally:
         if gateway is not None:
             gateway.stop()
-        engine.stop()
+        if engine is not None:
+            engine.stop()
 
     d, g = results["direct"], results["gateway"]
     print(f"\nload: {args.requests} chat requests, {args.concurrency} concurrent, {args.max_tokens} tokens "

@@ -453,7 +453,7 @@ async def complete(endpoint: str, *, authorization: str | None, raw: bytes, requ
     if stream:
         return Reply(200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                            "X-Accel-Buffering": "no", **limit_headers},
-                     stream=_relay(response, pool, route, target, wants_usage, reservation))
+                     stream=_Relay(response, pool, route, target, wants_usage, reservation))
     try:
         answer = await response.aread()
     except httpx.HTTPError as exc:
@@ -491,36 +491,59 @@ STREAM_FAILED = ("data: " + json.dumps({"error": {
     "type": "engine_error", "param": None, "code": "engine_error"}}) + "\n\ndata: [DONE]\n\n").encode()
 
 
-async def _relay(response: httpx.Response, pool: PoolClient, route: Route, target: Target,
-                 wants_usage: bool, reservation: Reservation):
+class _Relay:
     """Pass the engine's server-sent events through; take the usage from its last chunk.
 
     A stream the engine breaks off (the replica died) ends with an error event and ``[DONE]``,
-    and the replica is marked down so that new requests go elsewhere.
+    and the replica is marked down so that new requests go elsewhere. The engine connection is
+    closed and the lease released exactly once: when the events end, or at ``aclose``, also for a
+    stream abandoned before its first event (a generator's own ``finally`` would not run then).
     """
-    prompt = completion = 0
-    done = False
-    try:
-        async for line in response.aiter_lines():
-            if not line:
-                continue
-            if line.startswith("data: {") and '"usage":{' in line:
-                chunk = json.loads(line[6:])
-                prompt, completion = _usage_of(chunk)
-                if not wants_usage and not chunk.get("choices"):
-                    continue  # the usage-only chunk we asked for on the caller's behalf
-            done = line == "data: [DONE]"
-            yield f"{line}\n\n".encode()
-    except httpx.HTTPError as exc:
-        pool.mark_down(route.replica, f"it broke off a stream ({type(exc).__name__})")
-        log.warning("stream of %s broken off by %s: %s", target.model, route.engine_url, exc)
-    finally:
-        await response.aclose()
-        pool.release(route)
-        _record(target, prompt, completion)
-        await _finish(reservation, prompt + completion)
-    if not done:
-        yield STREAM_FAILED
+
+    def __init__(self, response: httpx.Response, pool: PoolClient, route: Route, target: Target,
+                 wants_usage: bool, reservation: Reservation) -> None:
+        self.response, self.pool, self.route, self.target = response, pool, route, target
+        self.wants_usage, self.reservation = wants_usage, reservation
+        self.usage = (0, 0)
+        self._finished = False
+        self._events = self._relay()
+
+    def __aiter__(self):
+        return self._events
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+        await self._close()
+
+    async def _close(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        await self.response.aclose()
+        self.pool.release(self.route)
+        _record(self.target, *self.usage)
+        await _finish(self.reservation, sum(self.usage))
+
+    async def _relay(self):
+        done = False
+        try:
+            async for line in self.response.aiter_lines():
+                if not line:
+                    continue
+                if line.startswith("data: {") and '"usage":{' in line:
+                    chunk = json.loads(line[6:])
+                    self.usage = _usage_of(chunk)
+                    if not self.wants_usage and not chunk.get("choices"):
+                        continue  # the usage-only chunk we asked for on the caller's behalf
+                done = line == "data: [DONE]"
+                yield f"{line}\n\n".encode()
+        except httpx.HTTPError as exc:
+            self.pool.mark_down(self.route.replica, f"it broke off a stream ({type(exc).__name__})")
+            log.warning("stream of %s broken off by %s: %s", self.target.model, self.route.engine_url, exc)
+        finally:
+            await self._close()
+        if not done:
+            yield STREAM_FAILED
 
 
 def _subject(principal: Principal) -> str:
