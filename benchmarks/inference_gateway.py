@@ -79,7 +79,9 @@ async def load(url: str, key: str | None, models: list[str], *, requests: int, c
         while queue:
             index = queue.pop()
             body = {"model": models[index % len(models)], "max_tokens": max_tokens,
-                    "temperature": 0, "ignore_eos": True,
+                    # Every answer runs to max_tokens: the end-of-text tokens are banned through
+                    # OpenAI's logit_bias (the gateway forwards no engine-specific fields).
+                    "temperature": 0, "logit_bias": {"0": -100, "2": -100},
                     "messages": [{"role": "user", "content": f"Tell me a story about number {index}."}]}
             start = time.perf_counter()
             response = await client.post(f"{url}/v1/chat/completions", json=body, headers=headers)

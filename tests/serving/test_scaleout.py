@@ -178,8 +178,10 @@ def _post_and_hang_up(gateway, key: str, body: dict, replicas, *, read_first_chu
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_that_hangs_up_frees_the_engine(gateways, replicas, tenant, stream):
     # Eight prompts of up to 500 tokens each: minutes of work for these CPUs if nobody cancels it.
+    # The end-of-text tokens (0 and 2) are banned through OpenAI's logit_bias, so every sequence
+    # runs to max_tokens (vLLM's own ignore_eos is not one of the fields the gateway forwards).
     body = {"model": MODEL, "prompt": ["Write a long story about the sea."] * 8, "max_tokens": 500,
-            "ignore_eos": True, "stream": stream}
+            "logit_bias": {"0": -100, "2": -100}, "stream": stream}
     wait_for(lambda: _engines_busy(replicas) == 0, timeout=60, message="idle engines")
     hung_up = time.monotonic()
     _post_and_hang_up(gateways[0], tenant.owner_key, body, replicas, read_first_chunk=stream)
