@@ -102,10 +102,6 @@ def delete_prefix(prefix: str) -> None:
     delete_blobs(list_prefix(prefix))
 
 
-def blob_size(name: str) -> int:
-    return artifact_storage().size(name)
-
-
 @contextmanager
 def local_copy(blob_name: str, *, suffix: str = ".jsonl") -> Iterator[Path]:
     """A local path for a blob: the file itself on local storage, a temporary copy otherwise."""

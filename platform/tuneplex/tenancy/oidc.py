@@ -55,15 +55,11 @@ class OrganizationOIDCBackend(OIDCAuthenticationBackend):
         return user
 
 
-def group_mapping() -> dict[str, tuple[str, str]]:
-    """TUNEPLEX_OIDC_GROUPS as {group: (organization slug, role)}."""
-    return dict(settings.OIDC_GROUP_MAP)
-
-
 def apply_group_mapping(user: User, groups: list[str]) -> None:
     """Make the user a member, with the mapped role, of each organization their groups map to."""
+    mapping = dict(settings.OIDC_GROUP_MAP)  # TUNEPLEX_OIDC_GROUPS: {group: (slug, role)}
     for group in groups:
-        target = group_mapping().get(group)
+        target = mapping.get(group)
         if target is None:
             continue
         slug, role = target
