@@ -166,9 +166,9 @@ def test_a_team_lead_trains_deploys_chats_and_manages_keys_in_the_browser(
     page.get_by_label("Message").fill("Tell me something about tea.")
     page.get_by_label("Max tokens").fill("12")
     page.get_by_role("button", name="Send").click()
-    good = page.get_by_role("button", name="Good answer (save as feedback)")
-    good.first.wait_for(timeout=120_000)
-    page.locator("#transcript-right .rate").wait_for(timeout=120_000)
+    # Each pane shows its rating bar once its stream has ended; wait for both before reading.
+    for side in ("left", "right"):
+        page.locator(f"#transcript-{side} .rate").wait_for(timeout=120_000)
     left = page.locator("#transcript-left .msg.assistant").inner_text()
     right = page.locator("#transcript-right .msg.assistant").inner_text()
     assert left.strip() and right.strip() and left != right
