@@ -8,7 +8,10 @@ import os
 
 from celery import Celery
 
+from jobs.metrics import take_a_metrics_folder
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tuneplex.settings")
+take_a_metrics_folder()  # a worker's, before anything imports prometheus_client
 
 app = Celery("tuneplex")
 app.config_from_object("django.conf:settings", namespace="CELERY")

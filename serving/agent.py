@@ -4,6 +4,8 @@ A small threaded HTTP server (the standard library's: a lease is taken once per 
 adapter, not per request, so it is far from any hot path) in front of :class:`ReplicaPool`.
 Every endpoint but ``/healthz`` requires the install's engine API key.
 
+    GET  /metrics                  Prometheus metrics of this replica (when the process serves
+                                   them: ``metrics`` decides who may read them and renders them)
     GET  /v1/state                 ready, slots, loaded/leased/pinned adapters, the engine's URL
     POST /v1/leases                {"adapter", "adapter_id", "holder", "wait"?} -> {"lease"}; 409 when
                                    every slot stays pinned or leased, 503 engine down, 422 refused
@@ -22,6 +24,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from typing import Protocol
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -31,17 +34,25 @@ from serving.pool import AdapterLoadError, EngineDown, ReplicaPool, SlotsBusy
 log = logging.getLogger(__name__)
 
 
+class MetricsExporter(Protocol):
+    def allowed(self, client_address: str, authorization: str | None, *, proxied: bool) -> bool: ...
+
+    def render(self) -> tuple[bytes, str]: ...  # (body, content type)
+
+
 class AgentServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], *, pool: ReplicaPool, api_key: str,
-                 engine_url: str, model: str, reconcile: Callable[[], dict]) -> None:
+                 engine_url: str, model: str, reconcile: Callable[[], dict],
+                 metrics: MetricsExporter | None = None) -> None:
         super().__init__(address, _Handler)
         self.pool = pool
         self.api_key = api_key
         self.engine_url = engine_url
         self.model = model
         self.reconcile = reconcile
+        self.metrics = metrics
 
     def serve_in_thread(self) -> threading.Thread:
         thread = threading.Thread(target=self.serve_forever, name="pool-agent", daemon=True)
@@ -57,12 +68,24 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("agent: " + format, *args)
 
     def _reply(self, status: int, body: dict) -> None:
-        raw = json.dumps(body).encode()
+        self._send(status, json.dumps(body).encode(), "application/json")
+
+    def _send(self, status: int, raw: bytes, content_type: str) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(raw)))
         self.end_headers()
         self.wfile.write(raw)
+
+    def _metrics(self) -> None:
+        exporter = self.server.metrics
+        if exporter is None:
+            return self._error(404, "not_found", "No such endpoint.")
+        if not exporter.allowed(self.client_address[0], self.headers.get("Authorization"),
+                                proxied="X-Forwarded-For" in self.headers):
+            return self._error(403, "permission_denied", "Metrics are served to the monitoring "
+                               "network or with the metrics token.")
+        return self._send(200, *exporter.render())
 
     def _error(self, status: int, code: str, message: str) -> None:
         self._reply(status, {"error": {"code": code, "message": message}})
@@ -78,6 +101,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 - http.server's naming
         if self.path == "/healthz":
             return self._reply(200, {"status": "ok"})
+        if self.path == "/metrics":
+            return self._metrics()
         if not self._authorized():
             return None
         if self.path == "/v1/state":

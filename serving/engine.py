@@ -62,7 +62,8 @@ def engine_command(spec: EngineSpec) -> list[str]:
 
 def engine_env(spec: EngineSpec) -> dict[str, str]:
     environ = {key: value for key, value in os.environ.items()
-               if not key.startswith(("DJANGO_", "DATABASE_URL", "REDIS_URL", "TUNEPLEX_"))}
+               if not key.startswith(("DJANGO_", "DATABASE_URL", "REDIS_URL", "TUNEPLEX_",
+                                      "PROMETHEUS_MULTIPROC_DIR"))}  # vLLM keeps its own
     environ.update({
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",  # the pool loads adapters at runtime
         "HF_HUB_OFFLINE": "1",

@@ -106,7 +106,10 @@ class ReplicaPool:
     """Slots, LRU order, pins and leases of one replica; the only code that loads or unloads."""
 
     def __init__(self, engine: EngineClient, *, slots: int, stage: Stage,
-                 lease_seconds: float = 15.0, wait_seconds: float = 30.0) -> None:
+                 lease_seconds: float = 15.0, wait_seconds: float = 30.0,
+                 on_load: Callable[[float, bool], None] | None = None) -> None:
+        """``on_load(seconds, ok)`` is told each load's duration (staging included) and outcome,
+        outside the lock (the platform records it as a metric)."""
         self.engine = engine
         self.slots = slots
         self.stage_adapter = stage
@@ -120,6 +123,9 @@ class ReplicaPool:
         self._unloading: dict[str, threading.Event] = {}
         self._retired: set[str] = set()  # undeployed while leased: unloaded at the last release
         self.evictions = 0
+        self.loads = 0
+        self.load_failures = 0
+        self.on_load = on_load
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a lease ended or a slot came free
 
@@ -130,7 +136,8 @@ class ReplicaPool:
             self._expire()
             return {"ready": self.ready, "slots": self.slots, "loaded": list(self.loaded),
                     "loading": list(self._loading), "pinned": sorted(self.pinned),
-                    "leased": sorted(self._leased()), "evictions": self.evictions}
+                    "leased": sorted(self._leased()), "evictions": self.evictions,
+                    "loads": self.loads, "load_failures": self.load_failures}
 
     def _leased(self) -> set[str]:
         return {lease.adapter for lease in self.leases.values()}
@@ -207,21 +214,33 @@ class ReplicaPool:
             if victim is not None:
                 self._unload_now(victim)
                 log.info("evicted %s (least recently used) for %s", victim, name)
+            started = time.monotonic()
             path = self.stage_adapter(adapter_id, name)
             self.engine.load(name, path)
         except BaseException:
             with self._lock:
                 del self._loading[name]
+                self.load_failures += 1
                 self._changed.notify_all()
             done.set()
+            self._observe_load(0.0, ok=False)
             raise
         with self._lock:
             del self._loading[name]
             self.loaded[name] = path
+            self.loads += 1
             lease = self._new_lease(name, holder)
             self._changed.notify_all()
         done.set()
+        self._observe_load(time.monotonic() - started, ok=True)
         return lease
+
+    def _observe_load(self, seconds: float, *, ok: bool) -> None:
+        if self.on_load is not None:
+            try:
+                self.on_load(seconds, ok)
+            except Exception:  # noqa: BLE001 - bookkeeping must never fail a load
+                log.exception("load observer failed")
 
     def _unload_now(self, name: str) -> None:
         """``name`` is marked unloading (out of ``loaded``): tell the engine, then clear the mark."""

@@ -385,8 +385,9 @@ class GatewayProcess:
 
     def __init__(self, *, database_url: str, engine: ReplicaProcess | None,
                  extra_env: dict | None = None, replicas: list[ReplicaProcess] | None = None,
-                 port: int | None = None):
-        """With no engine (and no replicas) the platform runs with inference off."""
+                 port: int | None = None, workers: int = 1):
+        """With no engine (and no replicas) the platform runs with inference off. ``workers``:
+        uvicorn's worker processes (more than one wants PROMETHEUS_MULTIPROC_DIR in extra_env)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.replicas = replicas or ([engine] if engine is not None else [])
@@ -401,7 +402,8 @@ class GatewayProcess:
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
             [str(Path(sys.executable).parent / "uvicorn"), "tuneplex.asgi:application",
-             "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log"],
+             "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log",
+             *(["--workers", str(workers)] if workers > 1 else [])],
             cwd=REPO, env=environ, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_for(self._healthy, timeout=60, message=f"the gateway (log {self.log_path})")

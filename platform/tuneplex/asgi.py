@@ -27,6 +27,7 @@ if settings.SERVE_STATIC:
     application = StaticFiles(application)
 
 from tuneplex.core.asgi_limits import BodyLimitMiddleware  # noqa: E402 - needs settings loaded
+from tuneplex.core.asgi_metrics import MetricsEndpoint  # noqa: E402
 from tuneplex.inference.asgi import InferenceFastPath  # noqa: E402
 
-application = BodyLimitMiddleware(InferenceFastPath(application))
+application = MetricsEndpoint(BodyLimitMiddleware(InferenceFastPath(application)))

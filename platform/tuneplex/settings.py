@@ -306,6 +306,33 @@ CELERY_BEAT_SCHEDULE = {
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 
 
+# --- metrics -------------------------------------------------------------------------------------
+# /metrics (Prometheus text format) on web processes, Celery workers (TUNEPLEX_WORKER_METRICS_PORT)
+# and pool agents. Served to callers in TUNEPLEX_METRICS_NETWORKS that come straight (not through
+# a proxy: no X-Forwarded-For), or to any caller with TUNEPLEX_METRICS_TOKEN as a bearer token.
+METRICS_TOKEN = env_str("TUNEPLEX_METRICS_TOKEN")
+if METRICS_TOKEN is not None and len(METRICS_TOKEN) < 24:
+    raise ImproperlyConfigured("TUNEPLEX_METRICS_TOKEN must be at least 24 characters long")
+
+
+def _networks(items: list[str]) -> tuple:
+    import ipaddress
+
+    try:
+        return tuple(ipaddress.ip_network(item, strict=False) for item in items)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"TUNEPLEX_METRICS_NETWORKS: {exc}") from None
+
+
+METRICS_NETWORKS = _networks(env_list("TUNEPLEX_METRICS_NETWORKS", ["127.0.0.0/8", "::1/128"]))
+# Organization ids as label values (storage per organization): off by default, to bound the
+# number of series.
+METRICS_ORG_LABELS = env_bool("TUNEPLEX_METRICS_ORG_LABELS", False)
+# A Celery worker's exporter (its pool processes' metrics, aggregated); 0: none.
+WORKER_METRICS_PORT = env_int("TUNEPLEX_WORKER_METRICS_PORT", 0, minimum=0, maximum=65535)
+WORKER_METRICS_HOST = env_str("TUNEPLEX_WORKER_METRICS_HOST", "127.0.0.1")
+
+
 # --- API ---------------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

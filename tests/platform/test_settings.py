@@ -71,6 +71,10 @@ def _load_settings(**overrides: str) -> subprocess.CompletedProcess:
     ("ALLOWED_HOSTS", "a,,b"),
     ("TUNEPLEX_OIDC_GROUPS", "admins=acme:king"),
     ("TUNEPLEX_OIDC_CLIENT_ID", "tuneplex"),  # without the provider's endpoints
+    ("TUNEPLEX_METRICS_NETWORKS", "10.0.0.0/8,the-office"),
+    ("TUNEPLEX_METRICS_TOKEN", "short"),
+    ("TUNEPLEX_METRICS_ORG_LABELS", "perhaps"),
+    ("TUNEPLEX_WORKER_METRICS_PORT", "70000"),
 ])
 def test_the_settings_module_refuses_bad_values(variable, value):
     result = _load_settings(**{variable: value})

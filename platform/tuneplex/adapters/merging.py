@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from django.conf import settings
@@ -17,7 +18,7 @@ from django.db.models.functions import Now
 
 from jobs.training.layout import ADAPTER_FILES
 from tuneplex.adapters.models import Adapter
-from tuneplex.core import queue
+from tuneplex.core import metrics, queue
 from tuneplex.core.storage import delete_prefix, download_directory, upload_directory
 from tuneplex.core.redact import client_message
 from tuneplex.core.trainer_env import last_error_line, run_trainer_module
@@ -45,6 +46,9 @@ def run_merge(adapter_id: str) -> None:
         return
     work = Path(tempfile.mkdtemp(prefix=f"merge-{adapter.id}-", dir=settings.DATA_DIR))
     size = 0
+    started = time.monotonic()
+    status, error = Merge.FAILED, "The merge failed."
+    metrics.GPU_WORK.inc()
     try:
         size = _merge(adapter, work)
         status, error = Merge.SUCCEEDED, ""
@@ -53,6 +57,8 @@ def run_merge(adapter_id: str) -> None:
         status, error = Merge.FAILED, f"The merge failed: {client_message(str(exc))}"
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        metrics.GPU_WORK.dec()
+        metrics.MERGE_DURATION.labels(str(status)).observe(time.monotonic() - started)
     Adapter.objects.filter(id=adapter_id, merge_status=Merge.RUNNING).update(
         merge_status=status, merge_error=error, merged_bytes=size)
     queue.enqueue(queue.DISPATCH_JOBS)  # its GPU slot is free again

@@ -38,6 +38,7 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 
 from jobs.training.layout import CHECKPOINT_FILES, staged_directory
+from tuneplex.core import metrics
 from tuneplex.core.redact import client_message
 from tuneplex.core.storage import delete_prefix, download_directory, local_copy, upload_directory
 from tuneplex.core.trainer_env import trainer_command, trainer_environment
@@ -111,15 +112,25 @@ def run_job(job_id: str) -> str:
     if job is None:
         log.info("job %s not claimable (already taken, cancelled or gone)", job_id)
         return "skipped"
+    if job.attempts == 1 and job.started_at is not None:
+        metrics.JOB_WAIT.observe(max(0.0, (job.started_at - job.created_at).total_seconds()))
     run = JobRun(job, worker)
+    started = time.monotonic()
+    outcome = "failed"
+    metrics.GPU_WORK.inc()
     try:
-        return run.run()
+        outcome = run.run()
     except StaleAttempt:
         log.warning("job %s attempt %s was superseded; stopped", job_id, run.attempt)
-        return "superseded"
+        outcome = "superseded"
     except Exception:  # noqa: BLE001 - the job row must never stay "running"
         log.exception("job %s crashed in the worker", job_id)
-        return run.after_worker_error()
+        outcome = run.after_worker_error()
+    finally:
+        metrics.GPU_WORK.dec()
+        metrics.TRAINING_THROUGHPUT.set(0)
+        metrics.JOB_DURATION.labels(outcome).observe(time.monotonic() - started)
+    return outcome
 
 
 class JobRun:
@@ -208,6 +219,7 @@ class JobRun:
                     continue
                 kind = message.get("type")
                 if kind == "metrics":
+                    metrics.TRAINING_THROUGHPUT.set(message["data"].get("tokens_per_second") or 0)
                     persist(lambda: job_record_metrics(job=self.job, attempt=self.attempt,
                                                        metrics=message["data"]),
                             what="metrics", give_up_after=settings.JOB_WRITE_RETRY_SECONDS)
@@ -282,6 +294,7 @@ class JobRun:
                            what="success", give_up_after=None)
             if not done:
                 raise StaleAttempt(f"attempt {attempt} of {job.id}")
+            metrics.JOB_TOKENS.inc(result.get("trained_tokens") or 0)
             shutil.rmtree(self.work, ignore_errors=True)
             return "succeeded"
         if (result and result.get("status") == "cancelled") or scheduler.cancel_requested(job_id=job.id):

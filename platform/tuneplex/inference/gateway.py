@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator
@@ -44,6 +45,7 @@ from tuneplex.basemodels.models import BaseModel
 from tuneplex.basemodels.selectors import served_base_models
 from tuneplex.core.actors import Principal
 from tuneplex.core.apis import timestamp
+from tuneplex.core import metrics
 from tuneplex.core.errors import ApiError, error_body
 from tuneplex.core.scopes import INFER, READ
 from tuneplex.inference import cache, ratelimit, usage
@@ -104,6 +106,7 @@ class Reply:
     headers: dict[str, str]
     body: bytes = b""
     stream: AsyncIterator[bytes] | None = None
+    kind: str = "none"  # the model kind for metrics: base, adapter, none (refused before)
 
     def as_django(self) -> HttpResponse:
         if self.stream is not None:
@@ -422,15 +425,43 @@ def _usage_of(payload: dict) -> tuple[int, int]:
 def _record(target: Target, prompt: int, completion: int) -> None:
     usage.count(organization_id=target.principal.organization.id, model=target.model,
                 adapter_id=target.adapter_id, prompt_tokens=prompt, completion_tokens=completion)
+    kind = _kind(target)
+    metrics.GATEWAY_TOKENS.labels(kind, "prompt").inc(prompt)
+    metrics.GATEWAY_TOKENS.labels(kind, "completion").inc(completion)
+
+
+def _kind(target: Target | None) -> str:
+    return "none" if target is None else "base" if target.adapter_id is None else "adapter"
+
+
+def _observe(endpoint: str, reply: Reply, started: float, *, stream: bool) -> None:
+    """Count an answered request (a stream's when its last event is sent)."""
+    metrics.GATEWAY_REQUESTS.labels(endpoint, reply.kind, str(reply.status)).inc()
+    metrics.GATEWAY_LATENCY.labels(endpoint, reply.kind, "true" if stream else "false").observe(
+        time.perf_counter() - started)
 
 
 async def complete(endpoint: str, *, authorization: str | None, raw: bytes, request=None) -> Reply:
     """Admit, route, forward and answer one completion request.
 
     Cancelling it (the ASGI fast path does when the client goes away) closes the connection to
-    the engine, which aborts the request there.
+    the engine, which aborts the request there. Counted in the gateway's metrics when answered.
     """
+    started = time.perf_counter()
+    try:
+        reply = await _answer(endpoint, authorization, raw, request, started)
+    except Exception:  # answered 500 by the caller (the fast path or Django's handler)
+        metrics.GATEWAY_REQUESTS.labels(endpoint, "none", "500").inc()
+        raise
+    if reply.stream is None:
+        _observe(endpoint, reply, started, stream=False)
+    return reply
+
+
+async def _answer(endpoint: str, authorization: str | None, raw: bytes, request,
+                  started: float) -> Reply:
     reservation: Reservation | None = None
+    target: Target | None = None
     try:
         target, body, limit_headers, reservation = await sync_to_async(_admit)(
             authorization, raw, endpoint, request)
@@ -442,24 +473,34 @@ async def complete(endpoint: str, *, authorization: str | None, raw: bytes, requ
         response, route = await _send(pool, target, endpoint, body)
     except ApiError as exc:
         await _finish(reservation, 0)
-        return _error(exc, getattr(exc, "headers", None))
+        if exc.status == 429:
+            metrics.GATEWAY_REJECTED.labels(exc.code).inc()
+        reply = _error(exc, getattr(exc, "headers", None))
+        reply.kind = _kind(target)
+        return reply
     except BaseException:  # cancelled (the client went away) before the engine answered
         await _finish(reservation, 0)
         raise
+    kind = _kind(target)
     if response.status_code != 200:
         pool.release(route)
         await _finish(reservation, 0)
-        return await _engine_error(response)
+        reply = await _engine_error(response)
+        reply.kind = kind
+        return reply
     if stream:
+        relay = _Relay(response, pool, route, target, wants_usage, reservation,
+                       observe=lambda reply: _observe(endpoint, reply, started, stream=True))
         return Reply(200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                           "X-Accel-Buffering": "no", **limit_headers},
-                     stream=_Relay(response, pool, route, target, wants_usage, reservation))
+                           "X-Accel-Buffering": "no", **limit_headers}, stream=relay, kind=kind)
     try:
         answer = await response.aread()
     except httpx.HTTPError as exc:
         pool.mark_down(route.replica, f"it failed during an answer ({type(exc).__name__})")
         await _finish(reservation, 0)
-        return _error(EngineUnavailable("The engine replica failed during the answer; retry the request."))
+        reply = _error(EngineUnavailable("The engine replica failed during the answer; retry the request."))
+        reply.kind = kind
+        return reply
     except BaseException:  # cancelled mid-answer
         await _finish(reservation, 0)
         raise
@@ -469,7 +510,7 @@ async def complete(endpoint: str, *, authorization: str | None, raw: bytes, requ
     prompt, completion = _usage_of(json.loads(answer))
     _record(target, prompt, completion)
     await _finish(reservation, prompt + completion)
-    return Reply(200, {"Content-Type": JSON, **limit_headers}, answer)
+    return Reply(200, {"Content-Type": JSON, **limit_headers}, answer, kind=kind)
 
 
 async def _finish(reservation: Reservation | None, actual_tokens: int) -> None:
@@ -501,9 +542,9 @@ class _Relay:
     """
 
     def __init__(self, response: httpx.Response, pool: PoolClient, route: Route, target: Target,
-                 wants_usage: bool, reservation: Reservation) -> None:
+                 wants_usage: bool, reservation: Reservation, observe) -> None:
         self.response, self.pool, self.route, self.target = response, pool, route, target
-        self.wants_usage, self.reservation = wants_usage, reservation
+        self.wants_usage, self.reservation, self.observe = wants_usage, reservation, observe
         self.usage = (0, 0)
         self._finished = False
         self._events = self._relay()
@@ -522,6 +563,7 @@ class _Relay:
         await self.response.aclose()
         self.pool.release(self.route)
         _record(self.target, *self.usage)
+        self.observe(Reply(200, {}, kind=_kind(self.target)))
         await _finish(self.reservation, sum(self.usage))
 
     async def _relay(self):

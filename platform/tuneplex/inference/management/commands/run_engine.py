@@ -33,6 +33,7 @@ from serving.engine import EngineProcess, EngineSpec, EngineStartError
 from serving.pool import AdapterLoadError, EngineClient, ReplicaPool
 from tuneplex.adapters.models import Adapter
 from tuneplex.basemodels.models import BaseModel
+from tuneplex.inference.replica_metrics import ReplicaMetrics
 from tuneplex.inference.staging import stage_adapter
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,12 @@ class Command(BaseCommand):
         pool = ReplicaPool(EngineClient(f"http://{local}:{engine_port}", settings.ENGINE_API_KEY),
                            slots=settings.ENGINE_LORA_SLOTS, stage=_stager(base.name),
                            lease_seconds=settings.ENGINE_LEASE_SECONDS)
+        exporter = ReplicaMetrics(pool, base.name)
+        pool.on_load = exporter.on_load
         reconcile = _reconciler(pool, base.name)
         server = AgentServer((host, port), pool=pool, api_key=settings.ENGINE_API_KEY,
                              engine_url=f"http://{advertise or local}:{engine_port}", model=base.name,
-                             reconcile=reconcile)
+                             reconcile=reconcile, metrics=exporter)
         server.serve_in_thread()
         self.agent_url = f"http://{local}:{port}"
         threading.Thread(target=_reconcile_forever, args=(pool, reconcile), daemon=True,
