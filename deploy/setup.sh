@@ -90,4 +90,17 @@ if [ "$WITH_TESTS" = 1 ] && [ ! -x /usr/bin/chromium ]; then
     exit 1
   fi
 fi
+# The monitoring tests run Debian's Prometheus and its promtool (deploy/prometheus).
+if [ "$WITH_TESTS" = 1 ] && ! command -v promtool >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing Debian's prometheus for the monitoring tests"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null; }
+    # The package starts a server on :9090 that the tests do not use.
+    { systemctl disable --now prometheus 2>/dev/null || service prometheus stop 2>/dev/null; } >/dev/null || true
+  else
+    echo "The monitoring tests need promtool: run 'apt-get install prometheus' as root." >&2
+    exit 1
+  fi
+fi
 log "environments ready"
