@@ -3,21 +3,26 @@
 The web process runs as two uvicorn workers sharing a PROMETHEUS_MULTIPROC_DIR (so every count
 below is the sum over both, whichever answered); the GPU worker serves its exporter on its own
 port (its pool process records, its main process serves); the replica's pool agent serves its
-own. Each counter and histogram is checked to have moved by exactly what the test did.
+own. Each counter and histogram is checked to have moved by exactly what the test did. The
+job's TensorBoard curves are checked on the way (one real job serves both).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
+import zipfile
 
 import httpx
 import pytest
 from django.core.management import call_command
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
 from tests.conftest import (
     REPLICA_SLOTS,
     GatewayProcess,
+    bearer,
     empty_replicas,
     free_port,
     key_for,
@@ -53,7 +58,8 @@ def web(engine, test_database_url, tmp_path):
         empty_replicas(engine)
 
 
-def test_metrics_move_by_exactly_what_happened(celery_worker, gpu_workers, web, engine, org_a):
+def test_metrics_move_by_exactly_what_happened(celery_worker, gpu_workers, web, engine, org_a,
+                                               tmp_path):
     call_command("prepare_default_model")
     port = free_port()
     gpu_workers(extra_env={"TUNEPLEX_ENGINE_MODE": "attach", "TUNEPLEX_ENGINE_URLS": web.engine_url,
@@ -93,6 +99,20 @@ def test_metrics_move_by_exactly_what_happened(celery_worker, gpu_workers, web, 
     assert worker.value("tuneplex_job_queue_wait_seconds_count") == 1
     assert worker.value("tuneplex_training_tokens_per_second") == 0  # nothing trains now
     assert worker.value("tuneplex_worker_gpu_busy") == 0
+
+    # The same run's training curves, as TensorBoard reads them, downloadable from the API.
+    download = bearer(org_a.owner_key).get(f"/v1/fine_tuning/jobs/{job_id}/tensorboard")
+    assert download.status_code == 200, download.content
+    archive = zipfile.ZipFile(io.BytesIO(b"".join(download.streaming_content)))
+    (name,) = archive.namelist()  # one attempt, one event file
+    assert name.startswith(f"{job_id}/events.out.tfevents.") and name.endswith(".a1")
+    archive.extractall(tmp_path / "curves")
+    events = LegacyEventFileLoader(str(tmp_path / "curves" / name)).Load()
+    losses = [(e.step, v.simple_value) for e in events for v in e.summary.value if v.tag == "train/loss"]
+    reported = [(e.data["step"], e.data["train_loss"])
+                for e in job.events.filter(type="metrics").order_by("created_at")]
+    assert len(losses) == len(reported) > 0
+    assert all(s == r and abs(v - loss) < 1e-5 for (s, v), (r, loss) in zip(losses, reported))
 
     adapter = wait_for(lambda: Adapter.objects.filter(name=job.fine_tuned_model, deployed=True).first(),
                        timeout=60, message="the adapter deployed")

@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+from django.utils import timezone
 from django.urls import get_resolver
 
 from tests.conftest import add_member, bearer, make_user
@@ -211,10 +212,13 @@ def test_the_job_page_polls_until_the_job_has_finished(org_a, default_model):
     assert 'hx-trigger="every 2s"' in html and "ETA 1 min 15 s" in html and "30%" in html
     assert '"train_loss": [2.5, 2.0]' in html and '"eval_loss": [null, 2.2]' in html
     assert client.get(f"/jobs/{job.id}/progress").status_code == 200
-    FineTuningJob.objects.filter(pk=job.pk).update(status="succeeded", step=10)
+    assert "/tensorboard" not in html  # the curves are stored when an attempt ends
+    FineTuningJob.objects.filter(pk=job.pk).update(status="succeeded", step=10,
+                                                   started_at=timezone.now())
     finished = client.get(f"/jobs/{job.id}/progress")
     assert finished.status_code == 286 and "hx-trigger" not in finished.content.decode()
     assert "Cancel job" not in finished.content.decode()
+    assert f'href="/v1/fine_tuning/jobs/{job.id}/tensorboard"' in finished.content.decode()
 
 
 def test_cancelling_from_the_job_page(org_a, default_model):

@@ -92,6 +92,7 @@ OBJECT_OF_B.update({
     "/v1/fine_tuning/jobs/{id}/cancel": _job_of_b,
     "/v1/fine_tuning/jobs/{id}/events": _job_of_b,
     "/v1/fine_tuning/jobs/{id}/checkpoints": _job_of_b,
+    "/v1/fine_tuning/jobs/{id}/tensorboard": _job_of_b,
     "/v1/adapters/{id}": _adapter_of_b,
     "/v1/adapters/{id}/download": _adapter_of_b,
     "/v1/adapters/{id}/merge": _adapter_of_b,

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import zipfile
-
-from django.http import StreamingHttpResponse
 from drf_spectacular.utils import extend_schema, extend_schema_serializer
 from rest_framework import serializers
 from rest_framework.response import Response
@@ -14,6 +11,7 @@ from tuneplex.adapters import selectors, services
 from tuneplex.adapters.merging import merged_prefix
 from tuneplex.adapters.models import Adapter
 from tuneplex.core.apis import ApiObjectOutput, OrgApi
+from tuneplex.core.downloads import zip_response
 from tuneplex.core.errors import Conflict
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import READ, TRAIN
@@ -61,39 +59,6 @@ class AdapterDetailApi(OrgApi):
                                                             adapter_id=id)).data)
 
 
-def _zip_stream(names: list[tuple[str, str]]):
-    """Stream a zip of storage blobs without holding them in memory."""
-    import io
-
-    class Sink(io.RawIOBase):
-        def __init__(self):
-            self.chunks: list[bytes] = []
-
-        def writable(self):
-            return True
-
-        def write(self, data):
-            self.chunks.append(bytes(data))
-            return len(data)
-
-    sink = Sink()
-    storage = artifact_storage()
-    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as archive:
-        for blob, arcname in names:
-            with storage.open(blob, "rb") as source, archive.open(arcname, "w", force_zip64=True) as target:
-                while chunk := source.read(1 << 20):
-                    target.write(chunk)
-                    yield from sink.chunks
-                    sink.chunks.clear()
-    yield from sink.chunks
-
-
-def _zip_response(names: list[tuple[str, str]], filename: str) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(_zip_stream(names), content_type="application/zip")
-    response["Content-Disposition"] = f'attachment; filename="{filename}"'
-    return response
-
-
 class AdapterDownloadApi(OrgApi):
     scopes = {"GET": READ}
 
@@ -104,7 +69,7 @@ class AdapterDownloadApi(OrgApi):
         names = [(f"{adapter.blob_prefix}/{n}", n) for n in
                  ADAPTER_ARTIFACT_FILES
                  if artifact_storage().exists(f"{adapter.blob_prefix}/{n}")]
-        return _zip_response(names, f"{adapter.id}.zip")
+        return zip_response(names, f"{adapter.id}.zip")
 
 
 class AdapterMergeApi(OrgApi):
@@ -127,7 +92,7 @@ class AdapterMergeApi(OrgApi):
                            f"POST to this URL to start one.", code="merge_not_ready")
         prefix = merged_prefix(adapter)
         _, files = artifact_storage().listdir(prefix)
-        return _zip_response([(f"{prefix}/{n}", n) for n in sorted(files)], f"{adapter.id}-merged.zip")
+        return zip_response([(f"{prefix}/{n}", n) for n in sorted(files)], f"{adapter.id}-merged.zip")
 
 
 class AdapterDeployApi(OrgApi):

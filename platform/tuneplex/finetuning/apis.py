@@ -7,6 +7,8 @@ from rest_framework import serializers
 from rest_framework.response import Response
 
 from tuneplex.core.apis import ApiObjectOutput, OrgApi, timestamp
+from tuneplex.core.downloads import zip_response
+from tuneplex.core.errors import Conflict
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import READ, TRAIN
 from tuneplex.finetuning import selectors, services
@@ -204,3 +206,19 @@ class JobCheckpointsApi(OrgApi):
         job = selectors.job_get(organization=self.organization, job_id=id)
         return Response(list_page(selectors.job_checkpoints(job=job), request.query_params,
                                   serializer_class=CheckpointOutput))
+
+
+class JobTensorboardApi(OrgApi):
+    scopes = {"GET": READ}
+
+    @extend_schema(responses={(200, "application/zip"): bytes},
+                   summary="Download the job's TensorBoard event files (loss, learning rate, "
+                           "gradient norm, tokens per second)")
+    def get(self, request, id: str):
+        job = selectors.job_get(organization=self.organization, job_id=id)
+        blobs = selectors.job_tensorboard_files(job=job)
+        if not blobs:
+            raise Conflict("This job has no training curves yet: they are stored when a training "
+                           "attempt ends.", code="no_training_curves")
+        return zip_response([(blob, f"{job.id}/{blob.rsplit('/', 1)[-1]}") for blob in blobs],
+                            f"{job.id}-tensorboard.zip")

@@ -38,9 +38,16 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 
 from jobs.training.layout import CHECKPOINT_FILES, staged_directory
+from jobs.training.tensorboard import EventWriter
 from tuneplex.core import metrics
 from tuneplex.core.redact import client_message
-from tuneplex.core.storage import delete_prefix, download_directory, local_copy, upload_directory
+from tuneplex.core.storage import (
+    delete_prefix,
+    download_directory,
+    local_copy,
+    upload_directory,
+    upload_file,
+)
 from tuneplex.core.trainer_env import trainer_command, trainer_environment
 from tuneplex.files.models import File
 from tuneplex.finetuning import scheduler
@@ -56,6 +63,7 @@ from tuneplex.finetuning.services import (
     job_report_event,
     job_requeue,
     job_succeed,
+    tensorboard_prefix,
 )
 
 log = logging.getLogger(__name__)
@@ -208,6 +216,7 @@ class JobRun:
             env=trainer_environment(home=self.work), stdout=subprocess.PIPE, stderr=stderr_log,
             preexec_fn=_die_with_parent)
         uploader = CheckpointUploader(self)
+        curves = EventWriter(self.work / "tensorboard", suffix=f"a{self.attempt}")
         result: dict[str, Any] | None = None
         error: dict[str, Any] | None = None
         try:
@@ -220,6 +229,7 @@ class JobRun:
                 kind = message.get("type")
                 if kind == "metrics":
                     metrics.TRAINING_THROUGHPUT.set(message["data"].get("tokens_per_second") or 0)
+                    curves.metrics(message["data"])
                     persist(lambda: job_record_metrics(job=self.job, attempt=self.attempt,
                                                        metrics=message["data"]),
                             what="metrics", give_up_after=settings.JOB_WRITE_RETRY_SECONDS)
@@ -244,9 +254,18 @@ class JobRun:
                 process.kill()
                 process.wait()
             stderr_log.close()
+            curves.close()
+            self.store_curves(curves.path)
         if self.superseded.is_set():
             raise StaleAttempt(f"attempt {self.attempt} of {self.job.id}")
         return result, error, process.returncode
+
+    def store_curves(self, path: Path) -> None:
+        """This attempt's TensorBoard event file, beside the others of the job in storage."""
+        try:
+            upload_file(path, f"{tensorboard_prefix(self.job)}/{path.name}")
+        except Exception:  # noqa: BLE001 - the curves are also in the job's events
+            log.exception("storing the training curves of %s failed", self.job.id)
 
     def event(self, message: str, *, level: str = "info", data: dict | None = None) -> None:
         persist(lambda: job_report_event(job=self.job, attempt=self.attempt, message=message,

@@ -27,6 +27,14 @@ def job_checkpoints(*, job: FineTuningJob) -> QuerySet[JobCheckpoint]:
     return JobCheckpoint.objects.filter(job=job)
 
 
+def job_tensorboard_files(*, job: FineTuningJob) -> list[str]:
+    """The job's TensorBoard event files in artifact storage (one per attempt), oldest first."""
+    from tuneplex.core.storage import list_prefix
+    from tuneplex.finetuning.services import tensorboard_prefix
+
+    return sorted(list_prefix(tensorboard_prefix(job)))
+
+
 def active_job_using_file(*, file) -> str | None:
     job = (FineTuningJob.objects.filter(organization_id=file.organization_id,
                                         status__in=FineTuningJob.ACTIVE)

@@ -359,6 +359,11 @@ def checkpoint_prefix(job: FineTuningJob, *, attempt: int, step: int) -> str:
     return f"orgs/{job.organization_id}/jobs/{job.id}/checkpoints/step-{step}-a{attempt}"
 
 
+def tensorboard_prefix(job: FineTuningJob) -> str:
+    """Where a job's TensorBoard event files live in artifact storage (one file per attempt)."""
+    return f"orgs/{job.organization_id}/jobs/{job.id}/tensorboard"
+
+
 def job_record_checkpoint(*, job: FineTuningJob, attempt: int, step: int, blob_prefix: str,
                           metrics: dict, size: int = 0) -> None:
     """Record a checkpoint whose files are already in artifact storage, then drop the ones beyond
