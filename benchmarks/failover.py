@@ -131,6 +131,10 @@ def run(args) -> dict:
 
     call_command("migrate", verbosity=0)
     call_command("prepare_default_model", verbosity=0)
+    busy = scheduler.gpu_slots_in_use()
+    if busy:  # e.g. the job of an earlier run, whose worker this run's teardown stopped
+        raise SystemExit(f"the database has {busy} GPU slot(s) in use by earlier jobs, so this "
+                         "run's job would never be dispatched: use an empty database")
     organization, actor, file = _tenant_and_file()
     job = job_create(organization=organization, actor=actor, model="SmolLM2-135M-Instruct",
                      training_file=file.id, hyperparameters={

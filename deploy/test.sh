@@ -21,6 +21,8 @@ if [ $# -eq 0 ]; then
   # Undefined names, unused imports and syntax errors fail the run before anything else.
   .venv/bin/ruff check --quiet --select F,E9 platform jobs serving frontend benchmarks tests
   # The trainer's own tests run in its environment (torch, no Django), then the platform's.
-  .venv-train/bin/python -m pytest tests/training --confcutdir=tests/training -p no:cacheprovider -q
+  .venv-train/bin/python -m pytest tests/training --confcutdir=tests/training -p no:cacheprovider -q \
+    --durations=10
 fi
-exec .venv/bin/python -m pytest "$@"
+# The slowest tests are listed at the end, to keep the suite within its time (30 minutes on 2 cores).
+exec .venv/bin/python -m pytest --durations=20 "$@"

@@ -86,6 +86,10 @@ class TrainingConfig:
     checkpoint_every_steps: int = _doc("Save a resumable checkpoint every N steps (0 = per epoch).",
                                        50)
     max_steps: int | None = _doc("Stop after this many optimizer steps (None = all epochs).", None)
+    gpus: int = _doc(
+        "GPUs the job trains on, one process each (data-parallel: every GPU holds the model and "
+        "each step's examples are split between them; same global batch, same losses as one "
+        "GPU). 1-64, at most what one GPU worker has (TUNEPLEX_JOB_MAX_GPUS).", 1)
     device: str = _doc("auto, cpu or cuda.", "auto")
     resume_from: str | None = _doc("Checkpoint directory to resume from.", None)
 
@@ -117,6 +121,7 @@ class TrainingConfig:
         _int_range(self, "checkpoint_every_steps", 0, 10**9)
         if self.max_steps is not None:
             _int_range(self, "max_steps", 1, 10**9)
+        _int_range(self, "gpus", 1, 64)
         _check(isinstance(self.assistant_only_loss, bool), "assistant_only_loss",
                "must be true or false")
         _check(self.gradient_checkpointing is None or isinstance(self.gradient_checkpointing, bool),

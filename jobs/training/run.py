@@ -63,7 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     # Fewer, growable segments: the activation plan runs close to its budget, where a fragmented
     # cache would otherwise free and re-allocate (a synchronising cudaFree) on the way to a peak.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    reporter = JsonLinesReporter()
+    from jobs.training import distributed
+
+    # Under torchrun only rank 0 speaks the protocol; the other ranks' reports are dropped (each
+    # rank still sees its own stop request; errors go to stderr with their traceback).
+    world = distributed.current()
+    if world.distributed:
+        distributed.die_with_launcher()
+    reporter = JsonLinesReporter(sys.stdout if world.main else open(os.devnull, "w"))
     # Keep library chatter (progress bars, warnings) off stdout, which carries the protocol.
     sys.stdout = sys.stderr
 

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import torch
 
 from jobs.training import checkpoint as ckpt
+from jobs.training import distributed
 from jobs.training.attention import (
     VARLEN,
     packed_attention_kwargs,
@@ -108,11 +109,16 @@ def train(config: TrainingConfig, report: Reporter) -> TrainResult:
     with Path(config.train_file).open("rb") as stream:
         n_examples = sum(1 for _ in read_examples(stream))
     config = resolve_auto(config, int(n_examples * (1 - config.validation_split)))
+    world = distributed.current()
     try:
-        return _train_once(config, report)
+        return _train_once(config, report, world)
     except torch.OutOfMemoryError:
-        if config.batch_size <= 1:
+        # Across several processes a retry would need every rank to agree first; one GPU only.
+        if config.batch_size <= 1 or world.distributed:
             raise
+    finally:
+        if world.distributed:
+            distributed.close()
     # Retry outside the except block: inside it, the exception's traceback still holds the failed
     # attempt's model, optimizer and activations, and the retry would run out of memory too
     # (seen on an H100: both attempts failed until this moved here).
@@ -130,16 +136,19 @@ def train(config: TrainingConfig, report: Reporter) -> TrainResult:
         "(same effective batch).", level="warning",
         data={"oom_retry": True, "batch_size": retry.batch_size,
               "gradient_accumulation_steps": retry.gradient_accumulation_steps})
-    return _train_once(retry, report)
+    return _train_once(retry, report, world)
 
 
 # --- setup ---------------------------------------------------------------------------------------
 
 
-def _device(config: TrainingConfig) -> torch.device:
+def _device(config: TrainingConfig, world: distributed.World) -> torch.device:
+    """One GPU per process (torchrun's LOCAL_RANK), or the CPU."""
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("device=cuda but no CUDA GPU is visible")
+        if world.distributed:
+            torch.cuda.set_device(world.local_rank)
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -343,8 +352,11 @@ def forward_loss(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(model, examples, *, batch_size: int, packing: bool, pad_id: int,
-             device: torch.device) -> dict[str, float]:
+             device: torch.device, world: distributed.World = distributed.World()
+             ) -> dict[str, float]:
+    """Loss and token accuracy over ``examples`` (each rank evaluates every world.size-th one)."""
     model.eval()
+    examples = examples[world.rank::world.size]
     total_loss, total_correct, total_targets = 0.0, 0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start:start + batch_size], packing=packing, pad_id=pad_id).to(device)
@@ -353,13 +365,17 @@ def evaluate(model, examples, *, batch_size: int, packing: bool, pad_id: int,
         total_correct += int(correct)
         total_targets += batch.target_tokens
     model.train()
+    total_loss, total_correct, total_targets = distributed.sum_across(
+        [total_loss, total_correct, total_targets], world, device)
     return {"eval_loss": total_loss / max(1, total_targets),
             "eval_token_accuracy": total_correct / max(1, total_targets)}
 
 
-def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
+def _train_once(config: TrainingConfig, report: Reporter,
+                world: distributed.World = distributed.World()) -> TrainResult:
     # setup -----------------------------------------------------------------------------------
-    device = _device(config)
+    device = _device(config, world)
+    distributed.init(world, device)
     if config.method == "qlora" and device.type != "cuda":
         raise RuntimeError("QLoRA needs a CUDA GPU; this job was accepted for one")
     torch.manual_seed(config.seed)
@@ -384,6 +400,7 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
     model = load_model(config, device, attention=_attention(config.packing, device, bf16))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    distributed.broadcast_parameters(trainable, world)
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
                                   weight_decay=config.weight_decay, fused=device.type == "cuda")
     plan = _activation_plan(model, config, data.train, trainable, device, available)
@@ -405,7 +422,8 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
         f"Training {config.method} r={config.lora_rank} on {len(data.train)} examples "
         f"({len(data.validation)} for evaluation): {config.epochs} epoch(s), {total_steps} steps, "
         f"micro-batch {config.batch_size} x accumulation {config.gradient_accumulation_steps}, "
-        f"lr {config.learning_rate:g}, {n_trainable:,} trainable parameters on {device.type}.",
+        f"lr {config.learning_rate:g}, {n_trainable:,} trainable parameters on {device.type}"
+        + (f" x {world.size} processes (data-parallel)." if world.distributed else "."),
         data={"total_steps": total_steps, "trainable_parameters": n_trainable,
               "hyperparameters": {"epochs": config.epochs, "batch_size": config.batch_size,
                                   "learning_rate": config.learning_rate}})
@@ -426,7 +444,7 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
             step_started = time.monotonic()
             step_metrics = _optimizer_step(model, optimizer, scheduler, trainable, group, data.train,
                                            config=config, pad_id=pad_id, device=device,
-                                           report=report, plan=plan,
+                                           report=report, plan=plan, world=world,
                                            max_forward_tokens=plan.forward_tokens if plan.split
                                            else None)
             state.step += 1
@@ -445,13 +463,14 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
             }
             if data.validation and (state.step % eval_every == 0 or state.step == total_steps):
                 metrics.update(evaluate(model, data.validation, batch_size=config.batch_size,
-                                        packing=config.packing, pad_id=pad_id, device=device))
+                                        packing=config.packing, pad_id=pad_id, device=device,
+                                        world=world))
                 stopped_early = _early_stop(config, state, metrics["eval_loss"])
             state.last_metrics = metrics
             report.metrics(metrics)
-            if state.step % checkpoint_every == 0 and state.step < total_steps:
+            if world.main and state.step % checkpoint_every == 0 and state.step < total_steps:
                 _save_checkpoint(checkpoints_dir, model, optimizer, scheduler, state, report)
-            if report.should_stop():
+            if distributed.any_rank(report.should_stop(), world, device):
                 raise Cancelled()
             if state.step >= total_steps or stopped_early:
                 break
@@ -464,22 +483,30 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
 
     # save ------------------------------------------------------------------------------------
     adapter_dir = Path(config.output_dir) / "adapter"
-    ckpt.save_adapter(model, adapter_dir, config_json=config.to_json())
+    if world.main:  # every rank holds the same adapter; rank 0 writes it
+        ckpt.save_adapter(model, adapter_dir, config_json=config.to_json())
     return TrainResult(status="succeeded", adapter_dir=str(adapter_dir),
-                       sha256=ckpt.sha256_of(adapter_dir), steps=state.step,
+                       sha256=ckpt.sha256_of(adapter_dir) if world.main else "", steps=state.step,
                        trained_tokens=state.trained_tokens, config=_as_dict(config),
                        final_metrics=state.last_metrics, stopped_early=stopped_early)
 
 
 def _optimizer_step(model, optimizer, scheduler, trainable, group, examples, *, config, pad_id,
                     device, report, max_forward_tokens: int | None = None,
-                    plan: ActivationPlan | None = None) -> dict[str, Any]:
+                    plan: ActivationPlan | None = None,
+                    world: distributed.World = distributed.World()) -> dict[str, Any]:
+    if world.distributed:  # this rank's share of the step, in micro-batches of the same size
+        share = distributed.shard([i for micro in group for i in micro],
+                                  [len(examples[i].input_ids) for micro in group for i in micro],
+                                  world)
+        group = [share[i:i + config.batch_size] for i in range(0, len(share), config.batch_size)]
     passes = [part for micro in group for part in (
         forward_passes(micro, examples, max_tokens=max_forward_tokens, packing=config.packing)
         if max_forward_tokens else [micro])]
     batches = [collate([examples[i] for i in part], packing=config.packing, pad_id=pad_id)
                for part in passes]
-    targets = sum(b.target_tokens for b in batches)
+    # The loss is normalised over the whole step's target tokens, on every rank.
+    targets = int(distributed.sum_across([sum(b.target_tokens for b in batches)], world, device)[0])
     loss_total, correct_total, tokens = 0.0, 0, 0
     for batch in batches:
         if plan is not None:
@@ -489,8 +516,11 @@ def _optimizer_step(model, optimizer, scheduler, trainable, group, examples, *, 
         loss_total += loss_sum.item()
         correct_total += int(correct)
         tokens += batch.tokens
-        if report.should_stop():
+        if not world.distributed and report.should_stop():  # ranks stop together, between steps
             raise Cancelled()
+    distributed.sum_gradients(trainable, world)
+    loss_total, correct_total, tokens = distributed.sum_across(
+        [loss_total, correct_total, tokens], world, device)
     if config.max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
     else:
@@ -500,7 +530,7 @@ def _optimizer_step(model, optimizer, scheduler, trainable, group, examples, *, 
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"train_loss": round(loss_total / targets, 6), "token_accuracy": round(correct_total / targets, 4),
-            "grad_norm": round(float(grad_norm), 4), "tokens": tokens, "target_tokens": targets}
+            "grad_norm": round(float(grad_norm), 4), "tokens": int(tokens), "target_tokens": targets}
 
 
 def _early_stop(config: TrainingConfig, state: ckpt.TrainerState, eval_loss: float) -> bool:

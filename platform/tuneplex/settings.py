@@ -281,7 +281,11 @@ TRAINING_MEMORY = env_bytes("TUNEPLEX_TRAINING_MEMORY", 16 * 2**30)
 # Defaults: what the embedded model reaches on 2 CPU cores; ~15% MFU of an H100.
 TRAINING_GFLOPS = env_int("TUNEPLEX_TRAINING_GFLOPS", 150_000 if TRAINING_DEVICE == "cuda" else 60,
                           minimum=1)
+# GPUs over all GPU workers: the scheduler dispatches while the GPUs of running jobs (and merges,
+# one each) leave room for the next job's. A job asks for up to JOB_MAX_GPUS (the GPUs one GPU
+# worker sees; it trains data-parallel on them under torchrun).
 GPU_SLOTS = env_int("TUNEPLEX_GPU_SLOTS", 1, minimum=1, maximum=4096)
+JOB_MAX_GPUS = env_int("TUNEPLEX_JOB_MAX_GPUS", 1, minimum=1, maximum=64)
 ORG_MAX_CONCURRENT_JOBS = env_int("TUNEPLEX_ORG_MAX_CONCURRENT_JOBS", 1, minimum=1)
 JOB_HEARTBEAT_SECONDS = env_int("TUNEPLEX_JOB_HEARTBEAT_SECONDS", 5, minimum=1)
 JOB_HEARTBEAT_TIMEOUT = env_int("TUNEPLEX_JOB_HEARTBEAT_TIMEOUT", 60, minimum=5)

@@ -68,6 +68,24 @@ def test_per_organization_concurrency_limit(default_model, settings,
         assert scheduler.dispatch() == []
 
 
+def test_the_scheduler_counts_gpus_and_a_big_job_is_not_overtaken(default_model, settings,
+                                                                  django_capture_on_commit_callbacks):
+    settings.GPU_SLOTS, settings.ORG_MAX_CONCURRENT_JOBS = 4, 4
+    first, big_org, small_org = make_tenant("First"), make_tenant("Big"), make_tenant("Small")
+    running = queued_job(first, default_model, gpus=3)
+    with django_capture_on_commit_callbacks(execute=False):
+        assert scheduler.dispatch() == [running.id]
+    assert scheduler.gpu_slots_in_use() == 3
+    big = queued_job(big_org, default_model, gpus=2)
+    small = queued_job(small_org, default_model, gpus=1)
+    with django_capture_on_commit_callbacks(execute=False):
+        # One GPU is free: the fair next job needs two, and the one-GPU job behind it waits too.
+        assert scheduler.dispatch() == []
+        finish(running.id)
+        assert scheduler.dispatch() == [big.id, small.id]
+    assert scheduler.gpu_slots_in_use() == 3
+
+
 def test_a_redelivered_message_is_claimed_once(org_a, default_model):
     job = queued_job(org_a, default_model, dispatched_at=timezone.now())
     assert scheduler.claim(job_id=job.id, worker="w1") is not None

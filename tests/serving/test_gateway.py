@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import make_tenant, wait_for
+from tests.conftest import GatewayProcess, make_tenant, wait_for
 from tests.fixtures.adapter_rows import adapter_from_dir
 from tuneplex.inference.models import UsageDaily
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 BASE = "SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "Name a colour."}]
+NO_EOS = {"0": -100, "2": -100}  # the end-of-text tokens: every answer runs to max_tokens
 
 
 def api(gateway, key: str) -> httpx.Client:
@@ -199,3 +204,60 @@ def test_a_signed_in_browser_session_chats_with_csrf(gateway, two_orgs):
         assert answer.status_code == 200, answer.text
         assert answer.json()["choices"][0]["message"]["content"]
         assert browser.get("/v1/models").json()["data"][0]["id"] == BASE
+
+
+def test_an_organization_saturating_its_token_budget_leaves_another_at_its_own_latency(
+        engine, test_database_url, two_orgs):
+    """Alpha sends requests far beyond its token budget (its admitted share runs on the shared
+    engine, the rest is refused); Beta's requests meanwhile keep succeeding within 1.5x of the
+    median latency they had alone."""
+    a, b = two_orgs
+    budget = 1000  # tokens a minute, per organization: Alpha is refused after ~14 requests,
+    # Beta (18 short requests, ~45 tokens each) stays within its own
+    gateway = GatewayProcess(database_url=test_database_url, engine=engine, extra_env={
+        "TUNEPLEX_ORG_INFERENCE_TOKENS_PER_MINUTE": str(budget),
+        "TUNEPLEX_INFERENCE_RATE_LIMIT": "0"})  # the per-key request limit would refuse first
+    stop = threading.Event()
+    statuses: list[tuple[int, str | None]] = []
+
+    def flood() -> None:  # up to ~20 requests a second from each of four threads
+        with api(gateway, a.owner_key) as client:
+            while not stop.is_set():
+                reply = chat(client, BASE, max_tokens=32, logit_bias=NO_EOS)
+                code = reply.json()["error"]["code"] if reply.status_code != 200 else None
+                statuses.append((reply.status_code, code))
+                stop.wait(0.05)
+
+    def beta_latencies(client: httpx.Client, count: int) -> list[float]:
+        timings = []
+        for _ in range(count):
+            started = time.perf_counter()
+            reply = chat(client, BASE, max_tokens=8, logit_bias=NO_EOS)
+            timings.append(time.perf_counter() - started)
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["usage"]["completion_tokens"] == 8
+        return timings
+
+    try:
+        with api(gateway, b.owner_key) as client_b:
+            beta_latencies(client_b, 2)  # warm: the key cache, the connection, the engine
+            alone = statistics.median(beta_latencies(client_b, 8))
+            with ThreadPoolExecutor(4) as pool:
+                floods = [pool.submit(flood) for _ in range(4)]
+                try:
+                    wait_for(lambda: (429, "token_budget_exceeded") in statuses, timeout=60,
+                             message="Alpha to exhaust its token budget")
+                    contended = statistics.median(beta_latencies(client_b, 8))
+                finally:
+                    stop.set()
+                    for job in floods:
+                        job.result()
+    finally:
+        gateway.stop()
+    admitted = sum(1 for status, _ in statuses if status == 200)
+    refused = sum(1 for status in statuses if status == (429, "token_budget_exceeded"))
+    print(f"Beta's median alone {alone * 1000:.0f} ms, under Alpha's flood {contended * 1000:.0f} ms "
+          f"({contended / alone:.2f}x); Alpha: {admitted} admitted, {refused} refused")
+    assert admitted >= 1 and refused >= 20, (admitted, refused)
+    assert {status for status, _ in statuses} <= {200, 429}  # nothing failed any other way
+    assert contended <= 1.5 * alone, f"Beta: {contended:.3f} s under Alpha's flood, {alone:.3f} s alone"

@@ -17,11 +17,18 @@ from django.conf import settings
 PASSED_THROUGH = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "LD_LIBRARY_PATH")
 
 
-def trainer_command(module: str, *args: str) -> list[str]:
+def trainer_command(module: str, *args: str, processes: int = 1) -> list[str]:
+    """``python -m module args``; with several processes, under torchrun on this node (one
+    process per visible GPU, ranks 0..processes-1; see jobs.training.distributed)."""
+    if processes > 1:
+        return [str(settings.TRAINER_PYTHON), "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={processes}", "-m", module, *args]
     return [str(settings.TRAINER_PYTHON), "-m", module, *args]
 
 
-def trainer_environment(*, home: Path | None = None) -> dict[str, str]:
+def trainer_environment(*, home: Path | None = None,
+                        devices: list[str] | None = None) -> dict[str, str]:
+    """The child's whole environment; ``devices``: the GPUs it may use (CUDA_VISIBLE_DEVICES)."""
     environ = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1",
                "PYTHONUNBUFFERED": "1"}
     if home is not None:
@@ -29,6 +36,8 @@ def trainer_environment(*, home: Path | None = None) -> dict[str, str]:
     for name in PASSED_THROUGH:
         if name in os.environ:
             environ[name] = os.environ[name]
+    if devices is not None:
+        environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     return environ
 
 

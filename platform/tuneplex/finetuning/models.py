@@ -46,6 +46,8 @@ class FineTuningJob(models.Model):
     config = models.JSONField(default=dict, help_text="The trainer settings the job runs with.")
     suffix = models.CharField(max_length=64, blank=True, default="")
     seed = models.IntegerField()
+    # GPUs the job trains on (one trainer process each, under torchrun): what the scheduler counts.
+    gpus = models.PositiveSmallIntegerField(default=1)
     metadata = models.JSONField(null=True, blank=True)
     status = models.CharField(max_length=20, choices=Status.choices,
                               default=Status.VALIDATING_FILES, db_index=True)

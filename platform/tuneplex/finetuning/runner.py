@@ -50,7 +50,7 @@ from tuneplex.core.storage import (
 )
 from tuneplex.core.trainer_env import trainer_command, trainer_environment
 from tuneplex.files.models import File
-from tuneplex.finetuning import scheduler
+from tuneplex.finetuning import gpus, scheduler
 from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint
 from tuneplex.finetuning.services import (
     StaleAttempt,
@@ -81,6 +81,14 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
+        pass
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    """Signal the trainer's process group (torchrun and its ranks, or the one trainer)."""
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
         pass
 
 
@@ -160,7 +168,8 @@ class JobRun:
         try:
             with contextlib.ExitStack() as scope:
                 config_path = self.setup(scope)
-                result, error, returncode = self.supervise(config_path)
+                devices = self.lease_gpus(scope)
+                result, error, returncode = self.supervise(config_path, devices)
         finally:
             stop.set()
             keeper.join(timeout=10)
@@ -189,6 +198,16 @@ class JobRun:
         config_path.write_text(json.dumps(config, indent=1))
         return config_path
 
+    def lease_gpus(self, scope: contextlib.ExitStack) -> list[str] | None:
+        """The job's GPUs on this node, held until the trainer has stopped (None on the CPU)."""
+        if settings.TRAINING_DEVICE != "cuda":
+            return None
+        count = self.job.gpus
+        return scope.enter_context(gpus.lease(
+            count, give_up=self.superseded.is_set,
+            on_wait=lambda free: self.event(f"Waiting for {count} free GPU(s) on this node "
+                                            f"({free} free now).")))
+
     def restore_checkpoint(self) -> Path | None:
         """The newest checkpoint recorded for the job, downloaded from artifact storage."""
         newest = JobCheckpoint.objects.filter(job=self.job).order_by("-step").first()
@@ -207,14 +226,18 @@ class JobRun:
 
     # --- supervise ----------------------------------------------------------------------------
 
-    def supervise(self, config_path: Path) -> tuple[dict | None, dict | None, int]:
+    def supervise(self, config_path: Path, devices: list[str] | None = None
+                  ) -> tuple[dict | None, dict | None, int]:
         if self.superseded.is_set():
             raise StaleAttempt(f"attempt {self.attempt} of {self.job.id}")
         stderr_log = (self.work / "trainer.log").open("ab")
+        # Its own process group: a multi-GPU job is torchrun plus one process per GPU, and a
+        # signal (cancel, kill) goes to all of them.
         process = self.process = subprocess.Popen(
-            trainer_command("jobs.training.run", str(config_path)), cwd=settings.REPO_DIR,
-            env=trainer_environment(home=self.work), stdout=subprocess.PIPE, stderr=stderr_log,
-            preexec_fn=_die_with_parent)
+            trainer_command("jobs.training.run", str(config_path), processes=self.job.gpus),
+            cwd=settings.REPO_DIR, env=trainer_environment(home=self.work, devices=devices),
+            stdout=subprocess.PIPE,
+            stderr=stderr_log, preexec_fn=_die_with_parent, start_new_session=True)
         uploader = CheckpointUploader(self)
         curves = EventWriter(self.work / "tensorboard", suffix=f"a{self.attempt}")
         result: dict[str, Any] | None = None
@@ -251,7 +274,7 @@ class JobRun:
         finally:
             uploader.close()
             if process.poll() is None:
-                process.kill()
+                _signal_group(process, signal.SIGKILL)
                 process.wait()
             stderr_log.close()
             curves.close()
@@ -291,17 +314,17 @@ class JobRun:
                 if process is None:
                     continue  # still setting up; a cancel is seen once the trainer runs
                 if cancel_sent_at is None and scheduler.cancel_requested(job_id=self.job.id):
-                    process.send_signal(signal.SIGTERM)
+                    _signal_group(process, signal.SIGTERM)
                     cancel_sent_at = time.monotonic()
                 elif cancel_sent_at and time.monotonic() - cancel_sent_at > CANCEL_GRACE_SECONDS:
-                    process.kill()
+                    _signal_group(process, signal.SIGKILL)
             except Exception:  # noqa: BLE001 - a DB hiccup must not kill the heartbeat
                 log.exception("heartbeat for %s failed", self.job.id)
         connection.close()
 
     def _kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.kill()
+            _signal_group(self.process, signal.SIGKILL)
 
     # --- finish -------------------------------------------------------------------------------
 

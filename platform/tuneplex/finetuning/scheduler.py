@@ -1,11 +1,13 @@
 """GPU work: which queued job or merge runs next, worker claims, heartbeats, and the sweeps.
 
-Dispatch sends work to the ``gpu`` queue only while a GPU slot is free (TUNEPLEX_GPU_SLOTS), so
-the broker never holds a backlog that would be served first-come-first-served. Merges are GPU
-work too and go first (they are short). Among queued jobs it picks fairly: organizations under
-their concurrency limit (TUNEPLEX_ORG_MAX_CONCURRENT_JOBS), the one whose last job was
-dispatched longest ago first, and its oldest job. One organization's hundred queued jobs
-therefore alternate with another's single job.
+Dispatch sends work to the ``gpu`` queue only while GPUs are free (TUNEPLEX_GPU_SLOTS counts the
+GPUs of all GPU workers; a job takes its ``gpus``, a merge one), so the broker never holds a
+backlog that would be served first-come-first-served. Merges are GPU work too and go first (they
+are short). Among queued jobs it picks fairly: organizations under their concurrency limit
+(TUNEPLEX_ORG_MAX_CONCURRENT_JOBS), the one whose last job was dispatched longest ago first, and
+its oldest job. One organization's hundred queued jobs therefore alternate with another's single
+job. A job that needs more GPUs than are free waits at the head of the line (smaller jobs do not
+overtake it, or a many-GPU job could wait forever).
 
 Every claim increments the job's ``attempts``, the fencing token that its worker's writes carry
 (see ``services.StaleAttempt``). Timeouts are measured with the database's clock, never a
@@ -23,7 +25,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection, transaction
-from django.db.models import Count, Max, Q
+from django.db.models import Count, Max, Q, Sum
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
@@ -60,9 +62,11 @@ def _in_flight() -> Q:
 
 
 def gpu_slots_in_use() -> int:
+    """GPUs held by dispatched or running jobs and merges."""
     merges = Adapter.objects.filter(Q(merge_status=Merge.RUNNING) | Q(
         merge_status=Merge.QUEUED, merge_dispatched_at__isnull=False)).count()
-    return FineTuningJob.objects.filter(_in_flight()).count() + merges
+    jobs = FineTuningJob.objects.filter(_in_flight()).aggregate(gpus=Coalesce(Sum("gpus"), 0))
+    return jobs["gpus"] + merges
 
 
 def next_job() -> FineTuningJob | None:
@@ -103,12 +107,12 @@ def dispatch() -> list[str]:
                 free -= 1
         while free > 0:
             job = next_job()
-            if job is None:
+            if job is None or job.gpus > free:
                 break
             if FineTuningJob.objects.filter(id=job.id, status=Status.QUEUED,
                                             dispatched_at__isnull=True).update(dispatched_at=Now()):
                 sent.append((queue.TRAIN_JOB, job.id))
-                free -= 1
+                free -= job.gpus
         for task_name, object_id in sent:
             transaction.on_commit(lambda t=task_name, o=object_id: queue.enqueue(t, o))
     return [object_id for _, object_id in sent]

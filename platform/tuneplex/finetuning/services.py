@@ -96,6 +96,16 @@ def _check_method(config: TrainingConfig, base_model: BaseModel) -> None:
                                               f"{', '.join(base_model.methods_allowed)})")
 
 
+def _check_gpus(config: TrainingConfig) -> None:
+    if config.gpus > settings.JOB_MAX_GPUS:
+        raise _hyperparameter_error(
+            "gpus", f"at most {settings.JOB_MAX_GPUS} GPU(s) per job on this platform (the GPUs "
+                    "one GPU worker has, TUNEPLEX_JOB_MAX_GPUS)")
+    if config.gpus > settings.GPU_SLOTS:
+        raise _hyperparameter_error(
+            "gpus", f"this platform has {settings.GPU_SLOTS} GPU(s) in all (TUNEPLEX_GPU_SLOTS)")
+
+
 def _check_qlora_possible(requested: dict[str, Any]) -> None:
     """Never silently train QLoRA as LoRA: refuse it where there are no CUDA workers."""
     if requested.get("method") == "qlora" and settings.TRAINING_DEVICE != "cuda":
@@ -178,6 +188,7 @@ def job_plan(*, organization: Organization, model: str, training_file: str,
     if validation is not None:
         config = config.replace(validation_file="-")
     _check_method(config, base_model)
+    _check_gpus(config)
     _check_target_modules(config, base_model)
     peak = memory_estimate(config, base_model,
                            longest_example=longest_example_tokens(train, config.max_seq_len))
@@ -208,7 +219,8 @@ def job_create(*, organization: Organization, actor: Principal, model: str, trai
             organization=organization, base_model=base_model, training_file=train.id,
             validation_file=validation.id if validation else "", method=config.method,
             hyperparameters=hyperparameters or {}, config=stored, suffix=suffix or "",
-            seed=config.seed, metadata=metadata, estimated_memory_bytes=peak.total,
+            seed=config.seed, gpus=config.gpus, metadata=metadata,
+            estimated_memory_bytes=peak.total,
             created_by=actor.user if actor.api_key is None else actor.api_key.created_by)
         job_event(job, f"Created fine-tuning job {job.id}. Estimated peak memory "
                        f"{peak.total / GIB:.2f} GiB.", data={"memory_estimate": peak.as_dict()})

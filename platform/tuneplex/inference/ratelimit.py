@@ -30,7 +30,10 @@ _memory_lock = threading.Lock()
 
 
 @functools.cache
+@functools.cache
 def _redis(url: str):
+    """One client (and connection pool) per process: a new client per call would open a TCP
+    connection per call, several per request (redis-py's pool is thread-safe and fork-aware)."""
     import redis
 
     return redis.Redis.from_url(url, socket_timeout=2)

@@ -1,0 +1,109 @@
+"""Data-parallel training on CPU: torchrun with two gloo processes against one process.
+
+The same global batch must give the same losses whatever the world size (the ranks split each
+step's examples and sum their gradients); a checkpoint written by two processes that are then
+killed resumes in one process at the step it recorded, with the losses of the run that was never
+interrupted. Each run is the real entry point (`python -m jobs.training.run`, under torchrun for
+two processes), read through its JSON-lines protocol like the GPU worker reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.training.distributed import World, shard
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 4  # 32 examples, 8 a step (micro-batch 4 x accumulation 2)
+
+
+def _command(processes: int, config: Path) -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", "jobs.training.run", str(config)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={processes}", "-m", "jobs.training.run", str(config)]
+
+
+def _start(processes: int, make_config, tmp_path: Path, name: str, **overrides) -> subprocess.Popen:
+    config = make_config(output_dir=str(tmp_path / name), batch_size=4,
+                         gradient_accumulation_steps=2, lora_dropout=0.0, max_steps=STEPS,
+                         checkpoint_every_steps=2, **overrides)
+    path = tmp_path / f"{name}.json"
+    path.write_text(config.to_json())
+    environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen(_command(processes, path), cwd=REPO, env=environ, text=True,
+                            stdout=subprocess.PIPE, stderr=(tmp_path / f"{name}.log").open("w"),
+                            start_new_session=True)
+
+
+def _messages(process: subprocess.Popen, *, until=None):
+    """The protocol lines, until the process ends or ``until(message)`` is true."""
+    messages = []
+    for line in process.stdout:
+        messages.append(json.loads(line))
+        if until is not None and until(messages[-1]):
+            break
+    return messages
+
+
+def _run(processes: int, make_config, tmp_path: Path, name: str, **overrides) -> list[dict]:
+    process = _start(processes, make_config, tmp_path, name, **overrides)
+    try:
+        messages = _messages(process)
+        assert process.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    finally:
+        _kill(process)
+    return messages
+
+
+def _kill(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _losses(messages: list[dict]) -> dict[int, float]:
+    return {m["data"]["step"]: m["data"]["train_loss"] for m in messages if m["type"] == "metrics"}
+
+
+def test_each_rank_gets_a_balanced_share_and_together_they_get_every_example():
+    indices, lengths = [10, 11, 12, 13, 14, 15], [50, 10, 40, 20, 30, 60]
+    shares = [shard(indices, lengths, World(rank=r, size=2)) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == indices
+    loads = [sum(lengths[indices.index(i)] for i in share) for share in shares]
+    assert abs(loads[0] - loads[1]) <= 10
+    assert all(share == sorted(share, key=indices.index) for share in shares)  # step order kept
+    # More ranks than examples: the extra rank gets none and still takes part in the step.
+    assert shard([7], [5], World(rank=1, size=2)) == []
+
+
+def test_two_gloo_processes_match_one_and_resume_in_one_after_a_kill(make_config, tmp_path):
+    one = _run(1, make_config, tmp_path, "one")
+    two = _run(2, make_config, tmp_path, "two")
+    expected = _losses(one)
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    assert _losses(two) == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    started = next(m for m in two if m["type"] == "event" and "processes" in m["message"])
+    assert "x 2 processes (data-parallel)" in started["message"]
+    assert sum(1 for m in two if m["type"] == "result") == 1  # rank 0 alone speaks
+
+    # Two processes again, killed (SIGKILL, the whole torchrun group) once step 2's checkpoint
+    # is recorded; then one process resumes from it.
+    killed = _start(2, make_config, tmp_path, "killed")
+    try:
+        seen = _messages(killed, until=lambda m: m["type"] == "checkpoint")
+    finally:
+        _kill(killed)
+    checkpoint = next(m for m in seen if m["type"] == "checkpoint")
+    assert checkpoint["step"] == 2 and killed.returncode == -signal.SIGKILL
+    resumed = _run(1, make_config, tmp_path, "resumed", resume_from=checkpoint["path"])
+    assert sorted(_losses(resumed)) == [3, 4]
+    assert _losses(resumed) == pytest.approx({s: expected[s] for s in (3, 4)}, rel=1e-4, abs=1e-5)
+    assert any("Resumed from checkpoint at step 2" in m.get("message", "") for m in resumed)
