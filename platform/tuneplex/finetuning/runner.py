@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 
-from jobs.training.layout import CHECKPOINT_FILES, staged_directory
+from jobs.training.layout import ADAPTER_FILES, CHECKPOINT_FILES, staged_directory
 from tuneplex.core.redact import client_message
 from tuneplex.core.storage import delete_prefix, download_directory, local_copy, upload_directory
 from tuneplex.core.trainer_env import trainer_command, trainer_environment
@@ -114,12 +114,20 @@ def run_job(job_id: str) -> str:
     run = JobRun(job, worker)
     try:
         return run.run()
+    except ParentMissing as exc:
+        job_fail(job=job, code="model_not_found", message=str(exc), param="model",
+                 attempt=run.attempt)
+        return "failed"
     except StaleAttempt:
         log.warning("job %s attempt %s was superseded; stopped", job_id, run.attempt)
         return "superseded"
     except Exception:  # noqa: BLE001 - the job row must never stay "running"
         log.exception("job %s crashed in the worker", job_id)
         return run.after_worker_error()
+
+
+class ParentMissing(Exception):
+    """The adapter or checkpoint a continued job starts from no longer exists."""
 
 
 class JobRun:
@@ -160,7 +168,9 @@ class JobRun:
         train_path = scope.enter_context(local_copy(train.blob_name))
         validation_path = scope.enter_context(local_copy(validation.blob_name)) if validation else None
         resume = self.restore_checkpoint()
+        parent = self.restore_parent()
         config = {**job.config, "base_model_dir": job.base_model.directory,
+                  "init_adapter_dir": str(parent) if parent else None,
                   "train_file": str(train_path), "output_dir": str(self.work),
                   "validation_file": str(validation_path) if validation_path else None,
                   "device": settings.TRAINING_DEVICE,
@@ -169,6 +179,21 @@ class JobRun:
         config_path = self.work / "config.json"
         config_path.write_text(json.dumps(config, indent=1))
         return config_path
+
+    def restore_parent(self) -> Path | None:
+        """Continued training: the parent adapter's (or checkpoint's) weights, downloaded from
+        artifact storage. Raises ParentMissing when the parent was deleted since creation."""
+        job = self.job
+        if not job.lineage:
+            return None
+        source = job.parent_checkpoint or job.parent_adapter
+        if source is None:
+            raise ParentMissing(f"{job.lineage.get('model')} was deleted after the job was created; "
+                                "there are no weights to continue from.")
+        target = self.work / "parent"
+        with staged_directory(target) as staging:
+            download_directory(source.blob_prefix, ADAPTER_FILES, staging)
+        return target
 
     def restore_checkpoint(self) -> Path | None:
         """The newest checkpoint recorded for the job, downloaded from artifact storage."""
