@@ -29,6 +29,8 @@ urlpatterns = [
     path("playground/", serving.playground, name="playground"),
     path("feedback/", serving.feedback, name="feedback"),
     path("feedback/export", serving.feedback_export_view, name="feedback-export"),
+    path("feedback/preference-export", serving.preference_export_view,
+         name="feedback-preference-export"),
     path("team/", team.team, name="team"),
     path("team/invitations", team.invitation_create_view, name="invitation-create"),
     path("team/invitations/<oid:id>/revoke", team.invitation_revoke_view, name="invitation-revoke"),

@@ -10,6 +10,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from frontend.views.common import field_errors, get_or_404, polled_section, principal_of
+from tuneplex.adapters.selectors import adapter_list
 from tuneplex.basemodels.selectors import base_model_list
 from tuneplex.core.errors import ApiError
 from tuneplex.core.scopes import TRAIN
@@ -60,7 +61,16 @@ ADVANCED: dict[str, tuple[type, str, str]] = {
                                "Recompute every layer: least memory, slowest. Unchecked, the "
                                "worker checkpoints only the layers its memory needs."),
 }
-FORM_FIELDS = {"model", "training_file", "validation_file", "method", "suffix", *ADVANCED}
+METHOD_TYPES = {
+    "supervised": "Supervised: learn to give the answers in the dataset (chat, alpaca, "
+                  "prompt-completion or text files).",
+    "dpo": "Preference (DPO): learn to prefer the preferred answer of each pair over the other "
+           "(preference files: input, preferred_output, non_preferred_output).",
+}
+BETA_HELP = ("DPO only. How far the adapter may move away from the model it starts from: higher "
+             "keeps it closer (default 0.1; 0 < beta ≤ 100).")
+FORM_FIELDS = {"model", "training_file", "validation_file", "method", "method_type", "beta",
+               "suffix", *ADVANCED}
 _TYPE_ERRORS = {int: "Enter a whole number.", float: "Enter a number."}
 
 
@@ -70,6 +80,13 @@ def _parse(post) -> tuple[dict, dict[str, str]]:
     hyperparameters = dict(PRESETS[preset]["hyperparameters"])
     errors: dict[str, str] = {}
     hyperparameters["method"] = post.get("method") or "lora"
+    method_type = post.get("method_type") if post.get("method_type") in METHOD_TYPES else "supervised"
+    beta = post.get("beta", "").strip()
+    if method_type == "dpo" and beta:
+        try:
+            hyperparameters["beta"] = float(beta)
+        except ValueError:
+            errors["beta"] = _TYPE_ERRORS[float]
     for name, (kind, _, _) in ADVANCED.items():
         if kind is bool:
             if post.get(name) == "on":
@@ -85,7 +102,7 @@ def _parse(post) -> tuple[dict, dict[str, str]]:
     arguments = {"model": post.get("model", ""), "training_file": post.get("training_file", ""),
                  "validation_file": post.get("validation_file") or None,
                  "suffix": post.get("suffix", "").strip() or None,
-                 "hyperparameters": hyperparameters}
+                 "hyperparameters": hyperparameters, "method_type": method_type}
     return arguments, errors
 
 
@@ -95,6 +112,8 @@ def _form_context(principal, values, *, plan=None, estimate=None, errors=None) -
     return {"values": values, "plan": plan, "estimate": estimate, "errors": errors or {},
             "files": files,
             "base_models": base_model_list(enabled_only=True), "presets": PRESETS,
+            "adapters": adapter_list(organization=principal.organization).order_by("-created_at")[:200],
+            "method_types": METHOD_TYPES, "beta_help": BETA_HELP,
             "advanced": [(name, *spec) for name, spec in ADVANCED.items()],
             "qlora_available": settings.TRAINING_DEVICE == "cuda",
             "memory_limit": settings.TRAINING_MEMORY, "form_fields": sorted(FORM_FIELDS)}
@@ -115,7 +134,7 @@ def job_new(request):
                 return redirect("frontend:job", id=job.id)
         return render(request, "frontend/job_new.html",
                       _form_context(principal, request.POST, errors=errors), status=400)
-    values = {"preset": DEFAULT_PRESET, "method": "lora",
+    values = {"preset": DEFAULT_PRESET, "method": "lora", "method_type": "supervised",
               "training_file": request.GET.get("file", ""),
               "model": settings.DEFAULT_BASE_MODEL}
     return render(request, "frontend/job_new.html", _form_context(principal, values))
@@ -150,9 +169,11 @@ def jobs(request):
 
 def _progress_context(principal, job: FineTuningJob) -> dict:
     points = selectors.job_metrics_sampled(job=job, at_most=CHART_POINTS)  # bounded per poll
+    series = ["train_loss", "eval_loss"]
+    if job.method_type == "dpo":
+        series += ["reward_margin", "reward_accuracy"]
     chart = {"step": [p.get("step") for p in points],
-             "train_loss": [p.get("train_loss") for p in points],
-             "eval_loss": [p.get("eval_loss") for p in points]}
+             **{name: [p.get(name) for p in points] for name in series}}
     finished = job.status in FineTuningJob.FINISHED
     return {"job": job, "finished": finished, "chart": chart, "poll_seconds": POLL_SECONDS,
             "events": selectors.job_events(job=job).order_by("-created_at", "-id")[:EVENTS_SHOWN],

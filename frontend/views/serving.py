@@ -15,7 +15,11 @@ from tuneplex.core.actors import Principal
 from tuneplex.core.errors import ApiError
 from tuneplex.core.scopes import INFER, TRAIN
 from tuneplex.feedback import selectors as feedback_selectors
-from tuneplex.feedback.services import feedback_export
+from tuneplex.feedback.services import (
+    feedback_export,
+    preference_export,
+    preference_exportable_count,
+)
 from tuneplex.inference.pools import is_loaded
 from tuneplex.inference.services import adapter_deploy, adapter_undeploy
 
@@ -73,7 +77,7 @@ def playground(request):
     return render(request, "frontend/playground.html", {
         "models": models, "left": request.GET.get("model") or (models[0] if models else ""),
         "right": bases[0] if bases else "", "can_infer": INFER in principal.scopes,
-        "max_tokens": settings.INFERENCE_MAX_TOKENS})
+        "max_tokens": settings.INFERENCE_MAX_TOKENS, "can_compare": INFER in principal.scopes})
 
 
 def _feedback_context(principal: Principal, **extra) -> dict:
@@ -81,6 +85,8 @@ def _feedback_context(principal: Principal, **extra) -> dict:
     return {"rows": feedback_selectors.feedback_list(organization=organization)[:200],
             "exportable": feedback_selectors.feedback_exportable(organization=organization).count(),
             "minimum": settings.DATASET_MIN_EXAMPLES, "can_export": TRAIN in principal.scopes,
+            "comparisons": feedback_selectors.comparison_list(organization=organization)[:200],
+            "preference_exportable": preference_exportable_count(organization=organization),
             **extra}
 
 
@@ -89,13 +95,24 @@ def feedback(request):
     return render(request, "frontend/feedback.html", _feedback_context(principal_of(request)))
 
 
+def _export(request, export, error_key: str):
+    principal = principal_of(request, TRAIN)
+    try:
+        file = export(organization=principal.organization, actor=principal)
+    except ApiError as exc:
+        return render(request, "frontend/feedback.html",
+                      _feedback_context(principal, **{error_key: exc.message}), status=exc.status)
+    return redirect("frontend:dataset", id=file.id)
+
+
 @login_required
 @require_POST
 def feedback_export_view(request):
-    principal = principal_of(request, TRAIN)
-    try:
-        file = feedback_export(organization=principal.organization, actor=principal)
-    except ApiError as exc:
-        return render(request, "frontend/feedback.html",
-                      _feedback_context(principal, error=exc.message), status=exc.status)
-    return redirect("frontend:dataset", id=file.id)
+    return _export(request, feedback_export, "error")
+
+
+@login_required
+@require_POST
+def preference_export_view(request):
+    """"Create a preference dataset": the comparisons and 👍/👎 pairs as a DPO file."""
+    return _export(request, preference_export, "preference_error")

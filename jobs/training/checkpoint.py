@@ -43,8 +43,9 @@ class TrainerState:
 
 
 def _save_adapter_files(model, directory: Path) -> None:
-    """peft's safetensors adapter, without the model card peft adds."""
-    model.save_pretrained(directory, safe_serialization=True)
+    """peft's safetensors adapter (the trained one: not a DPO job's frozen reference), without
+    the model card peft adds."""
+    model.save_pretrained(directory, safe_serialization=True, selected_adapters=["default"])
     for extra in directory.iterdir():
         if extra.name not in ADAPTER_FILES:
             extra.unlink() if extra.is_file() else shutil.rmtree(extra)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METHODS = ("lora", "qlora")
+OBJECTIVES = ("supervised", "dpo")  # OpenAI's method types
 SCHEDULERS = ("cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 ALL_LINEAR = "all-linear"
@@ -44,6 +45,15 @@ class TrainingConfig:
         "Fraction of the training file held out for evaluation when no validation file is given "
         "(0 = none; at most 0.5).", 0.0)
     method: str = _doc("lora (weights in bf16/fp32) or qlora (4-bit NF4 base, CUDA only).", "lora")
+    objective: str = _doc(
+        "supervised (next-token loss on the answers) or dpo (preference pairs: the sigmoid DPO "
+        "loss against the reference, the model without this adapter).", "supervised")
+    dpo_beta: float = _doc(
+        "DPO's beta (dpo only): how far the adapter may move from the reference; higher keeps "
+        "it closer (0 < beta <= 100).", 0.1)
+    init_adapter_dir: str | None = _doc(
+        "Continued training: the adapter directory whose weights training starts from (same "
+        "rank, alpha and target modules). With dpo it is also the reference.", None)
     lora_rank: int = _doc("LoRA rank r (1-256).", 16)
     lora_alpha: float = _doc("LoRA alpha; the update is scaled by alpha / r.", 32.0)
     lora_dropout: float = _doc("Dropout on the LoRA input (0 to <1).", 0.05)
@@ -100,6 +110,9 @@ class TrainingConfig:
         _check(self.lr_scheduler in SCHEDULERS, "lr_scheduler",
                f"must be one of {', '.join(SCHEDULERS)}")
         _check(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}")
+        _check(self.objective in OBJECTIVES, "objective",
+               f"must be one of {', '.join(OBJECTIVES)}")
+        _number_range(self, "dpo_beta", 0, 100, low_open=True)
         _int_range(self, "lora_rank", 1, 256)
         _number_range(self, "lora_alpha", 0, 10_000, low_open=True)
         _number_range(self, "lora_dropout", 0, 1, high_open=True)

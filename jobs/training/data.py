@@ -19,37 +19,93 @@ from pathlib import Path
 import torch
 
 from jobs.training.attention import cu_seqlens
-from jobs.training.jsonl import read_examples
+from jobs.training.jsonl import PREFERENCE, Example, read_examples
 from jobs.training.tokenize import TokenizedExample, tokenize_example
 
 IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
+class PreferencePair:
+    """One DPO pair as the trainer schedules it: a unit of two sequences, the templated prompt
+    followed by the chosen answer and by the rejected one (loss only on the answers)."""
+
+    chosen: TokenizedExample
+    rejected: TokenizedExample
+
+    @property
+    def input_ids(self) -> list[int]:
+        """Both sequences' tokens: what the pair costs in a packed row (the scheduler, the memory
+        plan and the forward-pass splitter measure its length)."""
+        return self.chosen.input_ids + self.rejected.input_ids
+
+    @property
+    def loss_mask(self) -> list[int]:
+        return self.chosen.loss_mask + self.rejected.loss_mask
+
+    def sequences(self) -> tuple[TokenizedExample, TokenizedExample]:
+        return self.chosen, self.rejected
+
+
+@dataclass(frozen=True)
 class LoadedData:
-    train: list[TokenizedExample]
-    validation: list[TokenizedExample]
+    train: list[TokenizedExample | PreferencePair]
+    validation: list[TokenizedExample | PreferencePair]
     truncated: int
     dropped_without_targets: int
 
 
+def _fit(tokens: TokenizedExample, *, max_seq_len: int, assistant_only_loss: bool
+         ) -> tuple[TokenizedExample | None, bool]:
+    """The example cut to ``max_seq_len`` (and whether it was), or None when nothing is left to
+    learn after the cut."""
+    ids, mask = tokens.input_ids, tokens.loss_mask
+    if not assistant_only_loss:
+        mask = [1] * len(ids)
+    cut = len(ids) > max_seq_len
+    if cut:
+        ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+    if sum(mask[1:]) == 0:
+        return None, cut
+    return TokenizedExample(input_ids=ids, loss_mask=mask), cut
+
+
+def _tokenized(tokenizer, example: Example, *, max_seq_len: int, assistant_only_loss: bool
+               ) -> tuple[TokenizedExample | PreferencePair | None, bool]:
+    """One training unit: a supervised example, or a preference pair (scored only on its two
+    answers, each cut after the prompt like a supervised example)."""
+    if example.kind != PREFERENCE:
+        return _fit(tokenize_example(tokenizer, example), max_seq_len=max_seq_len,
+                    assistant_only_loss=assistant_only_loss)
+    sides = [_fit(tokenize_example(tokenizer, example.with_answer(answer)),
+                  max_seq_len=max_seq_len, assistant_only_loss=True)
+             for answer in (example.chosen, example.rejected)]
+    cut = any(c for _, c in sides)
+    if sides[0][0] is None or sides[1][0] is None:
+        return None, cut
+    return PreferencePair(chosen=sides[0][0], rejected=sides[1][0]), cut
+
+
 def load_examples(path: Path, tokenizer, *, max_seq_len: int, assistant_only_loss: bool
-                  ) -> tuple[list[TokenizedExample], int, int]:
+                  ) -> tuple[list[TokenizedExample | PreferencePair], int, int]:
     examples, truncated, dropped = [], 0, 0
     with path.open("rb") as stream:
         for _, example in read_examples(stream):
-            tokens = tokenize_example(tokenizer, example)
-            ids, mask = tokens.input_ids, tokens.loss_mask
-            if not assistant_only_loss:
-                mask = [1] * len(ids)
-            if len(ids) > max_seq_len:
-                ids, mask = ids[:max_seq_len], mask[:max_seq_len]
-                truncated += 1
-            if sum(mask[1:]) == 0:  # nothing left to learn after truncation
+            item, cut = _tokenized(tokenizer, example, max_seq_len=max_seq_len,
+                                   assistant_only_loss=assistant_only_loss)
+            truncated += cut
+            if item is None:  # nothing left to learn after truncation
                 dropped += 1
                 continue
-            examples.append(TokenizedExample(input_ids=ids, loss_mask=mask))
+            examples.append(item)
     return examples, truncated, dropped
+
+
+def sequences_of(items) -> list[TokenizedExample]:
+    """The sequences a forward pass computes for these units: a pair is its chosen then its
+    rejected sequence (the DPO objective reads them back in that order)."""
+    return [sequence for item in items
+            for sequence in (item.sequences() if isinstance(item, PreferencePair) else (item,))]
 
 
 def load_data(*, train_file: str, validation_file: str | None, validation_split: float,

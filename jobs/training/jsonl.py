@@ -11,6 +11,10 @@ chat                      ``{"messages": [{"role", "content", "weight"?}, ...]}`
 alpaca                    ``{"instruction", "input"?, "output", "system"?}``
 prompt_completion         ``{"prompt", "completion"}``
 text                      ``{"text"}``
+preference                OpenAI's DPO format: ``{"input": {"messages": [...]},
+                          "preferred_output": [{"role": "assistant", "content"}],
+                          "non_preferred_output": [{"role": "assistant", "content"}]}``; the
+                          input ends with a user message, each output is one assistant message.
 ========================  =====================================================================
 
 Internal representation (:class:`Example`), what the trainer tokenizes:
@@ -22,6 +26,15 @@ Internal representation (:class:`Example`), what the trainer tokenizes:
 * prompt_completion → ``raw`` segments: the prompt (no loss) then the completion (loss); no chat
   template is applied.
 * text → ``raw``: one segment with loss on every token.
+* preference → ``preference``: the input messages (no loss) and the two answers, ``chosen`` and
+  ``rejected``; the DPO trainer scores each answer after the templated input.
+
+Preference pairs have codes of their own (every one at its line): ``preference_missing_input``,
+``preference_input_must_end_with_user``, ``preference_missing_output`` (a side absent or empty),
+``preference_output_role`` (an output that is not exactly one assistant message),
+``missing_content`` (an empty answer), ``preference_identical_outputs``. A pair too long after
+the chat template (``preference_too_long``) needs the model's tokenizer: the file's statistics
+report it, with its line (:mod:`jobs.training.dataset_stats`).
 """
 
 from __future__ import annotations
@@ -34,6 +47,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 CHAT, ALPACA, PROMPT_COMPLETION, TEXT = "chat", "alpaca", "prompt_completion", "text"
+PREFERENCE = "preference"
+PREFERENCE_SIDES = ("preferred_output", "non_preferred_output")
 ROLES = frozenset({"system", "user", "assistant"})
 MESSAGE_KEYS = frozenset({"role", "content", "weight", "name"})
 MIN_EXAMPLES = 10
@@ -110,9 +125,16 @@ def _check_chat(record: dict) -> None:
                         "messages")
     if not messages:
         raise LineError("missing_messages_list", "'messages' is an empty list.", "messages")
+    if not _check_messages(messages, "messages"):
+        raise LineError("example_missing_assistant_message",
+                        "The example has no assistant message to learn from.", "messages")
+
+
+def _check_messages(messages: list, path: str) -> bool:
+    """Each message's keys, role and content; returns whether there is an assistant message."""
     has_assistant = False
     for index, message in enumerate(messages):
-        where = f"messages[{index}]"
+        where = f"{path}[{index}]"
         if not isinstance(message, dict):
             raise LineError("data_type", f"{where} must be an object, not {_type_name(message)}.",
                             where)
@@ -144,9 +166,44 @@ def _check_chat(record: dict) -> None:
             raise LineError("data_type", f"{where}.weight must be 0 or 1.", f"{where}.weight")
         if role == "assistant":
             has_assistant = True
-    if not has_assistant:
-        raise LineError("example_missing_assistant_message",
-                        "The example has no assistant message to learn from.", "messages")
+    return has_assistant
+
+
+def _check_preference(record: dict) -> None:
+    """OpenAI's DPO pair: a prompt (input.messages, ending with the user's turn) and two
+    different one-message assistant answers."""
+    prompt = record.get("input")
+    messages = prompt.get("messages") if isinstance(prompt, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise LineError("preference_missing_input",
+                        "A preference pair needs 'input': {'messages': [...]} with at least one "
+                        "message.", "input.messages")
+    _check_messages(messages, "input.messages")
+    if messages[-1]["role"] != "user":
+        raise LineError("preference_input_must_end_with_user",
+                        f"input.messages must end with a user message (the last is "
+                        f"{messages[-1]['role']!r}); the outputs answer it.",
+                        f"input.messages[{len(messages) - 1}].role")
+    answers = []
+    for side in PREFERENCE_SIDES:
+        output = record.get(side)
+        if output is None or output == []:
+            raise LineError("preference_missing_output",
+                            f"The pair has no '{side}' (a list with one assistant message).", side)
+        if not isinstance(output, list) or len(output) != 1 or not isinstance(output[0], dict):
+            raise LineError("preference_output_role",
+                            f"'{side}' must be a list of exactly one assistant message.", side)
+        message = output[0]
+        if message.get("role") != "assistant":
+            raise LineError("preference_output_role",
+                            f"{side}[0].role is {message.get('role')!r}; an output is the "
+                            "assistant's answer.", f"{side}[0].role")
+        _check_messages(output, side)
+        answers.append(message["content"])
+    if answers[0].strip() == answers[1].strip():
+        raise LineError("preference_identical_outputs",
+                        "preferred_output and non_preferred_output are the same answer; a pair "
+                        "teaches nothing unless they differ.", "non_preferred_output[0].content")
 
 
 def _check_alpaca(record: dict) -> None:
@@ -167,6 +224,8 @@ def _check_text(record: dict) -> None:
 
 
 def detect_format(record: dict) -> str:
+    if any(side in record for side in PREFERENCE_SIDES):
+        return PREFERENCE
     if "messages" in record:
         return CHAT
     if "instruction" in record or "output" in record:
@@ -184,14 +243,17 @@ def detect_format(record: dict) -> str:
         return PROMPT_COMPLETION
     if "text" in record:
         return TEXT
+    if isinstance(record.get("input"), dict):  # alpaca's "input" is a string, checked above
+        return PREFERENCE
     keys = ", ".join(sorted(record)[:5]) or "none"
     raise LineError("missing_messages_list",
                     "No known format: expected 'messages' (chat), 'instruction'+'output' "
-                    f"(alpaca), 'prompt'+'completion', or 'text'; found keys: {keys}.")
+                    "(alpaca), 'prompt'+'completion', 'text', or 'input'+'preferred_output'+"
+                    f"'non_preferred_output' (preference); found keys: {keys}.")
 
 
 _CHECKS = {CHAT: _check_chat, ALPACA: _check_alpaca, PROMPT_COMPLETION: _check_prompt_completion,
-           TEXT: _check_text}
+           TEXT: _check_text, PREFERENCE: _check_preference}
 
 
 def check_record(record: dict, file_format: str) -> None:
@@ -365,14 +427,31 @@ class Segment:
 
 @dataclass(frozen=True)
 class Example:
-    """``chat``: messages (role, content, weight) for the chat template; ``raw``: segments."""
+    """``chat``: messages (role, content, weight) for the chat template; ``raw``: segments;
+    ``preference``: the prompt's messages and the chosen and rejected assistant answers."""
 
     kind: str
     messages: tuple[dict, ...] = ()
     segments: tuple[Segment, ...] = ()
+    chosen: dict | None = None
+    rejected: dict | None = None
+
+    def with_answer(self, answer: dict) -> Example:
+        """A preference example's prompt followed by one of its answers, as a chat example
+        that trains only on that answer."""
+        return Example(kind="chat", messages=(*self.messages, answer))
+
+
+def _answer(record: dict, side: str) -> dict:
+    return {"role": "assistant", "content": record[side][0]["content"], "weight": 1}
 
 
 def to_example(record: dict, file_format: str) -> Example:
+    if file_format == PREFERENCE:
+        prompt = tuple({"role": m["role"], "content": m["content"], "weight": 0}
+                       for m in record["input"]["messages"])
+        return Example(kind=PREFERENCE, messages=prompt, chosen=_answer(record, PREFERENCE_SIDES[0]),
+                       rejected=_answer(record, PREFERENCE_SIDES[1]))
     if file_format == CHAT:
         messages = tuple(
             {"role": m["role"], "content": m["content"],

@@ -46,41 +46,48 @@ def liger_version() -> str | None:
 # --- output head + cross-entropy -----------------------------------------------------------------
 
 
-def linear_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token losses, correct argmax predictions) of ``head(hidden)`` against ``labels``.
+def linear_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                         reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses, correct argmax predictions) of ``head(hidden)`` against ``labels``;
+    with ``reduction="none"`` each token's loss instead of the sum (DPO sums them per sequence).
 
     ``hidden`` (tokens, width) holds only the target positions. A plain bias-free ``nn.Linear``
     head (the usual, frozen) goes through a fused path that never materialises all the logits;
-    anything else (an adapted head, a biased one) through the plain logits.
+    anything else (an adapted head, a biased one, per-token losses of a trained head) through the
+    plain logits.
     """
     weight = getattr(head, "weight", None)
+    per_token = reduction == "none"
     if (type(head) is not torch.nn.Linear or head.bias is not None or weight is None
-            or not weight.is_floating_point()):
+            or not weight.is_floating_point() or (per_token and weight.requires_grad)):
         logits = head(hidden).float()
-        return (F.cross_entropy(logits, labels, reduction="sum"),
+        return (F.cross_entropy(logits, labels, reduction=reduction),
                 (logits.detach().argmax(-1) == labels).sum())
     hidden = hidden.to(weight.dtype)  # what autocast does for the head's matmul
     if hidden.shape[0] == 0:
-        zero = hidden.sum() * 0.0
+        zero = hidden.sum(-1) * 0.0 if per_token else hidden.sum() * 0.0
         return zero.float(), torch.zeros((), dtype=torch.long, device=hidden.device)
-    return chunked_linear_cross_entropy(hidden, weight, labels)
+    return chunked_linear_cross_entropy(hidden, weight, labels, per_token=per_token)
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
-                                 labels: torch.Tensor, chunk_rows: int | None = None
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch fused head + loss: (loss sum, correct) with at most one chunk of logits alive."""
+                                 labels: torch.Tensor, chunk_rows: int | None = None, *,
+                                 per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch fused head + loss: (loss sum, or each token's loss with ``per_token``; correct)
+    with at most one chunk of logits alive. Per token, the head's weight gets no gradient (the
+    gradient of a row depends on the weight the backward pass brings for its loss)."""
     rows = chunk_rows or max(1, CHUNK_LOGIT_BYTES // (4 * weight.shape[0]))
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, rows)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, rows, per_token)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_rows):
+    def forward(ctx, hidden, weight, labels, chunk_rows, per_token=False):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if per_token and want_weight:
+            raise ValueError("per-token losses of a trained head need the plain logits path")
         exact = torch.promote_types(hidden.dtype, torch.float32)  # fp32 logits, fp64 in tests
-        loss = torch.zeros((), dtype=exact, device=hidden.device)
+        loss = torch.zeros(hidden.shape[0] if per_token else (), dtype=exact, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=exact) if want_weight else None
@@ -89,7 +96,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             target = labels[start:start + chunk_rows]
             logits = (rows @ weight.t()).to(exact)
             lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            token_loss = lse - logits.gather(1, target[:, None]).squeeze(1)
+            if per_token:
+                loss[start:start + chunk_rows] = token_loss
+            else:
+                loss += token_loss.sum()
             correct += (logits.argmax(-1) == target).sum()
             if not (want_hidden or want_weight):
                 continue
@@ -103,6 +114,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_weight += (grad_logits.t() @ rows).to(exact)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
+        ctx.per_token = per_token
         ctx.mark_non_differentiable(correct)
         return loss, correct
 
@@ -110,10 +122,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_correct):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+            scale = grad_loss.to(grad_hidden.dtype)
+            grad_hidden = grad_hidden * (scale[:, None] if ctx.per_token else scale)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 # --- fused elementwise kernels -------------------------------------------------------------------

@@ -47,11 +47,13 @@ from jobs.training.config import ALL_LINEAR, TrainingConfig, resolve_auto
 from jobs.training.data import (
     IGNORE_INDEX,
     Batch,
+    PreferencePair,
     collate,
     epoch_order,
     forward_passes,
     load_data,
     micro_batches,
+    sequences_of,
 )
 from jobs.training.jsonl import read_examples
 from jobs.training.kernels import (
@@ -68,6 +70,7 @@ from jobs.training.memory import (
     split_choices,
 )
 from jobs.training.offload import embedding_to_host
+from jobs.training.preference import REFERENCE_ADAPTER, TRAINED_ADAPTER, DpoObjective
 
 KEEP_CHECKPOINTS = 3
 AUTOCAST_DTYPE = "_tuneplex_autocast_dtype"  # set on the model by load_model; read by forward_loss
@@ -190,6 +193,9 @@ def load_model(config: TrainingConfig, device: torch.device, attention: str = "s
         target_modules=ALL_LINEAR if config.target_modules == ALL_LINEAR else list(config.target_modules),
         bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    if config.init_adapter_dir:
+        _start_from_adapter(model, Path(config.init_adapter_dir),
+                            reference=config.objective == "dpo")
     if kwargs["dtype"] == torch.bfloat16:
         _compute_adapters_in_bf16(model)
     if fused_kernels:
@@ -199,6 +205,32 @@ def load_model(config: TrainingConfig, device: torch.device, attention: str = "s
     if config.gradient_checkpointing:
         apply_checkpoint_plan(model, len(_decoder_layers(model)))
     return model
+
+
+def _start_from_adapter(model, directory: Path, *, reference: bool) -> None:
+    """Continued training: the new adapter starts from ``directory``'s weights, which must fit it
+    exactly (same rank and target modules). With ``reference`` (DPO) the same weights are also
+    loaded, frozen, as the reference adapter: DPO then measures against the adapter training
+    continues from, not against the bare base model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(directory / "adapter_model.safetensors")
+    try:
+        result = set_peft_model_state_dict(model, weights, adapter_name=TRAINED_ADAPTER)
+    except RuntimeError as exc:  # tensors of another shape: another rank
+        problem = str(exc).splitlines()[-1].strip()[:200]
+    else:
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k
+                   and f".{TRAINED_ADAPTER}." in k]
+        unexpected = list(getattr(result, "unexpected_keys", []))
+        problem = f"missing {missing[:2]}, unexpected {unexpected[:2]}" if missing or unexpected else ""
+    if problem:
+        raise ValueError(f"the adapter in {directory.name} does not fit this job's LoRA settings "
+                         f"({problem}): continued training needs the same rank and target modules")
+    if reference:
+        model.load_adapter(str(directory), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        model.set_adapter(TRAINED_ADAPTER)  # the reference is frozen; the default trains
 
 
 def _decoder_layers(model) -> list[torch.nn.Module]:
@@ -329,8 +361,8 @@ def _attention(packing: bool, device: torch.device, bf16: bool) -> str:
     return "sdpa"
 
 
-def forward_loss(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token losses, correct predictions) over the positions that carry loss.
+def token_losses(model, batch: Batch, reduction: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """(each target position's loss, or their sum with ``reduction="sum"``; correct predictions).
 
     The transformer runs on every token; the output head only on target positions, fused with
     the loss (:func:`jobs.training.kernels.linear_cross_entropy`).
@@ -347,28 +379,71 @@ def forward_loss(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
                             **extra).last_hidden_state
         targets = batch.labels != IGNORE_INDEX
         return linear_cross_entropy(base.get_output_embeddings(), hidden[targets],
-                                    batch.labels[targets])
+                                    batch.labels[targets], reduction=reduction)
+
+
+def forward_loss(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses, correct predictions) over the positions that carry loss."""
+    return token_losses(model, batch, reduction="sum")
+
+
+class SupervisedObjective:
+    """Next-token loss on the target tokens; a unit is a target token."""
+
+    TALLIES = ("loss", "correct")
+
+    def units(self, batch: Batch) -> int:
+        return batch.target_tokens
+
+    def forward(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        loss_sum, correct = forward_loss(model, batch)
+        return loss_sum, {"loss": loss_sum.item(), "correct": int(correct)}
+
+    def summary(self, totals: dict[str, float], units: int) -> dict[str, Any]:
+        n = max(1, units)
+        return {"loss": round(totals["loss"] / n, 6), "token_accuracy": round(totals["correct"] / n, 4)}
+
+
+def objective_for(config: TrainingConfig) -> SupervisedObjective | DpoObjective:
+    if config.objective == "dpo":
+        return DpoObjective(config.dpo_beta, token_losses)
+    return SupervisedObjective()
+
+
+def _add(totals: dict[str, float], tallies: dict[str, float]) -> None:
+    for key, value in tallies.items():
+        totals[key] = totals.get(key, 0) + value
+
+
+def _sum_tallies(totals: dict[str, float], count: int, world: distributed.World,
+                 device: torch.device) -> tuple[dict[str, float], int]:
+    """An objective's tallies and a count, summed over the ranks (the same keys on every rank,
+    a rank without examples this step included)."""
+    names = sorted(totals)
+    summed = distributed.sum_across([totals[name] for name in names] + [count], world, device)
+    return dict(zip(names, summed[:-1], strict=True)), int(summed[-1])
 
 
 @torch.no_grad()
 def evaluate(model, examples, *, batch_size: int, packing: bool, pad_id: int,
-             device: torch.device, world: distributed.World = distributed.World()
-             ) -> dict[str, float]:
-    """Loss and token accuracy over ``examples`` (each rank evaluates every world.size-th one)."""
+             device: torch.device, objective: SupervisedObjective | DpoObjective | None = None,
+             world: distributed.World = distributed.World()) -> dict[str, float]:
+    """eval_loss and eval_token_accuracy (supervised) or eval_reward_accuracy, eval_reward_margin,
+    ... (dpo) over ``examples`` (each rank evaluates every world.size-th one)."""
+    objective = objective or SupervisedObjective()
     model.eval()
     examples = examples[world.rank::world.size]
-    total_loss, total_correct, total_targets = 0.0, 0, 0
+    totals: dict[str, float] = dict.fromkeys(objective.TALLIES, 0.0)
+    units = 0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], packing=packing, pad_id=pad_id).to(device)
-        loss_sum, correct = forward_loss(model, batch)
-        total_loss += loss_sum.item()
-        total_correct += int(correct)
-        total_targets += batch.target_tokens
+        batch = collate(sequences_of(examples[start:start + batch_size]), packing=packing,
+                        pad_id=pad_id).to(device)
+        _, tallies = objective.forward(model, batch)
+        _add(totals, tallies)
+        units += objective.units(batch)
     model.train()
-    total_loss, total_correct, total_targets = distributed.sum_across(
-        [total_loss, total_correct, total_targets], world, device)
-    return {"eval_loss": total_loss / max(1, total_targets),
-            "eval_token_accuracy": total_correct / max(1, total_targets)}
+    totals, units = _sum_tallies(totals, units, world, device)
+    return {f"eval_{name}": value for name, value in objective.summary(totals, units).items()}
 
 
 def _train_once(config: TrainingConfig, report: Reporter,
@@ -389,6 +464,10 @@ def _train_once(config: TrainingConfig, report: Reporter,
                      seed=config.seed)
     if not data.train:
         raise ValueError("no training examples with target tokens")
+    pairs = isinstance(data.train[0], PreferencePair)
+    if pairs != (config.objective == "dpo"):
+        raise ValueError(f"a {config.objective} job needs "
+                         f"{'preference pairs' if config.objective == 'dpo' else 'examples, not preference pairs'}")
     if data.truncated or data.dropped_without_targets:
         report.event(f"{data.truncated} example(s) truncated to {config.max_seq_len} tokens; "
                      f"{data.dropped_without_targets} dropped with nothing left to learn.",
@@ -419,7 +498,8 @@ def _train_once(config: TrainingConfig, report: Reporter,
                      data={"resumed_from_step": state.step})
     n_trainable = sum(p.numel() for p in trainable)
     report.event(
-        f"Training {config.method} r={config.lora_rank} on {len(data.train)} examples "
+        f"Training {config.method} r={config.lora_rank} ({config.objective}) on {len(data.train)} "
+        f"{'pairs' if pairs else 'examples'} "
         f"({len(data.validation)} for evaluation): {config.epochs} epoch(s), {total_steps} steps, "
         f"micro-batch {config.batch_size} x accumulation {config.gradient_accumulation_steps}, "
         f"lr {config.learning_rate:g}, {n_trainable:,} trainable parameters on {device.type}"
@@ -464,7 +544,7 @@ def _train_once(config: TrainingConfig, report: Reporter,
             if data.validation and (state.step % eval_every == 0 or state.step == total_steps):
                 metrics.update(evaluate(model, data.validation, batch_size=config.batch_size,
                                         packing=config.packing, pad_id=pad_id, device=device,
-                                        world=world))
+                                        objective=objective_for(config), world=world))
                 stopped_early = _early_stop(config, state, metrics["eval_loss"])
             state.last_metrics = metrics
             report.metrics(metrics)
@@ -503,24 +583,28 @@ def _optimizer_step(model, optimizer, scheduler, trainable, group, examples, *, 
     passes = [part for micro in group for part in (
         forward_passes(micro, examples, max_tokens=max_forward_tokens, packing=config.packing)
         if max_forward_tokens else [micro])]
-    batches = [collate([examples[i] for i in part], packing=config.packing, pad_id=pad_id)
-               for part in passes]
-    # The loss is normalised over the whole step's target tokens, on every rank.
-    targets = int(distributed.sum_across([sum(b.target_tokens for b in batches)], world, device)[0])
-    loss_total, correct_total, tokens = 0.0, 0, 0
+    batches = [collate(sequences_of(examples[i] for i in part), packing=config.packing,
+                       pad_id=pad_id) for part in passes]
+    objective = objective_for(config)
+    # The loss is the mean over the whole step's units (target tokens; pairs for DPO), on every
+    # rank: accumulation, splitting into passes and data parallelism do not change what is
+    # optimised.
+    units, targets = (int(n) for n in distributed.sum_across(
+        [sum(objective.units(b) for b in batches), sum(b.target_tokens for b in batches)],
+        world, device))
+    totals: dict[str, float] = dict.fromkeys(objective.TALLIES, 0.0)
+    tokens = 0
     for batch in batches:
         if plan is not None:
             apply_checkpoint_plan(model, plan.layers_for(batch.input_ids.numel()))
-        loss_sum, correct = forward_loss(model, batch.to(device))
-        (loss_sum / targets).backward()
-        loss_total += loss_sum.item()
-        correct_total += int(correct)
+        loss_sum, tallies = objective.forward(model, batch.to(device))
+        (loss_sum / units).backward()
+        _add(totals, tallies)
         tokens += batch.tokens
         if not world.distributed and report.should_stop():  # ranks stop together, between steps
             raise Cancelled()
     distributed.sum_gradients(trainable, world)
-    loss_total, correct_total, tokens = distributed.sum_across(
-        [loss_total, correct_total, tokens], world, device)
+    totals, tokens = _sum_tallies(totals, tokens, world, device)
     if config.max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
     else:
@@ -529,8 +613,9 @@ def _optimizer_step(model, optimizer, scheduler, trainable, group, examples, *, 
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"train_loss": round(loss_total / targets, 6), "token_accuracy": round(correct_total / targets, 4),
-            "grad_norm": round(float(grad_norm), 4), "tokens": int(tokens), "target_tokens": targets}
+    summary = objective.summary(totals, units)
+    return {"train_loss": summary.pop("loss"), **summary,
+            "grad_norm": round(float(grad_norm), 4), "tokens": tokens, "target_tokens": targets}
 
 
 def _early_stop(config: TrainingConfig, state: ckpt.TrainerState, eval_loss: float) -> bool:

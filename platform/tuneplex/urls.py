@@ -85,6 +85,8 @@ api_v1 = [
     path("models/<str:model>", gateway.model_detail, name="model-detail"),
     path("feedback", feedback.FeedbackListApi.as_view()),
     path("feedback/export", feedback.FeedbackExportApi.as_view()),
+    path("feedback/comparisons", feedback.ComparisonListApi.as_view()),
+    path("feedback/preference_export", feedback.PreferenceExportApi.as_view()),
     path("base_models", basemodels.BaseModelListApi.as_view()),
     path("base_models/<oid:name>", basemodels.BaseModelDetailApi.as_view()),
 ]

@@ -50,7 +50,7 @@ def test_a_valid_job_is_created_in_openai_shape(org_a, default_model, pirate_fil
     ({"model": "gpt-7"}, 400, "model_not_available", "model"),
     ({"training_file": "file-doesnotexist"}, 400, "file_not_found", "training_file"),
     ({"suffix": "Not OK!"}, 400, "invalid_suffix", "suffix"),
-    ({"method": {"type": "dpo"}}, 400, "unsupported_method", "method"),
+    ({"method": {"type": "reinforcement"}}, 400, "unsupported_method", "method"),
     ({"seed": -5}, 400, "min_value", "seed"),
     ({"hyperparameters": "fast"}, 400, "not_a_dict", "hyperparameters"),
 ])

@@ -24,16 +24,11 @@
     });
   }
 
-  function losses() {
-    const canvas = document.getElementById("loss-chart");
-    const metrics = data("job-metrics");
-    if (!canvas || !metrics) return;
+  // A line chart of metric series by step, updated in place when a poll brings new points.
+  function stepChart(canvas, metrics, series, scales) {
     const points = (key) => metrics.step.map((step, i) => ({ x: step, y: metrics[key][i] }))
       .filter((p) => p.y !== null && p.y !== undefined);
-    const datasets = [
-      { label: "training loss", data: points("train_loss"), borderColor: "#3856d8", pointRadius: 2 },
-      { label: "evaluation loss", data: points("eval_loss"), borderColor: "#d8643a", pointRadius: 3 },
-    ];
+    const datasets = series.map((s) => Object.assign({ pointRadius: 2 }, s, { data: points(s.key) }));
     const chart = Chart.getChart(canvas);
     if (chart) {
       chart.data.datasets.forEach((d, i) => { d.data = datasets[i].data; });
@@ -44,15 +39,40 @@
       type: "line",
       data: { datasets: datasets },
       options: { animation: false, responsive: true, maintainAspectRatio: false, parsing: false,
-                 scales: { x: { type: "linear", title: { display: true, text: "step" } },
-                           y: { title: { display: true, text: "loss" } } } },
+                 scales: Object.assign({ x: { type: "linear", title: { display: true, text: "step" } } },
+                                       scales) },
     });
+  }
+
+  function losses() {
+    const canvas = document.getElementById("loss-chart");
+    const metrics = data("job-metrics");
+    if (!canvas || !metrics) return;
+    stepChart(canvas, metrics, [
+      { key: "train_loss", label: "training loss", borderColor: "#3856d8" },
+      { key: "eval_loss", label: "evaluation loss", borderColor: "#d8643a", pointRadius: 3 },
+    ], { y: { title: { display: true, text: "loss" } } });
+  }
+
+  // DPO jobs: the reward margin (chosen minus rejected reward) and the share of pairs whose
+  // chosen answer the adapter rewards more, per step, on two axes.
+  function rewards() {
+    const canvas = document.getElementById("reward-chart");
+    const metrics = data("job-metrics");
+    if (!canvas || !metrics || !metrics.reward_margin) return;
+    stepChart(canvas, metrics, [
+      { key: "reward_margin", label: "reward margin", borderColor: "#3856d8", yAxisID: "margin" },
+      { key: "reward_accuracy", label: "reward accuracy", borderColor: "#2e9d5b",
+        yAxisID: "accuracy" },
+    ], { margin: { position: "left", title: { display: true, text: "margin" } },
+         accuracy: { position: "right", min: 0, max: 1, title: { display: true, text: "accuracy" } } });
   }
 
   function draw() {
     if (typeof Chart === "undefined") return;
     histogram();
     losses();
+    rewards();
   }
   document.addEventListener("DOMContentLoaded", draw);
   document.addEventListener("htmx:afterSettle", draw);

@@ -36,6 +36,11 @@ class AdapterOutput(ApiObjectOutput):
     deploy_error = serializers.CharField(help_text="Why the last deploy failed; empty otherwise.")
     loaded = serializers.SerializerMethodField(
         help_text="Loaded on an engine replica right now (deployed adapters load on first use).")
+    parent = serializers.CharField(source="parent.name", allow_null=True, default=None,
+                                   help_text="The adapter its job continued training from.")
+    lineage = serializers.JSONField(help_text="Its job's lineage: the model it continued from "
+                                    "(adapter, checkpoint) and the datasets of every generation; "
+                                    "empty for an adapter trained from the base model.")
 
     def get_loaded(self, adapter) -> bool:
         return adapter.deployed and is_loaded(adapter)

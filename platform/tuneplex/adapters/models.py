@@ -31,6 +31,11 @@ class Adapter(models.Model):
     sha256 = models.CharField(max_length=64)
     bytes = models.BigIntegerField()
     rank = models.PositiveIntegerField()
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL,
+                               related_name="children",
+                               help_text="The adapter its job continued training from.")
+    lineage = models.JSONField(default=dict, blank=True,
+                               help_text="Its job's lineage (parent adapter, checkpoint, datasets).")
     merge_status = models.CharField(max_length=16, choices=MergeStatus.choices,
                                     default=MergeStatus.NONE)
     merge_error = models.TextField(blank=True, default="")

@@ -30,7 +30,8 @@ def adapter_prepare(*, job, adapter_dir: Path, sha256: str) -> Adapter:
     adapter = Adapter(organization=job.organization, job=job, base_model=job.base_model,
                       name=adapter_name(base_model=job.base_model.name, org_slug=job.organization.slug,
                                         suffix=job.suffix, job_id=job.id),
-                      sha256=sha256, rank=int(config["r"]), bytes=0)
+                      sha256=sha256, rank=int(config["r"]), bytes=0,
+                      parent_id=job.parent_adapter_id, lineage=job.lineage or {})
     adapter.blob_prefix = f"orgs/{job.organization_id}/adapters/{adapter.id}"
     adapter.bytes = upload_directory(adapter_dir, adapter.blob_prefix, ADAPTER_ARTIFACT_FILES)
     return adapter

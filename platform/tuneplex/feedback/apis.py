@@ -56,3 +56,54 @@ class FeedbackExportApi(OrgApi):
     def post(self, request):
         file = services.feedback_export(organization=self.organization, actor=self.principal)
         return Response(FileOutput(file).data)
+
+
+class ComparisonOutput(ApiObjectOutput):
+    object_name = "feedback.comparison"
+    id = serializers.CharField()
+    messages = serializers.JSONField(help_text="The prompt, ending with the user's message.")
+    preferred = serializers.SerializerMethodField(help_text="The better answer: model, content.")
+    non_preferred = serializers.SerializerMethodField(help_text="The other answer.")
+    exported_to = serializers.CharField(allow_null=True, source="exported_to_or_none",
+                                        help_text="The preference dataset it went into, if any.")
+
+    def get_preferred(self, obj) -> dict:
+        return {"model": obj.preferred_model, "content": obj.preferred}
+
+    def get_non_preferred(self, obj) -> dict:
+        return {"model": obj.non_preferred_model, "content": obj.non_preferred}
+
+
+class ComparisonListApi(OrgApi):
+    scopes = {"GET": READ, "POST": INFER}
+
+    @extend_schema_serializer(component_name="ComparisonCreateInput")
+    class Input(serializers.Serializer):
+        messages = serializers.JSONField(help_text="The prompt: chat messages (role, content) "
+                                                   "ending with the user's.")
+        preferred = serializers.JSONField(help_text="{model, content}: the better answer.")
+        non_preferred = serializers.JSONField(help_text="{model, content}: the other answer.")
+
+    @extend_schema(responses=ComparisonOutput(many=True), summary="List compared answer pairs")
+    def get(self, request):
+        return Response(list_page(selectors.comparison_list(organization=self.organization),
+                                  request.query_params, serializer_class=ComparisonOutput))
+
+    @extend_schema(request=Input, responses=ComparisonOutput,
+                   summary="Mark the better of two answers to one prompt")
+    def post(self, request):
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        comparison = services.comparison_record(organization=self.organization,
+                                                actor=self.principal, **data.validated_data)
+        return Response(ComparisonOutput(comparison).data)
+
+
+class PreferenceExportApi(OrgApi):
+    scopes = {"POST": TRAIN}
+
+    @extend_schema(request=None, responses=FileOutput,
+                   summary="Write the new comparisons and 👍/👎 pairs into a preference (DPO) dataset")
+    def post(self, request):
+        file = services.preference_export(organization=self.organization, actor=self.principal)
+        return Response(FileOutput(file).data)

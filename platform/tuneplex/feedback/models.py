@@ -8,6 +8,10 @@ def _feedback_id() -> str:
     return new_id("fb-")
 
 
+def _comparison_id() -> str:
+    return new_id("cmp-")
+
+
 class Feedback(models.Model):
     """A rated exchange from the playground: the conversation up to the answer that was rated.
 
@@ -28,6 +32,37 @@ class Feedback(models.Model):
     rating = models.SmallIntegerField(choices=Rating.choices)
     exported_to = models.CharField(max_length=64, blank=True, default="",
                                    help_text="The file id of the dataset it was exported into.")
+    preference_exported_to = models.CharField(
+        max_length=64, blank=True, default="",
+        help_text="The preference dataset it went into, paired with an answer of the other "
+                  "rating to the same prompt.")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                   on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["organization", "-created_at"])]
+
+    @property
+    def exported_to_or_none(self) -> str | None:
+        return self.exported_to or None
+
+
+class Comparison(models.Model):
+    """Two answers to the same prompt, one marked better (the side-by-side playground): a
+    preference pair for DPO (:func:`tuneplex.feedback.services.preference_export`)."""
+
+    id = models.CharField(primary_key=True, max_length=id_field_length("cmp-"),
+                          default=_comparison_id, editable=False)
+    organization = models.ForeignKey("tenancy.Organization", on_delete=models.CASCADE,
+                                     related_name="comparisons")
+    messages = models.JSONField(help_text="The prompt: chat messages ending with the user's.")
+    preferred_model = models.CharField(max_length=300)
+    preferred = models.TextField(help_text="The better answer.")
+    non_preferred_model = models.CharField(max_length=300)
+    non_preferred = models.TextField(help_text="The worse answer.")
+    exported_to = models.CharField(max_length=64, blank=True, default="",
+                                   help_text="The preference dataset it was exported into.")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
                                    on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)

@@ -28,7 +28,8 @@ class FileOutput(ApiObjectOutput):
     purpose = serializers.CharField()
     status = serializers.CharField()
     status_details = serializers.SerializerMethodField()
-    format = serializers.CharField(help_text="chat, alpaca, prompt_completion or text")
+    format = serializers.CharField(help_text="chat, alpaca, prompt_completion, text or "
+                                   "preference (DPO pairs)")
     sha256 = serializers.CharField()
     validation = serializers.JSONField(help_text="The validation report: errors with line numbers "
                                        "and codes, and a count per code.")

@@ -3,8 +3,8 @@ from __future__ import annotations
 from django.core.files.storage import storages
 from django.db.models import F, QuerySet, Sum
 
-from jobs.training.jsonl import (LineError, check_record, detect_format, iter_lines, parse_line,
-                                 to_example)
+from jobs.training.jsonl import (PREFERENCE, LineError, check_record, detect_format, iter_lines,
+                                 parse_line, to_example)
 
 from tuneplex.core.errors import NotFound
 from tuneplex.files.models import File
@@ -78,6 +78,11 @@ def _cut(text: str) -> str:
 
 
 def _shown(example) -> dict:
+    if example.kind == PREFERENCE:
+        return {"messages": [{"role": m["role"], "content": _cut(m["content"]), "train": False}
+                             for m in example.messages],
+                "preferred": _cut(example.chosen["content"]),
+                "non_preferred": _cut(example.rejected["content"])}
     if example.kind == "chat":
         return {"messages": [{"role": m["role"], "content": _cut(m["content"]),
                               "train": bool(m["weight"])} for m in example.messages]}

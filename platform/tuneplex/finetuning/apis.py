@@ -26,7 +26,8 @@ class JobOutput(ApiObjectOutput):
     fine_tuned_model = serializers.CharField(allow_null=True)
     finished_at = serializers.SerializerMethodField()
     hyperparameters = serializers.SerializerMethodField()
-    model = serializers.CharField(source="base_model.name")
+    model = serializers.SerializerMethodField(help_text="As requested: a base model, or the "
+                                              "adapter or checkpoint training continued from.")
     organization_id = serializers.CharField()
     result_files = serializers.SerializerMethodField()
     seed = serializers.IntegerField()
@@ -40,10 +41,17 @@ class JobOutput(ApiObjectOutput):
     method = serializers.SerializerMethodField()
     suffix = serializers.CharField()
     # Ours, beyond OpenAI's object:
+    base_model = serializers.CharField(source="base_model.name")
     adapter_method = serializers.CharField(source="method", help_text="lora or qlora")
+    lineage = serializers.JSONField(help_text="Continued training: the model it started from "
+                                    "(adapter, checkpoint) and the datasets of every generation, "
+                                    "oldest first; empty for a job from a base model.")
     training = serializers.SerializerMethodField(help_text="All trainer settings of the job.")
     progress = serializers.SerializerMethodField()
     estimated_memory_bytes = serializers.IntegerField(allow_null=True)
+
+    def get_model(self, obj) -> str:
+        return (obj.lineage or {}).get("model") or obj.base_model.name
 
     def get_finished_at(self, obj) -> int | None:
         return timestamp(obj.finished_at)
@@ -71,7 +79,10 @@ class JobOutput(ApiObjectOutput):
         return []
 
     def get_method(self, obj) -> dict:
-        return {"type": "supervised", "supervised": {"hyperparameters": self.get_hyperparameters(obj)}}
+        hyperparameters = self.get_hyperparameters(obj)
+        if obj.method_type == "dpo":
+            hyperparameters["beta"] = obj.config.get("dpo_beta")
+        return {"type": obj.method_type, obj.method_type: {"hyperparameters": hyperparameters}}
 
     def get_training(self, obj) -> dict:
         return obj.config
@@ -85,14 +96,18 @@ class JobOutput(ApiObjectOutput):
 
 
 class JobCreateInput(serializers.Serializer):
-    model = serializers.CharField(max_length=100, help_text="A base model name (GET /v1/base_models).")
+    model = serializers.CharField(max_length=400, help_text=(
+        "A base model name (GET /v1/base_models), or, to continue training, one of the "
+        "organization's adapters (ft:…) or job checkpoints (<adapter or job>:ckpt-step-N)."))
     training_file = serializers.CharField(max_length=64)
     validation_file = serializers.CharField(max_length=64, required=False, allow_null=True)
     hyperparameters = serializers.DictField(
         required=False, help_text="OpenAI's n_epochs, batch_size, learning_rate_multiplier (each "
         "'auto' or a value), plus every trainer setting: see docs/fine-tuning.md.")
-    method = serializers.DictField(required=False, help_text="OpenAI's {type: supervised, "
-                                   "supervised: {hyperparameters}}; merged with hyperparameters.")
+    method = serializers.DictField(required=False, help_text=(
+        "OpenAI's {type: supervised, supervised: {hyperparameters}} or {type: dpo, dpo: "
+        "{hyperparameters: {beta, n_epochs, batch_size, learning_rate_multiplier}}}; its "
+        "hyperparameters are merged with the top-level ones. dpo trains on a preference file."))
     suffix = serializers.CharField(max_length=64, required=False, allow_null=True)
     seed = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=2**31 - 1)
     metadata = serializers.DictField(
@@ -113,13 +128,16 @@ class JobCreateInput(serializers.Serializer):
         return value
 
     def validate_method(self, value):
-        if value.get("type", "supervised") != "supervised":
-            raise serializers.ValidationError("Only the 'supervised' method is supported.",
-                                              code="unsupported_method")
-        nested = (value.get("supervised") or {}).get("hyperparameters") or {}
-        if not isinstance(nested, dict):
-            raise serializers.ValidationError("method.supervised.hyperparameters must be an object.")
-        return nested
+        kind = value.get("type", "supervised")
+        if kind not in services.METHOD_TYPES:
+            raise serializers.ValidationError(
+                f"method.type must be one of {', '.join(services.METHOD_TYPES)}.",
+                code="unsupported_method")
+        settings = value.get(kind) or {}
+        nested = settings.get("hyperparameters") if isinstance(settings, dict) else None
+        if not isinstance(nested or {}, dict) or not isinstance(settings, dict):
+            raise serializers.ValidationError(f"method.{kind}.hyperparameters must be an object.")
+        return {"type": kind, "hyperparameters": nested or {}}
 
 
 class JobListApi(OrgApi):
@@ -135,10 +153,12 @@ class JobListApi(OrgApi):
         data = JobCreateInput(data=request.data)
         data.is_valid(raise_exception=True)
         values = dict(data.validated_data)
-        hyperparameters = {**values.pop("method", {}), **(values.pop("hyperparameters", None) or {})}
+        method = values.pop("method", None) or {"type": "supervised", "hyperparameters": {}}
+        hyperparameters = {**method["hyperparameters"], **(values.pop("hyperparameters", None) or {})}
         values.pop("integrations", None)
         job = services.job_create(organization=self.organization, actor=self.principal,
-                                  hyperparameters=hyperparameters, **values)
+                                  hyperparameters=hyperparameters, method_type=method["type"],
+                                  **values)
         return Response(JobOutput(job).data)
 
 

@@ -42,6 +42,16 @@ class FineTuningJob(models.Model):
     training_file = models.CharField(max_length=64)
     validation_file = models.CharField(max_length=64, blank=True, default="")
     method = models.CharField(max_length=16, default="lora")
+    method_type = models.CharField(max_length=16, default="supervised",
+                                   help_text="OpenAI's method type: supervised or dpo.")
+    # Continued training: the adapter (or a job's checkpoint) whose weights this job starts from.
+    parent_adapter = models.ForeignKey("adapters.Adapter", null=True, blank=True,
+                                       on_delete=models.SET_NULL, related_name="continued_by")
+    parent_checkpoint = models.ForeignKey("JobCheckpoint", null=True, blank=True,
+                                          on_delete=models.SET_NULL, related_name="+")
+    lineage = models.JSONField(default=dict, blank=True, help_text=(
+        "Where the starting weights came from, kept when the parent is deleted: model (as "
+        "requested), adapter, checkpoint, and the datasets of every generation, oldest first."))
     hyperparameters = models.JSONField(default=dict, help_text="As requested.")
     config = models.JSONField(default=dict, help_text="The trainer settings the job runs with.")
     suffix = models.CharField(max_length=64, blank=True, default="")

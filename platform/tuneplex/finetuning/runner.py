@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 
-from jobs.training.layout import CHECKPOINT_FILES, staged_directory
+from jobs.training.layout import ADAPTER_FILES, CHECKPOINT_FILES, staged_directory
 from jobs.training.tensorboard import EventWriter
 from tuneplex.core import metrics
 from tuneplex.core.redact import client_message
@@ -136,6 +136,9 @@ def run_job(job_id: str) -> str:
     metrics.GPU_WORK.inc()
     try:
         outcome = run.run()
+    except ParentMissing as exc:
+        job_fail(job=job, code="model_not_found", message=str(exc), param="model",
+                 attempt=run.attempt)
     except StaleAttempt:
         log.warning("job %s attempt %s was superseded; stopped", job_id, run.attempt)
         outcome = "superseded"
@@ -147,6 +150,10 @@ def run_job(job_id: str) -> str:
         metrics.TRAINING_THROUGHPUT.set(0)
         metrics.JOB_DURATION.labels(outcome).observe(time.monotonic() - started)
     return outcome
+
+
+class ParentMissing(Exception):
+    """The adapter or checkpoint a continued job starts from no longer exists."""
 
 
 class JobRun:
@@ -188,7 +195,9 @@ class JobRun:
         train_path = scope.enter_context(local_copy(train.blob_name))
         validation_path = scope.enter_context(local_copy(validation.blob_name)) if validation else None
         resume = self.restore_checkpoint()
+        parent = self.restore_parent()
         config = {**job.config, "base_model_dir": job.base_model.directory,
+                  "init_adapter_dir": str(parent) if parent else None,
                   "train_file": str(train_path), "output_dir": str(self.work),
                   "validation_file": str(validation_path) if validation_path else None,
                   "device": settings.TRAINING_DEVICE,
@@ -207,6 +216,21 @@ class JobRun:
             count, give_up=self.superseded.is_set,
             on_wait=lambda free: self.event(f"Waiting for {count} free GPU(s) on this node "
                                             f"({free} free now).")))
+
+    def restore_parent(self) -> Path | None:
+        """Continued training: the parent adapter's (or checkpoint's) weights, downloaded from
+        artifact storage. Raises ParentMissing when the parent was deleted since creation."""
+        job = self.job
+        if not job.lineage:
+            return None
+        source = job.parent_checkpoint or job.parent_adapter
+        if source is None:
+            raise ParentMissing(f"{job.lineage.get('model')} was deleted after the job was created; "
+                                "there are no weights to continue from.")
+        target = self.work / "parent"
+        with staged_directory(target) as staging:
+            download_directory(source.blob_prefix, ADAPTER_FILES, staging)
+        return target
 
     def restore_checkpoint(self) -> Path | None:
         """The newest checkpoint recorded for the job, downloaded from artifact storage."""

@@ -24,17 +24,24 @@ from tuneplex.core.errors import ApiError, Conflict
 from tuneplex.core.storage import delete_prefix
 from tuneplex.files.models import File
 from tuneplex.files.services import storage_quota_check
+from tuneplex.finetuning.lineage import Parent, inherit_settings, is_fine_tuned_name, parent_resolve
 from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint, JobEvent
 from tuneplex.tenancy.models import Organization
 
 SUFFIX_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 BASE_LEARNING_RATE = 2e-4  # what learning_rate_multiplier multiplies
 # Request names (OpenAI's and ours) → TrainingConfig fields.
-OPENAI_NAMES = {"n_epochs": "epochs", "batch_size": "batch_size"}
-PATH_FIELDS = {"base_model_dir", "train_file", "validation_file", "output_dir", "resume_from"}
+OPENAI_NAMES = {"n_epochs": "epochs", "batch_size": "batch_size", "beta": "dpo_beta"}
+PATH_FIELDS = {"base_model_dir", "train_file", "validation_file", "output_dir", "resume_from",
+               "init_adapter_dir"}
 # Set by the worker, not the tenant: where the data is, the device, and its memory budget.
 WORKER_FIELDS = PATH_FIELDS | {"device", "memory_limit_gib"}
-TUNABLE = sorted({f.name for f in dataclasses.fields(TrainingConfig)} - WORKER_FIELDS)
+# Set by the request's method type, not as a hyperparameter.
+METHOD_FIELDS = {"objective"}
+TUNABLE = sorted({f.name for f in dataclasses.fields(TrainingConfig)} - WORKER_FIELDS - METHOD_FIELDS)
+METHOD_TYPES = ("supervised", "dpo")
+# The file format each method trains on.
+PREFERENCE_FORMAT = "preference"
 
 
 # --- create --------------------------------------------------------------------------------------
@@ -44,12 +51,17 @@ def _hyperparameter_error(param: str, message: str) -> ApiError:
     return ApiError(message, code="invalid_hyperparameter", param=f"hyperparameters.{param}")
 
 
-def training_config_from_request(*, base_model: BaseModel, hyperparameters: dict[str, Any]
-                                 ) -> TrainingConfig:
+def training_config_from_request(*, base_model: BaseModel, hyperparameters: dict[str, Any],
+                                 method_type: str = "supervised") -> TrainingConfig:
     """Map the request's hyperparameters onto a validated TrainingConfig (paths filled later)."""
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {"objective": method_type}
     for key, value in hyperparameters.items():
         name = OPENAI_NAMES.get(key, key)
+        if name == "dpo_beta":
+            if method_type != "dpo":
+                raise _hyperparameter_error(key, "beta is a hyperparameter of the dpo method")
+            if value == "auto" or value is None:
+                continue  # the trainer's default
         if key == "learning_rate_multiplier":
             if value == "auto" or value is None:
                 continue
@@ -72,6 +84,8 @@ def training_config_from_request(*, base_model: BaseModel, hyperparameters: dict
         return TrainingConfig(base_model_dir=base_model.directory, train_file="-", output_dir="-",
                               device=settings.TRAINING_DEVICE, **values)
     except ConfigError as exc:
+        if exc.param == "dpo_beta":
+            raise _hyperparameter_error("beta", exc.message) from None
         raise _hyperparameter_error(exc.param, exc.message) from None
     except TypeError as exc:
         raise ApiError(f"Invalid hyperparameters: {exc}", code="invalid_hyperparameter",
@@ -138,7 +152,8 @@ def memory_estimate(config: TrainingConfig, base_model: BaseModel, *,
                     available=settings.TRAINING_MEMORY)  # the trainer plans within it too
 
 
-def _training_file(organization: Organization, file_id: Any, param: str) -> File:
+def _training_file(organization: Organization, file_id: Any, param: str,
+                   method_type: str | None = None) -> File:
     file = (File.objects.filter(organization=organization, id=file_id).first()
             if isinstance(file_id, str) else None)
     if file is None:
@@ -150,6 +165,11 @@ def _training_file(organization: Organization, file_id: Any, param: str) -> File
     if file.purpose != File.Purpose.FINE_TUNE:
         raise ApiError(f"File {file.id} has purpose {file.purpose!r}, not 'fine-tune'.",
                        code="invalid_file", param=param)
+    if method_type is not None and (file.format == PREFERENCE_FORMAT) != (method_type == "dpo"):
+        wanted = ("preference pairs (input, preferred_output, non_preferred_output)"
+                  if method_type == "dpo" else "examples (chat, alpaca, prompt_completion or text)")
+        raise ApiError(f"File {file.id} holds {file.format} data; a {method_type} job trains on "
+                       f"{wanted}.", code="invalid_file", param=param)
     return file
 
 
@@ -163,19 +183,34 @@ class JobPlan:
     validation: File | None
     config: TrainingConfig
     memory: MemoryEstimate
+    method_type: str = "supervised"
+    parent: Parent | None = None
 
 
-def job_plan(*, organization: Organization, model: str, training_file: str,
-             validation_file: str | None = None, hyperparameters: dict | None = None,
-             suffix: str | None = None, seed: int | None = None) -> JobPlan:
-    """Validate a job request as job_create would (raises ApiError with code and param)."""
+def _base_model(model: str) -> BaseModel:
     base_model = BaseModel.objects.filter(name=model).first()
     if base_model is None or not base_model.enabled:
         state = "is disabled" if base_model is not None else "does not exist"
         raise ApiError(f"Base model {model!r} {state}; GET /v1/base_models lists those available.",
                        code="model_not_available", param="model")
-    train = _training_file(organization, training_file, "training_file")
-    validation = (_training_file(organization, validation_file, "validation_file")
+    return base_model
+
+
+def job_plan(*, organization: Organization, model: str, training_file: str,
+             validation_file: str | None = None, hyperparameters: dict | None = None,
+             suffix: str | None = None, seed: int | None = None,
+             method_type: str = "supervised") -> JobPlan:
+    """Validate a job request as job_create would (raises ApiError with code and param).
+
+    ``model`` is a base model, or one of the organization's adapters or job checkpoints to
+    continue training from (:mod:`tuneplex.finetuning.lineage`)."""
+    if method_type not in METHOD_TYPES:
+        raise ApiError(f"method.type must be one of {', '.join(METHOD_TYPES)}.",
+                       code="unsupported_method", param="method.type")
+    parent = parent_resolve(organization=organization, model=model) if is_fine_tuned_name(model) else None
+    base_model = _base_model(parent.job.base_model.name if parent else model)
+    train = _training_file(organization, training_file, "training_file", method_type)
+    validation = (_training_file(organization, validation_file, "validation_file", method_type)
                   if validation_file else None)
     if suffix is not None and not SUFFIX_PATTERN.match(suffix):
         raise ApiError("suffix must be 1-40 characters of lowercase letters, digits and '-'.",
@@ -183,8 +218,11 @@ def job_plan(*, organization: Organization, model: str, training_file: str,
     requested = dict(hyperparameters or {})
     if seed is not None:
         requested["seed"] = seed
+    if parent is not None:
+        requested = inherit_settings(parent, requested)
     _check_qlora_possible(requested)
-    config = training_config_from_request(base_model=base_model, hyperparameters=requested)
+    config = training_config_from_request(base_model=base_model, hyperparameters=requested,
+                                          method_type=method_type)
     if validation is not None:
         config = config.replace(validation_file="-")
     _check_method(config, base_model)
@@ -199,33 +237,42 @@ def job_plan(*, organization: Organization, model: str, training_file: str,
                               method=config.method),
                        code="insufficient_memory", param="hyperparameters.batch_size")
     return JobPlan(base_model=base_model, train=train, validation=validation, config=config,
-                   memory=peak)
+                   memory=peak, method_type=method_type, parent=parent)
 
 
 def job_create(*, organization: Organization, actor: Principal, model: str, training_file: str,
                validation_file: str | None = None, hyperparameters: dict | None = None,
                suffix: str | None = None, seed: int | None = None,
-               metadata: dict | None = None) -> FineTuningJob:
+               metadata: dict | None = None, method_type: str = "supervised") -> FineTuningJob:
     plan = job_plan(organization=organization, model=model, training_file=training_file,
                     validation_file=validation_file, hyperparameters=hyperparameters,
-                    suffix=suffix, seed=seed)
-    base_model, train, validation, config, peak = (plan.base_model, plan.train, plan.validation,
-                                                   plan.config, plan.memory)
+                    suffix=suffix, seed=seed, method_type=method_type)
+    base_model, train, validation, config, peak, parent = (
+        plan.base_model, plan.train, plan.validation, plan.config, plan.memory, plan.parent)
     stored = {k: v for k, v in dataclasses.asdict(config).items() if k not in WORKER_FIELDS}
     # A job stores checkpoints and an adapter: none may start once the quota is used up.
     storage_quota_check(organization, 0, what="a new job's checkpoints and adapter", param=None)
+    job = FineTuningJob(
+        organization=organization, base_model=base_model, training_file=train.id,
+        validation_file=validation.id if validation else "", method=config.method,
+        method_type=method_type, hyperparameters=hyperparameters or {}, config=stored,
+        suffix=suffix or "", seed=config.seed, gpus=config.gpus, metadata=metadata,
+        estimated_memory_bytes=peak.total,
+        created_by=actor.user if actor.api_key is None else actor.api_key.created_by)
+    if parent is not None:
+        job.parent_adapter, job.parent_checkpoint = parent.adapter, parent.checkpoint
+        job.lineage = parent.lineage(job_id=job.id, training_file=train.id,
+                                     validation_file=job.validation_file, method_type=method_type)
     with transaction.atomic():
-        job = FineTuningJob.objects.create(
-            organization=organization, base_model=base_model, training_file=train.id,
-            validation_file=validation.id if validation else "", method=config.method,
-            hyperparameters=hyperparameters or {}, config=stored, suffix=suffix or "",
-            seed=config.seed, gpus=config.gpus, metadata=metadata,
-            estimated_memory_bytes=peak.total,
-            created_by=actor.user if actor.api_key is None else actor.api_key.created_by)
+        job.save(force_insert=True)
         job_event(job, f"Created fine-tuning job {job.id}. Estimated peak memory "
                        f"{peak.total / GIB:.2f} GiB.", data={"memory_estimate": peak.as_dict()})
+        if parent is not None:
+            job_event(job, f"Continues training from {parent.requested}.",
+                      data={"lineage": job.lineage})
         audit_record(actor=actor, action="finetuning_job.create", obj=job,
-                     metadata={"model": model, "training_file": train.id})
+                     metadata={"model": model, "training_file": train.id,
+                               "method": method_type})
         transaction.on_commit(lambda: _enqueue_validation(job.id))
     return job
 
@@ -252,9 +299,10 @@ def job_files_validated(*, job_id: str) -> FineTuningJob | None:
     if job is None or job.status != FineTuningJob.Status.VALIDATING_FILES:
         return None
     try:
-        _training_file(job.organization, job.training_file, "training_file")
+        _training_file(job.organization, job.training_file, "training_file", job.method_type)
         if job.validation_file:
-            _training_file(job.organization, job.validation_file, "validation_file")
+            _training_file(job.organization, job.validation_file, "validation_file",
+                           job.method_type)
     except ApiError as exc:
         job_fail(job=job, code=exc.code, message=exc.message, param=exc.param)
         return None

@@ -426,8 +426,14 @@ def _record(target: Target, prompt: int, completion: int) -> None:
     usage.count(organization_id=target.principal.organization.id, model=target.model,
                 adapter_id=target.adapter_id, prompt_tokens=prompt, completion_tokens=completion)
     kind = _kind(target)
-    metrics.GATEWAY_TOKENS.labels(kind, "prompt").inc(prompt)
-    metrics.GATEWAY_TOKENS.labels(kind, "completion").inc(completion)
+    _series(metrics.GATEWAY_TOKENS, kind, "prompt").inc(prompt)
+    _series(metrics.GATEWAY_TOKENS, kind, "completion").inc(completion)
+
+
+@functools.lru_cache(maxsize=256)
+def _series(metric, *labels: str):
+    """One labelled series of a metric, looked up once per process (a few dozen exist)."""
+    return metric.labels(*labels)
 
 
 def _kind(target: Target | None) -> str:
@@ -436,8 +442,8 @@ def _kind(target: Target | None) -> str:
 
 def _observe(endpoint: str, reply: Reply, started: float, *, stream: bool) -> None:
     """Count an answered request (a stream's when its last event is sent)."""
-    metrics.GATEWAY_REQUESTS.labels(endpoint, reply.kind, str(reply.status)).inc()
-    metrics.GATEWAY_LATENCY.labels(endpoint, reply.kind, "true" if stream else "false").observe(
+    _series(metrics.GATEWAY_REQUESTS, endpoint, reply.kind, str(reply.status)).inc()
+    _series(metrics.GATEWAY_LATENCY, endpoint, reply.kind, "true" if stream else "false").observe(
         time.perf_counter() - started)
 
 
@@ -451,7 +457,7 @@ async def complete(endpoint: str, *, authorization: str | None, raw: bytes, requ
     try:
         reply = await _answer(endpoint, authorization, raw, request, started)
     except Exception:  # answered 500 by the caller (the fast path or Django's handler)
-        metrics.GATEWAY_REQUESTS.labels(endpoint, "none", "500").inc()
+        _series(metrics.GATEWAY_REQUESTS, endpoint, "none", "500").inc()
         raise
     if reply.stream is None:
         _observe(endpoint, reply, started, stream=False)
@@ -474,7 +480,7 @@ async def _answer(endpoint: str, authorization: str | None, raw: bytes, request,
     except ApiError as exc:
         await _finish(reservation, 0)
         if exc.status == 429:
-            metrics.GATEWAY_REJECTED.labels(exc.code).inc()
+            _series(metrics.GATEWAY_REJECTED, exc.code).inc()
         reply = _error(exc, getattr(exc, "headers", None))
         reply.kind = _kind(target)
         return reply

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('finetuning', '0003_storage_counted'),
+        ('finetuning', '0004_finetuningjob_lineage_finetuningjob_method_type_and_more'),
     ]
 
     operations = [
