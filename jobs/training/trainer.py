@@ -114,7 +114,7 @@ def train(config: TrainingConfig, report: Reporter) -> TrainResult:
     config = resolve_auto(config, int(n_examples * (1 - config.validation_split)))
     world = distributed.current()
     try:
-        return _train_once(config, report, world)
+        return _train_once(config, report)
     except torch.OutOfMemoryError:
         # Across several processes a retry would need every rank to agree first; one GPU only.
         if config.batch_size <= 1 or world.distributed:
@@ -139,7 +139,7 @@ def train(config: TrainingConfig, report: Reporter) -> TrainResult:
         "(same effective batch).", level="warning",
         data={"oom_retry": True, "batch_size": retry.batch_size,
               "gradient_accumulation_steps": retry.gradient_accumulation_steps})
-    return _train_once(retry, report, world)
+    return _train_once(retry, report)
 
 
 # --- setup ---------------------------------------------------------------------------------------
@@ -446,9 +446,9 @@ def evaluate(model, examples, *, batch_size: int, packing: bool, pad_id: int,
     return {f"eval_{name}": value for name, value in objective.summary(totals, units).items()}
 
 
-def _train_once(config: TrainingConfig, report: Reporter,
-                world: distributed.World = distributed.World()) -> TrainResult:
+def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
     # setup -----------------------------------------------------------------------------------
+    world = distributed.current()  # one process, or this rank of a torchrun job
     device = _device(config, world)
     distributed.init(world, device)
     if config.method == "qlora" and device.type != "cuda":
