@@ -229,8 +229,13 @@ def _start_from_adapter(model, directory: Path, *, reference: bool) -> None:
         raise ValueError(f"the adapter in {directory.name} does not fit this job's LoRA settings "
                          f"({problem}): continued training needs the same rank and target modules")
     if reference:
+        from peft.tuners.lora import LoraLayer
+
         model.load_adapter(str(directory), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         model.set_adapter(TRAINED_ADAPTER)  # the reference is frozen; the default trains
+        for module in model.modules():  # the reference scores without dropout, in train mode too
+            if isinstance(module, LoraLayer) and REFERENCE_ADAPTER in module.lora_dropout:
+                module.lora_dropout[REFERENCE_ADAPTER] = torch.nn.Identity()
 
 
 def _decoder_layers(model) -> list[torch.nn.Module]:

@@ -20,7 +20,7 @@ from tests.conftest import add_member, make_tenant
 from tests.fixtures.adapter_rows import adapter_row
 from tests.fixtures.datasets import lines_to_bytes, pirate_lines
 from tuneplex.core.scopes import Role
-from tuneplex.feedback.models import Feedback
+from tuneplex.feedback.models import Comparison, Feedback
 from tuneplex.finetuning.models import FineTuningJob
 from tuneplex.tenancy.services import organization_update
 
@@ -178,8 +178,15 @@ def test_a_team_lead_trains_deploys_chats_and_manages_keys_in_the_browser(
     feedback = Feedback.objects.get(organization=tenant.organization)
     assert feedback.model == job.fine_tuned_model and feedback.rating == 1
     assert feedback.messages[-1] == {"role": "assistant", "content": left}
+    # Side by side, the left answer marked better: a preference pair for a DPO dataset.
+    page.get_by_role("button", name="Left is better (save the comparison)").click()
+    page.get_by_text(f"Saved: {job.fine_tuned_model}'s answer is preferred.").wait_for()
+    comparison = Comparison.objects.get(organization=tenant.organization)
+    assert (comparison.preferred, comparison.non_preferred) == (left, right)
+    assert comparison.messages == [{"role": "user", "content": "Tell me something about tea."}]
     page.goto("/feedback/")
     assert "Tell me something about tea." in page.locator("#feedback").inner_text()
+    assert page.locator("#preference-count").inner_text() == "1"
     shot(page, "10-feedback")
 
     # An API key: shown once, works, revoked, stops working.

@@ -140,3 +140,22 @@ def test_continuing_a_lineage_keeps_every_generation(org_a, default_model, pairs
     body = create_job(org_a, model=child.name, training_file=pairs_of_a, method=DPO).json()
     assert [d["job_id"] for d in body["lineage"]["datasets"]] == [parent.job.id, first.id, body["id"]]
     assert bearer(org_a.owner_key).get(f"/v1/adapters/{child.id}").json()["lineage"] == first.lineage
+
+
+def test_the_time_estimate_of_a_dpo_job_counts_the_reference_forward(org_a, default_model,
+                                                                     pairs_of_a):
+    from tuneplex.files.models import File
+    from tuneplex.finetuning.estimates import time_estimate
+    from tuneplex.finetuning.services import job_plan
+
+    def estimate(method_type: str):
+        plan = job_plan(organization=org_a.organization, model=MODEL, training_file=pairs_of_a,
+                        method_type=method_type)
+        return time_estimate(organization=org_a.organization, config=plan.config,
+                             base_model=plan.base_model, train=plan.train)
+
+    dpo = estimate("dpo")
+    File.objects.filter(id=pairs_of_a).update(format="chat")  # the same tokens, trained supervised
+    supervised = estimate("supervised")
+    assert dpo.tokens == supervised.tokens
+    assert dpo.seconds == pytest.approx(supervised.seconds * 6 / 4, rel=1e-3)

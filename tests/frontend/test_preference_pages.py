@@ -81,3 +81,11 @@ def test_the_feedback_page_makes_a_preference_dataset(org_a, default_model, sett
     refused = client.post("/feedback/preference-export", form(client, {}))
     assert refused.status_code == 400 and "too_few" not in refused.content.decode()
     assert "0 new comparison(s)" in refused.content.decode()
+
+
+def test_the_adapters_page_says_what_an_adapter_continued_from(org_a, default_model):
+    child = adapter_row(org_a.organization, default_model)
+    child.lineage = {"model": "ft:SmolLM2-135M-Instruct:alpha:parent:abc"}
+    child.save()
+    html = browser(org_a.owner).get("/adapters/").content.decode()
+    assert "continued from <code>ft:SmolLM2-135M-Instruct:alpha:parent:abc</code>" in html

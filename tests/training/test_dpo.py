@@ -204,8 +204,9 @@ def test_continued_training_starts_at_the_parent_adapters_loss(make_config, base
 
 
 def test_continued_dpo_measures_against_the_parent_adapter(make_config, pairs_file, tmp_path):
+    # The parent was trained with dropout: its frozen copy, the reference, still scores without.
     parent = train(make_config(output_dir=str(tmp_path / "parent"), max_steps=3,
-                               lora_dropout=0.0), RecordingReporter())
+                               lora_dropout=0.1), RecordingReporter())
     reporter = RecordingReporter()
     result = train(make_config(output_dir=str(tmp_path / "child"), train_file=str(pairs_file),
                                objective="dpo", init_adapter_dir=parent.adapter_dir, max_steps=2,

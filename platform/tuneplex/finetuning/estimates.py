@@ -1,8 +1,9 @@
 """The pre-flight time estimate: how many steps and tokens a job will train, and for how long.
 
-Speed comes from the organization's own finished jobs on the same base model when there are any
-(the median tokens/s their trainers reported), else from TUNEPLEX_TRAINING_GFLOPS at about
-4 x parameters FLOPs a token (LoRA: forward plus the backward pass through the frozen weights).
+Speed comes from the organization's own finished jobs on the same base model, adapter method and
+training method when there are any (the median tokens/s their trainers reported), else from
+TUNEPLEX_TRAINING_GFLOPS at about 4 x parameters FLOPs a token (LoRA: forward plus the backward
+pass through the frozen weights); DPO adds the reference model's forward pass, 2 x parameters.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tuneplex.tenancy.models import Organization
 
 RECENT_JOBS = 3
 BYTES_PER_TOKEN = 3  # JSON chat text, when the file's statistics are not ready yet
+FLOPS_PER_TOKEN = {"supervised": 4, "dpo": 6}  # x parameters
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,11 @@ class TimeEstimate:
     tokens_basis: str  # "statistics": tokenized; "file size": statistics not ready
 
 
-def measured_speed(*, organization: Organization, base_model: BaseModel, method: str) -> float | None:
+def measured_speed(*, organization: Organization, base_model: BaseModel, method: str,
+                   method_type: str = "supervised") -> float | None:
     """Median tokens/s the organization's last few succeeded jobs on this model reported."""
     jobs = list(FineTuningJob.objects.filter(
-        organization=organization, base_model=base_model, method=method,
+        organization=organization, base_model=base_model, method=method, method_type=method_type,
         status=FineTuningJob.Status.SUCCEEDED).order_by("-finished_at").values_list("id", flat=True)
         [:RECENT_JOBS])
     speeds = [data.get("tokens_per_second") for data in
@@ -48,8 +51,9 @@ def measured_speed(*, organization: Organization, base_model: BaseModel, method:
     return float(statistics.median(speeds)) if speeds else None
 
 
-def assumed_speed(base_model: BaseModel) -> float:
-    return settings.TRAINING_GFLOPS * 1e9 / (4 * max(base_model.parameter_count, 1))
+def assumed_speed(base_model: BaseModel, method_type: str = "supervised") -> float:
+    flops = FLOPS_PER_TOKEN.get(method_type, FLOPS_PER_TOKEN["supervised"])
+    return settings.TRAINING_GFLOPS * 1e9 / (flops * max(base_model.parameter_count, 1))
 
 
 def time_estimate(*, organization: Organization, config: TrainingConfig, base_model: BaseModel,
@@ -67,10 +71,11 @@ def time_estimate(*, organization: Organization, config: TrainingConfig, base_mo
     if resolved.max_steps is not None and resolved.max_steps < steps:
         fraction, steps = resolved.max_steps / steps, resolved.max_steps
     tokens = int(tokens_per_epoch * kept * resolved.epochs * fraction)
-    speed = measured_speed(organization=organization, base_model=base_model, method=config.method)
+    speed = measured_speed(organization=organization, base_model=base_model, method=config.method,
+                           method_type=config.objective)
     basis = "measured"
     if speed is None:
-        speed, basis = assumed_speed(base_model), "assumed"
+        speed, basis = assumed_speed(base_model, config.objective), "assumed"
     return TimeEstimate(examples=n_train, epochs=resolved.epochs, batch_size=resolved.batch_size,
                         steps=steps, tokens=tokens, tokens_per_second=round(speed, 1),
                         seconds=round(tokens / speed, 1), speed_basis=basis,
