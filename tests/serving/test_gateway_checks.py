@@ -6,6 +6,8 @@ the test process attaches to no engine (tests/serving/test_gateway.py runs the r
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 
 import pytest
@@ -177,24 +179,46 @@ def test_the_forwarded_body_holds_only_allowlisted_fields_and_the_organizations_
     assert len(cache_salt("org-a")) == 32
 
 
+def limits(organization: str, tokens: int, **overrides):
+    from tuneplex.inference.ratelimit import Limits
+
+    return Limits(**{"requester": f"key:{organization}", "organization": organization,
+                     "requests_per_minute": 0, "tokens": tokens, "tokens_per_minute": 1000,
+                     "concurrency": 0, "stale_after": 60, **overrides})
+
+
 @pytest.mark.django_db
-def test_token_budgets_reserve_and_settle_per_organization(settings):
-    """Against the real Redis: a reservation beyond the budget is refused and not kept; settling
-    returns what a request did not use."""
-    from tuneplex.inference import ratelimit
+@pytest.mark.parametrize("store", ["redis", "memory"])
+def test_token_budgets_reserve_and_settle_per_organization(settings, store):
+    """Against the real Redis (several web processes) and in memory (the embedded default): a
+    reservation beyond the budget is refused and not kept; settling returns what a request did
+    not use; the request limit counts every request."""
+    from tuneplex.inference.ratelimit import admit, finish, hit
+
+    if store == "memory":
+        settings.REDIS_URL = ""
 
     import time
     import uuid
 
     subject, other = f"org:budget-{uuid.uuid4().hex}", f"org:other-{uuid.uuid4().hex}"
     now = time.time()  # one minute window for the whole test
-    first = ratelimit.spend(subject, 600, 1000, now=now)
-    assert first.allowed and first.remaining == 400
-    refused = ratelimit.spend(subject, 600, 1000, now=now)
-    assert not refused.allowed and refused.remaining == 400 and refused.reset_after > 0
-    ratelimit.settle(subject, first.window, 120 - 600)  # it really cost 120
-    assert ratelimit.spend(subject, 600, 1000, now=now).allowed
-    assert ratelimit.spend(other, 900, 1000, now=now).allowed  # budgets are per organization
+
+    async def scenario():
+        first = await admit(limits(subject, 600), now=now)
+        assert first.refused_by is None and first.tokens.remaining == 400
+        refused = await admit(limits(subject, 600), now=now)
+        assert refused.refused_by == "tokens" and refused.tokens.remaining == 400
+        assert refused.tokens.reset_after > 0
+        await finish(first, 120)  # it really cost 120
+        await finish(first, 0)  # settled once only
+        assert (await admit(limits(subject, 600), now=now)).tokens.remaining == 280
+        assert (await admit(limits(other, 900), now=now)).refused_by is None  # per organization
+        counted = [await hit(f"key:{subject}", 2, now=now) for _ in range(3)]
+        assert [v.allowed for v in counted] == [True, True, False]
+        assert counted[1].remaining == 0 and counted[2].reset_after > 0
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.django_db
@@ -210,23 +234,25 @@ def test_a_request_beyond_the_token_budget_is_refused_with_headers(org_a, settin
 @pytest.mark.django_db
 def test_an_organization_at_its_concurrency_cap_does_not_hold_up_another(org_a, org_b, settings,
                                                                          default_model):
-    from tuneplex.inference import ratelimit
+    from tuneplex.inference.ratelimit import admit, finish
 
     settings.ENGINE_REPLICAS = {BASE: ["http://127.0.0.1:9"]}  # served (nothing listens there)
     settings.ORG_INFERENCE_CONCURRENCY = 2
-    held = [f"held-{i}" for i in range(2)]
     subject = f"org:{org_a.organization.id}"
-    for token in held:
-        assert ratelimit.acquire_slot(subject, token, 2, stale_after=60)
+    cap = {"concurrency": 2, "tokens_per_minute": 0}
+    held = [asyncio.run(admit(limits(subject, 1, **cap))) for _ in range(2)]
+    assert [h.refused_by for h in held] == [None, None]
     try:
+        assert asyncio.run(admit(limits(subject, 1, **cap))).refused_by == "concurrency"
         busy = post(org_a.owner_key, {"model": BASE, "messages": CHAT, "max_tokens": 4})
         assert error(busy)[:2] == (429, "concurrency_limit_exceeded")
         other = post(org_b.owner_key, {"model": BASE, "messages": CHAT, "max_tokens": 4})
         assert other.status_code != 429  # admitted (no engine runs here: 503 after admission)
         assert error(other)[1] == "engine_unavailable"
     finally:
-        for token in held:
-            ratelimit.release_slot(subject, token)
+        for admission in held:
+            asyncio.run(finish(admission, 0))
     # A request that ends (here: no engine) gives its slot back.
-    assert ratelimit.acquire_slot(subject, "probe", 1, stale_after=60)
-    ratelimit.release_slot(subject, "probe")
+    probe = asyncio.run(admit(limits(subject, 1, concurrency=1, tokens_per_minute=0)))
+    assert probe.refused_by is None
+    asyncio.run(finish(probe, 0))

@@ -19,13 +19,12 @@ import hmac
 import json
 import logging
 import time
-import uuid
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import httpx
+import aiohttp
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
@@ -126,14 +125,18 @@ def _error(exc: ApiError, headers: dict | None = None) -> Reply:
     return Reply(exc.status, {"Content-Type": JSON, **(headers or {})}, body)
 
 
-# --- admission (sync: database) ----------------------------------------------------------------
+# --- admission -------------------------------------------------------------------------------------
+
+def _fingerprint(authorization: str) -> str:
+    return hashlib.sha256(authorization.encode(errors="replace")).hexdigest()
+
 
 def _authenticate(authorization: str | None, request=None) -> Principal:
     """An API key (``Authorization: Bearer``) or a signed-in browser session (with CSRF on POST;
     ``request`` is Django's, absent on the ASGI fast path, which only takes keys)."""
     try:
         if authorization is not None:
-            fingerprint = hashlib.sha256(authorization.encode(errors="replace")).hexdigest()
+            fingerprint = _fingerprint(authorization)
             principal = cache.principals.get(fingerprint)
             if principal is None:
                 principal = ApiKeyAuthentication().authenticate(
@@ -163,12 +166,18 @@ def _require(principal: Principal, *scopes: str) -> None:
 
 def _resolve(principal: Principal, model: str) -> Target:
     """The organization's deployed adapter, or a served base model, named ``model``; else 404."""
-    key = (principal.organization.id, model)
-    target = cache.targets.get(key)
+    target = _cached_target(principal, model)
     if target is None:
         target = _lookup(principal, model)
-        cache.targets.put(key, target)
-    return target if target.principal is principal else dataclasses.replace(target, principal=principal)
+        cache.targets.put((principal.organization.id, model), target)
+    return target
+
+
+def _cached_target(principal: Principal, model: str) -> Target | None:
+    target = cache.targets.get((principal.organization.id, model))
+    if target is None or target.principal is principal:
+        return target
+    return dataclasses.replace(target, principal=principal)
 
 
 def _lookup(principal: Principal, model: str) -> Target:
@@ -215,61 +224,73 @@ class ConcurrencyLimited(ApiError):
         self.headers = {"Retry-After": "1"}
 
 
-@dataclass
-class Reservation:
-    """What an admitted request holds of its organization's budgets until it ends."""
-
-    subject: str
-    window: int
-    reserved: int
-    slot: str
-    finished: bool = False
-
-    def finish(self, actual_tokens: int) -> None:
-        """Settle the tokens with what the engine reported, and free the concurrency slot."""
-        if self.finished:
-            return
-        self.finished = True
-        ratelimit.settle(self.subject, self.window, actual_tokens - self.reserved)
-        ratelimit.release_slot(self.subject, self.slot)
-
-
-def _reserve(principal: Principal, body: dict, raw: bytes, endpoint: str
-             ) -> tuple[Reservation, dict[str, str]]:
-    """Reserve what the request may cost (its prompt, about 4 bytes a token, plus max_tokens x n
-    x prompts) and one concurrency slot, both per organization (429 otherwise)."""
-    subject = f"org:{principal.organization.id}"
+def _limits(principal: Principal, body: dict, raw: bytes) -> ratelimit.Limits:
+    """What the request may cost (its prompt, about 4 bytes a token, plus max_tokens x n x
+    prompts) and the limits of its key and organization."""
     prompts = len(body["prompt"]) if isinstance(body.get("prompt"), list) else 1
     most = body.get("max_completion_tokens") or body.get("max_tokens") or settings.INFERENCE_MAX_TOKENS
-    estimate = len(raw) // 4 + most * (body.get("n") or 1) * prompts
-    verdict = ratelimit.spend(subject, estimate, settings.ORG_INFERENCE_TOKENS_PER_MINUTE)
-    if not verdict.allowed:
-        raise TokenBudgetExceeded(verdict, estimate)
-    slot = uuid.uuid4().hex
-    if not ratelimit.acquire_slot(subject, slot, settings.ORG_INFERENCE_CONCURRENCY,
-                                  stale_after=settings.ENGINE_TIMEOUT + 60):
-        ratelimit.settle(subject, verdict.window, -estimate)
-        raise ConcurrencyLimited()
-    return Reservation(subject, verdict.window, estimate, slot), _token_headers(verdict)
+    return ratelimit.Limits(
+        requester=_subject(principal), organization=f"org:{principal.organization.id}",
+        requests_per_minute=settings.INFERENCE_RATE_LIMIT,
+        tokens=len(raw) // 4 + most * (body.get("n") or 1) * prompts,
+        tokens_per_minute=settings.ORG_INFERENCE_TOKENS_PER_MINUTE,
+        concurrency=settings.ORG_INFERENCE_CONCURRENCY, stale_after=settings.ENGINE_TIMEOUT + 60)
 
 
-def _admit(authorization: str | None, raw: bytes, endpoint: str, request=None
-           ) -> tuple[Target, dict, dict, Reservation]:
-    """Who asks (401/403), how often (429: every authenticated request counts), what (400/413),
-    for which model (404). One trip to the database thread per request."""
+def _refusal(admission: ratelimit.Admission) -> ApiError:
+    if admission.refused_by == "requests":
+        return RateLimited(admission.requests)
+    if admission.refused_by == "tokens":
+        return TokenBudgetExceeded(admission.tokens, admission.limits.tokens)
+    return ConcurrencyLimited()
+
+
+def _principal(authorization: str | None) -> Principal | None:
+    """The caller from the admission cache, when it knows the key (no database)."""
+    if authorization is None:
+        return None
+    return cache.principals.get(_fingerprint(authorization))
+
+
+def _who_blocking(authorization: str | None, request) -> Principal:
     if request is None:
         close_old_connections()  # what Django does when its requests start (the fast path skips it)
-    principal = _authenticate(authorization, request)
+    return _authenticate(authorization, request)
+
+
+def _what_blocking(principal: Principal, model: str) -> Target:
+    """The model's target, and the serving pool asked for its state if this process has not yet."""
+    target = _resolve(principal, model)
+    pool_for(target.base_model).ensure_fresh()
+    return target
+
+
+async def _admit(authorization: str | None, raw: bytes, endpoint: str, request=None
+                 ) -> tuple[Target, dict, dict, ratelimit.Admission]:
+    """Who asks (401/403), what (400/413), for which model (404), and whether its key's request
+    limit, its organization's token budget and concurrency cap let it through (429; every
+    authenticated request counts against the request limit). With the key and the model in the
+    admission cache this is one round trip to Redis and no thread; the database is asked, on a
+    thread, only when they are not."""
+    principal = _principal(authorization) or \
+        await sync_to_async(_who_blocking)(authorization, request)
     _require(principal, INFER)
-    verdict = ratelimit.hit(_subject(principal), settings.INFERENCE_RATE_LIMIT)
-    if not verdict.allowed:
-        raise RateLimited(verdict)
-    body = parse_body(raw, endpoint)
-    body["cache_salt"] = cache_salt(principal.organization.id)
-    target = _resolve(principal, body["model"])
-    pool_for(target.base_model).ensure_fresh()  # the first request of this process asks the agents
-    reservation, token_headers = _reserve(principal, body, raw, endpoint)
-    return target, body, {**_limit_headers(verdict), **token_headers}, reservation
+    try:
+        body = parse_body(raw, endpoint)
+        body["cache_salt"] = cache_salt(principal.organization.id)
+        target = _cached_target(principal, body["model"])
+        if target is None or not pool_for(target.base_model).refreshed.is_set():
+            target = await sync_to_async(_what_blocking)(principal, body["model"])
+    except ApiError:
+        verdict = await ratelimit.hit(_subject(principal), settings.INFERENCE_RATE_LIMIT)
+        if not verdict.allowed:
+            raise RateLimited(verdict) from None
+        raise
+    admission = await ratelimit.admit(_limits(principal, body, raw))
+    if admission.refused_by is not None:
+        raise _refusal(admission)
+    headers = {**_limit_headers(admission.requests), **_token_headers(admission.tokens)}
+    return target, body, headers, admission
 
 
 # --- request checks (pure) ------------------------------------------------------------------------
@@ -346,16 +367,21 @@ def parse_body(raw: bytes, endpoint: str) -> dict:
 
 # --- proxying --------------------------------------------------------------------------------------
 
-_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> client
+_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> session
+# What a replica that failed looks like from here: refused, reset, broken off, timed out.
+ENGINE_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
-def _client() -> httpx.AsyncClient:
+def _client() -> aiohttp.ClientSession:
+    """The connections to the replicas, kept alive, one session per event loop. aiohttp rather
+    than httpx on this hop: a third of httpx's cost per request, which is most of what the
+    gateway adds to a short completion."""
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
     if client is None:
-        client = _clients[loop] = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.ENGINE_TIMEOUT, connect=5.0),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+        client = _clients[loop] = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=settings.ENGINE_TIMEOUT),
+            connector=aiohttp.TCPConnector(limit=512, limit_per_host=0),
             headers=auth_headers(settings.ENGINE_API_KEY))
     return client
 
@@ -378,24 +404,24 @@ async def _route(pool: PoolClient, target: Target) -> Route:
         raise EngineUnavailable(f"No engine replica can take the request now: {exc}") from None
 
 
-async def _send(pool: PoolClient, target: Target, endpoint: str, body: dict) -> tuple[httpx.Response, Route]:
+async def _send(pool: PoolClient, target: Target, endpoint: str, body: dict
+                ) -> tuple[aiohttp.ClientResponse, Route]:
     """Send to a replica. A replica that does not answer is marked down and the request goes to
     another (nothing was generated yet); one that no longer knows the adapter (it restarted) gets
     it again through a new lease. At most three tries."""
     for attempt in (1, 2, 3):
         route = await _route(pool, target)
         try:
-            request = _client().build_request("POST", f"{route.engine_url}/v1/{endpoint}", json=body)
-            response = await _client().send(request, stream=True)
-        except httpx.HTTPError as exc:
+            response = await _client().post(f"{route.engine_url}/v1/{endpoint}", json=body)
+        except ENGINE_FAILURES as exc:
             pool.release(route)
             pool.mark_down(route.replica, f"its engine did not answer ({type(exc).__name__})")
             continue
         except BaseException:  # cancelled (the client went away): hand the lease back
             pool.release(route)
             raise
-        if response.status_code == 404 and target.adapter_id is not None and attempt < 3:
-            await response.aclose()
+        if response.status == 404 and target.adapter_id is not None and attempt < 3:
+            response.release()
             pool.release(route)
             pool.forget(route)
             continue
@@ -403,18 +429,22 @@ async def _send(pool: PoolClient, target: Target, endpoint: str, body: dict) -> 
     raise EngineUnavailable("No engine replica answered the request.")
 
 
-async def _engine_error(response: httpx.Response) -> Reply:
-    raw = await response.aread()
-    await response.aclose()
+async def _engine_error(response: aiohttp.ClientResponse) -> Reply:
+    try:
+        raw = await response.read()
+    except ENGINE_FAILURES:
+        raw = b""
+    finally:
+        response.release()
     try:
         payload = json.loads(raw)
         message = (payload.get("error") or {}).get("message") or payload.get("message") or str(payload)
     except (ValueError, AttributeError):
         message = raw[:500].decode(errors="replace")
-    if response.status_code >= 500:
-        log.error("engine answered %s: %s", response.status_code, message)
+    if response.status >= 500:
+        log.error("engine answered %s: %s", response.status, message)
         return _error(ApiError("The engine failed on this request.", code="engine_error", status=502))
-    return _error(ApiError(message, code="invalid_request", status=response.status_code))
+    return _error(ApiError(message, code="invalid_request", status=response.status))
 
 
 def _usage_of(payload: dict) -> tuple[int, int]:
@@ -466,11 +496,10 @@ async def complete(endpoint: str, *, authorization: str | None, raw: bytes, requ
 
 async def _answer(endpoint: str, authorization: str | None, raw: bytes, request,
                   started: float) -> Reply:
-    reservation: Reservation | None = None
+    reservation: ratelimit.Admission | None = None
     target: Target | None = None
     try:
-        target, body, limit_headers, reservation = await sync_to_async(_admit)(
-            authorization, raw, endpoint, request)
+        target, body, limit_headers, reservation = await _admit(authorization, raw, endpoint, request)
         pool = pool_for(target.base_model)
         stream = bool(body.get("stream"))
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -488,7 +517,7 @@ async def _answer(endpoint: str, authorization: str | None, raw: bytes, request,
         await _finish(reservation, 0)
         raise
     kind = _kind(target)
-    if response.status_code != 200:
+    if response.status != 200:
         pool.release(route)
         await _finish(reservation, 0)
         reply = await _engine_error(response)
@@ -500,8 +529,8 @@ async def _answer(endpoint: str, authorization: str | None, raw: bytes, request,
         return Reply(200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                            "X-Accel-Buffering": "no", **limit_headers}, stream=relay, kind=kind)
     try:
-        answer = await response.aread()
-    except httpx.HTTPError as exc:
+        answer = await response.read()
+    except ENGINE_FAILURES as exc:
         pool.mark_down(route.replica, f"it failed during an answer ({type(exc).__name__})")
         await _finish(reservation, 0)
         reply = _error(EngineUnavailable("The engine replica failed during the answer; retry the request."))
@@ -511,7 +540,7 @@ async def _answer(endpoint: str, authorization: str | None, raw: bytes, request,
         await _finish(reservation, 0)
         raise
     finally:
-        await response.aclose()
+        response.release()  # back to the kept-alive connections, or closed when not read to the end
         pool.release(route)
     prompt, completion = _usage_of(json.loads(answer))
     _record(target, prompt, completion)
@@ -519,9 +548,9 @@ async def _answer(endpoint: str, authorization: str | None, raw: bytes, request,
     return Reply(200, {"Content-Type": JSON, **limit_headers}, answer, kind=kind)
 
 
-async def _finish(reservation: Reservation | None, actual_tokens: int) -> None:
-    if reservation is not None and not reservation.finished:
-        await sync_to_async(reservation.finish, thread_sensitive=False)(actual_tokens)
+async def _finish(reservation: ratelimit.Admission | None, actual_tokens: int) -> None:
+    if reservation is not None:
+        await ratelimit.finish(reservation, actual_tokens)
 
 
 async def _complete(request, endpoint: str) -> HttpResponse:
@@ -547,8 +576,8 @@ class _Relay:
     stream abandoned before its first event (a generator's own ``finally`` would not run then).
     """
 
-    def __init__(self, response: httpx.Response, pool: PoolClient, route: Route, target: Target,
-                 wants_usage: bool, reservation: Reservation, observe) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, pool: PoolClient, route: Route, target: Target,
+                 wants_usage: bool, reservation: ratelimit.Admission, observe) -> None:
         self.response, self.pool, self.route, self.target = response, pool, route, target
         self.wants_usage, self.reservation, self.observe = wants_usage, reservation, observe
         self.usage = (0, 0)
@@ -566,7 +595,8 @@ class _Relay:
         if self._finished:
             return
         self._finished = True
-        await self.response.aclose()
+        self.response.release()  # closes the connection when the stream was not read to its end,
+        # which is what aborts the request in the engine
         self.pool.release(self.route)
         _record(self.target, *self.usage)
         self.observe(Reply(200, {}, kind=_kind(self.target)))
@@ -575,7 +605,7 @@ class _Relay:
     async def _relay(self):
         done = False
         try:
-            async for line in self.response.aiter_lines():
+            async for line in _lines(self.response):
                 if not line:
                     continue
                 if line.startswith("data: {") and '"usage":{' in line:
@@ -585,13 +615,26 @@ class _Relay:
                         continue  # the usage-only chunk we asked for on the caller's behalf
                 done = line == "data: [DONE]"
                 yield f"{line}\n\n".encode()
-        except httpx.HTTPError as exc:
+        except ENGINE_FAILURES as exc:
             self.pool.mark_down(self.route.replica, f"it broke off a stream ({type(exc).__name__})")
             log.warning("stream of %s broken off by %s: %s", self.target.model, self.route.engine_url, exc)
         finally:
             await self._close()
         if not done:
             yield STREAM_FAILED
+
+
+async def _lines(response: aiohttp.ClientResponse):
+    """The response's lines as they arrive, without their line ends (of any length: aiohttp's
+    own line reader refuses lines over 64 KiB, which an echoed prompt with logprobs can be)."""
+    pending = b""
+    async for chunk in response.content.iter_any():
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode()
+    if pending:
+        yield pending.rstrip(b"\r").decode()
 
 
 def _subject(principal: Principal) -> str:

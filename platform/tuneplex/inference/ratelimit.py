@@ -1,15 +1,29 @@
-"""Per-key request rate limit for the inference endpoints: a fixed one-minute window.
+"""The gateway's limits, per request: one round trip to admit it, one to settle it.
 
-With REDIS_URL the counters live in Redis (shared by every web process: ``INCR`` + ``EXPIRE`` in
-one round trip); on the embedded default they live in this process, which is the only web
-process there.
+Three limits, each 0 for unlimited:
+
+- requests per API key (or signed-in user) per minute: a fixed one-minute window;
+- tokens per organization per minute: a request reserves what it may cost (its prompt, estimated
+  from its size, plus max_tokens x n x prompts) before it reaches the engine, and settles with the
+  usage the engine reports when it ends, so an organization that saturates its budget is refused
+  at the gateway (429) while the engine keeps serving the others;
+- requests in flight per organization: members of a sorted set scored by start time, so the
+  slots of a process that died free themselves after ``stale_after`` seconds.
+
+With REDIS_URL the counters live in Redis, shared by every web process: :func:`admit` checks and
+takes all three in one Lua script (atomic, one round trip), :func:`finish` settles the tokens and
+frees the slot in one pipeline. Both run on the event loop (redis' asyncio client), so a request
+costs no thread hop here. On the embedded default the counters live in this process, which is
+the only web process there.
 """
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import threading
 import time
+import uuid
+import weakref
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -19,53 +33,12 @@ WINDOW = 60
 
 @dataclass(frozen=True)
 class Verdict:
+    """The request limit's state for headers: ``limit`` 0 when there is none."""
+
     allowed: bool
     limit: int
     remaining: int
     reset_after: int  # seconds until the window ends
-
-
-_memory: dict[str, int] = {}
-_memory_lock = threading.Lock()
-
-
-@functools.cache
-@functools.cache
-def _redis(url: str):
-    """One client (and connection pool) per process: a new client per call would open a TCP
-    connection per call, several per request (redis-py's pool is thread-safe and fork-aware)."""
-    import redis
-
-    return redis.Redis.from_url(url, socket_timeout=2)
-
-
-def hit(subject: str, limit: int) -> Verdict:
-    """Count one request of ``subject`` (an API key id); ``limit`` 0 means unlimited."""
-    if limit <= 0:
-        return Verdict(True, 0, 0, 0)
-    now = time.time()
-    window = int(now // WINDOW)
-    reset_after = int(WINDOW - now % WINDOW) + 1
-    key = f"tuneplex:ratelimit:{subject}:{window}"
-    if settings.REDIS_URL:
-        with _redis(settings.REDIS_URL).pipeline(transaction=True) as pipe:
-            count, _ = pipe.incr(key).expire(key, WINDOW + 5).execute()
-    else:
-        with _memory_lock:
-            for stale in [k for k in _memory if not k.endswith(f":{window}")]:
-                del _memory[stale]
-            count = _memory[key] = _memory.get(key, 0) + 1
-    return Verdict(count <= limit, limit, max(0, limit - count), reset_after)
-
-
-# --- tokens and concurrency per organization --------------------------------------------------------
-#
-# Tokens: a fixed one-minute window per organization. A request reserves what it may cost
-# (its prompt, estimated from its size, plus max_tokens x n x prompts) before it reaches the
-# engine, and settles with the usage the engine reports when it ends, so an organization that
-# saturates its budget is refused at the gateway (429) while the engine keeps serving the others.
-# Concurrency: the organization's requests in flight, as members of a Redis sorted set scored by
-# start time, so the slots of a process that died free themselves after ``stale_after`` seconds.
 
 
 @dataclass(frozen=True)
@@ -77,73 +50,173 @@ class TokenVerdict:
     window: int
 
 
-def spend(subject: str, amount: int, limit: int, *, now: float | None = None) -> TokenVerdict:
-    """Reserve ``amount`` tokens of ``subject``'s minute; refused (and not reserved) beyond ``limit``.
-    ``limit`` 0 means unlimited."""
+@dataclass(frozen=True)
+class Limits:
+    """What one request asks for and the limits it is held to (0: unlimited)."""
+
+    requester: str  # the key or user the request limit counts
+    organization: str  # the subject of the token budget and the concurrency cap
+    requests_per_minute: int
+    tokens: int  # the reservation
+    tokens_per_minute: int
+    concurrency: int
+    stale_after: float
+
+
+@dataclass
+class Admission:
+    """The verdict on one request; ``refused_by`` is None when it was admitted, else which
+    limit refused it ("requests", "tokens" or "concurrency"; nothing of it is held then)."""
+
+    refused_by: str | None
+    requests: Verdict
+    tokens: TokenVerdict
+    limits: Limits
+    slot: str
+    finished: bool = False
+
+
+REFUSALS = {1: "requests", 2: "tokens", 3: "concurrency"}
+
+# KEYS: the key's request counter, the organization's token counter, its in-flight set.
+# ARGV: request limit, tokens asked, token limit, concurrency limit, slot, now, stale before,
+#       counter ttl, in-flight ttl.  Returns {refusal (0 = admitted), requests counted, tokens
+#       counted for the organization before this request}.
+_ADMIT = """
+local requests, tokens, total = 0, tonumber(ARGV[2]), 0
+if tonumber(ARGV[1]) > 0 then
+  requests = redis.call('INCR', KEYS[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[8])
+  if requests > tonumber(ARGV[1]) then return {1, requests, 0} end
+end
+if tonumber(ARGV[3]) > 0 then
+  total = redis.call('INCRBY', KEYS[2], tokens)
+  redis.call('EXPIRE', KEYS[2], ARGV[8])
+  if total > tonumber(ARGV[3]) then
+    redis.call('DECRBY', KEYS[2], tokens)
+    return {2, requests, total - tokens}
+  end
+end
+if tonumber(ARGV[4]) > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[7])
+  if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[4]) then
+    if tonumber(ARGV[3]) > 0 then redis.call('DECRBY', KEYS[2], tokens) end
+    return {3, requests, total - tokens}
+  end
+  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[5])
+  redis.call('EXPIRE', KEYS[3], ARGV[9])
+end
+return {0, requests, total - tokens}
+"""
+
+
+def _keys(limits: Limits, window: int) -> tuple[str, str, str]:
+    return (f"tuneplex:ratelimit:{limits.requester}:{window}",
+            f"tuneplex:tokens:{limits.organization}:{window}",
+            f"tuneplex:inflight:{limits.organization}")
+
+
+async def admit(limits: Limits, *, now: float | None = None) -> Admission:
+    """Count the request, reserve its tokens and take a concurrency slot, or none of these."""
     now = time.time() if now is None else now
     window = int(now // WINDOW)
     reset_after = int(WINDOW - now % WINDOW) + 1
-    if limit <= 0:
-        return TokenVerdict(True, 0, 0, 0, window)
-    key = f"tuneplex:tokens:{subject}:{window}"
-    total = _add(key, amount)
-    if total > limit:
-        _add(key, -amount)
-        return TokenVerdict(False, limit, max(0, limit - (total - amount)), reset_after, window)
-    return TokenVerdict(True, limit, limit - total, reset_after, window)
-
-
-def settle(subject: str, window: int, delta: int) -> None:
-    """Correct a reservation made in ``window`` by ``delta`` tokens (actual - reserved)."""
-    if delta:
-        _add(f"tuneplex:tokens:{subject}:{window}", delta)
-
-
-def _add(key: str, amount: int) -> int:
+    slot = uuid.uuid4().hex
     if settings.REDIS_URL:
-        with _redis(settings.REDIS_URL).pipeline(transaction=True) as pipe:
-            total, _ = pipe.incrby(key, amount).expire(key, WINDOW + 5).execute()
-        return int(total)
-    with _memory_lock:
-        window = key.rsplit(":", 1)[1]
-        for stale in [k for k in _memory if k.startswith("tuneplex:tokens:")
-                      and not k.endswith(f":{window}")]:
-            del _memory[stale]
-        _memory[key] = _memory.get(key, 0) + amount
-        return _memory[key]
+        keys = _keys(limits, window)
+        _, script = _async_redis(settings.REDIS_URL)
+        refusal, requests, before = await script(keys=keys, args=[
+            limits.requests_per_minute, limits.tokens, limits.tokens_per_minute, limits.concurrency,
+            slot, now, now - limits.stale_after, WINDOW + 5, int(limits.stale_after) + 5])
+    else:
+        refusal, requests, before = _admit_in_memory(limits, window, slot, now)
+    refused_by = REFUSALS.get(int(refusal))
+    request_verdict = Verdict(refused_by != "requests", limits.requests_per_minute,
+                              max(0, limits.requests_per_minute - int(requests)), reset_after)
+    spent = int(before) + (limits.tokens if refused_by is None else 0)
+    token_verdict = TokenVerdict(refused_by is None, limits.tokens_per_minute,
+                                 max(0, limits.tokens_per_minute - spent), reset_after, window)
+    return Admission(refused_by, request_verdict, token_verdict, limits, slot,
+                     finished=refused_by is not None)
 
 
-_slots: dict[str, dict[str, float]] = {}
-
-
-def acquire_slot(subject: str, token: str, limit: int, *, stale_after: float) -> bool:
-    """Take one of ``limit`` concurrent slots of ``subject`` for ``token``; 0 means unlimited."""
-    if limit <= 0:
-        return True
-    now = time.time()
-    if settings.REDIS_URL:
-        key = f"tuneplex:inflight:{subject}"
-        with _redis(settings.REDIS_URL).pipeline(transaction=True) as pipe:
-            (pipe.zremrangebyscore(key, 0, now - stale_after).zadd(key, {token: now})
-             .zcard(key).expire(key, int(stale_after) + 5))
-            _, _, count, _ = pipe.execute()
-        if count > limit:
-            release_slot(subject, token)
-            return False
-        return True
-    with _memory_lock:
-        held = _slots.setdefault(subject, {})
-        for old in [t for t, started in held.items() if started < now - stale_after]:
-            del held[old]
-        if len(held) >= limit:
-            return False
-        held[token] = now
-        return True
-
-
-def release_slot(subject: str, token: str) -> None:
-    if settings.REDIS_URL:
-        _redis(settings.REDIS_URL).zrem(f"tuneplex:inflight:{subject}", token)
+async def finish(admission: Admission, actual_tokens: int) -> None:
+    """Settle an admitted request's tokens with what the engine reported and free its slot (once)."""
+    if admission.finished:
         return
-    with _memory_lock:
-        _slots.get(subject, {}).pop(token, None)
+    admission.finished = True
+    limits, window = admission.limits, admission.tokens.window
+    delta = actual_tokens - limits.tokens if limits.tokens_per_minute > 0 else 0
+    if not delta and limits.concurrency <= 0:
+        return
+    _, tokens_key, inflight_key = _keys(limits, window)
+    if not settings.REDIS_URL:
+        with _lock:
+            if delta:
+                _counters[tokens_key] = _counters.get(tokens_key, 0) + delta
+            _slots.get(inflight_key, {}).pop(admission.slot, None)
+        return
+    client, _ = _async_redis(settings.REDIS_URL)
+    async with client.pipeline(transaction=False) as pipe:
+        if delta:
+            pipe.incrby(tokens_key, delta).expire(tokens_key, WINDOW + 5)
+        if limits.concurrency > 0:
+            pipe.zrem(inflight_key, admission.slot)
+        await pipe.execute()
+
+
+async def hit(requester: str, limit: int, *, now: float | None = None) -> Verdict:
+    """Count one request of ``requester`` against its request limit only (for a request refused
+    before its cost is known: a bad body, an unknown model)."""
+    admission = await admit(Limits(requester, "", limit, 0, 0, 0, 0), now=now)
+    return admission.requests
+
+
+# --- Redis ----------------------------------------------------------------------------------------
+
+_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> (client, script)
+
+
+def _async_redis(url: str):
+    """One asyncio client (and connection pool) per event loop of this process, with the
+    admission script (run by EVALSHA; redis-py loads it again if the server lost it)."""
+    import redis.asyncio
+
+    loop = asyncio.get_running_loop()
+    found = _clients.get(loop)
+    if found is None:
+        client = redis.asyncio.Redis.from_url(url, socket_timeout=2)
+        found = _clients[loop] = (client, client.register_script(_ADMIT))
+    return found
+
+
+# --- in this process (no REDIS_URL) ---------------------------------------------------------------
+
+_lock = threading.Lock()
+_counters: dict[str, int] = {}  # request and token counters of the current windows
+_slots: dict[str, dict[str, float]] = {}  # in-flight set -> slot -> started
+
+
+def _admit_in_memory(limits: Limits, window: int, slot: str, now: float) -> tuple[int, int, int]:
+    requests_key, tokens_key, inflight_key = _keys(limits, window)
+    with _lock:
+        for stale in [k for k in _counters if not k.endswith(f":{window}")]:
+            del _counters[stale]
+        requests = 0
+        if limits.requests_per_minute > 0:
+            requests = _counters[requests_key] = _counters.get(requests_key, 0) + 1
+            if requests > limits.requests_per_minute:
+                return 1, requests, 0
+        before = _counters.get(tokens_key, 0)
+        if limits.tokens_per_minute > 0 and before + limits.tokens > limits.tokens_per_minute:
+            return 2, requests, before
+        if limits.concurrency > 0:
+            held = _slots.setdefault(inflight_key, {})
+            for old in [s for s, started in held.items() if started < now - limits.stale_after]:
+                del held[old]
+            if len(held) >= limits.concurrency:
+                return 3, requests, before
+            held[slot] = now
+        if limits.tokens_per_minute > 0:
+            _counters[tokens_key] = before + limits.tokens
+        return 0, requests, before
