@@ -193,6 +193,25 @@ def test_only_the_newest_checkpoints_are_kept_in_storage(org_a, default_model, s
     stored = list_prefix(f"orgs/{org_a.organization.id}/jobs/{job.id}/checkpoints")
     assert [name.split("/")[-2] for name in stored] == ["step-4-a1", "step-6-a1"]
 
+    # A job continued from the step-4 checkpoint keeps it (beyond the newest two) while it is
+    # unfinished; once it has finished, the next checkpoint drops it.
+    child = queued_job(org_a, default_model)
+    FineTuningJob.objects.filter(id=child.id).update(parent_checkpoint=job.checkpoints.get(step=4))
+
+    def save(step: int) -> None:
+        prefix = checkpoint_prefix(job, attempt=1, step=step)
+        upload_directory(tmp_path, prefix, ["trainer_state.json"])
+        with django_capture_on_commit_callbacks(execute=True):
+            job_record_checkpoint(job=job, attempt=1, step=step, blob_prefix=prefix, metrics={})
+
+    save(8)
+    assert sorted(job.checkpoints.values_list("step", flat=True)) == [4, 6, 8]
+    assert list_prefix(checkpoint_prefix(job, attempt=1, step=4))
+    FineTuningJob.objects.filter(id=child.id).update(status="succeeded")
+    save(10)
+    assert sorted(job.checkpoints.values_list("step", flat=True)) == [8, 10]
+    assert not list_prefix(checkpoint_prefix(job, attempt=1, step=4))
+
 
 def test_a_merge_takes_a_gpu_slot(org_a, default_model, settings,
                                   django_capture_on_commit_callbacks):

@@ -427,7 +427,8 @@ def tensorboard_prefix(job: FineTuningJob) -> str:
 def job_record_checkpoint(*, job: FineTuningJob, attempt: int, step: int, blob_prefix: str,
                           metrics: dict, size: int = 0) -> None:
     """Record a checkpoint whose files are already in artifact storage, then drop the ones beyond
-    the newest TUNEPLEX_JOB_KEEP_CHECKPOINTS (their rows in this transaction, their files after)."""
+    the newest TUNEPLEX_JOB_KEEP_CHECKPOINTS (their rows in this transaction, their files after).
+    A checkpoint that an unfinished job continues from is kept until that job has finished."""
     with transaction.atomic():
         _touch(job.id, attempt)
         replaced = list(JobCheckpoint.objects.filter(job=job, step__gte=step)
@@ -435,7 +436,9 @@ def job_record_checkpoint(*, job: FineTuningJob, attempt: int, step: int, blob_p
         JobCheckpoint.objects.filter(job=job, step__gte=step).delete()
         JobCheckpoint.objects.create(job=job, step=step, attempt=attempt, blob_prefix=blob_prefix,
                                      metrics=metrics, bytes=size)
-        stale = list(JobCheckpoint.objects.filter(job=job).order_by("-step")
+        in_use = (FineTuningJob.objects.filter(parent_checkpoint__job=job)
+                  .exclude(status__in=FineTuningJob.FINISHED).values("parent_checkpoint"))
+        stale = list(JobCheckpoint.objects.filter(job=job).exclude(id__in=in_use).order_by("-step")
                      [settings.JOB_KEEP_CHECKPOINTS:].values_list("id", "blob_prefix"))
         JobCheckpoint.objects.filter(id__in=[checkpoint_id for checkpoint_id, _ in stale]).delete()
         job_event(job, f"Checkpoint saved at step {step}.", data={"step": step})
