@@ -12,7 +12,24 @@ def _comparison_id() -> str:
     return new_id("cmp-")
 
 
-class Feedback(models.Model):
+class PlaygroundRecord(models.Model):
+    """What every record kept from the playground carries: who made it and when, and the dataset
+    it was exported into (``exported_to``, declared by each with its own help text)."""
+
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                   on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        abstract = True
+        indexes = [models.Index(fields=["organization", "-created_at"])]
+
+    @property
+    def exported_to_or_none(self) -> str | None:
+        return self.exported_to or None
+
+
+class Feedback(PlaygroundRecord):
     """A rated exchange from the playground: the conversation up to the answer that was rated.
 
     Thumbs-up exchanges become supervised examples of a feedback dataset (:func:`feedback_export`);
@@ -36,19 +53,9 @@ class Feedback(models.Model):
         max_length=64, blank=True, default="",
         help_text="The preference dataset it went into, paired with an answer of the other "
                   "rating to the same prompt.")
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
-                                   on_delete=models.SET_NULL, related_name="+")
-    created_at = models.DateTimeField(auto_now_add=True)
-
-    class Meta:
-        indexes = [models.Index(fields=["organization", "-created_at"])]
-
-    @property
-    def exported_to_or_none(self) -> str | None:
-        return self.exported_to or None
 
 
-class Comparison(models.Model):
+class Comparison(PlaygroundRecord):
     """Two answers to the same prompt, one marked better (the side-by-side playground): a
     preference pair for DPO (:func:`tuneplex.feedback.services.preference_export`)."""
 
@@ -63,13 +70,3 @@ class Comparison(models.Model):
     non_preferred = models.TextField(help_text="The worse answer.")
     exported_to = models.CharField(max_length=64, blank=True, default="",
                                    help_text="The preference dataset it was exported into.")
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
-                                   on_delete=models.SET_NULL, related_name="+")
-    created_at = models.DateTimeField(auto_now_add=True)
-
-    class Meta:
-        indexes = [models.Index(fields=["organization", "-created_at"])]
-
-    @property
-    def exported_to_or_none(self) -> str | None:
-        return self.exported_to or None
