@@ -549,8 +549,10 @@ async def _answer(endpoint: str, authorization: str | None, raw: bytes, request,
 
 
 async def _finish(reservation: ratelimit.Admission | None, actual_tokens: int) -> None:
-    if reservation is not None:
-        await ratelimit.finish(reservation, actual_tokens)
+    """Settle and free the request's slot, also when the request is being cancelled meanwhile
+    (a slot left taken would count against the organization until it goes stale)."""
+    if reservation is not None and not reservation.finished:
+        await asyncio.shield(ratelimit.finish(reservation, actual_tokens))
 
 
 async def _complete(request, endpoint: str) -> HttpResponse:

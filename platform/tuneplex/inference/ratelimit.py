@@ -122,7 +122,9 @@ async def admit(limits: Limits, *, now: float | None = None) -> Admission:
     window = int(now // WINDOW)
     reset_after = int(WINDOW - now % WINDOW) + 1
     slot = uuid.uuid4().hex
-    if settings.REDIS_URL:
+    if limits.requests_per_minute <= 0 and limits.tokens_per_minute <= 0 and limits.concurrency <= 0:
+        refusal, requests, before = 0, 0, 0  # nothing to count
+    elif settings.REDIS_URL:
         keys = _keys(limits, window)
         _, script = _async_redis(settings.REDIS_URL)
         refusal, requests, before = await script(keys=keys, args=[
