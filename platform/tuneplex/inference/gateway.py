@@ -258,8 +258,10 @@ def _who_blocking(authorization: str | None, request) -> Principal:
     return _authenticate(authorization, request)
 
 
-def _what_blocking(principal: Principal, model: str) -> Target:
+def _what_blocking(principal: Principal, model: str, request) -> Target:
     """The model's target, and the serving pool asked for its state if this process has not yet."""
+    if request is None:
+        close_old_connections()  # also here: the caller may have come from the cache
     target = _resolve(principal, model)
     pool_for(target.base_model).ensure_fresh()
     return target
@@ -280,7 +282,7 @@ async def _admit(authorization: str | None, raw: bytes, endpoint: str, request=N
         body["cache_salt"] = cache_salt(principal.organization.id)
         target = _cached_target(principal, body["model"])
         if target is None or not pool_for(target.base_model).refreshed.is_set():
-            target = await sync_to_async(_what_blocking)(principal, body["model"])
+            target = await sync_to_async(_what_blocking)(principal, body["model"], request)
     except ApiError:
         verdict = await ratelimit.hit(_subject(principal), settings.INFERENCE_RATE_LIMIT)
         if not verdict.allowed:
