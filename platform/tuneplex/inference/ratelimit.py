@@ -43,7 +43,9 @@ class Verdict:
 
 @dataclass(frozen=True)
 class TokenVerdict:
-    allowed: bool
+    """The token budget's state for headers (``limit`` 0 when there is none) and the window the
+    reservation was made in."""
+
     limit: int
     remaining: int
     reset_after: int
@@ -136,7 +138,7 @@ async def admit(limits: Limits, *, now: float | None = None) -> Admission:
     request_verdict = Verdict(refused_by != "requests", limits.requests_per_minute,
                               max(0, limits.requests_per_minute - int(requests)), reset_after)
     spent = int(before) + (limits.tokens if refused_by is None else 0)
-    token_verdict = TokenVerdict(refused_by is None, limits.tokens_per_minute,
+    token_verdict = TokenVerdict(limits.tokens_per_minute,
                                  max(0, limits.tokens_per_minute - spent), reset_after, window)
     return Admission(refused_by, request_verdict, token_verdict, limits, slot,
                      finished=refused_by is not None)
