@@ -55,8 +55,11 @@ ADVANCED: dict[str, tuple[type, str, str]] = {
                          "Fraction held out to evaluate when no validation file is given (0-0.5)."),
     "checkpoint_every_steps": (int, "Checkpoint every", "Steps between resumable checkpoints."),
     "seed": (int, "Seed", "Data order, initialisation and dropout."),
-    "gpus": (int, "GPUs", "GPUs to train on at once, data-parallel (same losses as one, "
-                          "faster). At most what one GPU worker has. Blank: 1."),
+    "gpus": (int, "GPUs", "GPUs to train on at once (same losses as one, faster). At most "
+                          "what one GPU worker has. Blank: 1."),
+    "sharding": (str, "Sharding", "With several GPUs: auto splits the model across them only "
+                                  "when it does not fit one GPU; off gives each GPU a whole copy; "
+                                  "fsdp always splits (LoRA only). Blank: auto."),
     "gradient_checkpointing": (bool, "Gradient checkpointing",
                                "Recompute every layer: least memory, slowest. Unchecked, the "
                                "worker checkpoints only the layers its memory needs."),

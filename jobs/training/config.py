@@ -18,6 +18,7 @@ METHODS = ("lora", "qlora")
 OBJECTIVES = ("supervised", "dpo")  # OpenAI's method types
 SCHEDULERS = ("cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+SHARDINGS = ("auto", "off", "fsdp")
 ALL_LINEAR = "all-linear"
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
@@ -100,6 +101,11 @@ class TrainingConfig:
         "GPUs the job trains on, one process each (data-parallel: every GPU holds the model and "
         "each step's examples are split between them; same global batch, same losses as one "
         "GPU). 1-64, at most what one GPU worker has (TUNEPLEX_JOB_MAX_GPUS).", 1)
+    sharding: str = _doc(
+        "With several GPUs: off = every GPU holds the whole model (data-parallel); fsdp = the "
+        "base weights and the adapter are split across the GPUs, each gathering one layer at a "
+        "time (FSDP2: for models too large for one GPU; LoRA only); auto = fsdp when the base "
+        "weights would take more than half of one GPU's memory budget.", "auto")
     device: str = _doc("auto, cpu or cuda.", "auto")
     resume_from: str | None = _doc("Checkpoint directory to resume from.", None)
 
@@ -135,6 +141,10 @@ class TrainingConfig:
         if self.max_steps is not None:
             _int_range(self, "max_steps", 1, 10**9)
         _int_range(self, "gpus", 1, 64)
+        _check(self.sharding in SHARDINGS, "sharding", f"must be one of {', '.join(SHARDINGS)}")
+        if self.method == "qlora":
+            _check(self.sharding != "fsdp", "sharding",
+                   "qlora is not sharded (a 4-bit model of 70B parameters fits one GPU); use lora")
         _check(isinstance(self.assistant_only_loss, bool), "assistant_only_loss",
                "must be true or false")
         _check(self.gradient_checkpointing is None or isinstance(self.gradient_checkpointing, bool),

@@ -15,6 +15,8 @@ budget, so ranks run different numbers of passes per step (DDP needs the same nu
 at r=16 on every linear layer), so one fused all-reduce per step costs about a millisecond over
 NVLink against a step of seconds. Only rank 0 reports (events, metrics, checkpoints); a stop
 request is agreed on at step boundaries, so no rank leaves a collective the others are in.
+
+A model too large for one GPU is sharded across the ranks instead (:mod:`jobs.training.sharding`).
 """
 
 from __future__ import annotations
@@ -104,6 +106,15 @@ def sum_across(values: list[float], world: World, device: torch.device) -> list[
     tensor = torch.tensor(values, dtype=torch.float64, device=_reduce_device(device))
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def most_across(value: int, world: World, device: torch.device) -> int:
+    """The largest of one count over the ranks (the forward passes every rank must run)."""
+    if not world.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_reduce_device(device))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def any_rank(flag: bool, world: World, device: torch.device) -> bool:

@@ -14,6 +14,9 @@ Pure Python (the platform runs it at job creation). The estimate adds up, in byt
                 and the hidden states' gradient; otherwise fp32 logits with their gradient
   overhead      CUDA context and allocator slack: 1 GiB on GPUs, 0.5 GiB on the CPU
 
+A job sharded over N GPUs (:func:`shards`, :mod:`jobs.training.sharding`) holds 1/N of the
+decoder layers' weights and of the adapter on each, plus two layers gathered whole.
+
 The plan (:func:`plan_activations`): gradient checkpointing covers the fewest leading layers
 that make the estimate fit the budget (none when everything fits), decided again for each
 forward pass from its own token count (a short micro-batch recomputes fewer layers); only when
@@ -43,6 +46,8 @@ SPLIT_TOKENS = (8192, 4096, 2048, 1024, 512)
 # workspaces and kernels' temporaries are not counted above (on the H200 the estimate came out
 # 5% above the measured peak).
 HEADROOM = 0.95
+# auto sharding splits a model whose weights take more than this share of one GPU's budget.
+AUTO_SHARD_SHARE = 0.5
 # fp32 logits per chunk of the fused head (jobs.training.kernels.CHUNK_LOGIT_BYTES).
 HEAD_CHUNK_BYTES = 256 * 2**20
 
@@ -254,26 +259,52 @@ def split_choices(tokens: int, longest_example: int, *, packing: bool = True) ->
     return choices
 
 
+def weight_bytes(shape: ModelShape, *, method: str, bf16: bool, on_gpu: bool) -> int:
+    """The base weights in device memory (one whole copy)."""
+    table = shape.vocab * shape.hidden
+    if method == "qlora":
+        body = max(0, shape.parameters - (1 if shape.tied else 2) * table)
+        return int(body * NF4_BYTES_PER_PARAM + table * 2)
+    # on a GPU an untied input embedding stays in host memory (jobs.training.offload)
+    on_device = shape.parameters - (table if on_gpu and not shape.tied else 0)
+    return on_device * (2 if bf16 else 4)
+
+
+def shards(*, sharding: str, method: str, gpus: int, weights: int, budget: int | None) -> int:
+    """Over how many GPUs a job's model is split (jobs.training.sharding): 1, each GPU holding a
+    whole copy, unless the job has several GPUs and LoRA, and ``sharding`` is fsdp, or auto with
+    weights above half of one GPU's budget."""
+    if gpus <= 1 or method == "qlora" or sharding == "off":
+        return 1
+    if sharding == "fsdp" or (budget is not None and weights > AUTO_SHARD_SHARE * budget):
+        return gpus
+    return 1
+
+
 def estimate(shape: ModelShape, *, method: str, rank: int, targets: set[str] | None,
              micro_batch: int, seq_len: int, gradient_checkpointing: bool | None, bf16: bool,
              on_gpu: bool, target_fraction: float = 0.5, available: int | None = None,
-             fused_kernels: bool = False) -> MemoryEstimate:
-    """Peak memory of a micro-batch of ``seq_len``-token examples under the trainer's plan.
+             fused_kernels: bool = False, gpus: int = 1, sharding: str = "off") -> MemoryEstimate:
+    """Peak memory of one GPU (or the CPU) for a micro-batch of ``seq_len``-token examples under
+    the trainer's plan.
 
     ``gradient_checkpointing`` None is the trainer's auto: on a GPU, the plan that fits
     ``available`` (all layers checkpointed when ``available`` is not given: the least memory
     the job can run in); on the CPU, none. ``fused_kernels``: liger-kernel on the worker
-    (smaller activations); leave False when unknown, the larger estimate.
+    (smaller activations); leave False when unknown, the larger estimate. A job sharded over its
+    ``gpus`` (:func:`shards`) holds a share of the weights and adapter, plus two decoder layers
+    gathered whole (the one computing and the next, prefetched).
     """
-    table = shape.vocab * shape.hidden
-    # on a GPU an untied input embedding stays in host memory (jobs.training.offload)
-    on_device = shape.parameters - (table if on_gpu and not shape.tied else 0)
-    if method == "qlora":
-        body = max(0, shape.parameters - (1 if shape.tied else 2) * table)
-        weights = int(body * NF4_BYTES_PER_PARAM + table * 2)
-    else:
-        weights = on_device * (2 if bf16 else 4)
+    weights = weight_bytes(shape, method=method, bf16=bf16, on_gpu=on_gpu)
     adapter = lora_parameters(shape, rank, targets) * 16
+    split = shards(sharding=sharding, method=method, gpus=gpus, weights=weights, budget=available)
+    if split > 1:
+        layer = (shape.parameters - (1 if shape.tied else 2) * shape.vocab * shape.hidden) \
+            // shape.layers * (2 if bf16 else 4)
+        # the output head (and the input embedding, where it is not in host memory) stay whole
+        whole = (1 if shape.tied or on_gpu else 2) * shape.vocab * shape.hidden * (2 if bf16 else 4)
+        weights = -(-(weights - whole) // split) + whole + 2 * layer
+        adapter = -(-adapter // split)
     overhead = GIB if on_gpu else GIB // 2
     tokens = forward_tokens(micro_batch=micro_batch, longest_example=seq_len)
     mode = gradient_checkpointing

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import torch
 
 from jobs.training import checkpoint as ckpt
-from jobs.training import distributed
+from jobs.training import distributed, sharding
 from jobs.training.attention import (
     VARLEN,
     packed_attention_kwargs,
@@ -67,10 +67,13 @@ from jobs.training.memory import (
     ActivationPlan,
     ModelShape,
     plan_activations,
+    shards,
     split_choices,
+    weight_bytes,
 )
 from jobs.training.offload import embedding_to_host
 from jobs.training.preference import REFERENCE_ADAPTER, TRAINED_ADAPTER, DpoObjective
+from jobs.training.sharding import init_lora
 
 KEEP_CHECKPOINTS = 3
 AUTOCAST_DTYPE = "_tuneplex_autocast_dtype"  # set on the model by load_model; read by forward_loss
@@ -163,45 +166,60 @@ def _use_bf16(config: TrainingConfig, device: torch.device) -> bool:
 
 
 def load_model(config: TrainingConfig, device: torch.device, attention: str = "sdpa",
-               fused_kernels: bool = True):
+               fused_kernels: bool = True, *, sharded: bool = False,
+               world: distributed.World = distributed.World()):
     """The base model with LoRA adapters, fused kernels where available, and activation
     checkpointing on every layer if the config forces it (the automatic plan comes later,
-    :func:`apply_checkpoint_plan`, once the model's real size is known)."""
+    :func:`apply_checkpoint_plan`, once the model's real size is known). ``sharded``: split
+    across the ranks of ``world`` (:mod:`jobs.training.sharding`)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if _use_bf16(config, device) else torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention}
-    if config.method == "qlora":
+    if sharded:
+        model = sharding.build_skeleton(Path(config.base_model_dir), dtype, attention)
+    elif config.method == "qlora":
         from jobs.training.quantization import four_bit_config, prepare_quantized
 
         kwargs["quantization_config"] = four_bit_config()
         kwargs["device_map"] = {"": device.index or 0}
         kwargs["dtype"] = torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(config.base_model_dir, **kwargs)
-    if config.method == "qlora":
-        model = prepare_quantized(model, device)
+        model = prepare_quantized(AutoModelForCausalLM.from_pretrained(config.base_model_dir,
+                                                                       **kwargs), device)
     else:
+        model = AutoModelForCausalLM.from_pretrained(config.base_model_dir, **kwargs)
         if device.type == "cuda":
             embedding_to_host(model, device)  # frozen lookup table: 1 GB less on an 8B model
         model.to(device)
     fused = fused_kernels and device.type == "cuda" and apply_fused_kernels(model)
     model.config.use_cache = False
-    torch.manual_seed(config.seed)  # LoRA's A matrices are initialised from this
+    torch.manual_seed(config.seed)  # dropout's random state starts here
     lora = LoraConfig(
         r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=ALL_LINEAR if config.target_modules == ALL_LINEAR else list(config.target_modules),
         bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    if config.init_adapter_dir:
-        _start_from_adapter(model, Path(config.init_adapter_dir),
-                            reference=config.objective == "dpo")
+    if sharded and config.init_adapter_dir and config.objective == "dpo":
+        raise ValueError("a DPO job continued from an adapter cannot be sharded yet (its "
+                         "reference adapter is loaded whole): set sharding to off")
+    if not sharded:
+        init_lora(model, config.seed)
+        if config.init_adapter_dir:
+            _start_from_adapter(model, Path(config.init_adapter_dir),
+                                reference=config.objective == "dpo")
     if kwargs["dtype"] == torch.bfloat16:
         _compute_adapters_in_bf16(model)
     if fused_kernels:
         fuse_lora_scale_add(model)
         fuse_swiglu_adapters(model)
     setattr(model, FUSED_KERNELS, fused)
+    if sharded:
+        sharding.shard(model, _decoder_layers(model), device, world, bf16=dtype == torch.bfloat16)
+        sharding.materialise(model, Path(config.base_model_dir), device, world, seed=config.seed,
+                             host_embedding=device.type == "cuda")
+        if config.init_adapter_dir:
+            _start_from_adapter(model, Path(config.init_adapter_dir), reference=False)
     if config.gradient_checkpointing:
         apply_checkpoint_plan(model, len(_decoder_layers(model)))
     return model
@@ -212,22 +230,14 @@ def _start_from_adapter(model, directory: Path, *, reference: bool) -> None:
     exactly (same rank and target modules). With ``reference`` (DPO) the same weights are also
     loaded, frozen, as the reference adapter: DPO then measures against the adapter training
     continues from, not against the bare base model."""
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(directory / "adapter_model.safetensors")
     try:
-        result = set_peft_model_state_dict(model, weights, adapter_name=TRAINED_ADAPTER)
-    except RuntimeError as exc:  # tensors of another shape: another rank
-        problem = str(exc).splitlines()[-1].strip()[:200]
-    else:
-        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k
-                   and f".{TRAINED_ADAPTER}." in k]
-        unexpected = list(getattr(result, "unexpected_keys", []))
-        problem = f"missing {missing[:2]}, unexpected {unexpected[:2]}" if missing or unexpected else ""
-    if problem:
+        ckpt.load_adapter_weights(model, load_file(directory / "adapter_model.safetensors"))
+    except ValueError as exc:
         raise ValueError(f"the adapter in {directory.name} does not fit this job's LoRA settings "
-                         f"({problem}): continued training needs the same rank and target modules")
+                         f"({str(exc)[:200]}): continued training needs the same rank and target "
+                         "modules") from None
     if reference:
         from peft.tuners.lora import LoraLayer
 
@@ -288,6 +298,22 @@ def _scheduler(config: TrainingConfig, optimizer, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
+def _shard(config: TrainingConfig, world: distributed.World, available: int | None,
+           bf16: bool, device: torch.device) -> bool:
+    """Whether this job's model is sharded across its processes: the rule of the platform's
+    pre-flight estimate (:func:`jobs.training.memory.shards`), on the model's real size."""
+    if not world.distributed or config.sharding == "off" or config.method == "qlora":
+        return False
+    weights = 0
+    if config.sharding == "auto":
+        path = Path(config.base_model_dir)
+        shape = ModelShape.from_directory(path, sharding.parameter_count(path))
+        weights = weight_bytes(shape, method=config.method, bf16=bf16,
+                               on_gpu=device.type == "cuda")
+    return shards(sharding=config.sharding, method=config.method, gpus=world.size,
+                  weights=weights, budget=available) > 1
+
+
 def _memory_budget(config: TrainingConfig, device: torch.device) -> int | None:
     """The GPU memory this job plans for: ``memory_limit_gib`` (enforced through the caching
     allocator) or the whole device; None on the CPU."""
@@ -316,12 +342,16 @@ def _activation_plan(model, config: TrainingConfig, examples, trainable, device:
                     else len(micro) * max(lengths[i] for i in micro))
             largest = max(largest, size)
     target_share = min(1.0, sum(sum(e.loss_mask) for e in examples) / sum(lengths) * 1.25)
-    n_trainable = sum(p.numel() for p in trainable)
+    n_trainable = sum(sharding.local_numel(p) for p in trainable)  # this rank's share, sharded
     adapter = n_trainable * 16  # fp32 weights, gradients, AdamW's two moments
     if device.type == "cuda":
         weights = torch.cuda.memory_allocated(device) - n_trainable * 4
     else:
-        weights = sum(p.numel() * p.element_size() for p in model.parameters()) - n_trainable * 4
+        weights = sum(sharding.local_numel(p) * p.element_size()
+                      for p in model.parameters()) - n_trainable * 4
+    if sharding.is_sharded(model):  # a layer gathered whole, and the next one prefetched
+        layer = _decoder_layers(model)[0]
+        weights += 2 * sum(p.numel() * (2 if config.bf16 else 4) for p in layer.parameters())
     mode = config.gradient_checkpointing
     if mode is None and device.type != "cuda":
         mode = False  # the CPU has the memory; recomputing would only cost time
@@ -437,15 +467,19 @@ def evaluate(model, examples, *, batch_size: int, packing: bool, pad_id: int,
     ... (dpo) over ``examples`` (each rank evaluates every world.size-th one)."""
     objective = objective or SupervisedObjective()
     model.eval()
-    examples = examples[world.rank::world.size]
+    parts = [examples[world.rank::world.size][start:start + batch_size]
+             for start in range(0, len(examples[world.rank::world.size]), batch_size)]
+    if sharding.is_sharded(model):  # as many passes on every rank; the extra ones count nothing
+        parts += [[]] * (distributed.most_across(len(parts), world, device) - len(parts))
     totals: dict[str, float] = dict.fromkeys(objective.TALLIES, 0.0)
     units = 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(sequences_of(examples[start:start + batch_size]), packing=packing,
+    for part in parts:
+        batch = collate(sequences_of(part or examples[:1]), packing=packing,
                         pad_id=pad_id).to(device)
         _, tallies = objective.forward(model, batch)
-        _add(totals, tallies)
-        units += objective.units(batch)
+        if part:
+            _add(totals, tallies)
+            units += objective.units(batch)
     model.train()
     totals, units = _sum_tallies(totals, units, world, device)
     return {f"eval_{name}": value for name, value in objective.summary(totals, units).items()}
@@ -481,12 +515,16 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
     bf16 = config.method == "qlora" or _use_bf16(config, device)  # QLoRA computes in bf16
     config = config.replace(packing=_use_packing(config, device, bf16), bf16=bf16)
     available = _memory_budget(config, device)
-    model = load_model(config, device, attention=_attention(config.packing, device, bf16))
+    sharded = _shard(config, world, available, bf16, device)
+    model = load_model(config, device, attention=_attention(config.packing, device, bf16),
+                       sharded=sharded, world=world)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    distributed.broadcast_parameters(trainable, world)
+    if not sharded:
+        distributed.broadcast_parameters(trainable, world)
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
-                                  weight_decay=config.weight_decay, fused=device.type == "cuda")
+                                  weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda" and not sharded)
     plan = _activation_plan(model, config, data.train, trainable, device, available)
     _report_plan(plan, available, report)
     micro_per_epoch = math.ceil(len(data.train) / config.batch_size)
@@ -508,7 +546,8 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
         f"({len(data.validation)} for evaluation): {config.epochs} epoch(s), {total_steps} steps, "
         f"micro-batch {config.batch_size} x accumulation {config.gradient_accumulation_steps}, "
         f"lr {config.learning_rate:g}, {n_trainable:,} trainable parameters on {device.type}"
-        + (f" x {world.size} processes (data-parallel)." if world.distributed else "."),
+        + (f" x {world.size} processes ({'sharded, FSDP2' if sharded else 'data-parallel'})."
+           if world.distributed else "."),
         data={"total_steps": total_steps, "trainable_parameters": n_trainable,
               "hyperparameters": {"epochs": config.epochs, "batch_size": config.batch_size,
                                   "learning_rate": config.learning_rate}})
@@ -546,6 +585,8 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
                 "elapsed_seconds": round(state.elapsed_seconds, 2),
                 "eta_seconds": round(state.elapsed_seconds / state.step * (total_steps - state.step), 1),
             }
+            if device.type == "cuda":  # this process's peak so far (rank 0's, sharded or not)
+                metrics["gpu_memory_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 2)
             if data.validation and (state.step % eval_every == 0 or state.step == total_steps):
                 metrics.update(evaluate(model, data.validation, batch_size=config.batch_size,
                                         packing=config.packing, pad_id=pad_id, device=device,
@@ -553,8 +594,10 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
                 stopped_early = _early_stop(config, state, metrics["eval_loss"])
             state.last_metrics = metrics
             report.metrics(metrics)
-            if world.main and state.step % checkpoint_every == 0 and state.step < total_steps:
-                _save_checkpoint(checkpoints_dir, model, optimizer, scheduler, state, report)
+            if ((world.main or sharded) and state.step % checkpoint_every == 0
+                    and state.step < total_steps):  # sharded: every rank gathers, rank 0 writes
+                _save_checkpoint(checkpoints_dir, model, optimizer, scheduler, state, report,
+                                 write=world.main)
             if distributed.any_rank(report.should_stop(), world, device):
                 raise Cancelled()
             if state.step >= total_steps or stopped_early:
@@ -568,8 +611,8 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
 
     # save ------------------------------------------------------------------------------------
     adapter_dir = Path(config.output_dir) / "adapter"
-    if world.main:  # every rank holds the same adapter; rank 0 writes it
-        ckpt.save_adapter(model, adapter_dir, config_json=config.to_json())
+    if world.main or sharded:  # rank 0 writes it (sharded, after every rank gathered it)
+        ckpt.save_adapter(model, adapter_dir, config_json=config.to_json(), write=world.main)
     return TrainResult(status="succeeded", adapter_dir=str(adapter_dir),
                        sha256=ckpt.sha256_of(adapter_dir) if world.main else "", steps=state.step,
                        trained_tokens=state.trained_tokens, config=_as_dict(config),
@@ -580,6 +623,7 @@ def _optimizer_step(model, optimizer, scheduler, trainable, group, examples, *, 
                     device, report, max_forward_tokens: int | None = None,
                     plan: ActivationPlan | None = None,
                     world: distributed.World = distributed.World()) -> dict[str, Any]:
+    first = examples[group[0][0]]  # what an idle pass runs (sharded), with zero weight
     if world.distributed:  # this rank's share of the step, in micro-batches of the same size
         share = distributed.shard([i for micro in group for i in micro],
                                   [len(examples[i].input_ids) for micro in group for i in micro],
@@ -599,22 +643,28 @@ def _optimizer_step(model, optimizer, scheduler, trainable, group, examples, *, 
         world, device))
     totals: dict[str, float] = dict.fromkeys(objective.TALLIES, 0.0)
     tokens = 0
-    for batch in batches:
+    sharded = sharding.is_sharded(model)
+    work = [(batch, 1.0) for batch in batches]
+    if sharded:  # every rank runs as many passes as the busiest (each gathers every layer)
+        idle = collate(sequences_of([first]), packing=config.packing, pad_id=pad_id)
+        work += [(idle, 0.0)] * (distributed.most_across(len(batches), world, device) - len(batches))
+    for index, (batch, weight) in enumerate(work):
         if plan is not None:
             apply_checkpoint_plan(model, plan.layers_for(batch.input_ids.numel()))
+        sharding.set_gradient_sync(model, index == len(work) - 1)  # reduce once, after the last
         loss_sum, tallies = objective.forward(model, batch.to(device))
-        (loss_sum / units).backward()
-        _add(totals, tallies)
-        tokens += batch.tokens
+        (loss_sum * (weight / units)).backward()
+        if weight:
+            _add(totals, tallies)
+            tokens += batch.tokens
         if not world.distributed and report.should_stop():  # ranks stop together, between steps
             raise Cancelled()
-    distributed.sum_gradients(trainable, world)
+    if not sharded:  # sharded, the last backward pass reduce-scattered the gradients
+        distributed.sum_gradients(trainable, world)
     totals, tokens = _sum_tallies(totals, tokens, world, device)
-    if config.max_grad_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-    else:
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([p.grad.norm() for p in trainable if p.grad is not None]))
+    # An infinite norm measures without clipping (sharded gradients need the collective norm).
+    grad_norm = sharding.gathered(torch.nn.utils.clip_grad_norm_(
+        trainable, config.max_grad_norm if config.max_grad_norm > 0 else math.inf))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -633,9 +683,13 @@ def _early_stop(config: TrainingConfig, state: ckpt.TrainerState, eval_loss: flo
                 and state.evals_without_improvement >= config.early_stopping_patience)
 
 
-def _save_checkpoint(directory: Path, model, optimizer, scheduler, state, report) -> None:
+def _save_checkpoint(directory: Path, model, optimizer, scheduler, state, report,
+                     write: bool = True) -> None:
     path = directory / f"step-{state.step}"
-    ckpt.save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
+    ckpt.save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
+                         write=write)
+    if not write:
+        return
     report.checkpoint(state.step, str(path), state.last_metrics)
     old = sorted(directory.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     for stale in old[:-KEEP_CHECKPOINTS]:

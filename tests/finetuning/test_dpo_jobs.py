@@ -159,3 +159,31 @@ def test_the_time_estimate_of_a_dpo_job_counts_the_reference_forward(org_a, defa
     supervised = estimate("supervised")
     assert dpo.tokens == supervised.tokens
     assert dpo.seconds == pytest.approx(supervised.seconds * 6 / 4, rel=1e-3)
+
+
+def test_sharding_is_a_hyperparameter_and_a_continued_dpo_job_is_never_sharded(
+        org_a, default_model, pairs_of_a, settings):
+    settings.JOB_MAX_GPUS = settings.GPU_SLOTS = 2
+    sharded = create_job(org_a, model=MODEL, training_file=pairs_of_a, method=DPO,
+                         hyperparameters={"gpus": 2, "sharding": "fsdp"})
+    whole = create_job(org_a, model=MODEL, training_file=pairs_of_a, method=DPO,
+                       hyperparameters={"gpus": 2, "sharding": "off"})
+    assert sharded.status_code == whole.status_code == 200, sharded.content
+    assert sharded.json()["training"]["sharding"] == "fsdp"
+    estimates = [FineTuningJob.objects.get(id=r.json()["id"]).estimated_memory_bytes
+                 for r in (sharded, whole)]
+    assert estimates[0] < estimates[1]  # each GPU holds about half of the decoder layers
+    bogus = create_job(org_a, model=MODEL, training_file=pairs_of_a, method=DPO,
+                       hyperparameters={"sharding": "zero3"})
+    assert _error(bogus) == (400, "invalid_hyperparameter", "hyperparameters.sharding")
+
+    parent = _parent(org_a, default_model)
+    jobs = FineTuningJob.objects.filter(organization=org_a.organization).count()
+    refused = create_job(org_a, model=parent.name, training_file=pairs_of_a, method=DPO,
+                         hyperparameters={"gpus": 2, "sharding": "fsdp"})
+    assert _error(refused) == (400, "invalid_hyperparameter", "hyperparameters.sharding")
+    assert "reference adapter" in refused.json()["error"]["message"]
+    assert FineTuningJob.objects.filter(organization=org_a.organization).count() == jobs
+    replicas = create_job(org_a, model=parent.name, training_file=pairs_of_a, method=DPO,
+                          hyperparameters={"gpus": 2, "sharding": "off"})
+    assert replicas.status_code == 200, replicas.content

@@ -17,8 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from jobs.training.distributed import World, shard
+from tests.fixtures.datasets import pirate_lines
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 4  # 32 examples, 8 a step (micro-batch 4 x accumulation 2)
@@ -107,3 +110,45 @@ def test_two_gloo_processes_match_one_and_resume_in_one_after_a_kill(make_config
     assert sorted(_losses(resumed)) == [3, 4]
     assert _losses(resumed) == pytest.approx({s: expected[s] for s in (3, 4)}, rel=1e-4, abs=1e-5)
     assert any("Resumed from checkpoint at step 2" in m.get("message", "") for m in resumed)
+
+
+def test_fsdp_sharded_processes_match_one_and_a_sharded_checkpoint_resumes_in_one(make_config,
+                                                                                  tmp_path):
+    """The same, with the model sharded across the two processes (FSDP2, ``sharding: fsdp``):
+    same losses and evaluation as one unsharded process (9 held-out examples: one rank evaluates
+    two batches, the other one, so it runs an extra pass that counts nothing), the same adapter,
+    gathered whole by rank 0; a sharded checkpoint resumes unsharded in one process."""
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text("\n".join(pirate_lines(9)) + "\n")
+    options = {"validation_file": str(validation), "eval_every_steps": 2}
+    one = _run(1, make_config, tmp_path, "one", **options)
+    two = _run(2, make_config, tmp_path, "sharded", sharding="fsdp", **options)
+    expected = _losses(one)
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    assert _losses(two) == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert _evals(two) == pytest.approx(_evals(one), rel=1e-4, abs=1e-5)
+    assert sorted(_evals(one)) == [2, 4]
+    started = next(m for m in two if m["type"] == "event" and "processes" in m["message"])
+    assert "x 2 processes (sharded, FSDP2)" in started["message"]
+    adapters = [load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+                for name in ("one", "sharded")]
+    assert sorted(adapters[0]) == sorted(adapters[1]) and adapters[0]
+    for key, tensor in adapters[0].items():
+        assert adapters[1][key].shape == tensor.shape
+        torch.testing.assert_close(adapters[1][key], tensor, rtol=1e-3, atol=1e-5)
+
+    killed = _start(2, make_config, tmp_path, "sharded-killed", sharding="fsdp", **options)
+    try:
+        seen = _messages(killed, until=lambda m: m["type"] == "checkpoint")
+    finally:
+        _kill(killed)
+    checkpoint = next(m for m in seen if m["type"] == "checkpoint")
+    assert checkpoint["step"] == 2 and killed.returncode == -signal.SIGKILL
+    resumed = _run(1, make_config, tmp_path, "sharded-resumed", resume_from=checkpoint["path"],
+                   **options)
+    assert _losses(resumed) == pytest.approx({s: expected[s] for s in (3, 4)}, rel=1e-4, abs=1e-5)
+
+
+def _evals(messages: list[dict]) -> dict[int, float]:
+    return {m["data"]["step"]: m["data"]["eval_loss"] for m in messages
+            if m["type"] == "metrics" and "eval_loss" in m["data"]}

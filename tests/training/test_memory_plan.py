@@ -15,12 +15,16 @@ from jobs.training.memory import (
     estimate,
     forward_tokens,
     plan_activations,
+    shards,
     split_choices,
+    weight_bytes,
 )
 from jobs.training.tokenize import TokenizedExample
 
 LLAMA_8B = ModelShape(parameters=8_030_261_248, hidden=4096, intermediate=14336, layers=32,
                       vocab=128256, heads=32, kv_heads=8)
+LLAMA_70B = ModelShape(parameters=70_553_706_496, hidden=8192, intermediate=28672, layers=80,
+                       vocab=128256, heads=64, kv_heads=8)
 
 
 def _examples(*lengths: int) -> list[TokenizedExample]:
@@ -123,6 +127,31 @@ def test_the_preflight_estimate_follows_the_trainers_plan():
     cpu = estimate(LLAMA_8B, gradient_checkpointing=None, **{**common, "on_gpu": False})
     cpu_off = estimate(LLAMA_8B, gradient_checkpointing=False, **{**common, "on_gpu": False})
     assert cpu.total == cpu_off.total  # the CPU trainer does not recompute
+
+
+def test_auto_sharding_splits_only_what_one_gpu_cannot_hold_and_the_estimate_follows():
+    h200 = 139 * GIB
+    lora = {"method": "lora", "bf16": True, "on_gpu": True}
+    big, small = weight_bytes(LLAMA_70B, **lora), weight_bytes(LLAMA_8B, **lora)
+    assert shards(sharding="auto", method="lora", gpus=2, weights=big, budget=h200) == 2
+    assert shards(sharding="auto", method="lora", gpus=2, weights=small, budget=h200) == 1
+    assert shards(sharding="fsdp", method="lora", gpus=4, weights=small, budget=h200) == 4
+    assert shards(sharding="off", method="lora", gpus=2, weights=big, budget=h200) == 1
+    assert shards(sharding="fsdp", method="lora", gpus=1, weights=big, budget=h200) == 1
+    assert shards(sharding="auto", method="qlora", gpus=2, weights=big, budget=h200) == 1
+
+    common = {"method": "lora", "rank": 16, "targets": None, "micro_batch": 8, "seq_len": 2048,
+              "bf16": True, "on_gpu": True, "gradient_checkpointing": None, "available": h200}
+    one = estimate(LLAMA_70B, **common)
+    two = estimate(LLAMA_70B, gpus=2, sharding="auto", **common)
+    assert one.weights > h200  # 70B does not fit one H200 ...
+    assert two.total <= h200 * HEADROOM  # ... and fits two, sharded
+    layer = (LLAMA_70B.parameters - 2 * LLAMA_70B.vocab * LLAMA_70B.hidden) // 80 * 2
+    head = LLAMA_70B.vocab * LLAMA_70B.hidden * 2
+    assert two.weights == -(-(one.weights - head) // 2) + head + 2 * layer
+    assert two.adapter == -(-one.adapter // 2)
+    replicas = estimate(LLAMA_8B, gpus=2, sharding="auto", **common)
+    assert replicas == estimate(LLAMA_8B, **common)  # 8B: a whole copy on each GPU
 
 
 @pytest.fixture(scope="module")

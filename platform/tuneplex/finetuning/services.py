@@ -14,7 +14,15 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from jobs.training.config import ALL_LINEAR, ConfigError, TrainingConfig
-from jobs.training.memory import GIB, MemoryEstimate, ModelShape, advice, estimate
+from jobs.training.memory import (
+    GIB,
+    MemoryEstimate,
+    ModelShape,
+    advice,
+    estimate,
+    shards,
+    weight_bytes,
+)
 from tuneplex.audit.services import audit_record
 from tuneplex.basemodels.inspect import linear_module_names
 from tuneplex.basemodels.models import BaseModel
@@ -120,6 +128,21 @@ def _check_gpus(config: TrainingConfig) -> None:
             "gpus", f"this platform has {settings.GPU_SLOTS} GPU(s) in all (TUNEPLEX_GPU_SLOTS)")
 
 
+def _check_unsharded(config: TrainingConfig, base_model: BaseModel) -> None:
+    """A DPO job continued from an adapter loads that adapter whole as its reference, which the
+    sharded trainer cannot hold yet: refuse it where the job would be sharded."""
+    shape = ModelShape.from_directory(Path(base_model.directory), base_model.parameter_count)
+    on_gpu = settings.TRAINING_DEVICE == "cuda"
+    weights = weight_bytes(shape, method=config.method, on_gpu=on_gpu,
+                           bf16=on_gpu if config.bf16 is None else config.bf16)
+    if shards(sharding=config.sharding, method=config.method, gpus=config.gpus, weights=weights,
+              budget=settings.TRAINING_MEMORY) > 1:
+        raise _hyperparameter_error(
+            "sharding", "a DPO job continued from an adapter cannot be sharded across GPUs yet "
+                        "(its reference adapter is held whole); use sharding 'off' with a model "
+                        "that fits one GPU, or start the DPO job from the base model")
+
+
 def _check_qlora_possible(requested: dict[str, Any]) -> None:
     """Never silently train QLoRA as LoRA: refuse it where there are no CUDA workers."""
     if requested.get("method") == "qlora" and settings.TRAINING_DEVICE != "cuda":
@@ -140,7 +163,8 @@ def longest_example_tokens(file: File, max_seq_len: int) -> int:
 
 def memory_estimate(config: TrainingConfig, base_model: BaseModel, *,
                     longest_example: int | None = None):
-    """Peak memory of a micro-batch of the longest examples (padding-free packing: their sum)."""
+    """Peak memory of one GPU for a micro-batch of the longest examples (padding-free packing:
+    their sum), with the model split over the job's GPUs where it will be."""
     shape = ModelShape.from_directory(Path(base_model.directory), base_model.parameter_count)
     targets = None if config.target_modules == ALL_LINEAR else set(config.target_modules)
     on_gpu = settings.TRAINING_DEVICE == "cuda"
@@ -149,7 +173,8 @@ def memory_estimate(config: TrainingConfig, base_model: BaseModel, *,
                     seq_len=longest_example or config.max_seq_len,
                     gradient_checkpointing=config.gradient_checkpointing,
                     bf16=on_gpu if config.bf16 is None else config.bf16, on_gpu=on_gpu,
-                    available=settings.TRAINING_MEMORY)  # the trainer plans within it too
+                    available=settings.TRAINING_MEMORY,  # the trainer plans within it too
+                    gpus=config.gpus, sharding=config.sharding)
 
 
 def _training_file(organization: Organization, file_id: Any, param: str,
@@ -228,6 +253,8 @@ def job_plan(*, organization: Organization, model: str, training_file: str,
     _check_method(config, base_model)
     _check_gpus(config)
     _check_target_modules(config, base_model)
+    if parent is not None and config.objective == "dpo":
+        _check_unsharded(config, base_model)
     peak = memory_estimate(config, base_model,
                            longest_example=longest_example_tokens(train, config.max_seq_len))
     if peak.total > settings.TRAINING_MEMORY:
