@@ -72,12 +72,17 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 # --- data ----------------------------------------------------------------------------------------
 
 
+def random_text(rng: random.Random, mean: float) -> str:
+    """Words of a log-normal count around ``mean``, as turn lengths in real chat data are."""
+    count = max(1, int(rng.lognormvariate(0, 0.9) * mean))
+    return " ".join(rng.choice(WORDS) for _ in range(count))
+
+
 def write_dataset(path: Path, n: int, *, mean_words: float, seed: int = 0) -> None:
     rng = random.Random(seed)
 
     def text(mean: float) -> str:
-        count = max(1, int(rng.lognormvariate(0, 0.9) * mean))
-        return " ".join(rng.choice(WORDS) for _ in range(count))
+        return random_text(rng, mean)
 
     with path.open("w") as handle:
         for _ in range(n):
@@ -125,9 +130,26 @@ def _peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_ours(args) -> dict:
+def bench_model(args, prefix: str) -> tuple[Path, str]:
+    """A work folder (``--work`` or a new one) and the model to train: ``--model``, a random
+    ``--shape`` with the embedded SmolLM2's tokenizer (or ``--tokenizer``'s), or SmolLM2 itself."""
+    data_dir = Path(os.environ.get("TUNEPLEX_DATA_DIR", REPO / "var"))
+    smol = args.tokenizer or data_dir / "models" / "SmolLM2-135M-Instruct"
+    if not (smol / "tokenizer.json").exists():
+        from jobs.training.gguf_convert import convert, packaged_gguf
+
+        convert(packaged_gguf(), smol)
+    work = args.work or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    model = args.model or (str(build_random_llama(SHAPES[args.shape], smol, work / args.shape))
+                           if args.shape else str(smol))
+    return work, model
+
+
+def train_recording(config) -> tuple[list[dict], dict, float]:
+    """This trainer's ``train(config, report)`` in this process: each step's metrics, the memory
+    plan it reported, and the wall time."""
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as run.py does
-    from jobs.training.config import TrainingConfig
     from jobs.training.trainer import train
 
     log: list[dict] = []
@@ -147,6 +169,14 @@ def run_ours(args) -> dict:
         def should_stop(self):
             return False
 
+    started = time.perf_counter()
+    train(config, Recorder())
+    return log, plan, time.perf_counter() - started
+
+
+def run_ours(args) -> dict:
+    from jobs.training.config import TrainingConfig
+
     tri_state = {"auto": None, "on": True, "off": False}
     config = TrainingConfig(
         base_model_dir=args.model, train_file=args.data, output_dir=tempfile.mkdtemp(),
@@ -154,9 +184,7 @@ def run_ours(args) -> dict:
         epochs=1, batch_size=args.batch_size, max_seq_len=args.seq_len, max_steps=args.steps,
         checkpoint_every_steps=10**6, gradient_checkpointing=tri_state[args.ours_checkpointing],
         memory_limit_gib=args.memory_limit_gib, packing=tri_state[args.packing], seed=0)
-    started = time.perf_counter()
-    train(config, Recorder())
-    total = time.perf_counter() - started
+    log, plan, total = train_recording(config)
     # Skip the first step (kernel warm-up, allocator growth) for the rate.
     steady = log[1:] if len(log) > 2 else log
     seconds = steady[-1]["elapsed_seconds"] - (log[0]["elapsed_seconds"] if steady is not log else 0)
@@ -360,16 +388,7 @@ def main() -> int:
         child(args)
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    data_dir = Path(os.environ.get("TUNEPLEX_DATA_DIR", REPO / "var"))
-    smol = args.tokenizer or data_dir / "models" / "SmolLM2-135M-Instruct"
-    if not (smol / "tokenizer.json").exists():
-        from jobs.training.gguf_convert import convert, packaged_gguf
-
-        convert(packaged_gguf(), smol)
-    work = args.work or Path(tempfile.mkdtemp(prefix="tuneplex-train-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    model = args.model or (str(build_random_llama(SHAPES[args.shape], smol, work / args.shape))
-                           if args.shape else str(smol))
+    work, model = bench_model(args, "tuneplex-train-bench-")
     data = work / "chat.jsonl"
     # Exactly the examples of `steps` optimizer steps, so both trainers train on the same ones.
     write_dataset(data, args.steps * args.batch_size, mean_words=args.mean_words)
