@@ -130,10 +130,11 @@ def materialise(model, model_dir: Path, device: torch.device, world: distributed
     base = model.get_base_model()
     names = {_checkpoint_key(name): param for name, param in model.named_parameters()
              if "lora_" not in name}
-    if os.environ.get(RANDOM_WEIGHTS_ENV):
-        _random_weights(names, world, seed)
-    else:
-        _read_weights(names, model_dir, world)
+    with torch.no_grad():
+        if os.environ.get(RANDOM_WEIGHTS_ENV):
+            _random_weights(names, world, seed)
+        else:
+            _read_weights(names, model_dir, world, tied=bool(base.config.tie_word_embeddings))
     if base.config.tie_word_embeddings:
         base.tie_weights()
     if host_embedding:
@@ -149,7 +150,7 @@ def _checkpoint_key(name: str) -> str:
 
 
 def _read_weights(params: dict[str, torch.nn.Parameter], model_dir: Path,
-                  world: distributed.World) -> None:
+                  world: distributed.World, *, tied: bool) -> None:
     from safetensors import safe_open
 
     missing = set(params)
@@ -164,9 +165,10 @@ def _read_weights(params: dict[str, torch.nn.Parameter], model_dir: Path,
                 part = source[rows.start:rows.stop] if rows is not None else source[:]
                 _local(param).copy_(part)
                 missing.discard(key)
-    tied = {"lm_head.weight"}  # written once, as the embedding, when tied
-    if missing - tied:
-        raise ValueError(f"the base model's files lack {sorted(missing - tied)[:3]}")
+    if tied:  # the head is the embedding, written once
+        missing.discard("lm_head.weight")
+    if missing:
+        raise ValueError(f"the base model's files lack {sorted(missing)[:3]}")
 
 
 def _random_weights(params: dict[str, torch.nn.Parameter], world: distributed.World,

@@ -152,3 +152,21 @@ def test_fsdp_sharded_processes_match_one_and_a_sharded_checkpoint_resumes_in_on
 def _evals(messages: list[dict]) -> dict[int, float]:
     return {m["data"]["step"]: m["data"]["eval_loss"] for m in messages
             if m["type"] == "metrics" and "eval_loss" in m["data"]}
+
+
+def test_a_sharded_load_names_a_weight_the_files_lack(tmp_path):
+    from safetensors.torch import save_file
+
+    from jobs.training.sharding import _read_weights
+
+    save_file({"model.norm.weight": torch.ones(4)}, tmp_path / "model.safetensors")
+
+    def params():
+        return {name: torch.nn.Parameter(torch.zeros(4), requires_grad=False)
+                for name in ("model.norm.weight", "lm_head.weight")}
+
+    with pytest.raises(ValueError, match="lack \\['lm_head.weight'\\]"):
+        _read_weights(params(), tmp_path, World(), tied=False)
+    loaded = params()
+    _read_weights(loaded, tmp_path, World(), tied=True)  # a tied head is the embedding's copy
+    assert torch.equal(loaded["model.norm.weight"], torch.ones(4))
