@@ -35,9 +35,9 @@ def _command(processes: int, config: Path) -> list[str]:
 
 
 def _start(processes: int, make_config, tmp_path: Path, name: str, **overrides) -> subprocess.Popen:
-    config = make_config(output_dir=str(tmp_path / name), batch_size=4,
-                         gradient_accumulation_steps=2, lora_dropout=0.0, max_steps=STEPS,
-                         checkpoint_every_steps=2, **overrides)
+    config = make_config(**{"output_dir": str(tmp_path / name), "batch_size": 4,
+                            "gradient_accumulation_steps": 2, "lora_dropout": 0.0,
+                            "max_steps": STEPS, "checkpoint_every_steps": 2, **overrides})
     path = tmp_path / f"{name}.json"
     path.write_text(config.to_json())
     environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -147,6 +147,16 @@ def test_fsdp_sharded_processes_match_one_and_a_sharded_checkpoint_resumes_in_on
     resumed = _run(1, make_config, tmp_path, "sharded-resumed", resume_from=checkpoint["path"],
                    **options)
     assert _losses(resumed) == pytest.approx({s: expected[s] for s in (3, 4)}, rel=1e-4, abs=1e-5)
+
+    # Continued training from the finished adapter, sharded and not: the same losses, so each
+    # rank loaded its own rows of the adapter.
+    adapter = str(tmp_path / "one" / "adapter")
+    continued = [_losses(_run(n, make_config, tmp_path, f"continued-{n}", init_adapter_dir=adapter,
+                              max_steps=2, **({"sharding": "fsdp"} if n == 2 else {})))
+                 for n in (1, 2)]
+    assert sorted(continued[0]) == [1, 2]
+    assert continued[1] == pytest.approx(continued[0], rel=1e-4, abs=1e-5)
+    assert continued[0][1] < expected[1] - 0.1  # it starts from the trained adapter
 
 
 def _evals(messages: list[dict]) -> dict[int, float]:
