@@ -58,7 +58,7 @@ SHAPES = {  # Llama-3.2-1B's, Llama-3.1-8B's and Llama-3.1-70B's dimensions
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                      max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False),
-    # Llama-3.1-70B's: 141 GB of bf16 weights, more than one H200 holds (benchmarks/multi_gpu.py
+    # Llama-3.1-70B's: 141 GB of bf16 weights, too many to train on one H200 (benchmarks/multi_gpu.py
     # runs it sharded, from random weights made on the GPUs)
     "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                       num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,

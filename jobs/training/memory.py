@@ -320,9 +320,15 @@ def estimate(shape: ModelShape, *, method: str, rank: int, targets: set[str] | N
 
 
 def advice(estimate_: MemoryEstimate, *, available: int, micro_batch: int, seq_len: int,
-           gradient_checkpointing: bool | None, method: str, on_gpu: bool = False) -> str:
+           gradient_checkpointing: bool | None, method: str, on_gpu: bool = False,
+           gpus: int = 1, max_gpus: int = 1) -> str:
     """What to change so the job fits, most effective first."""
     tips = []
+    more_gpus = (f"train on more GPUs (gpus up to {max_gpus}), which split the model between "
+                 "them" if method == "lora" and max_gpus > gpus else None)
+    if more_gpus and estimate_.weights > AUTO_SHARD_SHARE * available:
+        tips.append(more_gpus)  # the weights alone crowd one GPU: nothing else helps as much
+        more_gpus = None
     recomputing = gradient_checkpointing or (gradient_checkpointing is None and on_gpu)
     if not recomputing and estimate_.activations > estimate_.weights:
         tips.append("enable gradient_checkpointing")
@@ -332,5 +338,7 @@ def advice(estimate_: MemoryEstimate, *, available: int, micro_batch: int, seq_l
         tips.append(f"lower max_seq_len (now {seq_len})")
     if method == "lora":
         tips.append("use method qlora (4-bit base weights)")
+    if more_gpus:
+        tips.append(more_gpus)
     return (f"Estimated peak memory {estimate_.total / GIB:.1f} GiB exceeds the "
             f"{available / GIB:.1f} GiB available: " + ("; or ".join(tips) or "use a larger GPU") + ".")

@@ -12,6 +12,7 @@ from jobs.training.memory import (
     GIB,
     HEADROOM,
     ModelShape,
+    advice,
     estimate,
     forward_tokens,
     plan_activations,
@@ -144,7 +145,7 @@ def test_auto_sharding_splits_only_what_one_gpu_cannot_hold_and_the_estimate_fol
               "bf16": True, "on_gpu": True, "gradient_checkpointing": None, "available": h200}
     one = estimate(LLAMA_70B, **common)
     two = estimate(LLAMA_70B, gpus=2, sharding="auto", **common)
-    assert one.weights > h200  # 70B does not fit one H200 ...
+    assert one.total > h200 * HEADROOM  # 70B does not fit one H200 ...
     assert two.total <= h200 * HEADROOM  # ... and fits two, sharded
     layer = (LLAMA_70B.parameters - 2 * LLAMA_70B.vocab * LLAMA_70B.hidden) // 80 * 2
     head = LLAMA_70B.vocab * LLAMA_70B.hidden * 2
@@ -152,6 +153,13 @@ def test_auto_sharding_splits_only_what_one_gpu_cannot_hold_and_the_estimate_fol
     assert two.adapter == -(-one.adapter // 2)
     replicas = estimate(LLAMA_8B, gpus=2, sharding="auto", **common)
     assert replicas == estimate(LLAMA_8B, **common)  # 8B: a whole copy on each GPU
+
+    tips = {"micro_batch": 8, "seq_len": 2048, "gradient_checkpointing": None, "method": "lora",
+            "available": h200}
+    assert advice(one, max_gpus=8, **tips).split(": ", 1)[1].startswith(
+        "train on more GPUs (gpus up to 8)")  # the weights alone crowd one GPU: first
+    assert "more GPUs" not in advice(one, **tips)  # a worker of one GPU: not offered
+    assert "more GPUs" not in advice(two, gpus=8, max_gpus=8, **tips)
 
 
 @pytest.fixture(scope="module")

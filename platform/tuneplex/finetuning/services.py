@@ -261,7 +261,8 @@ def job_plan(*, organization: Organization, model: str, training_file: str,
         raise ApiError(advice(peak, available=settings.TRAINING_MEMORY,
                               micro_batch=config.batch_size or 8, seq_len=config.max_seq_len,
                               gradient_checkpointing=config.gradient_checkpointing,
-                              method=config.method),
+                              method=config.method, gpus=config.gpus,
+                              max_gpus=min(settings.JOB_MAX_GPUS, settings.GPU_SLOTS)),
                        code="insufficient_memory", param="hyperparameters.batch_size")
     return JobPlan(base_model=base_model, train=train, validation=validation, config=config,
                    memory=peak, method_type=method_type, parent=parent)
