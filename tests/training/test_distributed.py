@@ -72,6 +72,19 @@ def _kill(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def _killed_at_first_checkpoint(make_config, tmp_path: Path, name: str, **overrides) -> dict:
+    """Two processes killed (SIGKILL, the whole torchrun group) once their step-2 checkpoint is
+    recorded: that checkpoint's message."""
+    killed = _start(2, make_config, tmp_path, name, **overrides)
+    try:
+        seen = _messages(killed, until=lambda m: m["type"] == "checkpoint")
+    finally:
+        _kill(killed)
+    checkpoint = next(m for m in seen if m["type"] == "checkpoint")
+    assert checkpoint["step"] == 2 and killed.returncode == -signal.SIGKILL
+    return checkpoint
+
+
 def _losses(messages: list[dict]) -> dict[int, float]:
     return {m["data"]["step"]: m["data"]["train_loss"] for m in messages if m["type"] == "metrics"}
 
@@ -97,15 +110,9 @@ def test_two_gloo_processes_match_one_and_resume_in_one_after_a_kill(make_config
     assert "x 2 processes (data-parallel)" in started["message"]
     assert sum(1 for m in two if m["type"] == "result") == 1  # rank 0 alone speaks
 
-    # Two processes again, killed (SIGKILL, the whole torchrun group) once step 2's checkpoint
-    # is recorded; then one process resumes from it.
-    killed = _start(2, make_config, tmp_path, "killed")
-    try:
-        seen = _messages(killed, until=lambda m: m["type"] == "checkpoint")
-    finally:
-        _kill(killed)
-    checkpoint = next(m for m in seen if m["type"] == "checkpoint")
-    assert checkpoint["step"] == 2 and killed.returncode == -signal.SIGKILL
+    # Two processes again, killed once step 2's checkpoint is recorded; then one process
+    # resumes from it.
+    checkpoint = _killed_at_first_checkpoint(make_config, tmp_path, "killed")
     resumed = _run(1, make_config, tmp_path, "resumed", resume_from=checkpoint["path"])
     assert sorted(_losses(resumed)) == [3, 4]
     assert _losses(resumed) == pytest.approx({s: expected[s] for s in (3, 4)}, rel=1e-4, abs=1e-5)
@@ -137,13 +144,8 @@ def test_fsdp_sharded_processes_match_one_and_a_sharded_checkpoint_resumes_in_on
         assert adapters[1][key].shape == tensor.shape
         torch.testing.assert_close(adapters[1][key], tensor, rtol=1e-3, atol=1e-5)
 
-    killed = _start(2, make_config, tmp_path, "sharded-killed", sharding="fsdp", **options)
-    try:
-        seen = _messages(killed, until=lambda m: m["type"] == "checkpoint")
-    finally:
-        _kill(killed)
-    checkpoint = next(m for m in seen if m["type"] == "checkpoint")
-    assert checkpoint["step"] == 2 and killed.returncode == -signal.SIGKILL
+    checkpoint = _killed_at_first_checkpoint(make_config, tmp_path, "sharded-killed",
+                                             sharding="fsdp", **options)
     resumed = _run(1, make_config, tmp_path, "sharded-resumed", resume_from=checkpoint["path"],
                    **options)
     assert _losses(resumed) == pytest.approx({s: expected[s] for s in (3, 4)}, rel=1e-4, abs=1e-5)
