@@ -115,7 +115,8 @@ def shard(model, layers: list[torch.nn.Module], device: torch.device, world: dis
             module.set_gradient_divide_factor(1.0)  # the loss is already a global mean
             if hasattr(module, "set_force_sum_reduction_for_comms"):  # a plain sum, which gloo
                 module.set_force_sum_reduction_for_comms(True)  # needs (NCCL scales in place)
-    setattr(model, ROOT, decoder)
+    # In the instance's dict, not as a submodule: the decoder is already one, deeper down.
+    object.__setattr__(model, ROOT, decoder)
 
 
 def materialise(model, model_dir: Path, device: torch.device, world: distributed.World,
