@@ -173,6 +173,9 @@ def test_sharding_is_a_hyperparameter_and_a_continued_dpo_job_is_never_sharded(
     estimates = [FineTuningJob.objects.get(id=r.json()["id"]).estimated_memory_bytes
                  for r in (sharded, whole)]
     assert estimates[0] < estimates[1]  # each GPU holds about half of the decoder layers
+    auto = create_job(org_a, model=MODEL, training_file=pairs_of_a, method=DPO,
+                      hyperparameters={"sharding": "auto", "gpus": 2})
+    assert auto.json()["training"]["sharding"] == "auto", auto.content  # a value, not "unset"
     bogus = create_job(org_a, model=MODEL, training_file=pairs_of_a, method=DPO,
                        hyperparameters={"sharding": "zero3"})
     assert _error(bogus) == (400, "invalid_hyperparameter", "hyperparameters.sharding")

@@ -142,15 +142,20 @@ def test_cancel_stops_a_running_job_within_seconds(ready, gpu_workers, org_a):
     assert job.step < 60 and not Adapter.objects.filter(job_id=job_id).exists()
 
 
-def test_a_two_process_job_trains_data_parallel_under_torchrun(ready, gpu_workers, org_a, settings):
-    """`gpus: 2` on a CPU platform: the worker starts torchrun with two gloo processes; rank 0
-    reports, the job succeeds with one adapter, and no trainer process outlives it."""
+@pytest.mark.parametrize(("sharding", "mode"), [("auto", "data-parallel"),
+                                                ("fsdp", "sharded, FSDP2")])
+def test_a_two_process_job_trains_under_torchrun(ready, gpu_workers, org_a, settings, sharding,
+                                                 mode):
+    """`gpus: 2` on a CPU platform: the worker starts torchrun with two gloo processes, holding
+    the model whole or sharded; rank 0 reports, the job succeeds with one adapter, and no trainer
+    process outlives it."""
     settings.GPU_SLOTS = settings.JOB_MAX_GPUS = 2
     gpu_workers(extra_env={"TUNEPLEX_GPU_SLOTS": "2", "TUNEPLEX_JOB_MAX_GPUS": "2",
                            "OMP_NUM_THREADS": "1"})
     file_id = upload(org_a, lines_to_bytes(pirate_lines(24)))
     job_id = create_job(org_a, model=MODEL, training_file=file_id, hyperparameters={
-        "n_epochs": 1, "batch_size": 4, "gradient_accumulation_steps": 2, "gpus": 2}).json()["id"]
+        "n_epochs": 1, "batch_size": 4, "gradient_accumulation_steps": 2, "gpus": 2,
+        "sharding": sharding}).json()["id"]
     assert job_state(job_id).gpus == 2
     # The default worker's scheduler counts one GPU (its settings); this one counts the two.
     wait_for(lambda: job_state(job_id).status == "queued", timeout=60, message="the job queued")
@@ -161,7 +166,7 @@ def test_a_two_process_job_trains_data_parallel_under_torchrun(ready, gpu_worker
     job = wait_until_finished(job_id, timeout=400)
     assert job.status == "succeeded", job.error
     messages = [e.message for e in job.events.all()]
-    assert any("x 2 processes (data-parallel)" in m for m in messages), messages
+    assert any(f"x 2 processes ({mode})" in m for m in messages), messages
     from tuneplex.adapters.models import Adapter
 
     assert job.step == 3 and Adapter.objects.filter(job_id=job_id).exists()

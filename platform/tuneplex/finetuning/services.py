@@ -47,6 +47,7 @@ WORKER_FIELDS = PATH_FIELDS | {"device", "memory_limit_gib"}
 # Set by the request's method type, not as a hyperparameter.
 METHOD_FIELDS = {"objective"}
 TUNABLE = sorted({f.name for f in dataclasses.fields(TrainingConfig)} - WORKER_FIELDS - METHOD_FIELDS)
+AUTO_IS_NONE = {f.name: f.default is None for f in dataclasses.fields(TrainingConfig)}
 METHOD_TYPES = ("supervised", "dpo")
 # The file format each method trains on.
 PREFERENCE_FORMAT = "preference"
@@ -83,7 +84,9 @@ def training_config_from_request(*, base_model: BaseModel, hyperparameters: dict
         if name not in TUNABLE:
             raise _hyperparameter_error(key, f"unknown hyperparameter {key!r}; known: "
                                              f"{', '.join(['n_epochs', 'learning_rate_multiplier'] + TUNABLE)}")
-        values[name] = None if value == "auto" else value
+        # "auto" is None where None means automatic; where "auto" is a value itself (sharding),
+        # it stays.
+        values[name] = None if value == "auto" and AUTO_IS_NONE.get(name, True) else value
     values.setdefault("max_seq_len", base_model.max_sequence_length)
     if isinstance(values["max_seq_len"], int) and values["max_seq_len"] > base_model.max_sequence_length:
         raise _hyperparameter_error("max_seq_len", f"at most {base_model.max_sequence_length} "
