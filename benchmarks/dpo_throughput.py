@@ -56,8 +56,10 @@ sys.path.insert(0, str(REPO))
 from benchmarks.train_throughput import (  # after the path insert
     SHAPES,
     _peak_memory_mib,
+    TokenCounter,
     bench_model,
     random_text,
+    step_timer,
     train_recording,
     mfu,
 )
@@ -159,7 +161,7 @@ def run_trl(args) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     on_gpu = torch.cuda.is_available()
@@ -178,23 +180,8 @@ def run_trl(args) -> dict:
     dataset = Dataset.from_list(trl_rows(Path(args.data)))
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules="all-linear", task_type="CAUSAL_LM")
-    step_seconds: list[float] = []
-    history: list[dict] = []  # TRL's logged metrics, one entry per step
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            if on_gpu:
-                torch.cuda.synchronize()
-            self.t = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            if on_gpu:
-                torch.cuda.synchronize()
-            step_seconds.append(time.perf_counter() - self.t)
-
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                history.append(dict(logs, step=state.global_step))
+    timer = step_timer()
+    step_seconds, history = timer.seconds, timer.logs  # history: TRL's metrics, one per step
 
     with tempfile.TemporaryDirectory() as output:
         config = DPOConfig(
@@ -207,18 +194,10 @@ def run_trl(args) -> dict:
             dataloader_num_workers=0, disable_tqdm=True)
         trainer = DPOTrainer(model=model, args=config, train_dataset=dataset,
                              processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=[Timer()])
-        computed: list[int] = []
-        useful: list[int] = []
-        collate = trainer.data_collator  # TRL's DataCollatorForPreference
-
-        def counting(features):
-            batch = collate(features)
-            computed.append(batch["input_ids"].numel())
-            useful.append(int(batch["attention_mask"].sum()))
-            return batch
-
+                             callbacks=[timer])
+        counting = TokenCounter(trainer.data_collator)  # TRL's DataCollatorForPreference
         trainer.data_collator = counting
+        computed, useful = counting.computed, counting.useful
         started = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - started

@@ -197,11 +197,57 @@ def run_ours(args) -> dict:
             "step_seconds": [round(b - a, 3) for a, b in zip(elapsed, elapsed[1:])], "plan": plan}
 
 
+class TokenCounter:
+    """Wraps a Trainer's collator: the tokens each batch computes (padding included) and the
+    useful ones (its attention mask)."""
+
+    def __init__(self, collate) -> None:
+        self.collate = collate
+        self.computed: list[int] = []
+        self.useful: list[int] = []
+
+    def __call__(self, features):
+        batch = self.collate(features)
+        self.computed.append(batch["input_ids"].numel())
+        self.useful.append(int(batch["attention_mask"].sum()))
+        return batch
+
+
+def step_timer():
+    """A Trainer callback timing each optimizer step (the GPU synchronised at both ends) and
+    keeping the trainer's per-step logs (``seconds``, ``logs``)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.logs: list[dict] = []
+
+        def _sync(self) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+
+        def on_step_begin(self, a, state, control, **kw):
+            self._sync()
+            self.started = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            self._sync()
+            self.seconds.append(time.perf_counter() - self.started)
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.logs.append(dict(logs, step=state.global_step))
+
+    return StepTimer()
+
+
 def run_stock(args, *, liger: bool = False) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainerCallback, TrainingArguments)
+                              TrainingArguments)
 
     from jobs.training.jsonl import read_examples
     from jobs.training.tokenize import tokenize_example
@@ -230,31 +276,9 @@ def run_stock(args, *, liger: bool = False) -> dict:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
-    computed: list[int] = []
-    useful: list[int] = []
-    step_times: list[float] = []
-    losses: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            if on_gpu:
-                torch.cuda.synchronize()
-            step_times.append(time.perf_counter() - self.t)
-
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(logs["loss"])
-
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-
-    def counting(features):
-        batch = collator(features)
-        computed.append(batch["input_ids"].numel())
-        useful.append(int(batch["attention_mask"].sum()))
-        return batch
+    timer = step_timer()
+    counting = TokenCounter(DataCollatorForSeq2Seq(tokenizer, padding=True,
+                                                   label_pad_token_id=-100))
 
     training_args = TrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
@@ -264,16 +288,17 @@ def run_stock(args, *, liger: bool = False) -> dict:
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
         use_liger_kernel=liger)
     trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=counting,
-                      callbacks=[Timer()])
+                      callbacks=[timer])
     started = time.perf_counter()
     output = trainer.train()
     total = time.perf_counter() - started
+    step_times = timer.seconds
     first = 1 if len(step_times) > 2 else 0
     seconds = sum(step_times[first:])
-    tokens = sum(useful[first:len(step_times)])
+    tokens = sum(counting.useful[first:len(step_times)])
     return {"trainer": "stock-liger" if liger else "stock", "steps": len(step_times),
-            "useful_tokens": tokens, "losses": losses,
-            "computed_tokens": sum(computed[first:len(step_times)]), "seconds": seconds,
+            "useful_tokens": tokens, "losses": [entry["loss"] for entry in timer.logs],
+            "computed_tokens": sum(counting.computed[first:len(step_times)]), "seconds": seconds,
             "wall_seconds": total, "useful_tokens_per_second": tokens / seconds,
             "peak_memory_mib": _peak_memory_mib(), "final_loss": output.training_loss,
             "step_seconds": [round(t, 3) for t in step_times]}

@@ -10,6 +10,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from frontend.views.common import field_errors, get_or_404, polled_section, principal_of
+from jobs.training.config import SCHEDULERS, SHARDINGS, TrainingConfig
 from tuneplex.adapters.selectors import adapter_list
 from tuneplex.basemodels.selectors import base_model_list
 from tuneplex.core.errors import ApiError
@@ -64,6 +65,9 @@ ADVANCED: dict[str, tuple[type, str, str]] = {
                                "Recompute every layer: least memory, slowest. Unchecked, the "
                                "worker checkpoints only the layers its memory needs."),
 }
+# Advanced settings with a fixed set of values: a select, its first option the trainer's default.
+CHOICES = {name: {"default": getattr(TrainingConfig, name), "options": options}
+           for name, options in (("lr_scheduler", SCHEDULERS), ("sharding", SHARDINGS))}
 METHOD_TYPES = {
     "supervised": "Supervised: learn to give the answers in the dataset (chat, alpaca, "
                   "prompt-completion or text files).",
@@ -117,7 +121,7 @@ def _form_context(principal, values, *, plan=None, estimate=None, errors=None) -
             "base_models": base_model_list(enabled_only=True), "presets": PRESETS,
             "adapters": adapter_list(organization=principal.organization).order_by("-created_at")[:200],
             "method_types": METHOD_TYPES, "beta_help": BETA_HELP,
-            "advanced": [(name, *spec) for name, spec in ADVANCED.items()],
+            "advanced": [(name, *spec) for name, spec in ADVANCED.items()], "choices": CHOICES,
             "qlora_available": settings.TRAINING_DEVICE == "cuda",
             "memory_limit": settings.TRAINING_MEMORY, "form_fields": sorted(FORM_FIELDS)}
 

@@ -44,12 +44,19 @@ class TrainerState:
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
+_MARKER = f".{TRAINED_ADAPTER}."
+
+
+def _trained_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The trained adapter's parameters by their name in the model (a DPO job's frozen reference
+    adapter is not among them)."""
+    return {name: param for name, param in model.named_parameters()
+            if "lora_" in name and _MARKER in name}
+
+
 def _trained_adapter(model) -> dict[str, torch.nn.Parameter]:
-    """The trained adapter's parameters by their name in peft's adapter file (a DPO job's frozen
-    reference adapter is not among them)."""
-    marker = f".{TRAINED_ADAPTER}."
-    return {name.replace(marker, "."): param for name, param in model.named_parameters()
-            if "lora_" in name and marker in name}
+    """The same, by their name in peft's adapter file."""
+    return {name.replace(_MARKER, "."): param for name, param in _trained_parameters(model).items()}
 
 
 def gather_adapter(model) -> dict[str, torch.Tensor] | None:
@@ -57,9 +64,7 @@ def gather_adapter(model) -> dict[str, torch.Tensor] | None:
     rank calls it); None when the model is not sharded (peft reads the weights itself)."""
     if not is_sharded(model):
         return None
-    marker = f".{TRAINED_ADAPTER}."
-    return {name: gathered(param.detach()) for name, param in model.named_parameters()
-            if "lora_" in name and marker in name}
+    return {name: gathered(param.detach()) for name, param in _trained_parameters(model).items()}
 
 
 def load_adapter_weights(model, weights: dict[str, torch.Tensor]) -> None:

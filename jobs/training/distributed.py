@@ -1,7 +1,7 @@
 """Data-parallel training across processes started by torchrun: NCCL on GPUs, gloo on CPU.
 
-Every rank holds the whole model and the same LoRA weights (initialised from the same seed, then
-broadcast from rank 0). Each optimizer step takes exactly the examples one process would take
+Every rank holds the whole model and the same LoRA weights (each drawn from the job's seed and
+its name, :func:`jobs.training.sharding.init_lora`, or read from the same file). Each optimizer step takes exactly the examples one process would take
 (the same global batch, the same order); they are split across the ranks by tokens, each rank
 runs forward and backward on its share with the loss divided by the *global* number of target
 tokens, and one all-reduce sums the LoRA gradients. The update is therefore the one-process
@@ -138,11 +138,3 @@ def sum_gradients(params: list[torch.nn.Parameter], world: World) -> None:
         count = grad.numel()
         param.grad = flat[offset:offset + count].view_as(param).to(param.dtype)
         offset += count
-
-
-def broadcast_parameters(params: list[torch.nn.Parameter], world: World) -> None:
-    """Make every rank start from rank 0's trainable weights."""
-    if not world.distributed:
-        return
-    for param in params:
-        dist.broadcast(param.data, src=0)

@@ -302,11 +302,9 @@ def _shard(config: TrainingConfig, world: distributed.World, available: int | No
            bf16: bool, device: torch.device) -> bool:
     """Whether this job's model is sharded across its processes: the rule of the platform's
     pre-flight estimate (:func:`jobs.training.memory.shards`), on the model's real size."""
-    if not world.distributed or config.sharding == "off" or config.method == "qlora":
-        return False
     weights = 0
-    if config.sharding == "auto":
-        path = Path(config.base_model_dir)
+    if world.distributed and config.sharding == "auto" and config.method == "lora":
+        path = Path(config.base_model_dir)  # only auto reads the model's size
         shape = ModelShape.from_directory(path, sharding.parameter_count(path))
         weights = weight_bytes(shape, method=config.method, bf16=bf16,
                                on_gpu=device.type == "cuda")
@@ -519,9 +517,7 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
     model = load_model(config, device, attention=_attention(config.packing, device, bf16),
                        sharded=sharded, world=world)
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not sharded:
-        distributed.broadcast_parameters(trainable, world)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # the same on every rank
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
                                   weight_decay=config.weight_decay,
                                   fused=device.type == "cuda" and not sharded)
