@@ -113,6 +113,7 @@ def summarise(reporter: ProfilingReporter, out: Path | None) -> dict:
                                        for e in top_device},
     }
     if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
         for sort in ("self_cpu_time_total", "self_cuda_time_total"):
             try:
                 table = averages.table(sort_by=sort, row_limit=40)

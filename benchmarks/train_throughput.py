@@ -17,7 +17,9 @@ checkpointing only the layers the memory budget needs; `--memory-limit-gib` sets
 enforces it). The data set holds exactly the examples of `--steps` optimizer steps, so all train
 on the same examples. Each run happens in a fresh process so its peak memory is its own;
 `--repeats N` alternates the trainers N times and reports the medians (GPU machines of one kind
-vary from lease to lease).
+vary from lease to lease). `--warmup` first runs each trainer once, unrecorded: the first process
+on a fresh GPU machine compiles Liger's Triton kernels (again for each new shape) and ran 10-25%
+slower (RESULTS.md).
 
 GPU, as in benchmarks/RESULTS.md (random-initialised Llama-3.1-8B shape, SmolLM2's tokenizer):
 
@@ -402,6 +404,9 @@ def main() -> int:
     parser.add_argument("--only", choices=TRAINERS, help="just this one")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run each trainer this many times, alternating; report medians")
+    parser.add_argument("--warmup", action="store_true",
+                        help="first run each trainer once, unrecorded, so that no measured run "
+                             "compiles Triton kernels (Liger's, in ours and in stock-liger)")
     parser.add_argument("--packing", choices=("auto", "on", "off"), default="auto",
                         help="this trainer's packing (auto: on for the CPU, off on CUDA)")
     parser.add_argument("--which", help=argparse.SUPPRESS)
@@ -418,6 +423,10 @@ def main() -> int:
     # Exactly the examples of `steps` optimizer steps, so both trainers train on the same ones.
     write_dataset(data, args.steps * args.batch_size, mean_words=args.mean_words)
     mean_context = _mean_context(model, data, args.seq_len, args.steps * args.batch_size)
+    if args.warmup:  # unrecorded: fills Triton's on-disk cache, as on a worker that ran a job
+        for which in dict.fromkeys(_trainers(args)):
+            if _run_child(which, args, data, model) is None:
+                return 1
     results = []
     # Alternate the trainers (ours, stock, ours, stock, ...): GPU machines of one kind differ by
     # up to a third in speed from one lease to the next, and drift within one.

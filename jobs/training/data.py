@@ -184,12 +184,17 @@ class Batch:
     tokens: int  # real (non-padding) tokens computed
     cu_seqlens: torch.Tensor | None = None  # packed: example boundaries 0, l1, l1+l2, ...
     max_length: int = 0  # packed: the longest example in the row
+    # the ids in host memory, once moved to a GPU: an embedding kept in host memory looks its
+    # rows up without waiting for the GPU (jobs.training.offload.HostEmbedding)
+    host_input_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         move = (lambda t: t.to(device, non_blocking=True) if t is not None else None)
+        host = self.host_input_ids if self.host_input_ids is not None else (
+            self.input_ids if self.input_ids.device.type == "cpu" else None)
         return Batch(move(self.input_ids), move(self.labels), move(self.position_ids),
                      move(self.attention_mask), self.target_tokens, self.tokens,
-                     move(self.cu_seqlens), self.max_length)
+                     move(self.cu_seqlens), self.max_length, host_input_ids=host)
 
 
 def _shifted_labels(example: TokenizedExample) -> list[int]:

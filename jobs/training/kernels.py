@@ -150,6 +150,17 @@ def apply_fused_kernels(model) -> bool:
 def fuse_lora_scale_add(model) -> int:
     """Give every peft LoRA linear layer (plain and 4-bit) the one-``addmm`` forward; returns
     how many layers got it. Layers in any other state fall back to peft's own forward."""
+    classes = lora_layer_classes()
+    count = 0
+    for module in model.modules():
+        if isinstance(module, classes):
+            module.forward = MethodType(_lora_forward, module)
+            count += 1
+    return count
+
+
+def lora_layer_classes() -> tuple[type, ...]:
+    """peft's LoRA linear layer classes: plain, and 4-bit where bitsandbytes can run."""
     from peft.tuners.lora import Linear as LoraLinear
 
     classes: tuple[type, ...] = (LoraLinear,)
@@ -157,12 +168,7 @@ def fuse_lora_scale_add(model) -> int:
         from peft.tuners.lora.bnb import Linear4bit
 
         classes += (Linear4bit,)
-    count = 0
-    for module in model.modules():
-        if isinstance(module, classes):
-            module.forward = MethodType(_lora_forward, module)
-            count += 1
-    return count
+    return classes
 
 
 def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

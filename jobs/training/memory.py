@@ -6,7 +6,9 @@ Pure Python (the platform runs it at job creation). The estimate adds up, in byt
   weights       parameters x bytes per parameter (4 fp32, 2 bf16, ~0.56 for NF4 with double
                 quantization and its block constants; QLoRA keeps its head in bf16); on a GPU an
                 untied input embedding stays in host memory (jobs.training.offload)
-  adapter       LoRA parameters x 16: fp32 weights, gradients and AdamW's two moments
+  adapter       LoRA parameters x 16: fp32 weights, gradients and AdamW's two moments; x 18
+                computing in bf16, where each step's bf16 copy of the weights is kept
+                (:func:`adapter_bytes`, jobs.training.projections)
   activations   per token of the largest forward pass and per layer, what autograd keeps for the
                 backward pass (:func:`layer_bytes_per_token`); a checkpointed layer keeps only its
                 input, and recomputes one layer's worth at a time in the backward pass
@@ -112,22 +114,24 @@ def layer_bytes_per_token(shape: ModelShape, *, method: str, bf16: bool,
     """Bytes autograd keeps per token for one transformer layer that is not checkpointed.
 
     Counted for a Llama-style layer with LoRA on every projection (the adapters' rank-r tensors are
-    negligible): q, k, v after RoPE, the attention output and o_proj's input; per RMSNorm its input
-    and output, plus (unfused, transformers' own) an fp32 copy and the normalised value; the MLP's
-    gate and up outputs, plus (unfused) SiLU's output (the product that feeds down_proj is not
-    kept: jobs.training.kernels.fuse_swiglu_adapters); RoPE's inputs and rotated halves (unfused).
+    negligible): q, k, v after RoPE, the attention output and o_proj's input; per RMSNorm its input,
+    plus (unfused, transformers' own) an fp32 copy and the normalised value (its output is not
+    kept: the projections that read it normalise again in the backward pass,
+    jobs.training.projections.recompute_norm_outputs); the MLP's gate and up outputs, plus
+    (unfused) SiLU's output (the product that feeds down_proj is not kept:
+    jobs.training.kernels.fuse_swiglu_adapters); RoPE's inputs and rotated halves (unfused).
     Measured on an H200 (8B, bf16): 223 KB unfused, 143 KB with Liger's kernels, before the
-    product went (estimates: 219 and 147).
+    product and the norms' outputs went (estimates: 219 and 147).
     """
     compute = residual = 2 if bf16 or method == "qlora" else 4
     h, kv, i = shape.hidden, shape.kv_heads * (shape.hidden // shape.heads), shape.intermediate
     attention = (2 * h + 2 * kv + h) * compute  # q, k, v, output, o_proj's input
     if fused_kernels:
-        norms = 2 * 2 * h * residual
+        norms = 2 * h * residual
         mlp = 2 * i * compute
         rope = 0
     else:
-        norms = 2 * (h * 4 + 2 * h * residual)
+        norms = 2 * (h * 4 + h * residual)
         mlp = 3 * i * compute
         rope = (h + kv) * compute
     return attention + norms + mlp + rope
@@ -259,6 +263,13 @@ def split_choices(tokens: int, longest_example: int, *, packing: bool = True) ->
     return choices
 
 
+def adapter_bytes(parameters: int, *, bf16: bool, sharded: bool = False) -> int:
+    """Memory of the LoRA state: fp32 weights, gradients and AdamW's two moments, plus the bf16
+    copy of the weights that the grouped projections keep for a step when they compute in bf16
+    (not sharded: there FSDP's mixed precision casts)."""
+    return parameters * (16 + (2 if bf16 and not sharded else 0))
+
+
 def weight_bytes(shape: ModelShape, *, method: str, bf16: bool, on_gpu: bool) -> int:
     """The base weights in device memory (one whole copy)."""
     table = shape.vocab * shape.hidden
@@ -296,8 +307,8 @@ def estimate(shape: ModelShape, *, method: str, rank: int, targets: set[str] | N
     gathered whole (the one computing and the next, prefetched).
     """
     weights = weight_bytes(shape, method=method, bf16=bf16, on_gpu=on_gpu)
-    adapter = lora_parameters(shape, rank, targets) * 16
     split = shards(sharding=sharding, method=method, gpus=gpus, weights=weights, budget=available)
+    adapter = adapter_bytes(lora_parameters(shape, rank, targets), bf16=bf16, sharded=split > 1)
     if split > 1:
         layer = (shape.parameters - (1 if shape.tied else 2) * shape.vocab * shape.hidden) \
             // shape.layers * (2 if bf16 else 4)

@@ -10,8 +10,11 @@ stock ``transformers.Trainer`` run on real (variable-length) chat data:
 * with bf16 base weights, the adapters compute in bf16 under autocast without peft's extra casts
   (their weights, gradients and optimizer state stay fp32), see :func:`_compute_adapters_in_bf16`;
 * the output head and the loss run fused, a chunk of rows at a time, so the full-vocabulary
-  logits never exist; on CUDA with liger-kernel, Liger's RMSNorm/SwiGLU/RoPE kernels, and the
-  LoRA scale-and-add inside the adapter's matmul (:mod:`jobs.training.kernels`);
+  logits never exist; on CUDA with liger-kernel, Liger's RMSNorm/SwiGLU/RoPE kernels
+  (:mod:`jobs.training.kernels`);
+* LoRA projections that read one input (q, k, v; gate, up) run as one autograd node with the
+  scale-and-add inside the adapter's matmul, and recompute the RMSNorm output they read instead
+  of keeping it (:mod:`jobs.training.projections`);
 * activation checkpointing only where memory needs it: an automatic plan
   (:func:`jobs.training.memory.plan_activations`, the rule the pre-flight estimate uses)
   checkpoints the fewest leading layers that let each forward pass fit the worker's memory, and
@@ -56,23 +59,24 @@ from jobs.training.data import (
     sequences_of,
 )
 from jobs.training.jsonl import read_examples
-from jobs.training.kernels import (
-    apply_fused_kernels,
-    fuse_lora_scale_add,
-    fuse_swiglu_adapters,
-    linear_cross_entropy,
-)
+from jobs.training.kernels import apply_fused_kernels, fuse_swiglu_adapters, linear_cross_entropy
 from jobs.training.memory import (
     GIB,
     ActivationPlan,
     ModelShape,
+    adapter_bytes,
     plan_activations,
     shards,
     split_choices,
     weight_bytes,
 )
-from jobs.training.offload import embedding_to_host
+from jobs.training.offload import HostEmbedding, embedding_to_host
 from jobs.training.preference import REFERENCE_ADAPTER, TRAINED_ADAPTER, DpoObjective
+from jobs.training.projections import (
+    forget_copies,
+    fuse_lora_projections,
+    recompute_norm_outputs,
+)
 from jobs.training.sharding import init_lora
 
 KEEP_CHECKPOINTS = 3
@@ -211,7 +215,8 @@ def load_model(config: TrainingConfig, device: torch.device, attention: str = "s
     if kwargs["dtype"] == torch.bfloat16:
         _compute_adapters_in_bf16(model)
     if fused_kernels:
-        fuse_lora_scale_add(model)
+        fuse_lora_projections(model, keep_copies=not sharded)
+        recompute_norm_outputs(model)
         fuse_swiglu_adapters(model)
     setattr(model, FUSED_KERNELS, fused)
     if sharded:
@@ -341,7 +346,8 @@ def _activation_plan(model, config: TrainingConfig, examples, trainable, device:
             largest = max(largest, size)
     target_share = min(1.0, sum(sum(e.loss_mask) for e in examples) / sum(lengths) * 1.25)
     n_trainable = sum(sharding.local_numel(p) for p in trainable)  # this rank's share, sharded
-    adapter = n_trainable * 16  # fp32 weights, gradients, AdamW's two moments
+    adapter = adapter_bytes(n_trainable, bf16=bool(config.bf16) and device.type == "cuda",
+                            sharded=sharding.is_sharded(model))
     if device.type == "cuda":
         weights = torch.cuda.memory_allocated(device) - n_trainable * 4
     else:
@@ -404,10 +410,15 @@ def token_losses(model, batch: Batch, reduction: str = "none") -> tuple[torch.Te
     extra: dict[str, Any] = {}
     if base.config._attn_implementation == VARLEN:
         extra = packed_attention_kwargs(batch.cu_seqlens, batch.max_length)
+    embedding = base.get_input_embeddings()
+    if isinstance(embedding, HostEmbedding) and batch.host_input_ids is not None:
+        extra["inputs_embeds"] = embedding(batch.host_input_ids)  # no wait for the GPU
+    else:
+        extra["input_ids"] = batch.input_ids
     autocast_dtype = getattr(model, AUTOCAST_DTYPE, None)
     with torch.autocast(batch.input_ids.device.type, dtype=autocast_dtype or torch.bfloat16,
                         enabled=autocast_dtype is not None):
-        hidden = base.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+        hidden = base.model(position_ids=batch.position_ids,
                             attention_mask=batch.attention_mask, use_cache=False,
                             **extra).last_hidden_state
         targets = batch.labels != IGNORE_INDEX
@@ -521,6 +532,7 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
                                   weight_decay=config.weight_decay,
                                   fused=device.type == "cuda" and not sharded)
+    optimizer.register_step_post_hook(lambda *_: forget_copies(model))  # new weights: new copies
     plan = _activation_plan(model, config, data.train, trainable, device, available)
     _report_plan(plan, available, report)
     micro_per_epoch = math.ceil(len(data.train) / config.batch_size)
