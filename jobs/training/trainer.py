@@ -366,7 +366,8 @@ def _activation_plan(model, config: TrainingConfig, examples, trainable, device:
         pass_tokens=split_choices(largest, max(lengths), packing=bool(config.packing)),
         target_share=target_share, method=config.method, bf16=bool(config.bf16),
         fused_kernels=bool(getattr(model, FUSED_KERNELS, False)), fused_head=True,
-        gradient_checkpointing=mode, available=available, weights=weights, adapter=adapter)
+        gradient_checkpointing=mode, available=available, weights=weights, adapter=adapter,
+        dropout=config.lora_dropout > 0)
 
 
 def _report_plan(plan: ActivationPlan, available: int | None, report: Reporter) -> None:

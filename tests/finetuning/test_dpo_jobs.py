@@ -161,6 +161,18 @@ def test_the_time_estimate_of_a_dpo_job_counts_the_reference_forward(org_a, defa
     assert dpo.seconds == pytest.approx(supervised.seconds * 6 / 4, rel=1e-3)
 
 
+def test_adapter_dropout_raises_the_memory_estimate(org_a, default_model, pairs_of_a):
+    """With lora_dropout (off by default) each adapted projection keeps its dropped input and
+    mask: the pre-flight estimate counts them, as the trainer's plan does."""
+    jobs = [create_job(org_a, model=MODEL, training_file=pairs_of_a, method=DPO,
+                       hyperparameters=hyperparameters)
+            for hyperparameters in ({}, {"lora_dropout": 0.1})]
+    assert [r.status_code for r in jobs] == [200, 200], jobs[1].content
+    plain, dropped = (FineTuningJob.objects.get(id=r.json()["id"]) for r in jobs)
+    assert plain.config["lora_dropout"] == 0.0
+    assert dropped.estimated_memory_bytes > plain.estimated_memory_bytes
+
+
 def test_sharding_is_a_hyperparameter_and_a_continued_dpo_job_is_never_sharded(
         org_a, default_model, pairs_of_a, settings):
     settings.JOB_MAX_GPUS = settings.GPU_SLOTS = 2

@@ -219,3 +219,27 @@ def test_split_passes_and_partial_checkpointing_leave_the_gradient_unchanged(smo
     assert split_loss == pytest.approx(loss, rel=1e-5)
     for ours, reference in zip(split_grads, grads):
         assert torch.allclose(ours, reference, rtol=1e-3, atol=1e-6)
+
+
+def test_adapter_dropout_counts_the_dropped_inputs_and_checkpoints_more_layers():
+    """peft's path with dropout keeps each projection's dropped input and mask: at 40 GiB an
+    8B job of 11.8k-token passes recomputes more layers than without it."""
+    from jobs.training.memory import layer_bytes_per_token
+
+    plain = layer_bytes_per_token(LLAMA_8B, method="lora", bf16=True, fused_kernels=True)
+    dropped = layer_bytes_per_token(LLAMA_8B, method="lora", bf16=True, fused_kernels=True,
+                                    dropout=True)
+    assert dropped - plain == (6 * 4096 + 14336) * 3  # bf16 input + byte mask, 7 projections
+    weights = LLAMA_8B.parameters * 2
+
+    def plan(dropout):
+        return plan_activations(LLAMA_8B, fixed=weights + GIB, pass_tokens=[11_777],
+                                target_share=0.5, method="lora", bf16=True, fused_kernels=True,
+                                fused_head=True, gradient_checkpointing=None, available=40 * GIB,
+                                weights=weights, dropout=dropout)
+
+    assert plan(True).checkpointed_layers > plan(False).checkpointed_layers
+    common = {"method": "lora", "rank": 16, "targets": None, "micro_batch": 8, "seq_len": 2048,
+              "bf16": True, "on_gpu": True, "gradient_checkpointing": False}
+    assert (estimate(LLAMA_8B, **common, dropout=True).activations
+            > estimate(LLAMA_8B, **common).activations)

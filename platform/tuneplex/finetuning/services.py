@@ -177,7 +177,8 @@ def memory_estimate(config: TrainingConfig, base_model: BaseModel, *,
                     gradient_checkpointing=config.gradient_checkpointing,
                     bf16=on_gpu if config.bf16 is None else config.bf16, on_gpu=on_gpu,
                     available=settings.TRAINING_MEMORY,  # the trainer plans within it too
-                    gpus=config.gpus, sharding=config.sharding)
+                    gpus=config.gpus, sharding=config.sharding,
+                    dropout=config.lora_dropout > 0)
 
 
 def _training_file(organization: Organization, file_id: Any, param: str,
