@@ -13,7 +13,9 @@ availability check; without it (and on the CPU, where the tests run) the plain m
   (fewer, fused elementwise kernels; RMSNorm and SwiGLU also keep fewer tensors for backward).
 * :func:`fuse_lora_scale_add`: peft computes ``base + lora_B(lora_A(x)) * scaling`` as a matmul, a
   full-width scale and a full-width add (QLoRA: and a defensive clone); here the scale and the add
-  are the epilogue of the ``lora_B`` matmul (one ``addmm``).
+  are the epilogue of the ``lora_B`` matmul (one ``addmm``). The trainer runs
+  :mod:`jobs.training.projections` instead, which falls back to this forward for layers it does
+  not handle (adapter dropout, several adapters).
 """
 
 from __future__ import annotations

@@ -161,7 +161,9 @@ def project(x: torch.Tensor, layers, name: str, copies: _Copies) -> list[torch.T
     Where ``x`` is an RMSNorm's output (:func:`recompute_norm_outputs`), the node keeps the
     norm's input, which the norm keeps anyway, and normalises it again in the backward pass."""
     rows = x.reshape(-1, x.shape[-1])
-    norm, norm_input = getattr(x, NORMALISED, (None, None))
+    norm, norm_input, version = getattr(x, NORMALISED, (None, None, None))
+    if norm is not None and x._version != version:  # changed in place since: keep it
+        norm = norm_input = None
     device = x.device.type
     spec = _Spec(bases=tuple(layer.base_layer for layer in layers),
                  scales=tuple(float(layer.scaling[name]) for layer in layers), copies=copies,
@@ -175,7 +177,8 @@ def project(x: torch.Tensor, layers, name: str, copies: _Copies) -> list[torch.T
 
 # --- normalised inputs: recomputed, not kept ------------------------------------------------------
 
-NORMALISED = "_tuneplex_normalised"  # on an RMSNorm's output: (the norm, its input)
+# on an RMSNorm's output: (the norm, its input, the output's version when it was made)
+NORMALISED = "_tuneplex_normalised"
 
 
 def recompute_norm_outputs(model) -> int:
@@ -197,7 +200,7 @@ def recompute_norm_outputs(model) -> int:
 def _marked_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     out = self._tuneplex_norm_forward(x)
     if torch.is_grad_enabled():
-        setattr(out, NORMALISED, (self, x))
+        setattr(out, NORMALISED, (self, x, out._version))
     return out
 
 

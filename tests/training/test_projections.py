@@ -255,3 +255,37 @@ def test_projections_recompute_the_norm_output_instead_of_keeping_it():
     assert torch.allclose(loss, ref_loss, rtol=1e-12)
     for name, grad in grads.items():
         assert torch.allclose(grad, ref_grads[name], rtol=1e-9, atol=1e-12), name
+
+
+class _NormThenProjections(torch.nn.Module):
+    """A norm whose output is changed in place before q, k and v read it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(12)
+        self.attn = _Attention(12, bias=False)
+
+    def forward(self, x):
+        h = self.norm(x)
+        h.mul_(2.0)
+        return self.attn(h)
+
+
+def test_a_norm_output_changed_in_place_is_kept_not_recomputed():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    model = get_peft_model(_NormThenProjections().double(), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    _, ref_x, ref_grads = _run(reference, x)
+    fuse_lora_projections(model)
+    assert recompute_norm_outputs(model) == 1
+    _, grad_x, grads = _run(model, x)
+    assert torch.allclose(grad_x, ref_x, rtol=1e-10, atol=1e-12)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, ref_grads[name], rtol=1e-10, atol=1e-12), name
