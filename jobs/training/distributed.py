@@ -1,10 +1,11 @@
 """Data-parallel training across processes started by torchrun: NCCL on GPUs, gloo on CPU.
 
 Every rank holds the whole model and the same LoRA weights (each drawn from the job's seed and
-its name, :func:`jobs.training.sharding.init_lora`, or read from the same file). Each optimizer step takes exactly the examples one process would take
-(the same global batch, the same order); they are split across the ranks by tokens, each rank
-runs forward and backward on its share with the loss divided by the *global* number of target
-tokens, and one all-reduce sums the LoRA gradients. The update is therefore the one-process
+its name, :func:`jobs.training.sharding.init_lora`, or read from the same file). Each optimizer
+step takes exactly the examples one process would take (the same global batch, the same order);
+they are split across the ranks by tokens, each rank runs forward and backward on its share with
+the loss divided by the *global* number of target tokens, and one all-reduce sums the LoRA
+gradients. The update is therefore the one-process
 update up to the order of floating-point sums, whatever the world size, which is also why a
 checkpoint written at one world size resumes at any other: the state (adapter, optimizer,
 scheduler, data position) is the same on every rank and rank 0 writes it.

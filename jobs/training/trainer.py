@@ -346,7 +346,7 @@ def _activation_plan(model, config: TrainingConfig, examples, trainable, device:
             largest = max(largest, size)
     target_share = min(1.0, sum(sum(e.loss_mask) for e in examples) / sum(lengths) * 1.25)
     n_trainable = sum(sharding.local_numel(p) for p in trainable)  # this rank's share, sharded
-    adapter = adapter_bytes(n_trainable, bf16=bool(config.bf16) and device.type == "cuda",
+    adapter = adapter_bytes(n_trainable, bf16=bool(config.bf16),
                             sharded=sharding.is_sharded(model))
     if device.type == "cuda":
         weights = torch.cuda.memory_allocated(device) - n_trainable * 4
