@@ -12,6 +12,9 @@ out-of-memory retry) with SmolLM2's tokenizer. Checked:
   packing    packed micro-batch loss == per-example losses (bf16 tolerance), through the flash
              varlen attention the trainer uses for packed rows on CUDA
   ckpt       gradient checkpointing lowers peak memory for the same step
+  graphs     passes replayed from CUDA graphs (jobs.training.graphs) give the eager passes' losses
+             step by step (bf16 tolerance), LoRA and QLoRA, micro-batch 1 and 4 packed, and
+             report the graphs they captured
   oom        a micro-batch too large for the GPU triggers the one automatic retry with half the
              micro-batch and twice the accumulation, which then succeeds
 """
@@ -132,6 +135,40 @@ def check_packing(model, data, work) -> dict:
     return {"ok": relative < 2e-2, "relative_difference": relative}
 
 
+def check_graphs(model, data, work) -> dict:
+    from jobs.training.trainer import train
+
+    runs: dict = {}
+    ok = True
+    for method in ("lora", "qlora"):
+        for batch_size in (1, 4):
+            logs = {}
+            for graphed in (False, True):
+                report = Recorder()
+                name = f"{method}-mb{batch_size}-{'graphs' if graphed else 'eager'}"
+                # micro-batch 4 with every layer checkpointed: graphs that recompute too
+                train(config_for(model, data, work / name, method=method, epochs=1,
+                                 batch_size=batch_size, lora_dropout=0.0, cuda_graphs=graphed,
+                                 gradient_checkpointing=batch_size == 4 or None), report)
+                captured = [e["data"] for e in report.events if "capture_seconds" in e["data"]]
+                logs[graphed] = {"losses": [m["train_loss"] for m in report.metrics_log],
+                                 "seconds": [m["elapsed_seconds"] for m in report.metrics_log],
+                                 "graphs": captured}
+            eager, replayed = logs[False]["losses"], logs[True]["losses"]
+            # the same first step; then bf16 rounding (padded GEMMs tile differently) compounds
+            worst = max(abs(a - b) / abs(a) for a, b in zip(eager, replayed))
+            good = (len(eager) == len(replayed) and abs(eager[0] - replayed[0]) < 1e-3
+                    and worst < 0.05
+                    and bool(logs[True]["graphs"]) and not logs[False]["graphs"])
+            ok = ok and good
+            runs[f"{method}-mb{batch_size}"] = {
+                "ok": good, "max_relative_loss_difference": round(worst, 5), "eager_losses": eager,
+                "graphed_losses": replayed, "graphs": logs[True]["graphs"],
+                "eager_seconds": logs[False]["seconds"][-1],
+                "graphed_seconds": logs[True]["seconds"][-1]}
+    return {"ok": ok, **runs}
+
+
 def check_checkpointing(model, work) -> dict:
     from jobs.training.trainer import train
 
@@ -186,6 +223,7 @@ def main() -> int:
               "qlora": lambda: check_qlora(model, data, work),
               "packing": lambda: check_packing(model, data, work),
               "ckpt": lambda: check_checkpointing(model, work),
+              "graphs": lambda: check_graphs(model, data, work),
               "oom": lambda: check_oom_retry(args.tokenizer, work)}
     results = {}
     for name, check in checks.items():

@@ -132,6 +132,14 @@ def _peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _peak_reserved_mib() -> float | None:
+    """What the caching allocator held at most (CUDA graphs' pools included): on a GPU, the
+    stricter figure, since memory reserved for a graph is not free for anything else."""
+    import torch
+
+    return torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() else None
+
+
 def bench_model(args, prefix: str) -> tuple[Path, str]:
     """A work folder (``--work`` or a new one) and the model to train: ``--model``, a random
     ``--shape`` with the embedded SmolLM2's tokenizer (or ``--tokenizer``'s), or SmolLM2 itself."""
@@ -159,8 +167,8 @@ def train_recording(config) -> tuple[list[dict], dict, float]:
 
     class Recorder:
         def event(self, message, *, level="info", data=None):
-            if data and "checkpointed_layers" in data:
-                plan.update(data)
+            if data and ("checkpointed_layers" in data or "capture_seconds" in data):
+                plan.update(data)  # the memory plan; the CUDA graphs captured, and how long
 
         def metrics(self, data):
             log.append(data)
@@ -185,16 +193,24 @@ def run_ours(args) -> dict:
         method=args.method, lora_rank=16, lora_alpha=32, lora_dropout=0.0, learning_rate=2e-4,
         epochs=1, batch_size=args.batch_size, max_seq_len=args.seq_len, max_steps=args.steps,
         checkpoint_every_steps=10**6, gradient_checkpointing=tri_state[args.ours_checkpointing],
-        memory_limit_gib=args.memory_limit_gib, packing=tri_state[args.packing], seed=0)
+        memory_limit_gib=args.memory_limit_gib, packing=tri_state[args.packing],
+        cuda_graphs=tri_state[args.cuda_graphs], seed=0)
     log, plan, total = train_recording(config)
     # Skip the first step (kernel warm-up, allocator growth) for the rate.
     steady = log[1:] if len(log) > 2 else log
     seconds = steady[-1]["elapsed_seconds"] - (log[0]["elapsed_seconds"] if steady is not log else 0)
     tokens = sum(m["tokens"] for m in steady)
     elapsed = [0.0] + [m["elapsed_seconds"] for m in log]
+    # CUDA graphs are captured before the first step, like the model's loading: the rate above
+    # leaves them out, this one counts them (what a job of exactly these steps gets)
+    with_capture = tokens / (seconds + plan.get("capture_seconds", 0.0))
     return {"trainer": "tuneplex", "steps": len(log), "useful_tokens": tokens,
-            "computed_tokens": tokens, "seconds": seconds, "wall_seconds": total,
+            "useful_tokens_per_second_with_capture": with_capture,
+            # graphed passes pad each row to its bucket (jobs.training.graphs)
+            "computed_tokens": tokens + sum(m.get("graph_padding_tokens", 0) for m in steady),
+            "seconds": seconds, "wall_seconds": total,
             "useful_tokens_per_second": tokens / seconds, "peak_memory_mib": _peak_memory_mib(),
+            "peak_reserved_mib": _peak_reserved_mib(),
             "final_loss": log[-1]["train_loss"], "losses": [m["train_loss"] for m in log],
             "step_seconds": [round(b - a, 3) for a, b in zip(elapsed, elapsed[1:])], "plan": plan}
 
@@ -302,7 +318,8 @@ def run_stock(args, *, liger: bool = False) -> dict:
             "useful_tokens": tokens, "losses": [entry["loss"] for entry in timer.logs],
             "computed_tokens": sum(counting.computed[first:len(step_times)]), "seconds": seconds,
             "wall_seconds": total, "useful_tokens_per_second": tokens / seconds,
-            "peak_memory_mib": _peak_memory_mib(), "final_loss": output.training_loss,
+            "peak_memory_mib": _peak_memory_mib(),
+            "peak_reserved_mib": _peak_reserved_mib(), "final_loss": output.training_loss,
             "step_seconds": [round(t, 3) for t in step_times]}
 
 
@@ -352,7 +369,7 @@ def _run_child(which: str, args, data: Path, model: str) -> dict | None:
     command = [sys.executable, __file__, "--which", which, "--data", str(data), "--model", model,
                "--method", args.method, "--seq-len", str(args.seq_len), "--batch-size",
                str(args.batch_size), "--steps", str(args.steps), "--packing", args.packing,
-               "--ours-checkpointing", args.ours_checkpointing]
+               "--ours-checkpointing", args.ours_checkpointing, "--cuda-graphs", args.cuda_graphs]
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
     if args.memory_limit_gib:
@@ -409,6 +426,9 @@ def main() -> int:
                              "compiles Triton kernels (Liger's, in ours and in stock-liger)")
     parser.add_argument("--packing", choices=("auto", "on", "off"), default="auto",
                         help="this trainer's packing (auto: on for the CPU, off on CUDA)")
+    parser.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                        help="this trainer's cuda_graphs (auto: for small passes in jobs long "
+                             "enough to pay for the captures, jobs.training.graphs)")
     parser.add_argument("--which", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", type=Path, help="also write the results here")
@@ -462,6 +482,11 @@ def main() -> int:
         shown_mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") else "-"
         print(f"{r['trainer']:11} {r['useful_tokens_per_second']:13.1f} {ratio:16.2f} "
               f"{r['peak_memory_mib']:10.0f} {shown_mfu:>7} {r['final_loss']:8.4f}")
+        if r.get("plan", {}).get("cuda_graphs"):
+            print(f"{'':11} CUDA graphs: {r['plan']['cuda_graphs']} captured in "
+                  f"{r['plan']['capture_seconds']:.1f} s; counting them, "
+                  f"{r['useful_tokens_per_second_with_capture']:.1f} useful tok/s; peak "
+                  f"reserved {r['peak_reserved_mib']:.0f} MiB")
     rates = {name: statistics.median(r["useful_tokens_per_second"] for r in results
                                      if r["trainer"] == name)
              for name in ("tuneplex", "stock", "stock-liger")

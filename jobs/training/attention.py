@@ -116,6 +116,8 @@ def _one_example_at_a_time(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     outputs = []
     edges = bounds.tolist()
     for start, end in itertools.pairwise(edges):
+        if end == start:  # an empty example (a row padded to its exact length, data.pad_packed)
+            continue
         # (tokens, heads, dim) -> (heads, tokens, dim) for sdpa; repeat key/value heads for GQA.
         qs = q[start:end].transpose(0, 1)
         ks = k[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)

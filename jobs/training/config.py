@@ -86,6 +86,14 @@ class TrainingConfig:
         "Recompute activations in the backward pass: less memory, slower. None = auto: on a GPU, "
         "only the leading layers needed to fit the memory budget (none if everything fits); off "
         "on the CPU. True: every layer; False: none.", None)
+    cuda_graphs: bool | None = _doc(
+        "Replay each forward and backward pass from a CUDA graph (one per padded length) instead "
+        "of launching its kernels one by one from Python; rows are padded to a multiple of 256 "
+        "tokens. None = auto: on where possible (one CUDA process, packed rows on the varlen "
+        "kernel, the supervised objective, lora_dropout 0) for passes of at most 4,096 tokens, "
+        "where the host, not the GPU, bounds the step (QLoRA at small micro-batches), in jobs "
+        "with at least 8 passes per graph (the captures take about a pass each). True: "
+        "wherever possible; False: never.", None)
     memory_limit_gib: float | None = _doc(
         "GPU memory this job may use, in GiB (enforced, and what the activation plan fits); "
         "None = the whole device.", None)

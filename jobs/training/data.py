@@ -197,6 +197,26 @@ class Batch:
                      move(self.cu_seqlens), self.max_length, host_input_ids=host)
 
 
+def pad_packed(batch: Batch, length: int, pad_id: int) -> Batch:
+    """A packed row padded to exactly ``length`` tokens (fixed shapes, for CUDA graphs): the
+    padding is one more example of its own in ``cu_seqlens`` (of zero tokens when the row is
+    already that long), with no loss; ``max_length`` becomes ``length``, a bound the varlen
+    kernel accepts for any row of that length. ``tokens`` and ``target_tokens`` stay the real
+    ones. Host tensors in, host tensors out."""
+    if batch.cu_seqlens is None:
+        raise ValueError("only a packed row can be padded to a fixed length")
+    real = batch.input_ids.shape[1]
+    if length < real:
+        raise ValueError(f"a row of {real} tokens does not fit {length}")
+    extra = length - real
+    pad = (lambda t, value: torch.cat([t, torch.full((1, extra), value, dtype=t.dtype)], dim=1))
+    bounds = torch.cat([batch.cu_seqlens, torch.tensor([length], dtype=batch.cu_seqlens.dtype)])
+    positions = torch.cat([batch.position_ids, torch.arange(extra, dtype=batch.position_ids.dtype)
+                           [None]], dim=1)
+    return Batch(pad(batch.input_ids, pad_id), pad(batch.labels, IGNORE_INDEX), positions, None,
+                 batch.target_tokens, batch.tokens, cu_seqlens=bounds, max_length=length)
+
+
 def _shifted_labels(example: TokenizedExample) -> list[int]:
     ids, mask = example.input_ids, example.loss_mask
     return [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]

@@ -27,6 +27,8 @@ from types import MethodType
 import torch
 import torch.nn.functional as F
 
+from jobs.training.data import IGNORE_INDEX
+
 # Rows of logits per chunk in the torch version: about this many bytes of fp32 logits at a time.
 CHUNK_LOGIT_BYTES = 256 * 2**20
 
@@ -49,11 +51,16 @@ def liger_version() -> str | None:
 
 
 def linear_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                         reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
+                         reduction: str = "sum", *, ignored: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses, correct argmax predictions) of ``head(hidden)`` against ``labels``;
     with ``reduction="none"`` each token's loss instead of the sum (DPO sums them per sequence).
 
-    ``hidden`` (tokens, width) holds only the target positions. A plain bias-free ``nn.Linear``
+    ``hidden`` (tokens, width) holds only the target positions, or, with ``ignored``, every
+    position, those without loss labelled ``IGNORE_INDEX`` (-100): they add nothing to the loss,
+    the count or the gradient. That costs the head's matmuls on rows without loss but keeps the
+    shapes fixed (no selection of a data-dependent number of rows), which CUDA graphs need.
+    A plain bias-free ``nn.Linear``
     head (the usual, frozen) goes through a fused path that never materialises all the logits;
     anything else (an adapted head, a biased one, per-token losses of a trained head) through the
     plain logits.
@@ -69,22 +76,26 @@ def linear_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, labels: to
     if hidden.shape[0] == 0:
         zero = hidden.sum(-1) * 0.0 if per_token else hidden.sum() * 0.0
         return zero.float(), torch.zeros((), dtype=torch.long, device=hidden.device)
-    return chunked_linear_cross_entropy(hidden, weight, labels, per_token=per_token)
+    return chunked_linear_cross_entropy(hidden, weight, labels, per_token=per_token,
+                                        ignored=ignored)
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
                                  labels: torch.Tensor, chunk_rows: int | None = None, *,
-                                 per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                                 per_token: bool = False, ignored: bool = False
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch fused head + loss: (loss sum, or each token's loss with ``per_token``; correct)
     with at most one chunk of logits alive. Per token, the head's weight gets no gradient (the
-    gradient of a row depends on the weight the backward pass brings for its loss)."""
+    gradient of a row depends on the weight the backward pass brings for its loss). With
+    ``ignored``, rows labelled ``IGNORE_INDEX`` count for nothing (see
+    :func:`linear_cross_entropy`)."""
     rows = chunk_rows or max(1, CHUNK_LOGIT_BYTES // (4 * weight.shape[0]))
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, rows, per_token)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, rows, per_token, ignored)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_rows, per_token=False):
+    def forward(ctx, hidden, weight, labels, chunk_rows, per_token=False, ignored=False):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if per_token and want_weight:
             raise ValueError("per-token losses of a trained head need the plain logits path")
@@ -96,19 +107,28 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = hidden[start:start + chunk_rows]
             target = labels[start:start + chunk_rows]
+            counted = None
+            if ignored:  # an ignored row scores nothing: any class, its loss and gradient zeroed
+                counted = (target != IGNORE_INDEX).to(exact)
+                target = target.clamp_min(0)
             logits = (rows @ weight.t()).to(exact)
             lse = torch.logsumexp(logits, dim=-1)
             token_loss = lse - logits.gather(1, target[:, None]).squeeze(1)
+            if counted is not None:
+                token_loss = token_loss * counted
             if per_token:
                 loss[start:start + chunk_rows] = token_loss
             else:
                 loss += token_loss.sum()
-            correct += (logits.argmax(-1) == target).sum()
+            hits = logits.argmax(-1) == target
+            correct += (hits & (counted > 0) if counted is not None else hits).sum()
             if not (want_hidden or want_weight):
                 continue
             # d(sum of losses)/d(logits) = softmax - one_hot, built in the logits' own buffer.
             grad_logits = logits.sub_(lse[:, None]).exp_()
             grad_logits[torch.arange(rows.shape[0], device=rows.device), target] -= 1.0
+            if counted is not None:
+                grad_logits.mul_(counted[:, None])
             grad_logits = grad_logits.to(weight.dtype)
             if want_hidden:
                 grad_hidden[start:start + chunk_rows] = grad_logits @ weight
@@ -128,7 +148,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * (scale[:, None] if ctx.per_token else scale)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 # --- fused elementwise kernels -------------------------------------------------------------------

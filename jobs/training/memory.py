@@ -48,6 +48,14 @@ SPLIT_TOKENS = (8192, 4096, 2048, 1024, 512)
 # workspaces and kernels' temporaries are not counted above (on the H200 the estimate came out
 # 5% above the measured peak).
 HEADROOM = 0.95
+# Passes replayed from CUDA graphs (jobs.training.graphs): their activations live in the graphs'
+# memory pool for the whole job, which came out up to 10% above the estimate of one pass (the
+# pool's own fragmentation across the graphs of several lengths), and the eager work beside them
+# (optimizer, gradient norm, the graphs' inputs) keeps its own cache: 265 MiB measured in a
+# 10-step job, and a 320 MiB allowance ran out of memory in an 80-step one (8B QLoRA on an H200,
+# benchmarks/RESULTS.md, GPU run 6).
+GRAPH_POOL_GROWTH = 1.10
+GRAPH_EAGER_CACHE = 512 * 2**20
 # auto sharding splits a model whose weights take more than this share of one GPU's budget.
 AUTO_SHARD_SHARE = 0.5
 # fp32 logits per chunk of the fused head (jobs.training.kernels.CHUNK_LOGIT_BYTES).
@@ -215,7 +223,7 @@ def plan_activations(shape: ModelShape, *, fixed: int, pass_tokens: list[int],
                      target_share: float, method: str, bf16: bool, fused_kernels: bool,
                      fused_head: bool, gradient_checkpointing: bool | None,
                      available: int | None, weights: int = 0, adapter: int = 0,
-                     dropout: bool = False) -> ActivationPlan:
+                     dropout: bool = False, graphed: bool = False) -> ActivationPlan:
     """The fewest checkpointed layers whose estimate fits ``available`` x :data:`HEADROOM`.
 
     ``pass_tokens``: the largest forward pass whole, then under each split cap the plan may use
@@ -223,7 +231,8 @@ def plan_activations(shape: ModelShape, *, fixed: int, pass_tokens: list[int],
     (weights, adapter state, overhead; the trainer measures it, the pre-flight estimates it).
     ``gradient_checkpointing`` True or False forces all or no layers (splitting still follows the
     budget); None (auto) without ``available`` means all layers, whole passes: the least memory
-    the job needs without splitting, which is what refusing a job needs.
+    the job needs without splitting, which is what refusing a job needs. ``graphed``: the passes
+    replay from CUDA graphs (:data:`GRAPH_POOL_GROWTH`, :data:`GRAPH_EAGER_CACHE`).
     """
     def at(layers: int, tokens: int) -> MemoryEstimate:
         activations = activation_bytes(shape, tokens=tokens, checkpointed_layers=layers,
@@ -231,8 +240,12 @@ def plan_activations(shape: ModelShape, *, fixed: int, pass_tokens: list[int],
                                        dropout=dropout)
         logits = head_bytes(shape, target_tokens=int(tokens * target_share),
                             fused_head=fused_head, bf16=bf16)
+        overhead = fixed - weights - adapter
+        if graphed:
+            activations, logits = (int(n * GRAPH_POOL_GROWTH) for n in (activations, logits))
+            overhead += GRAPH_EAGER_CACHE
         return MemoryEstimate(weights=weights, adapter=adapter, activations=activations,
-                              logits=logits, overhead=fixed - weights - adapter)
+                              logits=logits, overhead=overhead)
 
     def plan(layers: int, index: int, limits: tuple[int, ...] = ()) -> ActivationPlan:
         return ActivationPlan(checkpointed_layers=layers, layers=shape.layers,

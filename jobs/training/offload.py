@@ -23,13 +23,21 @@ class HostEmbedding(torch.nn.Module):
         trainer passes the batch's own, :attr:`jobs.training.data.Batch.host_input_ids`) cost
         the GPU no wait: the rows are gathered into pinned memory and copied asynchronously.
         Ids on the GPU are first copied back, which waits for the GPU's queued work."""
+        rows = self._gathered(input_ids)
+        return rows.to(self.device, non_blocking=rows.is_pinned())
+
+    def lookup_into(self, input_ids: torch.Tensor, out: torch.Tensor) -> None:
+        """:meth:`forward` into ``out`` (a tensor of the right shape on the device), with no
+        device memory of its own: what a CUDA graph's fixed input tensor needs."""
+        rows = self._gathered(input_ids)
+        out.copy_(rows, non_blocking=rows.is_pinned())
+
+    def _gathered(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.to("cpu").reshape(-1)
-        pinned = self.device.type == "cuda"
         rows = torch.empty((ids.numel(), self.embedding_dim), dtype=self.weight.dtype,
-                           pin_memory=pinned)
+                           pin_memory=self.device.type == "cuda")
         torch.index_select(self.weight, 0, ids, out=rows)
-        return rows.view(*input_ids.shape, self.embedding_dim).to(self.device,
-                                                                   non_blocking=pinned)
+        return rows.view(*input_ids.shape, self.embedding_dim)
 
 
 def embedding_to_host(model, device: torch.device) -> bool:

@@ -32,6 +32,7 @@ import gc
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,7 +40,7 @@ from typing import Any, Protocol
 import torch
 
 from jobs.training import checkpoint as ckpt
-from jobs.training import distributed, sharding
+from jobs.training import distributed, graphs, sharding
 from jobs.training.attention import (
     VARLEN,
     packed_attention_kwargs,
@@ -62,6 +63,7 @@ from jobs.training.jsonl import read_examples
 from jobs.training.kernels import apply_fused_kernels, fuse_swiglu_adapters, linear_cross_entropy
 from jobs.training.memory import (
     GIB,
+    HEADROOM,
     ActivationPlan,
     ModelShape,
     adapter_bytes,
@@ -83,6 +85,7 @@ KEEP_CHECKPOINTS = 3
 AUTOCAST_DTYPE = "_tuneplex_autocast_dtype"  # set on the model by load_model; read by forward_loss
 FUSED_KERNELS = "_tuneplex_fused_kernels"  # set by load_model: Liger's kernels are in the layers
 CHECKPOINT_READY = "_tuneplex_checkpoint_ready"  # checkpointing set up once; layers then toggled
+GRAPHED_OOM = "tuneplex_graphed"  # set on an out-of-memory error raised while graphs were held
 
 
 class Reporter(Protocol):
@@ -120,11 +123,13 @@ def train(config: TrainingConfig, report: Reporter) -> TrainResult:
         n_examples = sum(1 for _ in read_examples(stream))
     config = resolve_auto(config, int(n_examples * (1 - config.validation_split)))
     world = distributed.current()
+    graphed = False
     try:
         return _train_once(config, report)
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as exc:
+        graphed = getattr(exc, GRAPHED_OOM, False)
         # Across several processes a retry would need every rank to agree first; one GPU only.
-        if config.batch_size <= 1 or world.distributed:
+        if not graphed and (config.batch_size <= 1 or world.distributed):
             raise
     finally:
         if world.distributed:
@@ -132,20 +137,25 @@ def train(config: TrainingConfig, report: Reporter) -> TrainResult:
     # Retry outside the except block: inside it, the exception's traceback still holds the failed
     # attempt's model, optimizer and activations, and the retry would run out of memory too
     # (seen on an H100: both attempts failed until this moved here).
-    retry = config.replace(
-        batch_size=config.batch_size // 2,
-        gradient_accumulation_steps=config.gradient_accumulation_steps * 2,
-        resume_from=str(ckpt.latest_checkpoint(Path(config.output_dir) / "checkpoints") or "")
-        or None)
+    resume = str(ckpt.latest_checkpoint(Path(config.output_dir) / "checkpoints") or "") or None
+    if graphed:  # the graphs hold their activations for the job: eager passes free theirs
+        retry = config.replace(cuda_graphs=False, resume_from=resume)
+        message = (f"Out of GPU memory with CUDA graphs at micro-batch {config.batch_size}; "
+                   "retrying once without them.")
+    else:
+        retry = config.replace(
+            batch_size=config.batch_size // 2,
+            gradient_accumulation_steps=config.gradient_accumulation_steps * 2, resume_from=resume)
+        message = (f"Out of GPU memory at micro-batch {config.batch_size}; retrying once with "
+                   f"micro-batch {retry.batch_size} and gradient accumulation "
+                   f"{retry.gradient_accumulation_steps} (same effective batch).")
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    report.event(
-        f"Out of GPU memory at micro-batch {config.batch_size}; retrying once with micro-batch "
-        f"{retry.batch_size} and gradient accumulation {retry.gradient_accumulation_steps} "
-        "(same effective batch).", level="warning",
-        data={"oom_retry": True, "batch_size": retry.batch_size,
-              "gradient_accumulation_steps": retry.gradient_accumulation_steps})
+    report.event(message, level="warning",
+                 data={"oom_retry": True, "batch_size": retry.batch_size,
+                       "gradient_accumulation_steps": retry.gradient_accumulation_steps,
+                       "cuda_graphs": not graphed})
     return _train_once(retry, report)
 
 
@@ -259,15 +269,17 @@ def _decoder_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def apply_checkpoint_plan(model, checkpointed_layers: int) -> None:
+def apply_checkpoint_plan(model, checkpointed_layers: int, *, random: bool = True) -> None:
     """Recompute the activations of the first ``checkpointed_layers`` decoder layers in the
-    backward pass (non-reentrant checkpointing); the other layers keep theirs."""
+    backward pass (non-reentrant checkpointing); the other layers keep theirs. ``random=False``
+    (the model draws no random numbers: no dropout) skips saving and restoring the RNG state
+    around each layer, which a CUDA graph capture cannot do; the first call decides."""
     layers = _decoder_layers(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if checkpointed_layers > 0 and not getattr(base, CHECKPOINT_READY, False):
         setattr(base, CHECKPOINT_READY, True)
         # transformers 5.2x renamed it; 5.17 (the GPU image) has only the old name
-        options = {"use_reentrant": False}
+        options = {"use_reentrant": False, "preserve_rng_state": random}
         if hasattr(base, "activation_checkpointing_enable"):
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
         else:
@@ -330,21 +342,33 @@ def _memory_budget(config: TrainingConfig, device: torch.device) -> int | None:
     return limit
 
 
+def _planned_micro_batches(config: TrainingConfig, examples) -> list[list[int]]:
+    """Every micro-batch of the planned epochs, in order."""
+    return [micro for epoch in range(config.epochs or 1)
+            for micro in micro_batches(examples, epoch_order(len(examples), seed=config.seed,
+                                                             epoch=epoch),
+                                       batch_size=config.batch_size, packing=config.packing)]
+
+
+def _largest_pass(config: TrainingConfig, examples) -> int:
+    """Tokens computed by the largest micro-batch of the planned epochs (padded rows included)."""
+    lengths = [len(e.input_ids) for e in examples]
+    return max((sum(lengths[i] for i in micro) if config.packing
+                else len(micro) * max(lengths[i] for i in micro))
+               for micro in _planned_micro_batches(config, examples))
+
+
 def _activation_plan(model, config: TrainingConfig, examples, trainable, device: torch.device,
-                     available: int | None) -> ActivationPlan:
+                     available: int | None, *, graphed: bool = False) -> ActivationPlan:
     """The memory rule of :func:`jobs.training.memory.plan_activations`, fed with this job's
     real numbers: the memory the loaded model and adapter state take, and the largest forward
-    pass the micro-batches of the planned epochs form."""
+    pass the micro-batches of the planned epochs form (``graphed``: padded to its bucket, with
+    the head over every row, :mod:`jobs.training.graphs`)."""
     lengths = [len(e.input_ids) for e in examples]
-    largest = 0
-    for epoch in range(config.epochs or 1):
-        order = epoch_order(len(examples), seed=config.seed, epoch=epoch)
-        for micro in micro_batches(examples, order, batch_size=config.batch_size,
-                                   packing=config.packing):
-            size = (sum(lengths[i] for i in micro) if config.packing
-                    else len(micro) * max(lengths[i] for i in micro))
-            largest = max(largest, size)
+    largest = _largest_pass(config, examples)
     target_share = min(1.0, sum(sum(e.loss_mask) for e in examples) / sum(lengths) * 1.25)
+    if graphed:
+        largest, target_share = graphs.bucket(largest), 1.0
     n_trainable = sum(sharding.local_numel(p) for p in trainable)  # this rank's share, sharded
     adapter = adapter_bytes(n_trainable, bf16=bool(config.bf16),
                             sharded=sharding.is_sharded(model))
@@ -367,7 +391,57 @@ def _activation_plan(model, config: TrainingConfig, examples, trainable, device:
         target_share=target_share, method=config.method, bf16=bool(config.bf16),
         fused_kernels=bool(getattr(model, FUSED_KERNELS, False)), fused_head=True,
         gradient_checkpointing=mode, available=available, weights=weights, adapter=adapter,
-        dropout=config.lora_dropout > 0)
+        dropout=config.lora_dropout > 0, graphed=graphed)
+
+
+@contextmanager
+def _marking_oom(graphed: bool):
+    """Mark an out-of-memory error raised while CUDA graphs hold memory: :func:`train` then
+    retries without them rather than with a smaller micro-batch."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        if graphed:
+            setattr(exc, GRAPHED_OOM, True)
+        raise
+
+
+def _graph_keys(config: TrainingConfig, examples) -> list[graphs.Key]:
+    """The graph of each pass of the planned epochs (whole micro-batches: graphed jobs do not
+    split them), in order; up to ``max_steps`` when it ends the job sooner."""
+    lengths = [len(e.input_ids) for e in examples]
+    micros = _planned_micro_batches(config, examples)
+    if config.max_steps:
+        micros = micros[:config.max_steps * config.gradient_accumulation_steps]
+    return [graphs.key_of(sum(lengths[i] for i in micro), len(micro)) for micro in micros]
+
+
+def _graphs_wanted(model, config: TrainingConfig, examples, world: distributed.World,
+                   device: torch.device, report: Reporter) -> bool:
+    """Whether this job's passes replay from CUDA graphs (``cuda_graphs``, :func:`graphs.wanted`);
+    asked for where they cannot run, a warning says why and the passes run eagerly."""
+    reason = graphs.unavailable_reason(
+        device=device, distributed=world.distributed, packing=bool(config.packing),
+        varlen=model.get_base_model().config._attn_implementation == VARLEN,
+        objective=config.objective, dropout=config.lora_dropout)
+    if config.cuda_graphs and reason:
+        report.event(f"cuda_graphs is on, but {reason}: the passes run without them.",
+                     level="warning", data={"cuda_graphs": 0})
+    return graphs.wanted(config.cuda_graphs, reason, _graph_keys(config, examples))
+
+
+def _graphed_passes(model, config: TrainingConfig, examples, trainable, device: torch.device,
+                    plan: ActivationPlan, pad_id: int, report: Reporter) -> graphs.GraphedPasses:
+    """Capture a graph for every pass of the job, before the first step."""
+    passes = graphs.GraphedPasses(
+        model, trainable, device, losses=every_row_loss, pad_id=pad_id,
+        checkpointed_layers=lambda tokens: apply_checkpoint_plan(model, plan.layers_for(tokens),
+                                                                 random=False))
+    passes.prepare(_graph_keys(config, examples))
+    report.event(passes.describe(), data={"cuda_graphs": len(passes.graphs),
+                                          "capture_seconds": round(passes.capture_seconds, 2),
+                                          "graph_pool_bytes": passes.pool_bytes})
+    return passes
 
 
 def _report_plan(plan: ActivationPlan, available: int | None, report: Reporter) -> None:
@@ -401,18 +475,24 @@ def _attention(packing: bool, device: torch.device, bf16: bool) -> str:
     return "sdpa"
 
 
-def token_losses(model, batch: Batch, reduction: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+def token_losses(model, batch: Batch, reduction: str = "none", *,
+                 inputs_embeds: torch.Tensor | None = None, every_row: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(each target position's loss, or their sum with ``reduction="sum"``; correct predictions).
 
     The transformer runs on every token; the output head only on target positions, fused with
-    the loss (:func:`jobs.training.kernels.linear_cross_entropy`).
+    the loss (:func:`jobs.training.kernels.linear_cross_entropy`), or with ``every_row`` on
+    every position, those without loss ignored (fixed shapes, for :mod:`jobs.training.graphs`,
+    which also passes the ``inputs_embeds`` it looked up itself).
     """
     base = model.get_base_model()
     extra: dict[str, Any] = {}
     if base.config._attn_implementation == VARLEN:
         extra = packed_attention_kwargs(batch.cu_seqlens, batch.max_length)
     embedding = base.get_input_embeddings()
-    if isinstance(embedding, HostEmbedding) and batch.host_input_ids is not None:
+    if inputs_embeds is not None:
+        extra["inputs_embeds"] = inputs_embeds
+    elif isinstance(embedding, HostEmbedding) and batch.host_input_ids is not None:
         extra["inputs_embeds"] = embedding(batch.host_input_ids)  # no wait for the GPU
     else:
         extra["input_ids"] = batch.input_ids
@@ -422,6 +502,10 @@ def token_losses(model, batch: Batch, reduction: str = "none") -> tuple[torch.Te
         hidden = base.model(position_ids=batch.position_ids,
                             attention_mask=batch.attention_mask, use_cache=False,
                             **extra).last_hidden_state
+        if every_row:
+            return linear_cross_entropy(base.get_output_embeddings(), hidden.flatten(0, 1),
+                                        batch.labels.flatten(), reduction=reduction,
+                                        ignored=True)
         targets = batch.labels != IGNORE_INDEX
         return linear_cross_entropy(base.get_output_embeddings(), hidden[targets],
                                     batch.labels[targets], reduction=reduction)
@@ -430,6 +514,13 @@ def token_losses(model, batch: Batch, reduction: str = "none") -> tuple[torch.Te
 def forward_loss(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses, correct predictions) over the positions that carry loss."""
     return token_losses(model, batch, reduction="sum")
+
+
+def every_row_loss(model, batch: Batch, inputs_embeds: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`forward_loss` with fixed shapes: what a graphed pass computes."""
+    return token_losses(model, batch, reduction="sum", inputs_embeds=inputs_embeds,
+                        every_row=True)
 
 
 class SupervisedObjective:
@@ -534,8 +625,18 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
                                   weight_decay=config.weight_decay,
                                   fused=device.type == "cuda" and not sharded)
     optimizer.register_step_post_hook(lambda *_: forget_copies(model))  # new weights: new copies
-    plan = _activation_plan(model, config, data.train, trainable, device, available)
+    graphed = _graphs_wanted(model, config, data.train, world, device, report)
+    plan = _activation_plan(model, config, data.train, trainable, device, available,
+                            graphed=graphed)
+    if graphed and (plan.split or plan.estimate.total > available * HEADROOM):
+        # graphs keep a pass's activations for the job: where even the most recomputation does
+        # not fit whole passes beside them, the eager passes' plan (they free theirs) runs
+        graphed = False
+        plan = _activation_plan(model, config, data.train, trainable, device, available)
     _report_plan(plan, available, report)
+    with _marking_oom(graphed):
+        replays = (_graphed_passes(model, config, data.train, trainable, device, plan, pad_id,
+                                   report) if graphed else None)
     micro_per_epoch = math.ceil(len(data.train) / config.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / config.gradient_accumulation_steps)
     total_steps = config.epochs * steps_per_epoch
@@ -575,11 +676,12 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
                         for i in range(0, len(groups), config.gradient_accumulation_steps)]
         for group in accumulation[state.step_in_epoch:]:
             step_started = time.monotonic()
-            step_metrics = _optimizer_step(model, optimizer, scheduler, trainable, group, data.train,
-                                           config=config, pad_id=pad_id, device=device,
-                                           report=report, plan=plan, world=world,
-                                           max_forward_tokens=plan.forward_tokens if plan.split
-                                           else None)
+            with _marking_oom(replays is not None):
+                step_metrics = _optimizer_step(
+                    model, optimizer, scheduler, trainable, group, data.train, config=config,
+                    pad_id=pad_id, device=device, report=report, plan=plan, world=world,
+                    max_forward_tokens=plan.forward_tokens if plan.split else None,
+                    graphed=replays)
             state.step += 1
             state.step_in_epoch += 1
             state.trained_tokens += step_metrics.pop("target_tokens")
@@ -597,9 +699,10 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
             if device.type == "cuda":  # this process's peak so far (rank 0's, sharded or not)
                 metrics["gpu_memory_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 2)
             if data.validation and (state.step % eval_every == 0 or state.step == total_steps):
-                metrics.update(evaluate(model, data.validation, batch_size=config.batch_size,
-                                        packing=config.packing, pad_id=pad_id, device=device,
-                                        objective=objective_for(config), world=world))
+                with _marking_oom(replays is not None):
+                    metrics.update(evaluate(model, data.validation, batch_size=config.batch_size,
+                                            packing=config.packing, pad_id=pad_id, device=device,
+                                            objective=objective_for(config), world=world))
                 stopped_early = _early_stop(config, state, metrics["eval_loss"])
             state.last_metrics = metrics
             report.metrics(metrics)
@@ -631,7 +734,8 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
 def _optimizer_step(model, optimizer, scheduler, trainable, group, examples, *, config, pad_id,
                     device, report, max_forward_tokens: int | None = None,
                     plan: ActivationPlan | None = None,
-                    world: distributed.World = distributed.World()) -> dict[str, Any]:
+                    world: distributed.World = distributed.World(),
+                    graphed: graphs.GraphedPasses | None = None) -> dict[str, Any]:
     first = examples[group[0][0]]  # what an idle pass runs (sharded), with zero weight
     if world.distributed:  # this rank's share of the step, in micro-batches of the same size
         share = distributed.shard([i for micro in group for i in micro],
@@ -657,12 +761,18 @@ def _optimizer_step(model, optimizer, scheduler, trainable, group, examples, *, 
     if sharded:  # every rank runs as many passes as the busiest (each gathers every layer)
         idle = collate(sequences_of([first]), packing=config.packing, pad_id=pad_id)
         work += [(idle, 0.0)] * (distributed.most_across(len(batches), world, device) - len(batches))
+    padding = 0  # tokens the graphed passes computed beyond the real ones
     for index, (batch, weight) in enumerate(work):
-        if plan is not None:
-            apply_checkpoint_plan(model, plan.layers_for(batch.input_ids.numel()))
-        sharding.set_gradient_sync(model, index == len(work) - 1)  # reduce once, after the last
-        loss_sum, tallies = objective.forward(model, batch.to(device))
-        (loss_sum * (weight / units)).backward()
+        if graphed is not None:  # replayed from a CUDA graph (supervised: loss and correct)
+            loss, correct = graphed.run(batch, weight / units)
+            tallies = {"loss": loss, "correct": correct}
+            padding += graphs.bucket(batch.tokens) - batch.tokens
+        else:
+            if plan is not None:
+                apply_checkpoint_plan(model, plan.layers_for(batch.input_ids.numel()))
+            sharding.set_gradient_sync(model, index == len(work) - 1)  # reduce once, at the end
+            loss_sum, tallies = objective.forward(model, batch.to(device))
+            (loss_sum * (weight / units)).backward()
         if weight:
             _add(totals, tallies)
             tokens += batch.tokens
@@ -676,10 +786,11 @@ def _optimizer_step(model, optimizer, scheduler, trainable, group, examples, *, 
         trainable, config.max_grad_norm if config.max_grad_norm > 0 else math.inf))
     optimizer.step()
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=graphed is None)  # graphed passes add into the same tensors
     summary = objective.summary(totals, units)
     return {"train_loss": summary.pop("loss"), **summary,
-            "grad_norm": round(float(grad_norm), 4), "tokens": tokens, "target_tokens": targets}
+            "grad_norm": round(float(grad_norm), 4), "tokens": tokens, "target_tokens": targets,
+            **({"graph_padding_tokens": padding} if graphed is not None else {})}
 
 
 def _early_stop(config: TrainingConfig, state: ckpt.TrainerState, eval_loss: float) -> bool:

@@ -33,6 +33,9 @@ def test_host_embedding_looks_up_the_same_rows_and_holds_no_parameter():
     assert isinstance(model.embed, HostEmbedding)
     assert torch.equal(model.embed(ids), expected)
     assert list(model.embed.parameters()) == [] and model.embed.state_dict() == {}
+    into = torch.zeros_like(expected)  # a CUDA graph's fixed input tensor
+    model.embed.lookup_into(ids, into)
+    assert torch.equal(into, expected)
 
 
 def test_an_embedding_tied_to_the_head_stays_where_it_is():

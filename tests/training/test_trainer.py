@@ -135,6 +135,40 @@ def test_an_out_of_memory_error_retries_once_with_half_the_micro_batch(make_conf
     assert len(retry) == 1 and retry[0]["level"] == "warning"
 
 
+def test_out_of_memory_while_cuda_graphs_hold_memory_retries_without_them(make_config, reporter,
+                                                                        monkeypatch):
+    """Even at micro-batch 1 (no smaller one to retry with): the graphs kept a pass's
+    activations for the job, eager passes free theirs."""
+    import jobs.training.trainer as trainer_module
+
+    calls = []
+    real = trainer_module._train_once
+
+    def flaky(config, report):
+        calls.append((config.batch_size, config.cuda_graphs))
+        if len(calls) == 1:
+            error = torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            setattr(error, trainer_module.GRAPHED_OOM, True)
+            raise error
+        return real(config.replace(max_steps=1), report)
+
+    monkeypatch.setattr(trainer_module, "_train_once", flaky)
+    result = train(make_config(batch_size=1), reporter)
+    assert calls == [(1, None), (1, False)] and result.status == "succeeded"
+    retry = [e for e in reporter.events if e["data"].get("oom_retry")]
+    assert len(retry) == 1 and "without them" in retry[0]["message"]
+
+
+def test_out_of_memory_is_marked_only_while_graphs_are_held():
+    import jobs.training.trainer as trainer_module
+
+    for held in (True, False):
+        with pytest.raises(torch.OutOfMemoryError) as caught:
+            with trainer_module._marking_oom(held):
+                raise torch.OutOfMemoryError("simulated")
+        assert getattr(caught.value, trainer_module.GRAPHED_OOM, False) is held
+
+
 @pytest.mark.parametrize("changes,param", [
     ({"lora_rank": -1}, "lora_rank"), ({"lora_rank": 0}, "lora_rank"),
     ({"lora_dropout": 1.0}, "lora_dropout"), ({"learning_rate": 0}, "learning_rate"),
