@@ -164,6 +164,8 @@ class TrainingConfig:
         _check(self.packing is None or isinstance(self.packing, bool), "packing",
                "must be true, false or null")
         _check(self.bf16 is None or isinstance(self.bf16, bool), "bf16", "must be true, false or null")
+        _check(self.cuda_graphs is None or isinstance(self.cuda_graphs, bool), "cuda_graphs",
+               "must be true, false or null")
         if isinstance(self.target_modules, str):
             _check(self.target_modules == ALL_LINEAR, "target_modules",
                    f"must be '{ALL_LINEAR}' or a list of module names")

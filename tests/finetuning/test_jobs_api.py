@@ -47,6 +47,8 @@ def test_a_valid_job_is_created_in_openai_shape(org_a, default_model, pirate_fil
      "hyperparameters.lr_scheduler"),
     ({"hyperparameters": {"gpus": 2}}, 400, "invalid_hyperparameter", "hyperparameters.gpus"),
     ({"hyperparameters": {"gpus": 0}}, 400, "invalid_hyperparameter", "hyperparameters.gpus"),
+    ({"hyperparameters": {"cuda_graphs": "always"}}, 400, "invalid_hyperparameter",
+     "hyperparameters.cuda_graphs"),
     ({"model": "gpt-7"}, 400, "model_not_available", "model"),
     ({"training_file": "file-doesnotexist"}, 400, "file_not_found", "training_file"),
     ({"suffix": "Not OK!"}, 400, "invalid_suffix", "suffix"),

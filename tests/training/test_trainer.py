@@ -175,6 +175,7 @@ def test_out_of_memory_is_marked_only_while_graphs_are_held():
     ({"lr_scheduler": "exotic"}, "lr_scheduler"), ({"target_modules": ["q_proj", "bad name"]}, "target_modules"),
     ({"target_modules": []}, "target_modules"), ({"method": "qlora", "device": "cpu"}, "method"),
     ({"epochs": 0}, "epochs"), ({"batch_size": 1.5}, "batch_size"), ({"packing": "yes"}, "packing"),
+    ({"cuda_graphs": "yes"}, "cuda_graphs"),
     ({"early_stopping_patience": 2}, "early_stopping_patience"), ({"warmup_ratio": 0.9}, "warmup_ratio"),
 ])
 def test_bad_hyperparameters_name_their_field(changes, param):
