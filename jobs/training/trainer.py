@@ -633,6 +633,10 @@ def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
         # not fit whole passes beside them, the eager passes' plan (they free theirs) runs
         graphed = False
         plan = _activation_plan(model, config, data.train, trainable, device, available)
+        if config.cuda_graphs:
+            report.event("cuda_graphs is on, but whole passes do not fit the memory budget "
+                         "beside the graphs' pool: the passes run without them.",
+                         level="warning", data={"cuda_graphs": 0})
     _report_plan(plan, available, report)
     with _marking_oom(graphed):
         replays = (_graphed_passes(model, config, data.train, trainable, device, plan, pad_id,
