@@ -7,6 +7,11 @@ through the gateway, never directly. Every replica requires the install's engine
 without it, the admin endpoints that load and unload adapters included, gets 401 from vLLM.
 No Django here: the platform passes the settings in.
 
+The engine's environment is allow-listed (:func:`engine_env`): it runs third-party code on
+tenants' adapters, so it gets what vLLM and the GPU stack read and nothing of the platform's
+(``SECRET_KEY``, ``DATABASE_URL``, storage credentials...). Its ``/metrics`` names the adapters
+it runs; the pool agent serves them without those series (:func:`tenant_free_metrics`).
+
 The engine runs in its own process group, and it is told to stop when the thread that started
 it dies (``PR_SET_PDEATHSIG``), so neither a stop nor a killed parent leaves an engine-core child
 behind: ``stop`` ends the whole group.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import time
@@ -43,6 +49,7 @@ class EngineSpec:
     kv_cache_gib: int = 1
     api_key: str = field(default="", repr=False)  # required by the engine when set
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    env_pass: tuple[str, ...] = ()  # further variables the operator names for the engine
 
     @property
     def url(self) -> str:
@@ -60,11 +67,27 @@ def engine_command(spec: EngineSpec) -> list[str]:
             "--max-model-len", str(spec.max_model_len), *spec.extra_args]
 
 
+# What vLLM inherits from the agent's environment: the system's basics and the settings of vLLM,
+# Hugging Face (offline), CUDA/NCCL and the CPU thread pools.
+ENGINE_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM", "HOSTNAME",
+    "LD_LIBRARY_PATH", "LD_PRELOAD", "SSL_CERT_FILE", "SSL_CERT_DIR", "TRANSFORMERS_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+})
+ENGINE_ENV_PREFIXES = ("LC_", "VLLM_", "HF_", "CUDA_", "NVIDIA_", "NCCL_", "OMP_", "MKL_", "KMP_",
+                       "OPENBLAS_", "TORCH_", "PYTORCH_", "TRITON_", "XDG_")
+# Never a credential under those prefixes (HF_TOKEN: the engine reads models from local disk);
+# the engine's own key is set from the spec.
+_CREDENTIAL = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY|ACCESS_KEY", re.IGNORECASE)
+
+
 def engine_env(spec: EngineSpec) -> dict[str, str]:
-    environ = {key: value for key, value in os.environ.items()
-               if not key.startswith(("DJANGO_", "DATABASE_URL", "REDIS_URL", "TUNEPLEX_",
-                                      "PROMETHEUS_MULTIPROC_DIR"))}  # vLLM keeps its own
-    environ.update({
+    """The engine's whole environment: allow-listed from this process's, never inherited whole."""
+    inherited = {key: value for key, value in os.environ.items()
+                 if key in spec.env_pass
+                 or ((key in ENGINE_ENV_NAMES or key.startswith(ENGINE_ENV_PREFIXES))
+                     and not _CREDENTIAL.search(key))}
+    inherited.update({
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",  # the pool loads adapters at runtime
         "HF_HUB_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
@@ -74,8 +97,28 @@ def engine_env(spec: EngineSpec) -> dict[str, str]:
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     })
     if spec.api_key:
-        environ["VLLM_API_KEY"] = spec.api_key
-    return environ
+        inherited["VLLM_API_KEY"] = spec.api_key
+    return inherited
+
+
+# vLLM's series whose labels name adapters (their names carry organizations' slugs): the LoRA info
+# gauge lists the running and waiting adapters in label values.
+_ADAPTER_LABEL = re.compile(r"[{,]\s*\w*lora_(?:adapters|name)\w*\s*=")
+
+
+def tenant_free_metrics(text: str) -> str:
+    """vLLM's Prometheus text without the families whose samples name adapters."""
+    lines = text.splitlines()
+    naming = {line.split("{", 1)[0] for line in lines
+              if not line.startswith("#") and _ADAPTER_LABEL.search(line)}
+
+    def family(line: str) -> str:
+        if line.startswith("#"):
+            parts = line.split(maxsplit=3)
+            return parts[2] if len(parts) > 2 else ""
+        return line.split("{", 1)[0].split(" ", 1)[0]
+
+    return "".join(f"{line}\n" for line in lines if family(line) not in naming)
 
 
 def auth_headers(api_key: str) -> dict[str, str]:

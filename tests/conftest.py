@@ -454,7 +454,7 @@ class S3Server:
             "bucket_name": self.bucket, "endpoint_url": self.endpoint, "region_name": "us-east-1",
             "location": "tuneplex", "file_overwrite": False, "default_acl": None,
             "access_key": "tuneplex-test", "secret_key": "tuneplex-test"}}
-        return {"default": artifacts, "artifacts": artifacts,
+        return {"default": artifacts, "artifacts": artifacts, "serving": artifacts,
                 "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
 
 

@@ -250,9 +250,71 @@ for _entry in _engine_urls:
 SERVING_DIR = env_path("TUNEPLEX_SERVING_DIR", DATA_DIR / "serving")  # adapters staged for the engine
 # Every replica (vLLM and its pool agent) requires this key; the gateways and agents send it.
 ENGINE_API_KEY = _kept_secret("TUNEPLEX_ENGINE_API_KEY", "engine_api_key")
+# Where a replica's pool agent and vLLM listen (run_engine --host): loopback unless the operator
+# names an internal address (the Compose and Kubernetes deployments do).
+ENGINE_HOST = env_str("TUNEPLEX_ENGINE_HOST", "127.0.0.1")
+# The pool agent handles at most this many requests at once (a fixed pool of threads; a lease may
+# wait up to 30 s for a slot), and cuts a connection whose request has not arrived whole, headers
+# and body, within TUNEPLEX_AGENT_READ_TIMEOUT seconds.
+AGENT_THREADS = env_int("TUNEPLEX_AGENT_THREADS", 32, minimum=2, maximum=1024)
+AGENT_READ_TIMEOUT = env_int("TUNEPLEX_AGENT_READ_TIMEOUT", 10, minimum=1, maximum=300)
+# vLLM gets an allow-listed environment (serving.engine.engine_env); these names are added to it.
+ENGINE_ENV_PASS = tuple(env_list("TUNEPLEX_ENGINE_ENV_PASS", []))
+# The pool agent stages adapters from S3 with credentials of its own, meant to be read-only
+# (docs/deploy.md has the bucket policy); unset, it uses the platform's, and warns.
+AGENT_S3_ACCESS_KEY_ID = env_str("TUNEPLEX_AGENT_S3_ACCESS_KEY_ID")
+AGENT_S3_SECRET_ACCESS_KEY = env_str("TUNEPLEX_AGENT_S3_SECRET_ACCESS_KEY")
+if (AGENT_S3_ACCESS_KEY_ID is None) != (AGENT_S3_SECRET_ACCESS_KEY is None):
+    raise ImproperlyConfigured("TUNEPLEX_AGENT_S3_ACCESS_KEY_ID and TUNEPLEX_AGENT_S3_SECRET_ACCESS_KEY "
+                               "are set together or not at all")
+if STORAGE_BACKEND == "s3" and AGENT_S3_ACCESS_KEY_ID:
+    STORAGES["serving"] = {**_artifacts, "OPTIONS": {**_artifacts["OPTIONS"],
+                                                     "access_key": AGENT_S3_ACCESS_KEY_ID,
+                                                     "secret_key": AGENT_S3_SECRET_ACCESS_KEY}}
+else:
+    STORAGES["serving"] = _artifacts
 # A gateway's lease on an adapter it is serving expires this long after its last renewal (a
 # gateway that died pins nothing for longer).
 ENGINE_LEASE_SECONDS = env_int("TUNEPLEX_ENGINE_LEASE_SECONDS", 15, minimum=3)
+
+
+# --- secrets that nodes share ----------------------------------------------------------------------
+# The embedded default generates SECRET_KEY and the engine key into the data folder. Processes on
+# other machines have other data folders, hence other keys: sessions, CSRF tokens and signed links
+# fail across web processes, gateways cannot reach engines. So where the install spans machines,
+# both must be given (an empty value, as in the example secrets files, counts as none).
+def _is_remote(url: str | None) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname if url else None
+    if not host or host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name other than localhost: another machine
+
+
+_SHARED_DATABASE_AND_BROKER = (DATABASES["default"]["ENGINE"].endswith("postgresql")
+                               and REDIS_URL is not None
+                               and (_is_remote(DATABASE_URL) or _is_remote(REDIS_URL)))
+_REMOTE_ENGINES = any(_is_remote(url) for urls in ENGINE_REPLICAS.values() for url in urls)
+_SHARED_STORAGE = STORAGE_BACKEND == "s3" and (
+    _artifacts["OPTIONS"]["endpoint_url"] is None or _is_remote(_artifacts["OPTIONS"]["endpoint_url"]))
+if _SHARED_DATABASE_AND_BROKER and env_str("SECRET_KEY") is None:
+    raise ImproperlyConfigured(
+        "SECRET_KEY is required: DATABASE_URL and REDIS_URL name servers on another machine, so "
+        "several machines' processes share this install and must sign with one key (a key "
+        "generated per machine breaks sessions and signed links). Set it, 32 characters or more, "
+        "for every web, worker and beat process.")
+if ((_SHARED_DATABASE_AND_BROKER or _REMOTE_ENGINES or _SHARED_STORAGE)
+        and env_str("TUNEPLEX_ENGINE_API_KEY") is None):
+    raise ImproperlyConfigured(
+        "TUNEPLEX_ENGINE_API_KEY is required: this install spans machines (shared database and "
+        "broker, engines on another machine, or S3 storage), and gateways, workers and engines "
+        "must all hold the same key (a key generated per machine locks the gateways out). Set "
+        "it, 32 characters or more, for every process.")
 
 # --- inference gateway -----------------------------------------------------------------------------
 INFERENCE_MAX_BODY = env_bytes("TUNEPLEX_INFERENCE_MAX_BODY", 1 * 2**20)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -124,7 +125,8 @@ def test_engine_urls_map_replicas_to_base_models():
             "django.setup(); from django.conf import settings; print(settings.ENGINE_REPLICAS)")
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("TUNEPLEX_ENGINE", "DJANGO_"))}
     environ.update(TUNEPLEX_ENGINE_MODE="attach", TUNEPLEX_DATA_DIR=os.environ["TUNEPLEX_DATA_DIR"],
-                   TUNEPLEX_ENGINE_URLS="http://10.0.0.4:8100/,Other-1B=http://10.0.0.5:8100")
+                   TUNEPLEX_ENGINE_URLS="http://10.0.0.4:8100/,Other-1B=http://10.0.0.5:8100",
+                   TUNEPLEX_ENGINE_API_KEY="k" * 40)  # engines on other machines need the key
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environ,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -151,3 +153,73 @@ def test_the_engine_key_is_generated_once_per_install_or_taken_from_the_environm
     short = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                            env={**environ, "TUNEPLEX_ENGINE_API_KEY": "short"}, timeout=60)
     assert short.returncode != 0 and "TUNEPLEX_ENGINE_API_KEY" in short.stderr
+
+
+# --- secrets that nodes share ------------------------------------------------------------------------
+
+SECRET = "s" * 40
+ENGINE_KEY = "k" * 40
+SHARED_SERVERS = {"DATABASE_URL": "postgres://tuneplex:pw@db.internal:5432/tuneplex",
+                  "REDIS_URL": "redis://:pw@redis.internal:6379/0"}
+ENGINE_NODE = {"DATABASE_URL": "postgres://tuneplex:pw@db.internal:5432/tuneplex",
+               "TUNEPLEX_STORAGE": "s3", "TUNEPLEX_S3_BUCKET": "tuneplex",
+               "TUNEPLEX_S3_ENDPOINT_URL": "https://s3.internal",
+               "TUNEPLEX_ENGINE_MODE": "attach",
+               "TUNEPLEX_ENGINE_URLS": "http://engine-0.engine-pods.tuneplex.svc.cluster.local:8100"}
+
+
+@pytest.mark.parametrize("environment,missing", [
+    # the example secrets files leave them empty: empty is none
+    ({**SHARED_SERVERS, "SECRET_KEY": "", "TUNEPLEX_ENGINE_API_KEY": ENGINE_KEY}, "SECRET_KEY"),
+    ({**SHARED_SERVERS, "TUNEPLEX_ENGINE_API_KEY": ENGINE_KEY}, "SECRET_KEY"),
+    ({**SHARED_SERVERS, "SECRET_KEY": SECRET, "TUNEPLEX_ENGINE_API_KEY": ""}, "TUNEPLEX_ENGINE_API_KEY"),
+    ({"TUNEPLEX_ENGINE_MODE": "attach", "TUNEPLEX_ENGINE_URLS": "http://10.0.0.4:8100"},
+     "TUNEPLEX_ENGINE_API_KEY"),
+    ({"TUNEPLEX_STORAGE": "s3", "TUNEPLEX_S3_BUCKET": "b", "TUNEPLEX_ENGINE_API_KEY": " "},
+     "TUNEPLEX_ENGINE_API_KEY"),
+    (ENGINE_NODE, "TUNEPLEX_ENGINE_API_KEY"),
+], ids=["empty-secret-key", "no-secret-key", "empty-engine-key", "remote-engines", "aws-s3",
+        "engine-node"])
+def test_an_install_across_machines_refuses_to_start_without_its_shared_secrets(environment, missing):
+    result = _load_settings(**environment)
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    assert f"{missing} is required" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("environment", [
+    {},  # the embedded default
+    # one machine: its processes share the data folder, hence the generated keys
+    {"DATABASE_URL": "postgres://u@127.0.0.1:5432/x", "REDIS_URL": "redis://localhost:6379/3",
+     "TUNEPLEX_ENGINE_MODE": "attach", "TUNEPLEX_ENGINE_URLS": "http://127.0.0.1:8100",
+     "TUNEPLEX_STORAGE": "s3", "TUNEPLEX_S3_BUCKET": "b", "TUNEPLEX_S3_ENDPOINT_URL": "http://[::1]:9000"},
+    {**SHARED_SERVERS, "SECRET_KEY": SECRET, "TUNEPLEX_ENGINE_API_KEY": ENGINE_KEY},
+    # an engine node gets no broker and signs nothing: the engine key alone
+    {**ENGINE_NODE, "TUNEPLEX_ENGINE_API_KEY": ENGINE_KEY},
+], ids=["embedded", "one-machine", "given", "engine-node"])
+def test_installs_with_their_secrets_or_on_one_machine_start(environment):
+    result = _load_settings(SECRET_KEY="", **environment) if "SECRET_KEY" not in environment \
+        else _load_settings(**environment)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_pool_agent_reads_storage_with_its_own_credentials():
+    code = ("import json, django; from django.conf import settings; django.setup(); "
+            "print(json.dumps({alias: settings.STORAGES[alias]['OPTIONS'].get('access_key') "
+            "for alias in ('artifacts', 'serving')}))")
+
+    def keys(**overrides: str) -> dict:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("TUNEPLEX_", "DJANGO_"))}
+        environ.update({"TUNEPLEX_DATA_DIR": os.environ["TUNEPLEX_DATA_DIR"], "TUNEPLEX_STORAGE": "s3",
+                        "TUNEPLEX_S3_BUCKET": "b", "TUNEPLEX_S3_ENDPOINT_URL": "http://127.0.0.1:9000",
+                        "DJANGO_SETTINGS_MODULE": "tuneplex.settings"}, **overrides)
+        result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environ,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout)
+
+    assert keys(TUNEPLEX_AGENT_S3_ACCESS_KEY_ID="agent-reader", TUNEPLEX_AGENT_S3_SECRET_ACCESS_KEY="x") \
+        == {"artifacts": None, "serving": "agent-reader"}
+    assert keys() == {"artifacts": None, "serving": None}  # the platform's (from AWS_*), with a warning
+    half = _load_settings(TUNEPLEX_AGENT_S3_ACCESS_KEY_ID="agent-reader")
+    assert half.returncode != 0 and "TUNEPLEX_AGENT_S3_SECRET_ACCESS_KEY" in half.stderr

@@ -4,6 +4,9 @@ The engine reads adapters from TUNEPLEX_SERVING_DIR/adapters/<adapter id>/, a di
 platform fills from artifact storage (local or S3) with exactly the two adapter files, after
 checking their SHA-256 against the one recorded when the job finished. Nothing a tenant names
 ever becomes a path: the directory name is the adapter's generated id.
+
+Staging only reads, through the ``serving`` storage: on an engine node, the pool agent's own
+read-only credentials (TUNEPLEX_AGENT_S3_*), elsewhere the platform's.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ import shutil
 from pathlib import Path
 
 from django.conf import settings
+from django.core.files.storage import storages
 
 from jobs.training.layout import ADAPTER_FILES, sha256_of, staged_directory
 from serving.adapters import AdapterInfo, AdapterInvalid, validate_adapter
-from tuneplex.core.storage import artifact_storage, download_directory
+from tuneplex.core.storage import CHUNK
 
 
 def serving_root() -> Path:
@@ -32,13 +36,16 @@ def stage_adapter(adapter) -> tuple[Path, AdapterInfo]:
 
     target = staged_path(adapter.id)
     if not (target / "adapter_model.safetensors").is_file():
-        storage = artifact_storage()
-        with staged_directory(target) as staging:
+        storage = storages["serving"]
+        with staged_directory(target) as staging:  # renamed into place only when complete
             for name in ADAPTER_FILES:
                 if not storage.exists(f"{adapter.blob_prefix}/{name}"):
                     raise AdapterInvalid(f"The adapter's {name} is missing from artifact storage.",
                                          code="adapter_incomplete")
-            download_directory(adapter.blob_prefix, ADAPTER_FILES, staging)
+            for name in ADAPTER_FILES:
+                with storage.open(f"{adapter.blob_prefix}/{name}", "rb") as source, \
+                        (staging / name).open("wb") as copy:
+                    shutil.copyfileobj(source, copy, CHUNK)
             if sha256_of(staging) != adapter.sha256:
                 raise AdapterInvalid("The adapter's files do not match the checksum recorded when "
                                      "its job finished.", code="adapter_checksum_mismatch")

@@ -6,10 +6,14 @@ starts it under the supervisor; on an engine node, run one per replica).
 
 The pool agent (``serving/agent.py``) listens on ``--port`` and is the replica's address in
 TUNEPLEX_ENGINE_URLS; vLLM listens on ``--engine-port`` (the next port by default). Both bind
-``--host`` (loopback by default; an internal address on an engine node, with ``--advertise``
-naming the host the gateways should use). Both require TUNEPLEX_ENGINE_API_KEY.
+``--host`` (TUNEPLEX_ENGINE_HOST, loopback by default; an internal address on an engine node, with
+``--advertise`` naming the host the gateways should use). Both require TUNEPLEX_ENGINE_API_KEY.
+The agent handles TUNEPLEX_AGENT_THREADS requests at once and gives each
+TUNEPLEX_AGENT_READ_TIMEOUT seconds to arrive; vLLM gets an allow-listed environment
+(``serving.engine.engine_env``), none of the platform's secrets.
 
-The agent stages adapters from artifact storage into this node's TUNEPLEX_SERVING_DIR (a cache),
+The agent stages adapters from artifact storage into this node's TUNEPLEX_SERVING_DIR (a cache)
+with its own read-only credentials when S3 is the storage (TUNEPLEX_AGENT_S3_*; a warning if not),
 follows the deployed set in the database every TUNEPLEX_ENGINE_RECONCILE_SECONDS, and owns the
 replica's slots. When the engine dies, this command marks the replica not ready, ends the
 engine's whole process group, and starts it again with back-off (1 s doubling to 30 s); once it
@@ -49,7 +53,8 @@ class Command(BaseCommand):
         parser.add_argument("--model", default=settings.DEFAULT_BASE_MODEL)
         parser.add_argument("--port", type=int, default=settings.ENGINE_PORT, help="the pool agent's port")
         parser.add_argument("--engine-port", type=int, default=None, help="vLLM's port (default: --port + 1)")
-        parser.add_argument("--host", default="127.0.0.1", help="address both listen on")
+        parser.add_argument("--host", default=settings.ENGINE_HOST,
+                            help="address both listen on (default: TUNEPLEX_ENGINE_HOST, loopback)")
         parser.add_argument("--advertise", default=None, help="host the gateways reach (default: --host)")
         parser.add_argument("--timeout", type=float, default=300.0, help="start-up wait, seconds")
 
@@ -67,7 +72,12 @@ class Command(BaseCommand):
                           max_cpu_loras=settings.ENGINE_LORA_SLOTS,
                           max_lora_rank=settings.ENGINE_MAX_LORA_RANK,
                           max_model_len=min(settings.ENGINE_MAX_MODEL_LEN, base.max_sequence_length),
-                          kv_cache_gib=settings.ENGINE_KV_CACHE_GIB, api_key=settings.ENGINE_API_KEY)
+                          kv_cache_gib=settings.ENGINE_KV_CACHE_GIB, api_key=settings.ENGINE_API_KEY,
+                          env_pass=settings.ENGINE_ENV_PASS)
+        if settings.STORAGE_BACKEND == "s3" and not settings.AGENT_S3_ACCESS_KEY_ID:
+            log.warning("TUNEPLEX_AGENT_S3_ACCESS_KEY_ID is not set: this replica stages adapters with "
+                        "the platform's storage credentials, which can write and delete. Give it "
+                        "read-only ones (docs/deploy.md).")
         local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         engine = EngineProcess(spec, settings.DATA_DIR / "logs" / f"engine-{engine_port}.log")
         pool = ReplicaPool(EngineClient(f"http://{local}:{engine_port}", settings.ENGINE_API_KEY),
@@ -78,7 +88,9 @@ class Command(BaseCommand):
         reconcile = _reconciler(pool, base.name)
         server = AgentServer((host, port), pool=pool, api_key=settings.ENGINE_API_KEY,
                              engine_url=f"http://{advertise or local}:{engine_port}", model=base.name,
-                             reconcile=reconcile, metrics=exporter)
+                             reconcile=reconcile, metrics=exporter,
+                             engine_metrics_url=f"http://{local}:{engine_port}/metrics",
+                             workers=settings.AGENT_THREADS, read_timeout=settings.AGENT_READ_TIMEOUT)
         server.serve_in_thread()
         self.agent_url = f"http://{local}:{port}"
         threading.Thread(target=_reconcile_forever, args=(pool, reconcile), daemon=True,
@@ -95,6 +107,7 @@ class Command(BaseCommand):
         finally:
             pool.engine_stopped()
             server.shutdown()
+            server.server_close()
             engine.stop()
 
     def _run(self, engine: EngineProcess, pool: ReplicaPool, reconcile, timeout: float) -> None:
