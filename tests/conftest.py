@@ -385,9 +385,11 @@ class GatewayProcess:
 
     def __init__(self, *, database_url: str, engine: ReplicaProcess | None,
                  extra_env: dict | None = None, replicas: list[ReplicaProcess] | None = None,
-                 port: int | None = None, workers: int = 1):
+                 port: int | None = None, workers: int = 1,
+                 app: str = "tuneplex.asgi:application"):
         """With no engine (and no replicas) the platform runs with inference off. ``workers``:
-        uvicorn's worker processes (more than one wants PROMETHEUS_MULTIPROC_DIR in extra_env)."""
+        uvicorn's worker processes (more than one wants PROMETHEUS_MULTIPROC_DIR in extra_env);
+        ``app``: the ASGI application to serve (a test's variant of the platform's)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.replicas = replicas or ([engine] if engine is not None else [])
@@ -401,7 +403,7 @@ class GatewayProcess:
         self.log_path = Path(os.environ.get("TUNEPLEX_DATA_DIR", "/tmp")) / f"gateway-{self.port}.log"
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "uvicorn"), "tuneplex.asgi:application",
+            [str(Path(sys.executable).parent / "uvicorn"), app,
              "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log",
              *(["--workers", str(workers)] if workers > 1 else [])],
             cwd=REPO, env=environ, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)

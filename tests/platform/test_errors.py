@@ -16,7 +16,8 @@ def assert_error(response, status: int, code: str | None = None, param: str | No
     assert response.status_code == status, response.content
     assert response["Content-Type"].startswith("application/json")
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "param"}
+    assert set(body) == {"error", "request_id"} and set(body["error"]) == {"code", "message", "param"}
+    assert body["request_id"] == response["X-Request-Id"]  # the id of the request's log lines
     assert body["error"]["message"]
     if code is not None:
         assert body["error"]["code"] == code, body
@@ -191,6 +192,7 @@ def test_an_internal_error_shows_a_request_id_and_no_internals(org_a, monkeypatc
     assert_error(response, 500, "server_error")
     message = response.json()["error"]["message"]
     assert "proxy-id-12345678" in message and response["X-Request-Id"] == "proxy-id-12345678"
+    assert response.json()["request_id"] == "proxy-id-12345678"
     assert "db-7" not in message and "/srv" not in message and "RuntimeError" not in message
     ordinary = bearer(org_a.owner_key).get("/v1/base_models", HTTP_X_REQUEST_ID="bad id!")
     assert len(ordinary["X-Request-Id"]) == 32  # an unusable offered id is replaced
@@ -213,3 +215,15 @@ def test_an_organization_over_its_api_rate_is_throttled_alone(org_a, org_b, sett
     assert_error(refused, 429, "rate_limit_exceeded")
     assert int(refused["Retry-After"]) > 0
     assert bearer(org_b.owner_key).get("/v1/files").status_code == 200  # B is not A
+
+
+def test_the_dashboards_error_page_shows_the_request_id(rf):
+    from tuneplex.core.errors import handler500
+    from tuneplex.core.request_id import current
+
+    token = current.set("page-id-12345678")
+    try:
+        page = handler500(rf.get("/jobs/"))
+    finally:
+        current.reset(token)
+    assert page.status_code == 500 and b"<code>page-id-12345678</code>" in page.content

@@ -7,11 +7,13 @@ Access: ``tuneplex.core.metrics.may_scrape`` (the monitoring networks, or the me
 
 from __future__ import annotations
 
+import json
 import logging
 
 from asgiref.sync import sync_to_async
 
 from tuneplex.core import metrics
+from tuneplex.core.errors import error_body
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +35,18 @@ class MetricsEndpoint:
         authorization = headers.get(b"authorization")
         client = scope.get("client")
         if scope["method"] not in ("GET", "HEAD"):
-            return await _answer(send, 405, b'{"error": {"code": "method_not_allowed", '
-                                 b'"message": "Use GET.", "param": null}}', "application/json")
+            return await _refuse(send, 405, "method_not_allowed", "Use GET.")
         if not metrics.may_scrape(client[0] if client else None,
                                   authorization.decode("latin-1") if authorization else None,
                                   proxied=b"x-forwarded-for" in headers):
             log.warning("refused a metrics scrape from %s", client[0] if client else "?")
-            return await _answer(send, 403, metrics.REFUSED, "application/json")
+            return await _refuse(send, 403, "permission_denied", metrics.REFUSED_MESSAGE)
         body = await sync_to_async(_scrape)()
         await _answer(send, 200, b"" if scope["method"] == "HEAD" else body, metrics.CONTENT_TYPE)
+
+
+async def _refuse(send, status: int, code: str, message: str) -> None:
+    await _answer(send, status, json.dumps(error_body(code, message)).encode(), "application/json")
 
 
 async def _answer(send, status: int, body: bytes, content_type: str) -> None:

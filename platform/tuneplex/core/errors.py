@@ -1,7 +1,9 @@
-"""One error shape for the whole API: ``{"error": {"code", "message", "param"}}``.
+"""One error shape for the whole API: ``{"error": {"code", "message", "param"}, "request_id"}``.
 
 Services raise :class:`ApiError` (or Django/DRF exceptions); the DRF exception handler and the
 Django error handlers below turn every failure under /v1 into that shape with a proper status.
+``request_id`` is the request's own (its ``X-Request-Id``, and the id on its log lines), so a
+client quoting it leads to the log of what went wrong.
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseServerError, JsonResponse
 from django.shortcuts import render
-from django.views.defaults import page_not_found, server_error
+from django.template import loader
+from django.views.defaults import page_not_found
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
+
+from tuneplex.core.request_id import current as current_request_id
 
 
 class ApiError(Exception):
@@ -43,7 +48,16 @@ class Conflict(ApiError):
 
 
 def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "param": param}}
+    return {"error": {"code": code, "message": message, "param": param},
+            "request_id": current_request_id.get()}
+
+
+def server_error_body() -> dict[str, Any]:
+    """An internal error's answer: the request id to quote, nothing of the internals (those are
+    in the log line that carries the same id)."""
+    return error_body("server_error", f"Internal error; it has been logged with request id "
+                                      f"{current_request_id.get()}. Quote it when you report the "
+                                      f"problem.")
 
 
 def _first_validation_error(detail: Any, path: str = "") -> tuple[str | None, str, str]:
@@ -141,13 +155,9 @@ def handler404(request: HttpRequest, exception: Exception | None = None) -> Http
 
 def handler500(request: HttpRequest) -> HttpResponse:
     if is_api_path(request):
-        from tuneplex.core.request_id import request_id_of
-
-        return JsonResponse(error_body(
-            "server_error", f"Internal error; it has been logged with request id "
-                            f"{request_id_of(request)}. Quote it when you report the problem."),
-            status=500)
-    return server_error(request, template_name="500.html")
+        return JsonResponse(server_error_body(), status=500)
+    page = loader.get_template("500.html").render({"request_id": current_request_id.get()})
+    return HttpResponseServerError(page)
 
 
 def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import hmac
 import ipaddress
+import json
 import os
 
 from prometheus_client import (
@@ -109,8 +110,9 @@ def may_scrape(client_address: str | None, authorization: str | None, *, proxied
     return any(address in network for network in settings.METRICS_NETWORKS)
 
 
-REFUSED = (b'{"error": {"code": "permission_denied", "message": "Metrics are served to the '
-           b'monitoring network or with the metrics token.", "param": null}}')
+REFUSED_MESSAGE = "Metrics are served to the monitoring network or with the metrics token."
+REFUSED = json.dumps({"error": {"code": "permission_denied", "message": REFUSED_MESSAGE,
+                                "param": None}}).encode()  # outside a request: no request id
 
 
 # --- exposition ----------------------------------------------------------------------------------

@@ -24,11 +24,15 @@ class SessionScheme(OpenApiAuthenticationExtension):
 # --- what every operation may answer, and the list envelope --------------------------------------
 
 ERROR_SCHEMA = {
-    "type": "object", "required": ["error"],
-    "properties": {"error": {
-        "type": "object", "required": ["code", "message", "param"],
-        "properties": {"code": {"type": "string"}, "message": {"type": "string"},
-                       "param": {"type": "string", "nullable": True}}}},
+    "type": "object", "required": ["error", "request_id"],
+    "properties": {
+        "error": {
+            "type": "object", "required": ["code", "message", "param"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                           "param": {"type": "string", "nullable": True}}},
+        "request_id": {"type": "string", "description": "This request's id, as in its "
+                       "X-Request-Id header and the server's log lines: quote it when you "
+                       "report a problem"}},
 }
 _ERROR_TEXT = {
     "400": "Invalid input: `code` says what, `param` names the field",

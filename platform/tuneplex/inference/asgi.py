@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 
-from tuneplex.core.errors import error_body
+from tuneplex.core.errors import server_error_body
 from tuneplex.inference.gateway import CHAT, COMPLETIONS, Reply, complete
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ class InferenceFastPath:
             reply = work.result()
         except Exception:  # what Django's handler500 does for its views: log, answer in our shape
             log.exception("inference request failed")
-            reply = Reply(500, {"Content-Type": "application/json"}, json.dumps(error_body(
-                "server_error", "Internal error; it has been logged.")).encode())
+            reply = Reply(500, {"Content-Type": "application/json"},
+                          json.dumps(server_error_body()).encode())
         headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()]
         if reply.stream is None:
             headers.append((b"content-length", str(len(reply.body)).encode()))
