@@ -5,7 +5,9 @@
 #   beat                Celery beat: exactly one per install
 #   worker ARGS...      a Celery worker (ARGS: --queues ..., --concurrency ...); its metrics
 #                       exporter listens on TUNEPLEX_WORKER_METRICS_PORT (9540 in the images)
-#   engine ARGS...      a serving replica: pool agent on --port, vLLM on the next port
+#   engine ARGS...      a serving replica: pool agent on --port, vLLM on the next port, both
+#                       on TUNEPLEX_ENGINE_HOST (loopback unless set: the deployments name an
+#                       internal address); vLLM's environment is allow-listed
 #   migrate             apply migrations, then register TUNEPLEX_BASE_MODEL_DIRS (if set)
 #   healthcheck         exit 0 when this container's process answers
 #   anything else       run as given (e.g. manage.py create_organization ...)
@@ -41,7 +43,7 @@ case "$command" in
   engine)
     # The engine must not inherit the platform's metrics folder (vLLM has its own).
     unset PROMETHEUS_MULTIPROC_DIR
-    exec "$PY" manage.py run_engine --host 0.0.0.0 --advertise "${TUNEPLEX_ADVERTISE_HOST:-$(hostname -f)}" "$@" ;;
+    exec "$PY" manage.py run_engine --advertise "${TUNEPLEX_ADVERTISE_HOST:-$(hostname -f)}" "$@" ;;
   migrate)
     "$PY" manage.py migrate --noinput
     for dir in $(echo "${TUNEPLEX_BASE_MODEL_DIRS:-}" | tr ',' ' '); do

@@ -88,7 +88,8 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
     shutil.copytree(DEPLOY / "kubernetes", root / "kubernetes")
     out = {}
     for overlay in sorted((root / "kubernetes/overlays").iterdir()):
-        shutil.copy(overlay / "secrets.env.example", overlay / "secrets.env")
+        for example in overlay.glob("*.env.example"):
+            shutil.copy(example, overlay / example.name.removesuffix(".example"))
         result = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True,
                                 text=True, timeout=60)
         assert result.returncode == 0, result.stderr
@@ -166,6 +167,96 @@ def test_every_pod_is_non_root_with_requests_limits_and_probes(rendered):
             if document["kind"] != "Job":
                 assert "livenessProbe" in container, name
         assert template["metadata"]["labels"]["app.kubernetes.io/part-of"] == "tuneplex"
+
+
+# --- what engines hold, and who reaches them -----------------------------------------------------
+
+# Where the engine (vLLM, behind the pool agent) runs, none of these may be: it runs third-party
+# code on tenants' adapters.
+PLATFORM_ONLY = {"SECRET_KEY", "REDIS_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "TUNEPLEX_OIDC_CLIENT_SECRET"}
+AGENT_STORAGE = {"TUNEPLEX_AGENT_S3_ACCESS_KEY_ID", "TUNEPLEX_AGENT_S3_SECRET_ACCESS_KEY"}
+
+
+def test_compose_engines_get_no_platform_secret_and_a_read_only_storage_user():
+    services = compose()["services"]
+    engine = services["engine-0"]["environment"]
+    assert not PLATFORM_ONLY & set(engine)
+    assert AGENT_STORAGE <= set(engine) and engine["TUNEPLEX_ENGINE_API_KEY"].startswith("${")
+    assert engine["TUNEPLEX_ENGINE_HOST"] == "0.0.0.0"  # set explicitly (the default is loopback)
+    assert {"SECRET_KEY", "AWS_ACCESS_KEY_ID"} <= set(services["web"]["environment"])
+    assert not AGENT_STORAGE & set(services["web"]["environment"])
+    # minio-init makes the read-only user with the shipped policy.
+    init = services["minio-init"]
+    script = init["command"][0]
+    assert "mc admin user add" in script and "tuneplex-agent-read" in script
+    assert "./agent-read-policy.json:/etc/tuneplex/agent-read-policy.json:ro" in init["volumes"]
+    policy = json.loads((DEPLOY / "compose/agent-read-policy.json").read_text())
+    actions = {a for statement in policy["Statement"] for a in statement["Action"]}
+    assert actions == {"s3:GetObject", "s3:ListBucket", "s3:GetBucketLocation"}  # nothing writes
+    example = (DEPLOY / "compose/.env.example").read_text()
+    assert all(f"{name}=" in example for name in AGENT_STORAGE)
+
+
+def test_kubernetes_engine_pods_get_only_the_secrets_they_need(rendered):
+    for overlay in ("production", "small"):
+        engine = objects(rendered, overlay, "StatefulSet")["engine"]["spec"]["template"]["spec"]
+        container = engine["containers"][0]
+        whole = {source["secretRef"]["name"] for source in container["envFrom"] if "secretRef" in source}
+        assert whole == {"tuneplex-engine-storage"}, overlay  # never tuneplex-secrets whole
+        picked = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]
+                  if "secretKeyRef" in e.get("valueFrom", {})}
+        assert picked == {"DATABASE_URL", "TUNEPLEX_S3_ENDPOINT_URL", "TUNEPLEX_ENGINE_API_KEY",
+                          "TUNEPLEX_METRICS_TOKEN"}
+        host = next(e for e in container["env"] if e["name"] == "TUNEPLEX_ENGINE_HOST")
+        assert host["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        storage = objects(rendered, overlay, "Secret")["tuneplex-engine-storage"]
+        assert set(storage["data"]) == AGENT_STORAGE
+        # every other pod still gets the platform's secrets
+        for name, deployment in objects(rendered, overlay, "Deployment").items():
+            sources = deployment["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+            assert {"secretRef": {"name": "tuneplex-secrets"}} in sources, name
+
+
+def test_vllm_is_reachable_from_the_gateways_only(rendered):
+    policy = objects(rendered, "production", "NetworkPolicy")["engine-ingress"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/component": "engine"}
+    assert policy["policyTypes"] == ["Ingress"]
+
+    def sources(port: int) -> list[dict]:
+        return [peer for rule in policy["ingress"] if {"port": port} in rule["ports"]
+                for peer in rule["from"]]
+
+    assert sources(8101) == [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "tuneplex", "app.kubernetes.io/component": "web"}}}]
+    agent = sources(8100)
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in agent
+    assert all("ipBlock" not in peer for rule in policy["ingress"] for peer in rule["from"])
+    # The web pods carry the labels the policy selects.
+    web = objects(rendered, "production", "Deployment")["web"]["spec"]["template"]["metadata"]["labels"]
+    assert web["app.kubernetes.io/component"] == "web" and web["app.kubernetes.io/name"] == "tuneplex"
+
+
+@pytest.mark.parametrize("name", ["prometheus.yml", "prometheus-kubernetes.yml"])
+def test_engine_metrics_are_scraped_through_the_agent_without_adapter_names(name):
+    config = yaml.safe_load((DEPLOY / "prometheus" / name).read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "vllm")
+    assert job["metrics_path"] == "/metrics/engine" and "authorization" in job
+    ports = [t.rsplit(":", 1)[1] for c in job.get("static_configs", []) for t in c["targets"]]
+    ports += [str(c["port"]) for c in job.get("dns_sd_configs", [])]
+    assert ports and set(ports) == {"8100"}  # the agent, never vLLM's port
+    relabel = job["metric_relabel_configs"]
+    assert {"source_labels": ["__name__"], "regex": "vllm:lora_requests_info", "action": "drop"} in relabel
+    dropped = next(r for r in relabel if r["action"] == "labeldrop")["regex"]
+    assert all(re.fullmatch(dropped, label) for label in
+               ("running_lora_adapters", "waiting_lora_adapters", "lora_name"))
+    assert not re.fullmatch(dropped, "model_name")
+
+
+def test_the_engine_image_binds_where_it_is_told():
+    entrypoint = (DEPLOY / "docker/entrypoint.sh").read_text()
+    engine_line = next(line for line in entrypoint.splitlines() if "run_engine" in line)
+    assert "--host" not in engine_line  # TUNEPLEX_ENGINE_HOST decides; loopback by default
 
 
 # --- images ------------------------------------------------------------------------------------------
