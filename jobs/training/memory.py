@@ -11,7 +11,10 @@ Pure Python (the platform runs it at job creation). The estimate adds up, in byt
                 (:func:`adapter_bytes`, jobs.training.projections)
   activations   per token of the largest forward pass and per layer, what autograd keeps for the
                 backward pass (:func:`layer_bytes_per_token`); a checkpointed layer keeps only its
-                input, and recomputes one layer's worth at a time in the backward pass
+                input (none on the GPU where that waits in host memory), and recomputes one
+                layer's worth at a time in the backward pass; plus the backward pass's workspace
+                of one layer (:func:`workspace_bytes`) beyond the head's memory, which is freed
+                before it is needed
   logits        the output head on target tokens: with the fused head only one chunk of logits
                 and the hidden states' gradient; otherwise fp32 logits with their gradient
   overhead      CUDA context and allocator slack: 1 GiB on GPUs, 0.5 GiB on the CPU
@@ -23,7 +26,9 @@ The plan (:func:`plan_activations`): gradient checkpointing covers the fewest le
 that make the estimate fit the budget (none when everything fits), decided again for each
 forward pass from its own token count (a short micro-batch recomputes fewer layers); only when
 even every layer checkpointed does not fit, a micro-batch runs as several forward passes of fewer
-tokens (split at example boundaries, never below the longest example; the same gradient). That
+tokens (split at example boundaries, never below the longest example; the same gradient); only
+when one example is too long even then, on one GPU, the checkpointed layers' inputs wait in host
+memory (as few layers as fit) and then the MLPs run in chunks of the sequence. That
 order is what the H200 measured (benchmarks/RESULTS.md, GPU run 3): on an 8B model each
 checkpointed layer cost about 1.3% of the step for 1.3 GiB at 10k tokens, while splitting a
 10k-token pass in two cost 18% (per-pass launch overhead). Leading layers, because the backward
@@ -60,6 +65,9 @@ GRAPH_EAGER_CACHE = 512 * 2**20
 AUTO_SHARD_SHARE = 0.5
 # fp32 logits per chunk of the fused head (jobs.training.kernels.CHUNK_LOGIT_BYTES).
 HEAD_CHUNK_BYTES = 256 * 2**20
+# Tokens per chunk the plan tries, largest first, for an MLP run in chunks over a long pass
+# (jobs.training.chunked_mlp): at 16k tokens an 8B MLP's matmuls are still large.
+MLP_CHUNKS = (16384, 8192, 4096, 2048)
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,8 @@ def lora_parameters(shape: ModelShape, rank: int, targets: set[str] | None) -> i
 
 
 def layer_bytes_per_token(shape: ModelShape, *, method: str, bf16: bool,
-                          fused_kernels: bool, dropout: bool = False) -> int:
+                          fused_kernels: bool, dropout: bool = False,
+                          mlp_chunked: bool = False) -> int:
     """Bytes autograd keeps per token for one transformer layer that is not checkpointed.
 
     Counted for a Llama-style layer with LoRA on every projection (the adapters' rank-r tensors are
@@ -133,6 +142,8 @@ def layer_bytes_per_token(shape: ModelShape, *, method: str, bf16: bool,
 
     ``dropout`` (``lora_dropout`` > 0): each adapted projection also keeps its input with the
     dropout applied and dropout's mask (a byte), peft's path; on an 8B model 114 KB more.
+    ``mlp_chunked`` (:mod:`jobs.training.chunked_mlp`): the MLP keeps only its input; what its
+    chunks need is :func:`workspace_bytes`'s.
     """
     compute = residual = 2 if bf16 or method == "qlora" else 4
     h, kv, i = shape.hidden, shape.kv_heads * (shape.hidden // shape.heads), shape.intermediate
@@ -145,9 +156,28 @@ def layer_bytes_per_token(shape: ModelShape, *, method: str, bf16: bool,
         norms = 2 * (h * 4 + h * residual)
         mlp = 3 * i * compute
         rope = (h + kv) * compute
+    if mlp_chunked:
+        mlp = h * compute
     # q, k, v, o, gate and up read the hidden width, down the intermediate one
     dropped = (6 * h + i) * (compute + 1) if dropout else 0
     return attention + norms + mlp + rope + dropped
+
+
+def workspace_bytes(shape: ModelShape, *, tokens: int, method: str, bf16: bool,
+                    mlp_chunk: int = 0) -> int:
+    """What the backward pass of one layer allocates beyond the activations it frees: the
+    gradient arriving from the layer above and the one it passes down (hidden width each), and
+    the larger of the attention's gradients (q, k, v and its output) and the MLP's (the product
+    recomputed by the down projection's adapter, its gradient from the base and from the
+    adapter: three of the intermediate width). A chunked MLP (``mlp_chunk`` tokens a chunk)
+    makes its own for one chunk at a time, with the chunk's recomputed gate and up outputs.
+    The output head's memory (:func:`head_bytes`) is freed by then: the peak holds the larger
+    of the two."""
+    compute = 2 if bf16 or method == "qlora" else 4
+    h, kv, i = shape.hidden, shape.kv_heads * (shape.hidden // shape.heads), shape.intermediate
+    attention = tokens * (2 * h + 2 * kv) * compute
+    mlp = (min(tokens, mlp_chunk) * 5 * i if mlp_chunk else tokens * 3 * i) * compute
+    return tokens * 2 * h * compute + max(attention, mlp)
 
 
 def checkpointed_layer_bytes_per_token(shape: ModelShape, *, method: str, bf16: bool) -> int:
@@ -165,16 +195,24 @@ def forward_tokens(*, micro_batch: int, longest_example: int, cap: int | None = 
 
 
 def activation_bytes(shape: ModelShape, *, tokens: int, checkpointed_layers: int, method: str,
-                     bf16: bool, fused_kernels: bool, dropout: bool = False) -> int:
+                     bf16: bool, fused_kernels: bool, dropout: bool = False,
+                     offloaded_layers: int = 0, mlp_chunk: int = 0) -> int:
+    """What the layers keep for the backward pass at its peak, without the workspace.
+
+    ``offloaded_layers`` of the checkpointed ones keep their input in host memory
+    (:class:`jobs.training.offload.HostStash`): none of it on the GPU but the two inputs in
+    flight. ``mlp_chunk``: every MLP runs chunked (:mod:`jobs.training.chunked_mlp`)."""
     full = layer_bytes_per_token(shape, method=method, bf16=bf16, fused_kernels=fused_kernels,
-                                 dropout=dropout)
+                                 dropout=dropout, mlp_chunked=bool(mlp_chunk))
     kept = checkpointed_layer_bytes_per_token(shape, method=method, bf16=bf16)
     layers = min(checkpointed_layers, shape.layers)
+    offloaded = min(offloaded_layers, layers)
     # The peak is at the end of the forward pass. A checkpointed (leading) layer recomputes its
     # activations only after the backward pass has freed those of every later layer, so its one
     # layer's worth adds to the peak only when there are no uncheckpointed layers to free.
     recompute = full if layers == shape.layers else 0
-    per_token = layers * kept + (shape.layers - layers) * full + recompute
+    in_flight = 2 * kept if offloaded else 0
+    per_token = (layers - offloaded) * kept + in_flight + (shape.layers - layers) * full + recompute
     return tokens * per_token
 
 
@@ -198,6 +236,11 @@ class ActivationPlan:
     # auto: the most tokens a forward pass may hold with k leading layers checkpointed (index k),
     # so that a smaller pass recomputes fewer layers; empty when the plan is fixed
     token_limits: tuple[int, ...] = ()
+    # long passes that do not fit even with every layer checkpointed: the first
+    # offloaded_layers keep their input in host memory, then every MLP runs in chunks of
+    # mlp_chunk_tokens (0: whole)
+    offloaded_layers: int = 0
+    mlp_chunk_tokens: int = 0
 
     def layers_for(self, tokens: int) -> int:
         """Layers to checkpoint for a forward pass of ``tokens`` tokens: the same rule, per pass."""
@@ -205,6 +248,13 @@ class ActivationPlan:
             return self.checkpointed_layers
         return next((k for k, limit in enumerate(self.token_limits) if tokens <= limit),
                     self.layers)
+
+    def long_pass_for(self, tokens: int) -> tuple[int, int]:
+        """(layers offloaded, MLP chunk tokens) for a pass of ``tokens`` tokens: none for a pass
+        that fits with checkpointing alone."""
+        if self.token_limits and tokens <= self.token_limits[-1]:
+            return 0, 0
+        return self.offloaded_layers, self.mlp_chunk_tokens
 
     def describe(self) -> str:
         if self.checkpointed_layers == 0:
@@ -214,6 +264,10 @@ class ActivationPlan:
         else:
             what = (f"activation checkpointing on the first {self.checkpointed_layers} of "
                     f"{self.layers} layers")
+        if self.offloaded_layers:
+            what += f", the inputs of the first {self.offloaded_layers} in host memory"
+        if self.mlp_chunk_tokens:
+            what += f", the MLP in chunks of {self.mlp_chunk_tokens:,} tokens"
         passes = (f"forward passes of at most {self.forward_tokens:,} tokens" if self.split
                   else f"whole micro-batches (up to {self.forward_tokens:,} tokens)")
         return f"{what}, {passes}, estimated peak {self.estimate.total / GIB:.1f} GiB"
@@ -223,7 +277,8 @@ def plan_activations(shape: ModelShape, *, fixed: int, pass_tokens: list[int],
                      target_share: float, method: str, bf16: bool, fused_kernels: bool,
                      fused_head: bool, gradient_checkpointing: bool | None,
                      available: int | None, weights: int = 0, adapter: int = 0,
-                     dropout: bool = False, graphed: bool = False) -> ActivationPlan:
+                     dropout: bool = False, graphed: bool = False,
+                     long_passes: bool = False) -> ActivationPlan:
     """The fewest checkpointed layers whose estimate fits ``available`` x :data:`HEADROOM`.
 
     ``pass_tokens``: the largest forward pass whole, then under each split cap the plan may use
@@ -233,13 +288,21 @@ def plan_activations(shape: ModelShape, *, fixed: int, pass_tokens: list[int],
     budget); None (auto) without ``available`` means all layers, whole passes: the least memory
     the job needs without splitting, which is what refusing a job needs. ``graphed``: the passes
     replay from CUDA graphs (:data:`GRAPH_POOL_GROWTH`, :data:`GRAPH_EAGER_CACHE`).
+    ``long_passes``: where the smallest pass still does not fit with every layer checkpointed
+    (one long example), the first layers' inputs may wait in host memory, as few as fit, and
+    then the MLP may run in chunks (:data:`MLP_CHUNKS`, largest first), in that order: moving
+    an input costs host-link time the recomputation hides, a chunked MLP one more forward pass
+    of the MLP. Checkpointing must not be forced off for either.
     """
-    def at(layers: int, tokens: int) -> MemoryEstimate:
-        activations = activation_bytes(shape, tokens=tokens, checkpointed_layers=layers,
-                                       method=method, bf16=bf16, fused_kernels=fused_kernels,
-                                       dropout=dropout)
+    def at(layers: int, tokens: int, offloaded: int = 0, chunk: int = 0) -> MemoryEstimate:
+        kept = activation_bytes(shape, tokens=tokens, checkpointed_layers=layers,
+                                method=method, bf16=bf16, fused_kernels=fused_kernels,
+                                dropout=dropout, offloaded_layers=offloaded, mlp_chunk=chunk)
         logits = head_bytes(shape, target_tokens=int(tokens * target_share),
                             fused_head=fused_head, bf16=bf16)
+        workspace = workspace_bytes(shape, tokens=tokens, method=method, bf16=bf16,
+                                    mlp_chunk=chunk)
+        activations = kept + max(0, workspace - logits)  # the peak holds the larger of the two
         overhead = fixed - weights - adapter
         if graphed:
             activations, logits = (int(n * GRAPH_POOL_GROWTH) for n in (activations, logits))
@@ -247,15 +310,23 @@ def plan_activations(shape: ModelShape, *, fixed: int, pass_tokens: list[int],
         return MemoryEstimate(weights=weights, adapter=adapter, activations=activations,
                               logits=logits, overhead=overhead)
 
-    def plan(layers: int, index: int, limits: tuple[int, ...] = ()) -> ActivationPlan:
+    def plan(layers: int, index: int, limits: tuple[int, ...] = (), offloaded: int = 0,
+             chunk: int = 0) -> ActivationPlan:
         return ActivationPlan(checkpointed_layers=layers, layers=shape.layers,
                               forward_tokens=pass_tokens[index], split=index > 0,
-                              estimate=at(layers, pass_tokens[index]), token_limits=limits)
+                              estimate=at(layers, pass_tokens[index], offloaded, chunk),
+                              token_limits=limits, offloaded_layers=offloaded,
+                              mlp_chunk_tokens=chunk)
 
     def most_tokens(layers: int) -> int:
-        # the estimate is affine in the tokens: fixed part + tokens x slope
-        base, slope = at(layers, 0).total, at(layers, 1000).total - at(layers, 0).total
-        return max(0, int((budget - base) * 1000 / slope)) if slope > 0 else 0
+        # the estimate grows with the tokens (piecewise affine: the head or the workspace)
+        low, high = 0, 1
+        while at(layers, high).total <= budget and high < 2**40:
+            low, high = high, high * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if at(layers, middle).total <= budget else (low, middle)
+        return low
 
     choices = (range(shape.layers + 1) if gradient_checkpointing is None
                else [shape.layers if gradient_checkpointing else 0])
@@ -268,7 +339,17 @@ def plan_activations(shape: ModelShape, *, fixed: int, pass_tokens: list[int],
         layers = next((k for k in choices if at(k, tokens).total <= budget), None)
         if layers is not None:
             return plan(layers, index, limits)
-    return plan(choices[-1], len(pass_tokens) - 1)
+    last, every = len(pass_tokens) - 1, shape.layers
+    if not long_passes or gradient_checkpointing is False:
+        return plan(choices[-1], last)
+    tokens = pass_tokens[last]
+    offloaded = next((n for n in range(1, every + 1) if at(every, tokens, n).total <= budget),
+                     None)
+    if offloaded is not None:
+        return plan(every, last, limits, offloaded)
+    chunk = next((c for c in MLP_CHUNKS if c < tokens
+                  and at(every, tokens, every, c).total <= budget), MLP_CHUNKS[-1])
+    return plan(every, last, limits, every, chunk)
 
 
 def split_choices(tokens: int, longest_example: int, *, packing: bool = True) -> list[int]:
@@ -348,7 +429,8 @@ def estimate(shape: ModelShape, *, method: str, rank: int, targets: set[str] | N
         pass_tokens=split_choices(tokens, seq_len) if available else [tokens],
         target_share=target_fraction, method=method, bf16=bf16,
         fused_kernels=fused_kernels and on_gpu, fused_head=True, gradient_checkpointing=mode,
-        available=available, weights=weights, adapter=adapter, dropout=dropout)
+        available=available, weights=weights, adapter=adapter, dropout=dropout,
+        long_passes=on_gpu and split == 1)
     return plan.estimate
 
 

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import torch
 
 from jobs.training import checkpoint as ckpt
-from jobs.training import distributed, graphs, sharding
+from jobs.training import chunked_mlp, distributed, graphs, sharding
 from jobs.training.attention import (
     VARLEN,
     packed_attention_kwargs,
@@ -72,7 +72,7 @@ from jobs.training.memory import (
     split_choices,
     weight_bytes,
 )
-from jobs.training.offload import HostEmbedding, embedding_to_host
+from jobs.training.offload import HostEmbedding, HostStash, embedding_to_host, offloaded_checkpoint
 from jobs.training.preference import REFERENCE_ADAPTER, TRAINED_ADAPTER, DpoObjective
 from jobs.training.projections import (
     forget_copies,
@@ -85,6 +85,8 @@ KEEP_CHECKPOINTS = 3
 AUTOCAST_DTYPE = "_tuneplex_autocast_dtype"  # set on the model by load_model; read by forward_loss
 FUSED_KERNELS = "_tuneplex_fused_kernels"  # set by load_model: Liger's kernels are in the layers
 CHECKPOINT_READY = "_tuneplex_checkpoint_ready"  # checkpointing set up once; layers then toggled
+PLAIN_CHECKPOINT = "_tuneplex_plain_checkpoint"  # on a layer: transformers' own checkpoint function
+HOST_STASH = "_tuneplex_host_stash"  # on the base model: the offloaded layers' HostStash
 GRAPHED_OOM = "tuneplex_graphed"  # set on an out-of-memory error raised while graphs were held
 
 
@@ -228,6 +230,8 @@ def load_model(config: TrainingConfig, device: torch.device, attention: str = "s
         fuse_lora_projections(model, keep_copies=not sharded)
         recompute_norm_outputs(model)
         fuse_swiglu_adapters(model)
+    if not sharded:  # long passes may run the MLP in chunks (the memory plan decides)
+        chunked_mlp.install(model)
     setattr(model, FUSED_KERNELS, fused)
     if sharded:
         sharding.shard(model, _decoder_layers(model), device, world, bf16=dtype == torch.bfloat16)
@@ -269,11 +273,17 @@ def _decoder_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def apply_checkpoint_plan(model, checkpointed_layers: int, *, random: bool = True) -> None:
+def apply_checkpoint_plan(model, checkpointed_layers: int, *, random: bool = True,
+                          offloaded_layers: int = 0, mlp_chunk_tokens: int = 0) -> None:
     """Recompute the activations of the first ``checkpointed_layers`` decoder layers in the
     backward pass (non-reentrant checkpointing); the other layers keep theirs. ``random=False``
     (the model draws no random numbers: no dropout) skips saving and restoring the RNG state
-    around each layer, which a CUDA graph capture cannot do; the first call decides."""
+    around each layer, which a CUDA graph capture cannot do; the first call decides.
+
+    For passes too long for that alone (:meth:`ActivationPlan.long_pass_for`): the first
+    ``offloaded_layers`` of the checkpointed layers park their input in host memory
+    (:func:`jobs.training.offload.offloaded_checkpoint`), and every MLP runs in chunks of
+    ``mlp_chunk_tokens`` (:mod:`jobs.training.chunked_mlp`; 0: whole)."""
     layers = _decoder_layers(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if checkpointed_layers > 0 and not getattr(base, CHECKPOINT_READY, False):
@@ -284,8 +294,32 @@ def apply_checkpoint_plan(model, checkpointed_layers: int, *, random: bool = Tru
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        for layer in layers:
+            setattr(layer, PLAIN_CHECKPOINT, layer._gradient_checkpointing_func)
+    stash = _host_stash(base) if offloaded_layers else None
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index < checkpointed_layers
+        if layer.gradient_checkpointing:
+            layer._gradient_checkpointing_func = (
+                offloaded_checkpoint(layer, stash, getattr(layer, PLAIN_CHECKPOINT))
+                if index < offloaded_layers
+                else getattr(layer, PLAIN_CHECKPOINT))
+    chunked_mlp.set_chunk_tokens(model, mlp_chunk_tokens)
+
+
+def _apply_plan_for(model, plan: ActivationPlan, tokens: int) -> None:
+    """The memory plan's checkpointing for one forward pass of ``tokens`` tokens."""
+    offloaded, chunk = plan.long_pass_for(tokens)
+    apply_checkpoint_plan(model, plan.layers_for(tokens), offloaded_layers=offloaded,
+                          mlp_chunk_tokens=chunk)
+
+
+def _host_stash(base) -> HostStash:
+    stash = getattr(base, HOST_STASH, None)
+    if stash is None:
+        stash = HostStash(next(p.device for p in base.parameters()))
+        setattr(base, HOST_STASH, stash)
+    return stash
 
 
 def _compute_adapters_in_bf16(model) -> None:
@@ -391,7 +425,8 @@ def _activation_plan(model, config: TrainingConfig, examples, trainable, device:
         target_share=target_share, method=config.method, bf16=bool(config.bf16),
         fused_kernels=bool(getattr(model, FUSED_KERNELS, False)), fused_head=True,
         gradient_checkpointing=mode, available=available, weights=weights, adapter=adapter,
-        dropout=config.lora_dropout > 0, graphed=graphed)
+        dropout=config.lora_dropout > 0, graphed=graphed,
+        long_passes=device.type == "cuda" and not graphed and not sharding.is_sharded(model))
 
 
 @contextmanager
@@ -447,6 +482,8 @@ def _graphed_passes(model, config: TrainingConfig, examples, trainable, device: 
 def _report_plan(plan: ActivationPlan, available: int | None, report: Reporter) -> None:
     report.event(f"Memory plan: {plan.describe()}.",
                  data={"checkpointed_layers": plan.checkpointed_layers, "layers": plan.layers,
+                       "offloaded_layers": plan.offloaded_layers,
+                       "mlp_chunk_tokens": plan.mlp_chunk_tokens,
                        "forward_tokens": plan.forward_tokens, "split": plan.split,
                        "estimated_peak_bytes": plan.estimate.total,
                        "memory_budget_bytes": available})
@@ -773,7 +810,7 @@ def _optimizer_step(model, optimizer, scheduler, trainable, group, examples, *, 
             padding += graphs.bucket(batch.tokens) - batch.tokens
         else:
             if plan is not None:
-                apply_checkpoint_plan(model, plan.layers_for(batch.input_ids.numel()))
+                _apply_plan_for(model, plan, batch.input_ids.numel())
             sharding.set_gradient_sync(model, index == len(work) - 1)  # reduce once, at the end
             loss_sum, tallies = objective.forward(model, batch.to(device))
             (loss_sum * (weight / units)).backward()

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from jobs.training.config import TrainingConfig
 from tests.fixtures.datasets import pirate_lines
@@ -69,3 +70,50 @@ class RecordingReporter:
 @pytest.fixture
 def reporter() -> RecordingReporter:
     return RecordingReporter()
+
+
+@pytest.fixture(scope="module")
+def smollm(base_model_dir):
+    """The embedded model loaded for training on the CPU in fp32, every adapter non-zero."""
+    from jobs.training.config import TrainingConfig
+    from jobs.training.trainer import load_model
+
+    config = TrainingConfig(base_model_dir=str(base_model_dir), train_file="x", output_dir="x",
+                            device="cpu", lora_dropout=0.0, lora_rank=4)
+    model = load_model(config, torch.device("cpu"))
+    model.train()  # as the trainer does: layers checkpoint only in training mode
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; make every adapter matter
+            torch.nn.init.normal_(param, std=0.02)
+    return model
+
+
+def _step_gradients(model, examples, *, max_forward_tokens=None):
+    """One optimizer step of ``examples`` as one micro-batch (no learning): the mean loss and
+    every trainable parameter's gradient."""
+    from jobs.training.config import TrainingConfig
+    from jobs.training.trainer import _optimizer_step
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    config = TrainingConfig(base_model_dir="x", train_file="x", output_dir="x", packing=True,
+                            max_grad_norm=0.0, batch_size=len(examples))
+    captured = []
+    hook = optimizer.register_step_pre_hook(
+        lambda *_: captured.extend(p.grad.clone() for p in trainable))
+    metrics = _optimizer_step(model, optimizer, scheduler, trainable, [list(range(len(examples)))],
+                              examples, config=config, pad_id=0, device=torch.device("cpu"),
+                              report=_Quiet(), max_forward_tokens=max_forward_tokens)
+    hook.remove()
+    return metrics["train_loss"], captured
+
+
+class _Quiet:
+    def should_stop(self):
+        return False
+
+
+@pytest.fixture(scope="session")
+def step_gradients():
+    return _step_gradients

@@ -164,56 +164,19 @@ def test_auto_sharding_splits_only_what_one_gpu_cannot_hold_and_the_estimate_fol
     assert "more GPUs" not in advice(two, gpus=8, max_gpus=8, **tips)
 
 
-@pytest.fixture(scope="module")
-def smollm(base_model_dir):
-    from jobs.training.config import TrainingConfig
-    from jobs.training.trainer import load_model
-
-    config = TrainingConfig(base_model_dir=str(base_model_dir), train_file="x", output_dir="x",
-                            device="cpu", lora_dropout=0.0, lora_rank=4)
-    model = load_model(config, torch.device("cpu"))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # peft starts B at zero; make every adapter matter
-            torch.nn.init.normal_(param, std=0.02)
-    return model
-
-
-def _step_gradients(model, examples, *, max_forward_tokens):
-    from jobs.training.config import TrainingConfig
-    from jobs.training.trainer import _optimizer_step
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    config = TrainingConfig(base_model_dir="x", train_file="x", output_dir="x", packing=True,
-                            max_grad_norm=0.0, batch_size=len(examples))
-    captured = []
-    hook = optimizer.register_step_pre_hook(
-        lambda *_: captured.extend(p.grad.clone() for p in trainable))
-    metrics = _optimizer_step(model, optimizer, scheduler, trainable, [list(range(len(examples)))],
-                              examples, config=config, pad_id=0, device=torch.device("cpu"),
-                              report=_Quiet(), max_forward_tokens=max_forward_tokens)
-    hook.remove()
-    return metrics["train_loss"], captured
-
-
-class _Quiet:
-    def should_stop(self):
-        return False
-
-
-def test_split_passes_and_partial_checkpointing_leave_the_gradient_unchanged(smollm):
+def test_split_passes_and_partial_checkpointing_leave_the_gradient_unchanged(smollm,
+                                                                            step_gradients):
     from jobs.training.trainer import _decoder_layers, apply_checkpoint_plan
 
     torch.manual_seed(3)
     examples = [TokenizedExample(torch.randint(3, 2000, (n,)).tolist(), [0] * 4 + [1] * (n - 4))
                 for n in (40, 25, 33)]
-    loss, grads = _step_gradients(smollm, examples, max_forward_tokens=None)
+    loss, grads = step_gradients(smollm, examples, max_forward_tokens=None)
     apply_checkpoint_plan(smollm, 3)
     assert [layer.gradient_checkpointing for layer in _decoder_layers(smollm)][:4] == [
         True, True, True, False]
     try:
-        split_loss, split_grads = _step_gradients(smollm, examples, max_forward_tokens=50)
+        split_loss, split_grads = step_gradients(smollm, examples, max_forward_tokens=50)
     finally:
         apply_checkpoint_plan(smollm, 0)
     assert split_loss == pytest.approx(loss, rel=1e-5)
