@@ -36,6 +36,7 @@ import hmac
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -112,10 +113,16 @@ class AgentServer(HTTPServer):
     def __init__(self, address: tuple[str, int], *, pool: ReplicaPool, api_key: str,
                  engine_url: str, model: str, reconcile: Callable[[], dict],
                  metrics: MetricsExporter | None = None, engine_metrics_url: str | None = None,
-                 workers: int = 32, read_timeout: float = 10.0) -> None:
+                 tls: ssl.SSLContext | None = None, workers: int = 32,
+                 read_timeout: float = 10.0) -> None:
         if not api_key:
             raise ValueError("the pool agent needs the engine API key")
         super().__init__(address, _Handler)
+        if tls is not None:
+            # The handshake happens on a worker's first read, under the request's deadline, not
+            # on the accepting thread.
+            self.socket = tls.wrap_socket(self.socket, server_side=True,
+                                          do_handshake_on_connect=False)
         self.pool = pool
         self.api_key = api_key
         self.engine_url = engine_url

@@ -50,10 +50,12 @@ class EngineSpec:
     api_key: str = field(default="", repr=False)  # required by the engine when set
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     env_pass: tuple[str, ...] = ()  # further variables the operator names for the engine
+    tls: tuple[str, str] | None = None  # (certificate, key) files: the engine serves https
+    reach: str = ""  # the host this node reaches the engine by (default: where it listens)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.reach or self.host}:{self.port}"
 
 
 def engine_command(spec: EngineSpec) -> list[str]:
@@ -64,7 +66,9 @@ def engine_command(spec: EngineSpec) -> list[str]:
             "--host", spec.host, "--port", str(spec.port),
             "--enable-lora", "--max-loras", str(spec.max_loras),
             "--max-cpu-loras", str(spec.max_cpu_loras), "--max-lora-rank", str(spec.max_lora_rank),
-            "--max-model-len", str(spec.max_model_len), *spec.extra_args]
+            "--max-model-len", str(spec.max_model_len),
+            *(("--ssl-certfile", spec.tls[0], "--ssl-keyfile", spec.tls[1]) if spec.tls else ()),
+            *spec.extra_args]
 
 
 # What vLLM inherits from the agent's environment: the system's basics and the settings of vLLM,

@@ -258,6 +258,13 @@ ENGINE_HOST = env_str("TUNEPLEX_ENGINE_HOST", "127.0.0.1")
 # and body, within TUNEPLEX_AGENT_READ_TIMEOUT seconds.
 AGENT_THREADS = env_int("TUNEPLEX_AGENT_THREADS", 32, minimum=2, maximum=1024)
 AGENT_READ_TIMEOUT = env_int("TUNEPLEX_AGENT_READ_TIMEOUT", 10, minimum=1, maximum=300)
+# TLS on a replica's two ports (docs/operations.md, "TLS between nodes"): the pool agent serves
+# https with this certificate and starts vLLM with it; gateways then list https:// agents.
+ENGINE_TLS_CERT = env_str("TUNEPLEX_ENGINE_TLS_CERT")
+ENGINE_TLS_KEY = env_str("TUNEPLEX_ENGINE_TLS_KEY")
+if (ENGINE_TLS_CERT is None) != (ENGINE_TLS_KEY is None):
+    raise ImproperlyConfigured("TUNEPLEX_ENGINE_TLS_CERT and TUNEPLEX_ENGINE_TLS_KEY are set together "
+                               "or not at all")
 # vLLM gets an allow-listed environment (serving.engine.engine_env); these names are added to it.
 ENGINE_ENV_PASS = tuple(env_list("TUNEPLEX_ENGINE_ENV_PASS", []))
 # The pool agent stages adapters from S3 with credentials of its own, meant to be read-only

@@ -1,6 +1,7 @@
 """A stand-in for vLLM in the pool agent's tests (run as the engine's Python, with vLLM's
 arguments): it records the environment it was given beside itself, serves canned vLLM metrics
-that name a tenant's adapters, and never answers /v1/models, so it never becomes ready."""
+that name a tenant's adapters (over TLS when given vLLM's --ssl-* flags), and never answers
+/v1/models, so it never becomes ready."""
 
 import json
 import os
@@ -41,4 +42,11 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-HTTPServer((argument("--host"), int(argument("--port"))), Handler).serve_forever()
+server = HTTPServer((argument("--host"), int(argument("--port"))), Handler)
+if "--ssl-certfile" in sys.argv:  # as vLLM does with these flags
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(argument("--ssl-certfile"), argument("--ssl-keyfile"))
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()

@@ -12,10 +12,12 @@ import json
 import os
 import selectors
 import socket
+import ssl
 import stat
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -47,9 +49,11 @@ ENGINE_SETTINGS = {"OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "0", "HF_HOME
 
 
 class StubReplica:
-    def __init__(self, tmp: Path, database_url: str, model: str) -> None:
+    def __init__(self, tmp: Path, database_url: str, model: str, *, tls: dict | None = None) -> None:
+        """``tls``: the certificate files (cert, key, ca) the replica serves https with."""
         self.port = free_port_pair()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://localhost:{self.port}"
+        self.verify = ssl.create_default_context(cafile=tls["ca"]) if tls else True
         stub = tmp / "engine-python"
         stub.write_text(f"#!{sys.executable}\n" + (REPO / "tests/serving/stub_engine.py").read_text())
         stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
@@ -64,17 +68,20 @@ class StubReplica:
                        TUNEPLEX_AGENT_THREADS=str(THREADS),
                        TUNEPLEX_AGENT_READ_TIMEOUT=str(READ_TIMEOUT),
                        TUNEPLEX_SERVING_DIR=str(tmp / "serving"))
+        if tls:
+            environ.update(TUNEPLEX_ENGINE_TLS_CERT=tls["cert"], TUNEPLEX_ENGINE_TLS_KEY=tls["key"],
+                           SSL_CERT_FILE=tls["ca"])  # the CA the agent trusts for its vLLM
         self.log_path = tmp / "replica.log"
         self._log = self.log_path.open("a")
         self.process = subprocess.Popen(
             [sys.executable, "manage.py", "run_engine", "--model", model, "--port", str(self.port),
-             "--timeout", "600"],
+             "--timeout", "600", "--advertise", "localhost"],
             cwd=REPO, env=environ, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def answers(self) -> bool:
         assert self.process.poll() is None, self.log_path.read_text()[-3000:]
         try:
-            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+            return httpx.get(f"{self.url}/healthz", timeout=2, verify=self.verify).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -87,22 +94,34 @@ class StubReplica:
 
 
 @pytest.fixture(scope="module")
-def replica(django_db_setup, django_db_blocker, test_database_url, tmp_path_factory):
+def base_model_row(django_db_setup, django_db_blocker):
+    """A base model row the replicas start for (the stand-in engine never reads its files)."""
     from tuneplex.basemodels.models import BaseModel
 
     with django_db_blocker.unblock():
         base = BaseModel.objects.create(name="agent-test-model", directory="/nonexistent",
                                         parameter_count=1, max_sequence_length=2048,
                                         has_chat_template=True)
-    replica = StubReplica(tmp_path_factory.mktemp("agent"), test_database_url, base.name)
+    yield base.name
+    with django_db_blocker.unblock():
+        base.delete()
+
+
+@contextmanager
+def running(replica: StubReplica):
     try:
         wait_for(replica.answers, timeout=60, message=f"the pool agent ({replica.log_path})")
         wait_for(replica.env_record.exists, timeout=30, message="the engine to start")
         yield replica
     finally:
         replica.stop()
-        with django_db_blocker.unblock():
-            base.delete()
+
+
+@pytest.fixture(scope="module")
+def replica(base_model_row, test_database_url, tmp_path_factory):
+    with running(StubReplica(tmp_path_factory.mktemp("agent"), test_database_url,
+                             base_model_row)) as replica:
+        yield replica
 
 
 def read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
@@ -263,3 +282,47 @@ def test_engine_metrics_come_through_the_agent_without_adapter_names(replica):
     # Served by the same rule as /metrics: not through a proxy without the token.
     proxied = httpx.get(f"{replica.url}/metrics/engine", headers={"X-Forwarded-For": "203.0.113.9"})
     assert proxied.status_code == 403
+
+
+# --- TLS on the replica ----------------------------------------------------------------------------
+
+def certificates(folder: Path) -> dict[str, str]:
+    """A private CA and a certificate it signed for localhost (openssl, as an operator would)."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "1", "-subj", "/CN=Tuneplex test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "engine.key", "-out", "engine.csr",
+            "-subj", "/CN=localhost")
+    (folder / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "engine.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "engine.pem", "-days", "1", "-extfile", "san.ext")
+    return {"cert": str(folder / "engine.pem"), "key": str(folder / "engine.key"),
+            "ca": str(folder / "ca.pem")}
+
+
+def test_a_replica_with_a_certificate_serves_both_hops_over_tls(base_model_row, test_database_url,
+                                                                 tmp_path, monkeypatch):
+    tls = certificates(tmp_path)
+    with running(StubReplica(tmp_path, test_database_url, base_model_row, tls=tls)) as replica:
+        key = auth_headers(replica.api_key)
+        state = httpx.get(f"{replica.url}/v1/state", headers=key, verify=replica.verify).json()
+        assert state["engine_url"] == f"https://localhost:{replica.port + 1}"  # what gateways use
+        # The agent reached its vLLM over TLS, verifying it (the stand-in serves https only).
+        engine = httpx.get(f"{replica.url}/metrics/engine", verify=replica.verify)
+        assert engine.status_code == 200 and "vllm:num_requests_running" in engine.text
+        with pytest.raises(httpx.HTTPError):  # the same port in the clear: no answer
+            httpx.get(f"http://localhost:{replica.port}/healthz", timeout=5)
+        with pytest.raises(httpx.ConnectError):  # an untrusted certificate is refused
+            httpx.get(f"{replica.url}/healthz", timeout=5)
+        # A gateway's pool client, trusting the CA through SSL_CERT_FILE, routes to it over https.
+        monkeypatch.setenv("SSL_CERT_FILE", tls["ca"])
+        from serving.client import PoolClient
+
+        pool = PoolClient([replica.url], api_key=replica.api_key, slots=4)
+        try:
+            pool.refresh()
+            assert pool.replicas[0].engine_url == f"https://localhost:{replica.port + 1}"
+        finally:
+            pool.client.close()

@@ -8,7 +8,9 @@ The pool agent (``serving/agent.py``) listens on ``--port`` and is the replica's
 TUNEPLEX_ENGINE_URLS; vLLM listens on ``--engine-port`` (the next port by default). Both bind
 ``--host`` (TUNEPLEX_ENGINE_HOST, loopback by default; an internal address on an engine node, with
 ``--advertise`` naming the host the gateways should use). Both require TUNEPLEX_ENGINE_API_KEY.
-The agent handles TUNEPLEX_AGENT_THREADS requests at once and gives each
+With TUNEPLEX_ENGINE_TLS_CERT and _KEY both serve https (the agent reaches its vLLM, and
+advertises it, by the ``--advertise`` name, which the certificate must hold; SSL_CERT_FILE names
+the CA it trusts). The agent handles TUNEPLEX_AGENT_THREADS requests at once and gives each
 TUNEPLEX_AGENT_READ_TIMEOUT seconds to arrive; vLLM gets an allow-listed environment
 (``serving.engine.engine_env``), none of the platform's secrets.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 import time
 
@@ -67,32 +70,37 @@ class Command(BaseCommand):
             raise CommandError(f"No engine environment at {settings.ENGINE_PYTHON}; run deploy/setup.sh.")
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call otherwise
         engine_port = engine_port or port + 1
+        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        tls = _tls()
+        scheme = "https" if tls else "http"
         spec = EngineSpec(python=settings.ENGINE_PYTHON, model_dir=base.directory, served_name=base.name,
                           host=host, port=engine_port, max_loras=settings.ENGINE_MAX_LORAS,
                           max_cpu_loras=settings.ENGINE_LORA_SLOTS,
                           max_lora_rank=settings.ENGINE_MAX_LORA_RANK,
                           max_model_len=min(settings.ENGINE_MAX_MODEL_LEN, base.max_sequence_length),
                           kv_cache_gib=settings.ENGINE_KV_CACHE_GIB, api_key=settings.ENGINE_API_KEY,
-                          env_pass=settings.ENGINE_ENV_PASS)
+                          env_pass=settings.ENGINE_ENV_PASS,
+                          tls=(settings.ENGINE_TLS_CERT, settings.ENGINE_TLS_KEY) if tls else None,
+                          # with TLS, by the name its certificate holds (the advertised one)
+                          reach=(advertise or local) if tls else local)
         if settings.STORAGE_BACKEND == "s3" and not settings.AGENT_S3_ACCESS_KEY_ID:
             log.warning("TUNEPLEX_AGENT_S3_ACCESS_KEY_ID is not set: this replica stages adapters with "
                         "the platform's storage credentials, which can write and delete. Give it "
                         "read-only ones (docs/deploy.md).")
-        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         engine = EngineProcess(spec, settings.DATA_DIR / "logs" / f"engine-{engine_port}.log")
-        pool = ReplicaPool(EngineClient(f"http://{local}:{engine_port}", settings.ENGINE_API_KEY),
+        pool = ReplicaPool(EngineClient(spec.url, settings.ENGINE_API_KEY),
                            slots=settings.ENGINE_LORA_SLOTS, stage=_stager(base.name),
                            lease_seconds=settings.ENGINE_LEASE_SECONDS)
         exporter = ReplicaMetrics(pool, base.name)
         pool.on_load = exporter.on_load
         reconcile = _reconciler(pool, base.name)
         server = AgentServer((host, port), pool=pool, api_key=settings.ENGINE_API_KEY,
-                             engine_url=f"http://{advertise or local}:{engine_port}", model=base.name,
+                             engine_url=f"{scheme}://{advertise or local}:{engine_port}", model=base.name,
                              reconcile=reconcile, metrics=exporter,
-                             engine_metrics_url=f"http://{local}:{engine_port}/metrics",
+                             engine_metrics_url=f"{spec.url}/metrics", tls=tls,
                              workers=settings.AGENT_THREADS, read_timeout=settings.AGENT_READ_TIMEOUT)
         server.serve_in_thread()
-        self.agent_url = f"http://{local}:{port}"
+        self.agent_url = f"{scheme}://{local}:{port}"
         threading.Thread(target=_reconcile_forever, args=(pool, reconcile), daemon=True,
                          name="pool-reconcile").start()
 
@@ -142,6 +150,18 @@ class Command(BaseCommand):
             self.stdout.flush()
             time.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
+
+
+def _tls() -> ssl.SSLContext | None:
+    """The agent's server context when the replica serves TLS (TUNEPLEX_ENGINE_TLS_*)."""
+    if not settings.ENGINE_TLS_CERT:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.ENGINE_TLS_CERT, settings.ENGINE_TLS_KEY)
+    except (OSError, ssl.SSLError) as exc:
+        raise CommandError(f"TUNEPLEX_ENGINE_TLS_CERT/_KEY: {exc}") from None
+    return context
 
 
 def _stager(base_model: str):
