@@ -26,6 +26,19 @@ GPU, as in benchmarks/RESULTS.md (random-initialised Llama-3.1-8B shape, SmolLM2
     python3 benchmarks/train_throughput.py --shape llama-8b --seq-len 2048 --mean-words 400 \
         --batch-size 8 --steps 10 --gradient-checkpointing --json-out FILE
 
+Long context (`--long`): every example is exactly `--seq-len` tokens (a user turn and a long
+assistant answer, cut at the length), one per micro-batch; `--limit-stock` holds the stock runs
+to `--memory-limit-gib` too (through the caching allocator, as this trainer's own limit), so an
+example that does not fit the budget fails there as here. `benchmarks/longest_context.py`
+searches the longest length that fits a budget for each trainer.
+
+    python3 benchmarks/train_throughput.py --shape llama-8b --long --seq-len 32768 \
+        --batch-size 1 --steps 4 --memory-limit-gib 40 --limit-stock --gradient-checkpointing
+
+`--shape llama-70b --method qlora`: Llama-3.1-70B's shape, random weights built layer by layer
+straight into NF4 on the GPU in each trainer's process (benchmarks/random_nf4.py: 141 GB of bf16
+weights fit neither one GPU nor the machine's disk).
+
 Printed per trainer: useful (non-padding) tokens per second, tokens computed, peak memory (RSS on
 the CPU, torch's max allocated on a GPU), and on a GPU the MFU, counting 4 x parameters FLOPs per
 token (LoRA: forward plus the backward pass through activations; no weight gradients for the
@@ -95,6 +108,21 @@ def write_dataset(path: Path, n: int, *, mean_words: float, seed: int = 0) -> No
             handle.write(json.dumps({"messages": messages}) + "\n")
 
 
+def write_long_dataset(path: Path, n: int, *, tokens: int, seed: int = 0) -> None:
+    """``n`` examples longer than ``tokens`` tokens (the trainers cut them at ``--seq-len``): a
+    user turn (a document) and an assistant turn 2.5 times as long, every word at least a token."""
+    rng = random.Random(seed)
+    with path.open("w") as handle:
+        for _ in range(n):
+            answer = int(tokens * 1.1)
+            messages = [{"role": "system", "content": "You are a helpful assistant."},
+                        {"role": "user", "content": " ".join(rng.choice(WORDS)
+                                                             for _ in range(answer * 2 // 5))},
+                        {"role": "assistant", "content": " ".join(rng.choice(WORDS)
+                                                                  for _ in range(answer))}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+
+
 def build_random_llama(config_kwargs: dict, tokenizer_dir: Path, out: Path) -> Path:
     """A random-initialised Llama from config values, saved in bf16 with the given tokenizer.
 
@@ -151,9 +179,13 @@ def bench_model(args, prefix: str) -> tuple[Path, str]:
         convert(packaged_gguf(), smol)
     work = args.work or Path(tempfile.mkdtemp(prefix=prefix))
     work.mkdir(parents=True, exist_ok=True)
-    model = args.model or (str(build_random_llama(SHAPES[args.shape], smol, work / args.shape))
-                           if args.shape else str(smol))
-    return work, model
+    if args.model or not args.shape:
+        return work, args.model or str(smol)
+    if args.shape == "llama-70b" and args.method == "qlora":
+        from benchmarks.random_nf4 import write_folder
+
+        return work, str(write_folder(SHAPES[args.shape], smol, work / f"{args.shape}-nf4"))
+    return work, str(build_random_llama(SHAPES[args.shape], smol, work / args.shape))
 
 
 def train_recording(config) -> tuple[list[dict], dict, float]:
@@ -263,6 +295,11 @@ def step_timer():
 
 def run_stock(args, *, liger: bool = False) -> dict:
     import torch
+
+    if args.limit_stock and args.memory_limit_gib and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, args.memory_limit_gib * 2**30 / total))
     from peft import LoraConfig, get_peft_model
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
                               TrainingArguments)
@@ -336,16 +373,28 @@ def mfu(result: dict, model_dir: str) -> float | None:
     if peak is None:
         return None
     config = json.loads(Path(model_dir, "config.json").read_text())
-    from safetensors import safe_open
-
-    params = 0
-    for path in Path(model_dir).glob("*.safetensors"):
-        with safe_open(path, "pt") as handle:
-            for key in handle.keys():
-                params += math.prod(handle.get_slice(key).get_shape())
+    params = _parameters(Path(model_dir))
     ctx = result["mean_context"]
     per_token = 4 * params + 4 * 2 * config["num_hidden_layers"] * config["hidden_size"] * ctx
     return result["useful_tokens_per_second"] * per_token / peak
+
+
+def _parameters(model_dir: Path) -> int:
+    """The model's parameters: from its safetensors files, or its config where it has none
+    (a random NF4 folder)."""
+    from safetensors import safe_open
+
+    files = list(model_dir.glob("*.safetensors"))
+    if not files:
+        from jobs.training.sharding import parameter_count
+
+        return parameter_count(model_dir)
+    params = 0
+    for path in files:
+        with safe_open(path, "pt") as handle:
+            for key in handle.keys():
+                params += math.prod(handle.get_slice(key).get_shape())
+    return params
 
 
 def _mean_context(model: str, data: Path, seq_len: int, n: int) -> float:
@@ -374,6 +423,8 @@ def _run_child(which: str, args, data: Path, model: str) -> dict | None:
         command.append("--gradient-checkpointing")
     if args.memory_limit_gib:
         command += ["--memory-limit-gib", str(args.memory_limit_gib)]
+    if args.limit_stock:
+        command.append("--limit-stock")
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -393,8 +444,11 @@ def _trainers(args) -> tuple[str, ...]:
 
 
 def child(args) -> None:
-    result = (run_ours(args) if args.which == "ours"
-              else run_stock(args, liger=args.which == "stock-liger"))
+    from benchmarks.random_nf4 import loading_random_nf4
+
+    with loading_random_nf4():  # a random NF4 folder (70B) is built, not read
+        result = (run_ours(args) if args.which == "ours"
+                  else run_stock(args, liger=args.which == "stock-liger"))
     print("RESULT " + json.dumps(result))
 
 
@@ -415,6 +469,10 @@ def main() -> int:
                         help="this trainer's gradient_checkpointing (auto: its memory plan)")
     parser.add_argument("--memory-limit-gib", type=float,
                         help="this trainer's memory_limit_gib (default: the whole device)")
+    parser.add_argument("--limit-stock", action="store_true",
+                        help="hold the stock runs to --memory-limit-gib too")
+    parser.add_argument("--long", action="store_true",
+                        help="every example exactly --seq-len tokens (long-context runs)")
     parser.add_argument("--trainers", nargs="+", choices=TRAINERS,
                         help="which to run (default: all three on CUDA with liger-kernel, "
                              "else ours and stock)")
@@ -441,7 +499,10 @@ def main() -> int:
     work, model = bench_model(args, "tuneplex-train-bench-")
     data = work / "chat.jsonl"
     # Exactly the examples of `steps` optimizer steps, so both trainers train on the same ones.
-    write_dataset(data, args.steps * args.batch_size, mean_words=args.mean_words)
+    if args.long:
+        write_long_dataset(data, args.steps * args.batch_size, tokens=args.seq_len)
+    else:
+        write_dataset(data, args.steps * args.batch_size, mean_words=args.mean_words)
     mean_context = _mean_context(model, data, args.seq_len, args.steps * args.batch_size)
     if args.warmup:  # unrecorded: fills Triton's on-disk cache, as on a worker that ran a job
         for which in dict.fromkeys(_trainers(args)):
@@ -476,12 +537,16 @@ def main() -> int:
     if liger_version():
         versions["liger-kernel"] = liger_version()
     print(", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"{'trainer':11} {'useful tok/s':>13} {'computed/useful':>16} {'peak MiB':>10} {'MFU':>7} {'loss':>8}")
+    print(f"{'trainer':11} {'useful tok/s':>13} {'computed/useful':>16} {'peak MiB':>10} "
+          f"{'estimate':>10} {'MFU':>7} {'loss':>8}")
     for r in results:
         ratio = r["computed_tokens"] / r["useful_tokens"]
         shown_mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") else "-"
+        planned = r.get("plan", {}).get("estimated_peak_bytes")
+        shown_plan = f"{planned / 2**20:.0f}" if planned else "-"
         print(f"{r['trainer']:11} {r['useful_tokens_per_second']:13.1f} {ratio:16.2f} "
-              f"{r['peak_memory_mib']:10.0f} {shown_mfu:>7} {r['final_loss']:8.4f}")
+              f"{r['peak_memory_mib']:10.0f} {shown_plan:>10} {shown_mfu:>7} "
+              f"{r['final_loss']:8.4f}")
         if r.get("plan", {}).get("cuda_graphs"):
             print(f"{'':11} CUDA graphs: {r['plan']['cuda_graphs']} captured in "
                   f"{r['plan']['capture_seconds']:.1f} s; counting them, "
