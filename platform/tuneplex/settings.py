@@ -206,6 +206,14 @@ else:
         "OPTIONS": {"location": str(ARTIFACTS_DIR), "file_permissions_mode": 0o640,
                     "directory_permissions_mode": 0o750},
     }
+# Downloads (tuneplex.core.downloads) stream through the web process in 1 MiB chunks. With S3
+# storage and this above 0, a single-blob download (a dataset's content) answers 302 to a
+# presigned URL of the bucket valid this many seconds instead, and the web process never carries
+# the bytes; clients must then reach the bucket at TUNEPLEX_S3_ENDPOINT_URL.
+DOWNLOAD_REDIRECT_SECONDS = env_int("TUNEPLEX_DOWNLOAD_REDIRECT_SECONDS", 0, minimum=0,
+                                    maximum=3600)
+if DOWNLOAD_REDIRECT_SECONDS and STORAGE_BACKEND != "s3":
+    raise ImproperlyConfigured("TUNEPLEX_DOWNLOAD_REDIRECT_SECONDS needs TUNEPLEX_STORAGE=s3")
 STORAGES = {
     "default": _artifacts,
     "artifacts": _artifacts,

@@ -74,7 +74,7 @@ class AdapterDownloadApi(OrgApi):
         names = [(f"{adapter.blob_prefix}/{n}", n) for n in
                  ADAPTER_ARTIFACT_FILES
                  if artifact_storage().exists(f"{adapter.blob_prefix}/{n}")]
-        return zip_response(names, f"{adapter.id}.zip")
+        return zip_response(request, names, f"{adapter.id}.zip")
 
 
 class AdapterMergeApi(OrgApi):
@@ -97,7 +97,8 @@ class AdapterMergeApi(OrgApi):
                            f"POST to this URL to start one.", code="merge_not_ready")
         prefix = merged_prefix(adapter)
         _, files = artifact_storage().listdir(prefix)
-        return zip_response([(f"{prefix}/{n}", n) for n in sorted(files)], f"{adapter.id}-merged.zip")
+        return zip_response(request, [(f"{prefix}/{n}", n) for n in sorted(files)],
+                            f"{adapter.id}-merged.zip")
 
 
 class AdapterDeployApi(OrgApi):

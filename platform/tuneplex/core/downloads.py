@@ -1,43 +1,127 @@
-"""Downloads of artifacts: a zip of storage blobs, streamed (adapters, merged models, training
-curves)."""
+"""Downloads: every artifact the API hands out (a dataset, an adapter, a merged model, training
+curves) leaves the web process here, in bounded chunks, or as a redirect to the bucket.
+
+Under ASGI, Django turns a response's synchronous iterator into a list before it sends the first
+byte (a 10 GB merged model would be 10 GB of memory), so the chunks are read from storage by an
+asynchronous iterator, one chunk at a time, each read in a thread of its own download. Under
+WSGI (and Django's test client) the synchronous iterator itself streams. Either way at most one
+chunk of a download is in memory at a time, and the server's flow control keeps a slow client
+from piling chunks up.
+
+- :func:`blob_response`: one blob. With S3 storage and ``TUNEPLEX_DOWNLOAD_REDIRECT_SECONDS``,
+  a 302 to a presigned URL of the object instead: the web process never carries the bytes.
+- :func:`zip_response`: several blobs as one zip, built while it is sent (never on disk).
+
+Callers authorize first: they are handed blob names of the caller's organization only.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import zipfile
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
-from django.http import StreamingHttpResponse
+from django.conf import settings
+from django.core.handlers.asgi import ASGIRequest
+from django.http import HttpRequest, HttpResponseBase, HttpResponseRedirect, StreamingHttpResponse
+from django.utils.http import content_disposition_header
 
-from tuneplex.core.storage import artifact_storage
+from tuneplex.core.storage import artifact_storage, open_stream
+
+CHUNK = 2**20
 
 
-def zip_stream(names: list[tuple[str, str]]):
-    """Stream a zip of storage blobs without holding them in memory."""
-    import io
-
-    class Sink(io.RawIOBase):
-        def __init__(self):
-            self.chunks: list[bytes] = []
-
-        def writable(self):
-            return True
-
-        def write(self, data):
-            self.chunks.append(bytes(data))
-            return len(data)
-
-    sink = Sink()
+def blob_response(request: HttpRequest, name: str, *, filename: str,
+                  content_type: str) -> HttpResponseBase:
+    """Blob ``name`` as an attachment called ``filename``."""
+    disposition = content_disposition_header(as_attachment=True, filename=filename)
     storage = artifact_storage()
+    if settings.DOWNLOAD_REDIRECT_SECONDS and _is_s3(storage):
+        url = storage.url(name, expire=settings.DOWNLOAD_REDIRECT_SECONDS, parameters={
+            "ResponseContentDisposition": disposition, "ResponseContentType": content_type})
+        response = HttpResponseRedirect(url)
+        response["Cache-Control"] = "no-store"  # the URL is a credential while it lasts
+        return response
+    size = storage.size(name)
+    response = StreamingHttpResponse(_served(request, _blob_chunks(name)), content_type=content_type)
+    response["Content-Length"] = str(size)
+    response["Content-Disposition"] = disposition
+    return response
+
+
+def zip_response(request: HttpRequest, names: list[tuple[str, str]],
+                 filename: str) -> StreamingHttpResponse:
+    """A zip of blobs: ``names`` holds (blob name, name in the archive) pairs."""
+    response = StreamingHttpResponse(_served(request, zip_stream(names)),
+                                     content_type="application/zip")
+    response["Content-Disposition"] = content_disposition_header(as_attachment=True,
+                                                                 filename=filename)
+    return response
+
+
+def _blob_chunks(name: str) -> Iterator[bytes]:
+    with open_stream(name) as source:
+        while chunk := source.read(CHUNK):
+            yield chunk
+
+
+def zip_stream(names: list[tuple[str, str]]) -> Iterator[bytes]:
+    """A zip of storage blobs (stored, not compressed: weights do not compress), as it is written."""
+    sink = _Sink()
     with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as archive:
         for blob, arcname in names:
-            with storage.open(blob, "rb") as source, archive.open(arcname, "w", force_zip64=True) as target:
-                while chunk := source.read(1 << 20):
+            with open_stream(blob) as source, archive.open(arcname, "w", force_zip64=True) as target:
+                while chunk := source.read(CHUNK):
                     target.write(chunk)
-                    yield from sink.chunks
-                    sink.chunks.clear()
-    yield from sink.chunks
+                    yield from sink.take()
+    yield from sink.take()
 
 
-def zip_response(names: list[tuple[str, str]], filename: str) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(zip_stream(names), content_type="application/zip")
-    response["Content-Disposition"] = f'attachment; filename="{filename}"'
-    return response
+class _Sink(io.RawIOBase):
+    """Where the zip writer puts its bytes until they are taken (an unseekable stream)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.chunks.append(bytes(data))
+        return len(data)
+
+    def take(self) -> list[bytes]:
+        taken, self.chunks = self.chunks, []
+        return taken
+
+
+def _served(request, chunks: Iterator[bytes]):
+    """``chunks`` in the form the server streams: asynchronous under ASGI, as they are otherwise."""
+    django_request = getattr(request, "_request", request)  # DRF's Request wraps Django's
+    return _read_in_a_thread(chunks) if isinstance(django_request, ASGIRequest) else chunks
+
+
+async def _read_in_a_thread(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """Each chunk read (in a thread: storage reads block) only when the server asks for it.
+
+    One thread per download, so that closing the reader (the client went away) waits for a read
+    in progress instead of racing it.
+    """
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="download")
+    loop = asyncio.get_running_loop()
+    try:
+        while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            reader.submit(close)  # after a read still running; closes the blob
+        reader.shutdown(wait=False)
+
+
+def _is_s3(storage) -> bool:
+    from storages.backends.s3 import S3Storage
+
+    return isinstance(storage, S3Storage)

@@ -3,7 +3,8 @@
 Datasets, checkpoints, adapters and merged exports live here (a local folder on the embedded
 default, an S3-compatible bucket in production); every local folder a worker or an engine node
 uses is a cache that can be wiped. This module is the one way blobs cross between artifact
-storage and local disk: whole files, in 4 MiB chunks, with no partial file left behind.
+storage and local disk: whole files, in 4 MiB chunks, with no partial file left behind; and
+:func:`open_stream` the one way a blob is read as a stream (downloads, copies).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from django.conf import settings
 from django.core.files import File as DjangoFile
@@ -57,12 +59,27 @@ def upload_directory(directory: Path, prefix: str, names: Iterable[str]) -> int:
     return total
 
 
+def open_stream(name: str) -> BinaryIO:
+    """Blob ``name`` opened for reading from its start, without a copy of it anywhere.
+
+    django-storages' S3 file downloads the whole object into memory on its first read (its
+    spooled file never rolls over to disk by default), so an S3 blob is read from the object's
+    body stream instead. FileNotFoundError when there is no such blob, on both backends.
+    """
+    handle = artifact_storage().open(name, "rb")
+    s3_object = getattr(handle, "obj", None)  # the S3 file's boto3 Object; read nothing yet
+    if s3_object is None:
+        return handle
+    handle.close()
+    return s3_object.get()["Body"]
+
+
 def download_file(name: str, target: Path) -> None:
     """Copy blob ``name`` to ``target`` (written beside it, then renamed into place)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as out:
         try:
-            with artifact_storage().open(name, "rb") as source:
+            with open_stream(name) as source:
                 shutil.copyfileobj(source, out, CHUNK)
         except BaseException:
             Path(out.name).unlink(missing_ok=True)

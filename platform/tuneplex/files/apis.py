@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 
-from django.http import FileResponse
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_serializer
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_serializer,
+)
 from rest_framework import serializers
 from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 
 from tuneplex.core.apis import ApiObjectOutput, OrgApi
+from tuneplex.core.downloads import blob_response
 from tuneplex.core.errors import ApiError
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import READ, TRAIN
@@ -107,9 +112,13 @@ class FileDetailApi(OrgApi):
 class FileContentApi(OrgApi):
     scopes = {"GET": READ}
 
-    @extend_schema(responses={(200, "application/jsonl"): bytes}, summary="Download a file")
+    @extend_schema(responses={
+        (200, "application/jsonl"): bytes,
+        302: OpenApiResponse(description="Where the bucket serves the file: a presigned URL, "
+                                         "valid for a short time (S3 storage with "
+                                         "TUNEPLEX_DOWNLOAD_REDIRECT_SECONDS set)")},
+        summary="Download a file")
     def get(self, request, id: str):
         file = selectors.file_get(organization=self.organization, file_id=id)
-        blob = services.artifact_storage().open(file.blob_name, "rb")
-        return FileResponse(blob, as_attachment=True, filename=file.filename,
-                            content_type="application/jsonl")
+        return blob_response(request, file.blob_name, filename=file.filename,
+                             content_type="application/jsonl")

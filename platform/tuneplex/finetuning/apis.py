@@ -240,5 +240,6 @@ class JobTensorboardApi(OrgApi):
         if not blobs:
             raise Conflict("This job has no training curves yet: they are stored when a training "
                            "attempt ends.", code="no_training_curves")
-        return zip_response([(blob, f"{job.id}/{blob.rsplit('/', 1)[-1]}") for blob in blobs],
+        return zip_response(request,
+                            [(blob, f"{job.id}/{blob.rsplit('/', 1)[-1]}") for blob in blobs],
                             f"{job.id}-tensorboard.zip")
