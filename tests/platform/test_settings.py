@@ -76,6 +76,10 @@ def _load_settings(**overrides: str) -> subprocess.CompletedProcess:
     ("TUNEPLEX_METRICS_TOKEN", "short"),
     ("TUNEPLEX_METRICS_ORG_LABELS", "perhaps"),
     ("TUNEPLEX_WORKER_METRICS_PORT", "70000"),
+    ("TUNEPLEX_DOWNLOAD_REDIRECT_SECONDS", "60"),  # with local storage: nothing to redirect to
+    ("TUNEPLEX_DOWNLOAD_REDIRECT_SECONDS", "86400"),
+    ("TUNEPLEX_READYZ_CACHE_SECONDS", "600"),
+    ("TUNEPLEX_READYZ_RATE_LIMIT", "-1"),
 ])
 def test_the_settings_module_refuses_bad_values(variable, value):
     result = _load_settings(**{variable: value})

@@ -7,12 +7,27 @@ status ``degraded`` and the reason under ``checks.serving``. The dashboard, the 
 keep working without an engine, so taking every web process out of a load balancer because the
 engines are down would turn an inference outage into a full one; a probe that cares about
 inference reads ``degraded``.
+
+/readyz is public (load balancers and kubelets call it without credentials) and its checks cost
+a database query, a broker connection and a storage write, so it is bounded: each process runs
+the checks at most once per ``TUNEPLEX_READYZ_CACHE_SECONDS`` (one run at a time; callers
+meanwhile get the last result), each client address may call it ``TUNEPLEX_READYZ_RATE_LIMIT``
+times a minute in each process (then 429 with Retry-After; counted in memory, so that the probe
+needs no Redis), and which part failed, and why (exception text, addresses), is shown to operators
+only: direct callers from the monitoring networks (this machine by default), holders of the
+metrics token, and staff users.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import threading
+import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.core.files.base import ContentFile
@@ -20,6 +35,8 @@ from django.core.files.storage import storages
 from django.db import connection
 from django.http import JsonResponse
 from django.views.decorators.http import require_GET
+
+from tuneplex.core.errors import error_body
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +77,18 @@ def _check_serving() -> str | None:
 CHECKS = {"database": _check_database, "broker": _check_broker, "storage": _check_storage}
 
 
-@require_GET
-def readyz(request):
+@dataclass(frozen=True)
+class Readiness:
+    checks: dict[str, str]
+    failed: list[str]
+    degraded: list[str]
+
+    @property
+    def status(self) -> str:
+        return "unavailable" if self.failed else "degraded" if self.degraded else "ok"
+
+
+def run_checks() -> Readiness:
     results: dict[str, str] = {}
     failed = []
     for name, check in CHECKS.items():
@@ -82,34 +109,113 @@ def readyz(request):
         if problem is not None:
             log.warning("readiness: serving degraded: %s", problem)
             degraded.append("serving")
-    status = "unavailable" if failed else "degraded" if degraded else "ok"
-    body = {"status": status}
-    if _may_see_detail(request):  # which part failed, and why: operators only
-        body |= {"checks": results, "failed": failed, "degraded": degraded,
+    return Readiness(results, failed, degraded)
+
+
+clock: Callable[[], float] = time.monotonic  # the tests move time on
+
+
+class _LastResult:
+    """The checks' last result in this process, run again once it is older than the setting, by
+    one caller at a time (the others meanwhile get the last result, or wait for the first).
+    The lock guards the bookkeeping only: the checks run outside it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value: Readiness | None = None
+        self._taken_at = -math.inf
+        self._running: threading.Event | None = None
+
+    def get(self, run: Callable[[], Readiness], max_age: float) -> Readiness:
+        with self._lock:
+            if self._value is not None and clock() - self._taken_at < max_age:
+                return self._value
+            running = self._running
+            if running is None:
+                self._running = done = threading.Event()
+        if running is not None:  # another caller is running the checks
+            if self._value is not None:
+                return self._value
+            running.wait()
+            return self._value or run()
+        try:
+            value = run()
+            with self._lock:
+                self._value, self._taken_at = value, clock()
+            return value
+        finally:
+            with self._lock:
+                self._running = None
+            done.set()
+
+    def forget(self) -> None:
+        with self._lock:
+            self._value, self._taken_at = None, -math.inf
+
+
+class _CallsPerAddress:
+    """Calls per client address in fixed one-minute windows, in this process. The table is
+    bounded: beyond its size the least recently seen addresses are forgotten, which can only
+    loosen the limit for them (the cached result bounds the cost either way)."""
+
+    WINDOW = 60.0
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._lock = threading.Lock()
+        self._size = size
+        self._windows: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def refused_for(self, address: str, limit: int) -> float | None:
+        """None when the call is allowed, else the seconds until it would be."""
+        now = clock()
+        with self._lock:
+            started, calls = self._windows.pop(address, (now, 0))
+            if now - started >= self.WINDOW:
+                started, calls = now, 0
+            self._windows[address] = (started, calls + 1)
+            while len(self._windows) > self._size:
+                self._windows.popitem(last=False)
+        return None if calls < limit else self.WINDOW - (now - started)
+
+    def forget(self) -> None:
+        with self._lock:
+            self._windows.clear()
+
+
+last_result = _LastResult()
+calls_per_address = _CallsPerAddress()
+
+
+@require_GET
+def readyz(request):
+    address = request.META.get("REMOTE_ADDR") or "-"
+    if settings.READYZ_RATE_LIMIT:
+        wait = calls_per_address.refused_for(address, settings.READYZ_RATE_LIMIT)
+        if wait is not None:
+            response = JsonResponse(error_body(
+                "rate_limit_exceeded", f"/readyz answers {settings.READYZ_RATE_LIMIT} calls a "
+                                       f"minute from one address."), status=429)
+            response["Retry-After"] = str(max(1, math.ceil(wait)))
+            return response
+    readiness = last_result.get(run_checks, settings.READYZ_CACHE_SECONDS)
+    body = {"status": readiness.status}
+    if is_operator(request):  # which part failed, and why
+        body |= {"checks": readiness.checks, "failed": readiness.failed,
+                 "degraded": readiness.degraded,
                  "database_engine": settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1],
                  "broker": "redis" if settings.REDIS_URL else "filesystem"}
-    return JsonResponse(body, status=200 if not failed else 503)
+    response = JsonResponse(body, status=503 if readiness.failed else 200)
+    response["Cache-Control"] = "no-store"
+    return response
 
 
-LOOPBACK = {"127.0.0.1", "::1"}
+def is_operator(request) -> bool:
+    """A direct caller from the monitoring networks (this machine by default), a holder of the
+    metrics token, or a signed-in staff user; never an organization's admin as such."""
+    from tuneplex.core.metrics import may_scrape
 
-
-def _may_see_detail(request) -> bool:
-    """A caller on this machine (not through a proxy), or an admin (session or admin-scoped key)."""
-    if request.META.get("REMOTE_ADDR") in LOOPBACK and "HTTP_X_FORWARDED_FOR" not in request.META:
+    if may_scrape(request.META.get("REMOTE_ADDR"), request.headers.get("Authorization"),
+                  proxied="HTTP_X_FORWARDED_FOR" in request.META):
         return True
-    from rest_framework.exceptions import AuthenticationFailed
-    from rest_framework.request import Request
-
-    from tuneplex.apikeys.authentication import ApiKeyAuthentication
-    from tuneplex.core.scopes import ADMIN
-    from tuneplex.tenancy.sessions import active_membership
-
-    try:
-        found = ApiKeyAuthentication().authenticate(Request(request))
-    except AuthenticationFailed:
-        return False
-    if found is not None:
-        return ADMIN in found[1].scopes
-    membership = active_membership(request)
-    return membership is not None and ADMIN in membership.scopes
+    user = getattr(request, "user", None)
+    return bool(user is not None and user.is_authenticated and user.is_staff and user.is_active)
