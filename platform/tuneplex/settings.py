@@ -350,6 +350,16 @@ INFERENCE_MAX_SEQUENCES = env_int("TUNEPLEX_INFERENCE_MAX_SEQUENCES", 32, minimu
 INFERENCE_AUTH_CACHE_SECONDS = env_int("TUNEPLEX_INFERENCE_AUTH_CACHE_SECONDS", 2, minimum=0, maximum=60)
 INFERENCE_RATE_LIMIT = env_int("TUNEPLEX_INFERENCE_RATE_LIMIT", 600, minimum=0)  # per key per minute
 
+# Why a key was refused is remembered this long: a flood of one bad key asks the database once.
+INFERENCE_AUTH_REFUSAL_CACHE_SECONDS = env_int("TUNEPLEX_INFERENCE_AUTH_REFUSAL_CACHE_SECONDS", 10,
+                                               minimum=0, maximum=300)
+# Failed authentications a client address may make on the inference endpoints per minute before
+# it is answered 429 (0: no limit); keys already known to the process are not held back.
+INFERENCE_AUTH_FAILURES_PER_MINUTE = env_int("TUNEPLEX_INFERENCE_AUTH_FAILURES_PER_MINUTE", 30,
+                                             minimum=0)
+# Threads per web process for the inference fast path's database look-ups (keys and models not
+# in the admission cache); bounded, so that a flood of unknown keys waits there.
+INFERENCE_LOOKUP_THREADS = env_int("TUNEPLEX_INFERENCE_LOOKUP_THREADS", 8, minimum=1, maximum=256)
 # --- fine-tuning ---------------------------------------------------------------------------------
 TRAINING_DEVICE = env_str("TUNEPLEX_TRAINING_DEVICE", "cpu", choices=("cpu", "cuda"))
 TRAINING_MEMORY = env_bytes("TUNEPLEX_TRAINING_MEMORY", 16 * 2**30)

@@ -82,6 +82,62 @@ def test_bad_chat_requests_name_the_field(org_a, body, expected):
     assert error(post(org_a.owner_key, body)) == expected
 
 
+STREAM = {"model": BASE, "messages": CHAT, "stream": True}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("extra,expected", [
+    ({**STREAM, "stream_options": "yes"}, (400, "invalid_type", "stream_options")),
+    ({**STREAM, "stream_options": []}, (400, "invalid_type", "stream_options")),
+    ({**STREAM, "stream_options": {"include_usage": "yes"}},
+     (400, "invalid_type", "stream_options.include_usage")),
+    ({**STREAM, "stream_options": {"secret_knob": True}},
+     (400, "unknown_parameter", "stream_options.secret_knob")),
+    ({"stream_options": {"include_usage": True}}, (400, "invalid_value", "stream_options")),
+    ({"temperature": "hot"}, (400, "invalid_type", "temperature")),
+    ({"temperature": 7}, (400, "temperature_out_of_range", "temperature")),
+    ({"top_p": True}, (400, "invalid_type", "top_p")),
+    ({"presence_penalty": [1]}, (400, "invalid_type", "presence_penalty")),
+    ({"seed": 1.5}, (400, "invalid_type", "seed")),
+    ({"stop": 5}, (400, "invalid_type", "stop")),
+    ({"stop": ["a", "b", "c", "d", "e"]}, (400, "too_many_stop_sequences", "stop")),
+    ({"logit_bias": [1]}, (400, "invalid_type", "logit_bias")),
+    ({"logit_bias": {"x": 1}}, (400, "invalid_value", "logit_bias.x")),
+    ({"logit_bias": {"5": 500}}, (400, "invalid_value", "logit_bias.5")),
+    ({"logprobs": 3}, (400, "invalid_type", "logprobs")),
+    ({"top_logprobs": 3}, (400, "invalid_value", "top_logprobs")),
+    ({"user": {"id": 1}}, (400, "invalid_type", "user")),
+    ({"response_format": {"type": "yaml"}}, (400, "invalid_type", "response_format")),
+    ({"tools": {"a": 1}}, (400, "invalid_type", "tools")),
+    ({"tools": [{"type": "function", "function": {}}]}, (400, "invalid_type", "tools[0].function")),
+    ({"tool_choice": "sometimes"}, (400, "invalid_type", "tool_choice")),
+    ({"parallel_tool_calls": "no"}, (400, "invalid_type", "parallel_tool_calls")),
+    ({"messages": [{"role": "user", "content": 5}]}, (400, "invalid_type", "messages[0].content")),
+])
+def test_every_optional_field_of_the_wrong_type_is_a_400_naming_it(org_a, extra, expected):
+    """Before these checks, a stream_options that was not an object crashed the gateway (500)."""
+    assert error(post(org_a.owner_key, {"model": BASE, "messages": CHAT, **extra})) == expected
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("extra,expected", [
+    ({"logprobs": True}, (400, "invalid_type", "logprobs")),
+    ({"logprobs": 9}, (400, "logprobs_out_of_range", "logprobs")),
+    ({"echo": "yes"}, (400, "invalid_type", "echo")),
+    ({"suffix": 3}, (400, "invalid_type", "suffix")),
+])
+def test_completion_options_of_the_wrong_type_are_a_400_naming_them(org_a, extra, expected):
+    assert error(post(org_a.owner_key, {"model": BASE, "prompt": "hi", **extra},
+                      "/v1/completions")) == expected
+
+
+@pytest.mark.django_db
+def test_wrong_methods_on_the_inference_routes_say_which_is_allowed(org_a):
+    assert Client().get("/v1/chat/completions")["Allow"] == "POST"
+    assert Client().put("/v1/completions")["Allow"] == "POST"
+    assert Client().post("/v1/models")["Allow"] == "GET"
+
+
 @pytest.mark.django_db
 def test_bad_completion_prompts_and_oversized_bodies(org_a, settings):
     assert error(post(org_a.owner_key, {"model": BASE, "prompt": 5}, "/v1/completions")) == (

@@ -41,13 +41,14 @@ class InferenceFastPath:
         # the batch) when its client goes away.
         gone = asyncio.ensure_future(_disconnected(receive))
         try:
-            await self._answer(authorization, endpoint, raw, gone, send)
+            await self._answer(scope, authorization, endpoint, raw, gone, send)
         finally:
             gone.cancel()
 
-    async def _answer(self, authorization: bytes, endpoint: str, raw: bytes, gone, send) -> None:
+    async def _answer(self, scope, authorization: bytes, endpoint: str, raw: bytes, gone, send) -> None:
+        client = scope.get("client")
         work = asyncio.ensure_future(complete(endpoint, authorization=authorization.decode("latin-1"),
-                                              raw=raw))
+                                              raw=raw, address=client[0] if client else None))
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not work.done():
             work.cancel()  # gone before the answer began

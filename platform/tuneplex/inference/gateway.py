@@ -21,6 +21,7 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -47,13 +48,13 @@ from tuneplex.core.apis import timestamp
 from tuneplex.core import metrics
 from tuneplex.core.errors import ApiError, error_body
 from tuneplex.core.scopes import INFER, READ
-from tuneplex.inference import cache, ratelimit, usage
+from tuneplex.inference import cache, checks, ratelimit, streams, usage
 from tuneplex.inference.pools import EngineUnavailable, pool_for, serves
 from tuneplex.tenancy.authentication import OrganizationSessionAuthentication
 
 log = logging.getLogger(__name__)
 
-CHAT, COMPLETIONS = "chat/completions", "completions"
+CHAT, COMPLETIONS = streams.CHAT, streams.COMPLETIONS
 MESSAGE_ROLES = {"system", "developer", "user", "assistant", "tool"}
 # The OpenAI fields a request may carry; anything else (engine-specific knobs, a cache salt of
 # the caller's own) is refused with unknown_parameter, so the engine sees only what we document.
@@ -109,12 +110,38 @@ class Reply:
 
     def as_django(self) -> HttpResponse:
         if self.stream is not None:
-            response = StreamingHttpResponse(self.stream, status=self.status)
+            response = _StreamResponse(self.stream, status=self.status)
         else:
             response = HttpResponse(self.body, status=self.status)
         for name, value in self.headers.items():
             response[name] = value
         return response
+
+
+class _StreamResponse(StreamingHttpResponse):
+    """A relayed stream for Django's handler (browser sessions). Django closes a response also
+    when its client went away mid-stream, but only through ``close()``, on a worker thread, and
+    never closes the iterator it was streaming: so ``close()`` hands the relay's own ``aclose``
+    (lease, concurrency slot, settlement) back to the event loop."""
+
+    def __init__(self, relay, **kwargs) -> None:
+        super().__init__(relay, **kwargs)
+        self._relay, self._loop = relay, asyncio.get_running_loop()
+
+    def close(self) -> None:
+        super().close()
+        relay, self._relay = self._relay, None
+        if relay is not None and hasattr(relay, "aclose"):
+            self._loop.call_soon_threadsafe(_in_background, relay.aclose)
+
+
+_background: set[asyncio.Task] = set()  # tasks that must run to their end (asyncio keeps weak refs)
+
+
+def _in_background(work) -> None:
+    task = asyncio.get_running_loop().create_task(work())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 JSON = "application/json"
@@ -245,6 +272,26 @@ def _refusal(admission: ratelimit.Admission) -> ApiError:
     return ConcurrencyLimited()
 
 
+class TooManyFailedAuthentications(ApiError):
+    status = 429
+
+    def __init__(self, verdict: ratelimit.Verdict) -> None:
+        super().__init__(f"Too many failed authentications from this address ({verdict.limit} a "
+                         f"minute, TUNEPLEX_INFERENCE_AUTH_FAILURES_PER_MINUTE); retry in "
+                         f"{verdict.reset_after}s with a valid API key.",
+                         code="too_many_failed_authentications")
+        self.headers = {"Retry-After": str(verdict.reset_after)}
+
+
+class LimitsUnavailable(ApiError):
+    status = 503
+
+    def __init__(self) -> None:
+        super().__init__("The service that keeps rate limits and budgets cannot be reached; "
+                         "retry in a moment.", code="limits_unavailable")
+        self.headers = {"Retry-After": "1"}
+
+
 def _principal(authorization: str | None) -> Principal | None:
     """The caller from the admission cache, when it knows the key (no database)."""
     if authorization is None:
@@ -267,24 +314,75 @@ def _what_blocking(principal: Principal, model: str, request) -> Target:
     return target
 
 
-async def _admit(authorization: str | None, raw: bytes, endpoint: str, request=None
-                 ) -> tuple[Target, dict, dict, ratelimit.Admission]:
-    """Who asks (401/403), what (400/413), for which model (404), and whether its key's request
-    limit, its organization's token budget and concurrency cap let it through (429; every
-    authenticated request counts against the request limit). With the key and the model in the
-    admission cache this is one round trip to Redis and no thread; the database is asked, on a
-    thread, only when they are not."""
-    principal = _principal(authorization) or \
-        await sync_to_async(_who_blocking)(authorization, request)
+_lookup_pools: dict[tuple[int, str], ThreadPoolExecutor] = {}  # per process (a fork gets its own)
+
+
+def _lookup_pool(kind: str) -> ThreadPoolExecutor:
+    import os
+
+    pool = _lookup_pools.get((os.getpid(), kind))
+    if pool is None:
+        pool = _lookup_pools[(os.getpid(), kind)] = ThreadPoolExecutor(
+            settings.INFERENCE_LOOKUP_THREADS, thread_name_prefix=f"gateway-{kind}")
+    return pool
+
+
+async def _blocking(function, *args, request, known: bool = True):
+    """A database look-up of the admission. The fast path's run on bounded pools of their own:
+    keys this process has seen valid (and their models) on one, keys it has never seen on
+    another, so that a flood of unknown keys queues behind itself, neither on the one thread that
+    Django's views share nor ahead of the tenants already known. Django's views' run where
+    Django runs them."""
+    if request is not None:
+        return await sync_to_async(function)(*args, request)
+    return await asyncio.get_running_loop().run_in_executor(
+        _lookup_pool("known" if known else "unknown"), functools.partial(function, *args, request))
+
+
+async def _who(authorization: str | None, request, address: str | None) -> Principal:
+    """The caller. A key this process knows costs nothing; an unknown one is looked up (at most
+    TUNEPLEX_INFERENCE_AUTH_FAILURES_PER_MINUTE failures a minute per client address, else 429),
+    and a refused one is remembered for a few seconds, so that repeating it asks nobody."""
+    principal = _principal(authorization)
+    if principal is not None:
+        return principal
+    limit = settings.INFERENCE_AUTH_FAILURES_PER_MINUTE if authorization is not None and address else 0
+    if limit:
+        verdict = await ratelimit.failed_authentications(address, limit, count=False)
+        if not verdict.allowed:
+            raise TooManyFailedAuthentications(verdict)
+    refused = cache.refusals.get(_fingerprint(authorization)) if authorization is not None else None
+    try:
+        if refused is not None:
+            raise ApiError(refused, code="invalid_api_key", status=401)
+        known = authorization is not None and cache.principals.known(_fingerprint(authorization))
+        return await _blocking(_who_blocking, authorization, request=request, known=known)
+    except ApiError as exc:
+        if exc.status == 401 and authorization is not None:
+            cache.refusals.put(_fingerprint(authorization), exc.message)
+            if limit:
+                await ratelimit.failed_authentications(address, limit, count=True)
+        raise
+
+
+async def _admit(authorization: str | None, raw: bytes, endpoint: str, request=None,
+                 address: str | None = None) -> tuple[Target, dict, dict, ratelimit.Admission]:
+    """Who asks (401/403, 429 for an address that keeps failing), what (400/413), for which
+    model (404), and whether its key's request limit, its organization's token budget and
+    concurrency cap let it through (429; every authenticated request counts against the request
+    limit). With the key and the model in the admission cache this is one round trip to Redis
+    and no thread; the database is asked, on a bounded pool, only when they are not."""
+    principal = await _who(authorization, request, address)
     _require(principal, INFER)
     try:
         body = parse_body(raw, endpoint)
         body["cache_salt"] = cache_salt(principal.organization.id)
         target = _cached_target(principal, body["model"])
         if target is None or not pool_for(target.base_model).refreshed.is_set():
-            target = await sync_to_async(_what_blocking)(principal, body["model"], request)
+            target = await _blocking(_what_blocking, principal, body["model"], request=request)
     except ApiError:
-        verdict = await ratelimit.hit(_subject(principal), settings.INFERENCE_RATE_LIMIT)
+        verdict = await ratelimit.hit(_subject(principal), f"org:{principal.organization.id}",
+                                      settings.INFERENCE_RATE_LIMIT)
         if not verdict.allowed:
             raise RateLimited(verdict) from None
         raise
@@ -345,8 +443,7 @@ def parse_body(raw: bytes, endpoint: str) -> dict:
                                             and all(isinstance(p, str) for p in prompt))):
             raise ApiError("prompt must be a string or a non-empty list of strings.",
                            code="invalid_prompt", param="prompt")
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise ApiError("stream must be true or false.", code="invalid_type", param="stream")
+    checks.check_options(body, endpoint)
     cap = settings.INFERENCE_MAX_TOKENS
     for name in ("max_tokens", "max_completion_tokens"):
         _int_field(body, name, low=1, high=cap, hint="TUNEPLEX_INFERENCE_MAX_TOKENS")
@@ -479,7 +576,8 @@ def _observe(endpoint: str, reply: Reply, started: float, *, stream: bool) -> No
         time.perf_counter() - started)
 
 
-async def complete(endpoint: str, *, authorization: str | None, raw: bytes, request=None) -> Reply:
+async def complete(endpoint: str, *, authorization: str | None, raw: bytes, request=None,
+                   address: str | None = None) -> Reply:
     """Admit, route, forward and answer one completion request.
 
     Cancelling it (the ASGI fast path does when the client goes away) closes the connection to
@@ -487,7 +585,10 @@ async def complete(endpoint: str, *, authorization: str | None, raw: bytes, requ
     """
     started = time.perf_counter()
     try:
-        reply = await _answer(endpoint, authorization, raw, request, started)
+        try:
+            reply = await _answer(endpoint, authorization, raw, request, address, started)
+        except ratelimit.LimitsUnavailable:
+            reply = _error(LimitsUnavailable(), LimitsUnavailable().headers)
     except Exception:  # answered 500 by the caller (the fast path or Django's handler)
         _series(metrics.GATEWAY_REQUESTS, endpoint, "none", "500").inc()
         raise
@@ -497,16 +598,18 @@ async def complete(endpoint: str, *, authorization: str | None, raw: bytes, requ
 
 
 async def _answer(endpoint: str, authorization: str | None, raw: bytes, request,
-                  started: float) -> Reply:
+                  address: str | None, started: float) -> Reply:
     reservation: ratelimit.Admission | None = None
     target: Target | None = None
     try:
-        target, body, limit_headers, reservation = await _admit(authorization, raw, endpoint, request)
+        target, body, limit_headers, reservation = await _admit(authorization, raw, endpoint, request,
+                                                                address)
         pool = pool_for(target.base_model)
+        asked = body.get("stream_options") or {}
         stream = bool(body.get("stream"))
-        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        if stream:
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        # The engine always streams, with usage on every chunk: an answer that ends early is
+        # settled with what was generated until then (see tuneplex.inference.streams).
+        body["stream"], body["stream_options"] = True, streams.engine_stream_options(body)
         response, route = await _send(pool, target, endpoint, body)
     except ApiError as exc:
         await _finish(reservation, 0)
@@ -519,35 +622,104 @@ async def _answer(endpoint: str, authorization: str | None, raw: bytes, request,
         await _finish(reservation, 0)
         raise
     kind = _kind(target)
-    if response.status != 200:
+    if response.status != 200:  # refused by the engine: nothing was generated
         pool.release(route)
         await _finish(reservation, 0)
         reply = await _engine_error(response)
         reply.kind = kind
         return reply
+    meter = streams.Meter(endpoint, body)
+    settle = functools.partial(_settle, target, reservation, meter, route, endpoint, body)
     if stream:
-        relay = _Relay(response, pool, route, target, wants_usage, reservation,
+        relay = _Relay(response, pool, route, meter, settle, kind=kind,
+                       wants_usage=bool(asked.get("include_usage")),
+                       wants_continuous=bool(asked.get("continuous_usage_stats")),
                        observe=lambda reply: _observe(endpoint, reply, started, stream=True))
         return Reply(200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                            "X-Accel-Buffering": "no", **limit_headers}, stream=relay, kind=kind)
+    reply = await _collect(response, pool, route, meter, settle, endpoint)
+    reply.headers.update(limit_headers)
+    reply.kind = kind
+    return reply
+
+
+async def _collect(response: aiohttp.ClientResponse, pool: PoolClient, route: Route,
+                   meter: streams.Meter, settle, endpoint: str) -> Reply:
+    """A plain answer, put together from the engine's stream; settled however it ends (read to
+    the end, broken off by the replica, or cancelled because the client went away, which closes
+    the engine's connection and so aborts the request there at once)."""
+    assembler = streams.Assembler(endpoint)
     try:
-        answer = await response.read()
+        async for line in _lines(response):
+            chunk = _chunk(line)
+            if chunk is not None:
+                meter.see(chunk)
+                assembler.add(chunk)
+    except streams.EngineStreamError as exc:
+        return _stream_error(exc)
     except ENGINE_FAILURES as exc:
         pool.mark_down(route.replica, f"it failed during an answer ({type(exc).__name__})")
-        await _finish(reservation, 0)
-        reply = _error(EngineUnavailable("The engine replica failed during the answer; retry the request."))
-        reply.kind = kind
-        return reply
-    except BaseException:  # cancelled mid-answer
-        await _finish(reservation, 0)
-        raise
+        return _error(EngineUnavailable("The engine replica failed during the answer; retry the request."))
     finally:
         response.release()  # back to the kept-alive connections, or closed when not read to the end
         pool.release(route)
-    prompt, completion = _usage_of(json.loads(answer))
+        await asyncio.shield(settle())
+    return Reply(200, {"Content-Type": JSON}, streams.dumps(assembler.answer()).encode())
+
+
+def _chunk(line: str) -> dict | None:
+    """One server-sent event's JSON payload, or None (``[DONE]``, comments, a line cut short)."""
+    if not line.startswith("data: {"):
+        return None
+    try:
+        chunk = json.loads(line[6:])
+    except ValueError:
+        return None
+    return chunk if isinstance(chunk, dict) else None
+
+
+def _stream_error(exc: streams.EngineStreamError) -> Reply:
+    if exc.status >= 500:
+        log.error("engine failed during an answer: %s", exc.message)
+        return _error(ApiError("The engine failed on this request.", code="engine_error", status=502))
+    return _error(ApiError(exc.message, code="invalid_request", status=exc.status))
+
+
+async def _settle(target: Target, reservation: ratelimit.Admission, meter: streams.Meter,
+                  route: Route, endpoint: str, body: dict) -> None:
+    """Count the request's tokens against its organization and settle its reservation: what the
+    engine reported, however the request ended, and never less than its prompt (asked of the
+    engine when the request ended before its first chunk told it)."""
+    prompt, completion = meter.tokens()
+    unseen = meter.unseen_prompts()
+    if unseen:
+        prompt += await _count_prompts(route, target, endpoint, body, unseen)
     _record(target, prompt, completion)
-    await _finish(reservation, prompt + completion)
-    return Reply(200, {"Content-Type": JSON, **limit_headers}, answer, kind=kind)
+    await ratelimit.finish(reservation, prompt + completion)
+
+
+async def _count_prompts(route: Route, target: Target, endpoint: str, body: dict,
+                         indexes: list[int]) -> int:
+    """The tokens of the request's prompts ``indexes``, by the engine's tokenizer (its
+    ``/tokenize``, with the chat template for messages); the admission's estimate of about four
+    bytes a token where the engine cannot tell."""
+    if endpoint == CHAT:
+        asks = [{"model": target.base_model, "messages": body["messages"]}]
+    else:
+        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        asks = [{"model": target.base_model, "prompt": prompts[index]} for index in indexes]
+    total = 0
+    for ask in asks:
+        try:
+            async with _client().post(f"{route.engine_url}/tokenize", json=ask,
+                                      timeout=aiohttp.ClientTimeout(total=5)) as response:
+                if response.status == 200:
+                    total += int((await response.json())["count"])
+                    continue
+        except (*ENGINE_FAILURES, ValueError, KeyError, TypeError):
+            pass
+        total += len(json.dumps(ask.get("messages") or ask.get("prompt"))) // 4
+    return total
 
 
 async def _finish(reservation: ratelimit.Admission | None, actual_tokens: int) -> None:
@@ -560,9 +732,10 @@ async def _finish(reservation: ratelimit.Admission | None, actual_tokens: int) -
 async def _complete(request, endpoint: str) -> HttpResponse:
     """The Django view (browser sessions, and keys when the fast path is not mounted)."""
     if request.method != "POST":
-        return _error(ApiError("Use POST.", code="method_not_allowed", status=405)).as_django()
+        return _error(ApiError("Use POST.", code="method_not_allowed", status=405),
+                      {"Allow": "POST"}).as_django()
     reply = await complete(endpoint, authorization=request.headers.get("Authorization"),
-                           raw=request.body, request=request)
+                           raw=request.body, request=request, address=request.META.get("REMOTE_ADDR"))
     return reply.as_django()
 
 
@@ -572,19 +745,22 @@ STREAM_FAILED = ("data: " + json.dumps({"error": {
 
 
 class _Relay:
-    """Pass the engine's server-sent events through; take the usage from its last chunk.
+    """Pass the engine's server-sent events through, as the caller asked for them (the running
+    usage the gateway asked for on its behalf is taken out), counting the tokens as they come.
 
     A stream the engine breaks off (the replica died) ends with an error event and ``[DONE]``,
     and the replica is marked down so that new requests go elsewhere. The engine connection is
-    closed and the lease released exactly once: when the events end, or at ``aclose``, also for a
-    stream abandoned before its first event (a generator's own ``finally`` would not run then).
+    closed, the lease released and the request settled exactly once: when the events end, or at
+    ``aclose``, also for a stream abandoned before its first event (a generator's own ``finally``
+    would not run then).
     """
 
-    def __init__(self, response: aiohttp.ClientResponse, pool: PoolClient, route: Route, target: Target,
-                 wants_usage: bool, reservation: ratelimit.Admission, observe) -> None:
-        self.response, self.pool, self.route, self.target = response, pool, route, target
-        self.wants_usage, self.reservation, self.observe = wants_usage, reservation, observe
-        self.usage = (0, 0)
+    def __init__(self, response: aiohttp.ClientResponse, pool: PoolClient, route: Route,
+                 meter: streams.Meter, settle, *, kind: str, wants_usage: bool,
+                 wants_continuous: bool, observe) -> None:
+        self.response, self.pool, self.route, self.meter, self.settle = response, pool, route, meter, settle
+        self.kind = kind
+        self.wants_usage, self.wants_continuous, self.observe = wants_usage, wants_continuous, observe
         self._finished = False
         self._events = self._relay()
 
@@ -602,26 +778,32 @@ class _Relay:
         self.response.release()  # closes the connection when the stream was not read to its end,
         # which is what aborts the request in the engine
         self.pool.release(self.route)
-        _record(self.target, *self.usage)
-        self.observe(Reply(200, {}, kind=_kind(self.target)))
-        await _finish(self.reservation, sum(self.usage))
+        self.observe(Reply(200, {}, kind=self.kind))
+        await asyncio.shield(self.settle())
+
+    def _shown(self, line: str) -> str | None:
+        """The line as the caller gets it, or None to leave it out."""
+        chunk = _chunk(line)
+        if chunk is None:
+            return line
+        self.meter.see(chunk)
+        shown = streams.for_caller(chunk, wants_usage=self.wants_usage,
+                                   wants_continuous=self.wants_continuous)
+        if shown is chunk:
+            return line
+        return None if shown is None else f"data: {streams.dumps(shown)}"
 
     async def _relay(self):
         done = False
         try:
             async for line in _lines(self.response):
-                if not line:
+                if not line or (line := self._shown(line)) is None:
                     continue
-                if line.startswith("data: {") and '"usage":{' in line:
-                    chunk = json.loads(line[6:])
-                    self.usage = _usage_of(chunk)
-                    if not self.wants_usage and not chunk.get("choices"):
-                        continue  # the usage-only chunk we asked for on the caller's behalf
                 done = line == "data: [DONE]"
                 yield f"{line}\n\n".encode()
         except ENGINE_FAILURES as exc:
             self.pool.mark_down(self.route.replica, f"it broke off a stream ({type(exc).__name__})")
-            log.warning("stream of %s broken off by %s: %s", self.target.model, self.route.engine_url, exc)
+            log.warning("stream broken off by %s: %s", self.route.engine_url, exc)
         finally:
             await self._close()
         if not done:
@@ -691,7 +873,8 @@ def _model_objects(request, only: str | None = None) -> list[dict]:
 
 async def models_list(request):
     if request.method != "GET":
-        return _error(ApiError("Use GET.", code="method_not_allowed", status=405)).as_django()
+        return _error(ApiError("Use GET.", code="method_not_allowed", status=405),
+                      {"Allow": "GET"}).as_django()
     try:
         data = await sync_to_async(_model_objects)(request)
     except ApiError as exc:
@@ -701,7 +884,8 @@ async def models_list(request):
 
 async def model_detail(request, model: str):
     if request.method != "GET":
-        return _error(ApiError("Use GET.", code="method_not_allowed", status=405)).as_django()
+        return _error(ApiError("Use GET.", code="method_not_allowed", status=405),
+                      {"Allow": "GET"}).as_django()
     try:
         data = await sync_to_async(_model_objects)(request, model)
         if not data:

@@ -13,13 +13,21 @@ Three limits, each 0 for unlimited:
 With REDIS_URL the counters live in Redis, shared by every web process: :func:`admit` checks and
 takes all three in one Lua script (atomic, one round trip), :func:`finish` settles the tokens and
 frees the slot in one pipeline. Both run on the event loop (redis' asyncio client), so a request
-costs no thread hop here. On the embedded default the counters live in this process, which is
-the only web process there.
+costs no thread hop here. Every key of an organization carries one hash tag (``{org:<id>}``), so
+the script's keys lie in one slot of a Redis Cluster. On the embedded default the counters live
+in this process, which is the only web process there.
+
+When Redis cannot be reached, admission fails closed: :class:`LimitsUnavailable` (the gateway
+answers 503 with Retry-After), since admitting without the shared counters would let every
+process spend every budget. A settlement that cannot be written is kept and retried in the
+background until it lands or its slot would have gone stale anyway, so a blink of Redis neither
+refunds nor keeps a slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -28,7 +36,13 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+log = logging.getLogger(__name__)
+
 WINDOW = 60
+
+
+class LimitsUnavailable(Exception):
+    """The shared counters (Redis) cannot be reached: nothing may be admitted."""
 
 
 @dataclass(frozen=True)
@@ -113,9 +127,16 @@ return {0, requests, total - tokens}
 
 
 def _keys(limits: Limits, window: int) -> tuple[str, str, str]:
-    return (f"tuneplex:ratelimit:{limits.requester}:{window}",
-            f"tuneplex:tokens:{limits.organization}:{window}",
-            f"tuneplex:inflight:{limits.organization}")
+    tag = "{" + limits.organization + "}"  # one Redis Cluster slot for the script's keys
+    return (f"tuneplex:{tag}:requests:{limits.requester}:{window}",
+            f"tuneplex:{tag}:tokens:{window}",
+            f"tuneplex:{tag}:inflight")
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    import redis
+
+    return (redis.RedisError, OSError, asyncio.TimeoutError)
 
 
 async def admit(limits: Limits, *, now: float | None = None) -> Admission:
@@ -129,9 +150,14 @@ async def admit(limits: Limits, *, now: float | None = None) -> Admission:
     elif settings.REDIS_URL:
         keys = _keys(limits, window)
         _, script = _async_redis(settings.REDIS_URL)
-        refusal, requests, before = await script(keys=keys, args=[
-            limits.requests_per_minute, limits.tokens, limits.tokens_per_minute, limits.concurrency,
-            slot, now, now - limits.stale_after, WINDOW + 5, int(limits.stale_after) + 5])
+        try:
+            refusal, requests, before = await script(keys=keys, args=[
+                limits.requests_per_minute, limits.tokens, limits.tokens_per_minute,
+                limits.concurrency, slot, now, now - limits.stale_after, WINDOW + 5,
+                int(limits.stale_after) + 5])
+        except _redis_errors() as exc:
+            log.warning("admission: Redis cannot be reached (%s); refusing", type(exc).__name__)
+            raise LimitsUnavailable() from None
     else:
         refusal, requests, before = _admit_in_memory(limits, window, slot, now)
     refused_by = REFUSALS.get(int(refusal))
@@ -145,7 +171,8 @@ async def admit(limits: Limits, *, now: float | None = None) -> Admission:
 
 
 async def finish(admission: Admission, actual_tokens: int) -> None:
-    """Settle an admitted request's tokens with what the engine reported and free its slot (once)."""
+    """Settle an admitted request's tokens with what the engine reported and free its slot (once).
+    If Redis cannot take it now, the settlement is retried in the background (see module doc)."""
     if admission.finished:
         return
     admission.finished = True
@@ -160,20 +187,109 @@ async def finish(admission: Admission, actual_tokens: int) -> None:
                 _counters[tokens_key] = _counters.get(tokens_key, 0) + delta
             _slots.get(inflight_key, {}).pop(admission.slot, None)
         return
-    client, _ = _async_redis(settings.REDIS_URL)
-    async with client.pipeline(transaction=False) as pipe:
-        if delta:
-            pipe.incrby(tokens_key, delta).expire(tokens_key, WINDOW + 5)
-        if limits.concurrency > 0:
-            pipe.zrem(inflight_key, admission.slot)
-        await pipe.execute()
+    settlement = _Settlement(tokens_key, delta, inflight_key if limits.concurrency > 0 else None,
+                             admission.slot, time.monotonic() + limits.stale_after)
+    try:
+        await settlement.write()
+    except _redis_errors() as exc:
+        log.warning("settling a request failed (%s); retrying in the background", type(exc).__name__)
+        _retry_later(settlement)
 
 
-async def hit(requester: str, limit: int, *, now: float | None = None) -> Verdict:
-    """Count one request of ``requester`` against its request limit only (for a request refused
-    before its cost is known: a bad body, an unknown model)."""
-    admission = await admit(Limits(requester, "", limit, 0, 0, 0, 0), now=now)
+@dataclass
+class _Settlement:
+    tokens_key: str
+    delta: int
+    inflight_key: str | None
+    slot: str
+    give_up_at: float  # monotonic: by then the slot has gone stale by itself
+
+    async def write(self) -> None:
+        client, _ = _async_redis(settings.REDIS_URL)
+        async with client.pipeline(transaction=False) as pipe:
+            if self.delta:
+                pipe.incrby(self.tokens_key, self.delta).expire(self.tokens_key, WINDOW + 5)
+            if self.inflight_key is not None:
+                pipe.zrem(self.inflight_key, self.slot)
+            await pipe.execute()
+
+
+_unsettled: list[_Settlement] = []
+_retrier: asyncio.Task | None = None
+RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)  # then every 5 s
+
+
+def _retry_later(settlement: _Settlement) -> None:
+    global _retrier
+    _unsettled.append(settlement)
+    if _retrier is None or _retrier.done():
+        _retrier = asyncio.get_running_loop().create_task(_retry_unsettled())
+
+
+async def _retry_unsettled() -> None:
+    attempt = 0
+    while _unsettled:
+        await asyncio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
+        attempt += 1
+        for settlement in list(_unsettled):
+            if time.monotonic() > settlement.give_up_at:
+                log.error("a settlement of %+d tokens could not be written before its slot went "
+                          "stale; dropped", settlement.delta)
+                _unsettled.remove(settlement)
+                continue
+            try:
+                await settlement.write()
+            except _redis_errors():
+                break  # still down: wait longer
+            _unsettled.remove(settlement)
+            attempt = 0
+
+
+def unsettled() -> int:
+    """Settlements of this process still waiting for Redis (for tests and metrics)."""
+    return len(_unsettled)
+
+
+async def hit(requester: str, organization: str, limit: int, *, now: float | None = None) -> Verdict:
+    """Count one request of ``requester`` (of ``organization``) against its request limit only
+    (for a request refused before its cost is known: a bad body, an unknown model)."""
+    admission = await admit(Limits(requester, organization, limit, 0, 0, 0, 0), now=now)
     return admission.requests
+
+
+# KEYS: the address's failure counter. ARGV: limit, ttl, count (1: count a failure, 0: only read).
+_FAILURES = """
+local failures = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[3]) > 0 then
+  failures = redis.call('INCR', KEYS[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return failures
+"""
+
+
+async def failed_authentications(address: str, limit: int, *, count: bool,
+                                 now: float | None = None) -> Verdict:
+    """The failed authentications of one client address this minute (one more if ``count``):
+    ``allowed`` is False once there were ``limit`` of them (0: no limit)."""
+    now = time.time() if now is None else now
+    window = int(now // WINDOW)
+    reset_after = int(WINDOW - now % WINDOW) + 1
+    if limit <= 0:
+        return Verdict(True, 0, 0, reset_after)
+    key = f"tuneplex:{{auth:{address}}}:failures:{window}"
+    if settings.REDIS_URL:
+        client, _ = _async_redis(settings.REDIS_URL)
+        try:
+            failures = int(await client.eval(_FAILURES, 1, key, limit, WINDOW + 5, int(count)))
+        except _redis_errors():
+            raise LimitsUnavailable() from None
+    else:
+        with _lock:
+            for stale in [k for k in _counters if not k.endswith(f":{window}")]:
+                del _counters[stale]
+            failures = _counters[key] = _counters.get(key, 0) + int(count)
+    return Verdict(failures < limit, limit, max(0, limit - failures), reset_after)
 
 
 # --- Redis ----------------------------------------------------------------------------------------
