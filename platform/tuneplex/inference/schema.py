@@ -6,6 +6,8 @@ OpenAI's, which the engine produces and the gateway passes through.
 
 from __future__ import annotations
 
+from tuneplex.core.schema import ERROR_SCHEMA
+
 _ERROR = {"$ref": "#/components/schemas/InferenceError"}
 _ERRORS = {
     str(status): {"description": text, "content": {"application/json": {"schema": _ERROR}}}
@@ -56,10 +58,8 @@ def _completion_path(summary: str, required: list[str], extra: dict) -> dict:
 
 
 def add_inference_paths(result, generator, request, public):
-    result.setdefault("components", {}).setdefault("schemas", {})["InferenceError"] = {
-        "type": "object", "properties": {"error": {"type": "object", "properties": {
-            "code": {"type": "string"}, "message": {"type": "string"},
-            "param": {"type": "string", "nullable": True}}}}}
+    # The gateway answers errors in the API's one shape (request_id included).
+    result.setdefault("components", {}).setdefault("schemas", {})["InferenceError"] = ERROR_SCHEMA
     result["components"]["schemas"]["Model"] = _MODEL
     paths = result.setdefault("paths", {})
     paths["/v1/chat/completions"] = _completion_path(
