@@ -22,7 +22,11 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    # On the GPU the merge's worker holds (its slot is counted by the scheduler), in the base
+    # model's own dtype; on a CPU in float32 (bf16 matmuls are slow there), cast back after.
+    on_gpu = torch.cuda.is_available()
+    base = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype="auto" if on_gpu else torch.float32, device_map="cuda" if on_gpu else None)
     dtype = getattr(base.config, "dtype", None) or torch.bfloat16
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged = merged.to(dtype if isinstance(dtype, torch.dtype) else torch.bfloat16)

@@ -376,6 +376,9 @@ JOB_MAX_GPUS = env_int("TUNEPLEX_JOB_MAX_GPUS", 1, minimum=1, maximum=64)
 ORG_MAX_CONCURRENT_JOBS = env_int("TUNEPLEX_ORG_MAX_CONCURRENT_JOBS", 1, minimum=1)
 JOB_HEARTBEAT_SECONDS = env_int("TUNEPLEX_JOB_HEARTBEAT_SECONDS", 5, minimum=1)
 JOB_HEARTBEAT_TIMEOUT = env_int("TUNEPLEX_JOB_HEARTBEAT_TIMEOUT", 60, minimum=5)
+# Jobs an organization may have waiting (validating their files or queued) at once; one more is
+# refused with 429 too_many_queued_jobs.
+ORG_MAX_QUEUED_JOBS = env_int("TUNEPLEX_ORG_MAX_QUEUED_JOBS", 100, minimum=1)
 JOB_MAX_ATTEMPTS = env_int("TUNEPLEX_JOB_MAX_ATTEMPTS", 3, minimum=1, maximum=20)
 # A job running longer than this since it first started (over all attempts) is stopped and failed.
 JOB_MAX_RUNTIME_SECONDS = env_int("TUNEPLEX_JOB_MAX_RUNTIME_SECONDS", 72 * 3600, minimum=60)

@@ -178,3 +178,16 @@ def test_training_curves_are_a_conflict_until_an_attempt_stored_them(org_a, defa
     archive = zipfile.ZipFile(io.BytesIO(b"".join(download.streaming_content)))
     assert archive.namelist() == [f"{job_id}/{events.path.name}"]
     assert archive.read(archive.namelist()[0]) == events.path.read_bytes()
+
+
+def test_an_organization_cannot_queue_more_jobs_than_its_limit(org_a, org_b, default_model,
+                                                               pirate_file_of_a, settings):
+    settings.ORG_MAX_QUEUED_JOBS = 2
+    body = {"model": default_model.name, "training_file": pirate_file_of_a}
+    assert [create_job(org_a, **body).status_code for _ in range(2)] == [200, 200]
+    refused = create_job(org_a, **body)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "too_many_queued_jobs"
+    assert FineTuningJob.objects.filter(organization=org_a.organization).count() == 2
+    FineTuningJob.objects.filter(organization=org_a.organization).update(status="running")
+    assert create_job(org_a, **body).status_code == 200  # running jobs do not wait

@@ -222,7 +222,7 @@ def test_a_merge_takes_a_gpu_slot(org_a, default_model, settings,
                                      sha256="0", bytes=1, rank=8, merge_status="queued")
     waiting = queued_job(org_a, default_model)
     with django_capture_on_commit_callbacks(execute=False):
-        assert scheduler.dispatch() == [adapter.id]  # merges go first
+        assert scheduler.dispatch() == [adapter.id]  # the organization's oldest waiting work
         assert scheduler.dispatch() == []  # the slot is taken by the merge
     assert merge_claim(adapter.id) is not None and merge_claim(adapter.id) is None
     Adapter.objects.filter(id=adapter.id).update(merge_status="succeeded")
@@ -299,3 +299,48 @@ def test_a_job_past_its_runtime_limit_is_failed(org_a, default_model, settings,
     assert job.status == "failed" and job.error["code"] == "runtime_limit_exceeded"
     assert not job_holds(job_id=job.id, attempt=1)  # its worker stops at the next heartbeat
     assert FineTuningJob.objects.get(id=young.id).status == "running"
+
+
+def _merge_waiting(tenant, base_model, name: str) -> Adapter:
+    done = queued_job(tenant, base_model, status="succeeded")
+    return Adapter.objects.create(organization=tenant.organization, job=done, base_model=base_model,
+                                  name=name, blob_prefix="p", sha256="0", bytes=1, rank=8,
+                                  merge_status="queued", merge_requested_at=timezone.now())
+
+
+def test_merges_count_against_their_organization_and_take_turns_with_other_jobs(
+        default_model, settings, django_capture_on_commit_callbacks):
+    """Before, merges went first with no limit: one organization's merges took every GPU."""
+    settings.GPU_SLOTS, settings.ORG_MAX_CONCURRENT_JOBS = 2, 1
+    merger, trainer = make_tenant("Merger"), make_tenant("Trainer")
+    merges = [_merge_waiting(merger, default_model, f"ft:m{i}") for i in range(3)]
+    job = queued_job(trainer, default_model)
+    with django_capture_on_commit_callbacks(execute=False):
+        assert sorted(scheduler.dispatch()) == sorted([merges[0].id, job.id])
+        assert scheduler.dispatch() == []  # the merger is at its limit; no GPU is free anyway
+    settings.GPU_SLOTS = 3
+    with django_capture_on_commit_callbacks(execute=False):
+        assert scheduler.dispatch() == []  # a free GPU, but the merger is at its limit
+
+
+def test_a_dispatch_reads_a_row_per_organization_not_the_whole_queue(
+        default_model, settings, django_capture_on_commit_callbacks):
+    """Before, every dispatch loaded every waiting job of every organization."""
+    from django.db import connection
+
+    settings.GPU_SLOTS = 1
+    crowd, other = make_tenant("Crowd"), make_tenant("Other")
+    FineTuningJob.objects.bulk_create(
+        FineTuningJob(organization=crowd.organization, base_model=default_model, status="queued",
+                      training_file="file-x", seed=1) for _ in range(300))
+    queued_job(other, default_model)
+    rows: list[int] = []
+
+    def count_rows(execute, sql, params, many, context):
+        result = execute(sql, params, many, context)
+        rows.append(context["cursor"].rowcount)
+        return result
+
+    with connection.execute_wrapper(count_rows), django_capture_on_commit_callbacks(execute=False):
+        assert len(scheduler.dispatch()) == 1
+    assert rows and max(rows) <= 3, rows

@@ -270,7 +270,7 @@ def test_token_budgets_reserve_and_settle_per_organization(settings, store):
         await finish(first, 0)  # settled once only
         assert (await admit(limits(subject, 600), now=now)).tokens.remaining == 280
         assert (await admit(limits(other, 900), now=now)).refused_by is None  # per organization
-        counted = [await hit(f"key:{subject}", 2, now=now) for _ in range(3)]
+        counted = [await hit(f"key:{subject}", subject, 2, now=now) for _ in range(3)]
         assert [v.allowed for v in counted] == [True, True, False]
         assert counted[1].remaining == 0 and counted[2].reset_after > 0
 

@@ -39,7 +39,9 @@ class Adapter(models.Model):
     merge_status = models.CharField(max_length=16, choices=MergeStatus.choices,
                                     default=MergeStatus.NONE)
     merge_error = models.TextField(blank=True, default="")
-    # A merge is GPU work: the scheduler dispatches it like a job, into a free GPU slot.
+    # A merge is GPU work: the scheduler dispatches it like a job, into a free GPU slot, fairly
+    # with the organization's jobs (oldest request first).
+    merge_requested_at = models.DateTimeField(null=True, blank=True)
     merge_dispatched_at = models.DateTimeField(null=True, blank=True)
     merge_started_at = models.DateTimeField(null=True, blank=True)
     merged_bytes = models.BigIntegerField(default=0, help_text="The merged export's size.")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from django.db import transaction
+from django.utils import timezone
 
 from jobs.training.layout import ADAPTER_ARTIFACT_FILES
 from tuneplex.adapters.models import Adapter
@@ -46,7 +47,9 @@ def adapter_request_merge(*, organization, actor: Principal, adapter: Adapter) -
         adapter.merge_status = Adapter.MergeStatus.QUEUED
         adapter.merge_error = ""
         adapter.merge_dispatched_at = None
-        adapter.save(update_fields=["merge_status", "merge_error", "merge_dispatched_at"])
+        adapter.merge_requested_at = timezone.now()
+        adapter.save(update_fields=["merge_status", "merge_error", "merge_dispatched_at",
+                                    "merge_requested_at"])
         audit_record(actor=actor, action="adapter.merge", obj=adapter)
         # GPU work: the scheduler sends it to the gpu queue when a slot is free.
         transaction.on_commit(lambda: queue.enqueue(queue.DISPATCH_JOBS))

@@ -2,12 +2,14 @@
 
 Dispatch sends work to the ``gpu`` queue only while GPUs are free (TUNEPLEX_GPU_SLOTS counts the
 GPUs of all GPU workers; a job takes its ``gpus``, a merge one), so the broker never holds a
-backlog that would be served first-come-first-served. Merges are GPU work too and go first (they
-are short). Among queued jobs it picks fairly: organizations under their concurrency limit
-(TUNEPLEX_ORG_MAX_CONCURRENT_JOBS), the one whose last job was dispatched longest ago first, and
-its oldest job. One organization's hundred queued jobs therefore alternate with another's single
-job. A job that needs more GPUs than are free waits at the head of the line (smaller jobs do not
-overtake it, or a many-GPU job could wait forever).
+backlog that would be served first-come-first-served. Jobs and merges are one kind of work here:
+both count against their organization's concurrency limit (TUNEPLEX_ORG_MAX_CONCURRENT_JOBS), and
+the pick is fair between organizations: among those under their limit, the one whose last work
+was dispatched longest ago first, and its oldest waiting work. One organization's hundred queued
+jobs or merges therefore alternate with another's single job. Work that needs more GPUs than are
+free waits at the head of the line (smaller work does not overtake it, or a many-GPU job could
+wait forever). Each pick reads one row per organization with waiting work and then one row of
+work, never the whole queue (which TUNEPLEX_ORG_MAX_QUEUED_JOBS bounds per organization too).
 
 Every claim increments the job's ``attempts``, the fencing token that its worker's writes carry
 (see ``services.StaleAttempt``). Timeouts are measured with the database's clock, never a
@@ -20,12 +22,13 @@ after TUNEPLEX_JOB_MAX_ATTEMPTS attempts; it also re-sends or fails work whose m
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection, transaction
-from django.db.models import Count, Max, Q, Sum
+from django.db.models import Count, Max, Min, Q, Sum
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
@@ -61,61 +64,107 @@ def _in_flight() -> Q:
     return Q(status=Status.RUNNING) | Q(status=Status.QUEUED, dispatched_at__isnull=False)
 
 
+def _merges_in_flight() -> Q:
+    return Q(merge_status=Merge.RUNNING) | Q(merge_status=Merge.QUEUED, merge_dispatched_at__isnull=False)
+
+
 def gpu_slots_in_use() -> int:
     """GPUs held by dispatched or running jobs and merges."""
-    merges = Adapter.objects.filter(Q(merge_status=Merge.RUNNING) | Q(
-        merge_status=Merge.QUEUED, merge_dispatched_at__isnull=False)).count()
+    merges = Adapter.objects.filter(_merges_in_flight()).count()
     jobs = FineTuningJob.objects.filter(_in_flight()).aggregate(gpus=Coalesce(Sum("gpus"), 0))
     return jobs["gpus"] + merges
 
 
-def next_job() -> FineTuningJob | None:
-    """The fair choice among undispatched queued jobs, or None."""
-    busy = dict(FineTuningJob.objects.filter(_in_flight()).values("organization")
-                .annotate(n=Count("id")).values_list("organization", "n"))
-    last_dispatch = dict(FineTuningJob.objects.filter(dispatched_at__isnull=False)
-                         .values("organization").annotate(t=Max("dispatched_at"))
-                         .values_list("organization", "t"))
-    waiting = (FineTuningJob.objects.filter(status=Status.QUEUED, dispatched_at__isnull=True)
-               .order_by("created_at", "id"))
-    oldest_per_org: dict[str, FineTuningJob] = {}
-    for job in waiting:
-        if job.organization_id not in oldest_per_org:
-            oldest_per_org[job.organization_id] = job
-    candidates = [job for org, job in oldest_per_org.items()
-                  if busy.get(org, 0) < settings.ORG_MAX_CONCURRENT_JOBS]
+@dataclass(frozen=True)
+class Work:
+    """One piece of waiting GPU work: a job (``gpus`` of them) or a merge (one)."""
+
+    kind: str  # TRAIN_JOB or MERGE_ADAPTER (its task's name)
+    id: str
+    gpus: int
+
+
+def _per_organization(rows) -> dict[str, object]:
+    return {row[0]: row[1] for row in rows}
+
+
+def _busy() -> dict[str, int]:
+    """Jobs and merges dispatched or running, per organization."""
+    busy = _per_organization(FineTuningJob.objects.filter(_in_flight()).values("organization")
+                             .annotate(n=Count("id")).values_list("organization", "n"))
+    for org, merges in (Adapter.objects.filter(_merges_in_flight()).values("organization")
+                        .annotate(n=Count("id")).values_list("organization", "n")):
+        busy[org] = busy.get(org, 0) + merges
+    return busy
+
+
+def _last_dispatched() -> dict[str, datetime]:
+    last = _per_organization(FineTuningJob.objects.filter(dispatched_at__isnull=False)
+                             .values("organization").annotate(t=Max("dispatched_at"))
+                             .values_list("organization", "t"))
+    for org, at in (Adapter.objects.filter(merge_dispatched_at__isnull=False).values("organization")
+                    .annotate(t=Max("merge_dispatched_at")).values_list("organization", "t")):
+        last[org] = max(at, last.get(org, at))
+    return last
+
+
+def _waiting_jobs():
+    return FineTuningJob.objects.filter(status=Status.QUEUED, dispatched_at__isnull=True)
+
+
+def _waiting_merges():
+    return (Adapter.objects.filter(merge_status=Merge.QUEUED, merge_dispatched_at__isnull=True)
+            .annotate(since=Coalesce("merge_requested_at", "created_at")))
+
+
+def next_work() -> Work | None:
+    """The fair choice among undispatched jobs and merges, or None."""
+    oldest: dict[str, tuple[datetime, str]] = {}  # organization -> (oldest waiting, kind)
+    for org, since in (_waiting_jobs().values("organization").annotate(t=Min("created_at"))
+                       .values_list("organization", "t")):
+        oldest[org] = (since, queue.TRAIN_JOB)
+    for org, since in (_waiting_merges().values("organization").annotate(t=Min("since"))
+                       .values_list("organization", "t")):
+        if org not in oldest or since < oldest[org][0]:
+            oldest[org] = (since, queue.MERGE_ADAPTER)
+    busy = _busy()
+    candidates = [org for org in oldest if busy.get(org, 0) < settings.ORG_MAX_CONCURRENT_JOBS]
     if not candidates:
         return None
-    epoch = timezone.now() - timedelta(days=365 * 100)
-    return min(candidates, key=lambda j: (last_dispatch.get(j.organization_id) or epoch,
-                                          j.created_at))
+    last, epoch = _last_dispatched(), timezone.now() - timedelta(days=365 * 100)
+    org = min(candidates, key=lambda o: (last.get(o) or epoch, oldest[o][0]))
+    if oldest[org][1] == queue.MERGE_ADAPTER:
+        merge = _waiting_merges().filter(organization=org).order_by("since", "id").first()
+        return Work(queue.MERGE_ADAPTER, merge.id, 1)
+    job = _waiting_jobs().filter(organization=org).order_by("created_at", "id").first()
+    return Work(queue.TRAIN_JOB, job.id, job.gpus)
+
+
+def _mark_dispatched(work: Work) -> bool:
+    if work.kind == queue.MERGE_ADAPTER:
+        return bool(Adapter.objects.filter(id=work.id, merge_status=Merge.QUEUED,
+                                           merge_dispatched_at__isnull=True
+                                           ).update(merge_dispatched_at=Now()))
+    return bool(FineTuningJob.objects.filter(id=work.id, status=Status.QUEUED,
+                                             dispatched_at__isnull=True).update(dispatched_at=Now()))
 
 
 def dispatch() -> list[str]:
-    """Send as many queued merges, then fairly chosen jobs, to the gpu queue as slots are free."""
-    sent: list[tuple[str, str]] = []
+    """Send fairly chosen jobs and merges to the gpu queue for as long as GPU slots are free."""
+    sent: list[Work] = []
     with transaction.atomic():
         _lock_scheduler()
         free = settings.GPU_SLOTS - gpu_slots_in_use()
-        merges = Adapter.objects.filter(merge_status=Merge.QUEUED, merge_dispatched_at__isnull=True
-                                        ).order_by("created_at").values_list("id", flat=True)
-        for adapter_id in list(merges[:max(free, 0)]):
-            if Adapter.objects.filter(id=adapter_id, merge_status=Merge.QUEUED,
-                                      merge_dispatched_at__isnull=True
-                                      ).update(merge_dispatched_at=Now()):
-                sent.append((queue.MERGE_ADAPTER, adapter_id))
-                free -= 1
         while free > 0:
-            job = next_job()
-            if job is None or job.gpus > free:
+            work = next_work()
+            if work is None or work.gpus > free:
                 break
-            if FineTuningJob.objects.filter(id=job.id, status=Status.QUEUED,
-                                            dispatched_at__isnull=True).update(dispatched_at=Now()):
-                sent.append((queue.TRAIN_JOB, job.id))
-                free -= job.gpus
-        for task_name, object_id in sent:
-            transaction.on_commit(lambda t=task_name, o=object_id: queue.enqueue(t, o))
-    return [object_id for _, object_id in sent]
+            if _mark_dispatched(work):
+                sent.append(work)
+                free -= work.gpus
+        for work in sent:
+            transaction.on_commit(lambda w=work: queue.enqueue(w.kind, w.id))
+    return [work.id for work in sent]
 
 
 def claim(*, job_id: str, worker: str) -> FineTuningJob | None:

@@ -296,6 +296,7 @@ def job_create(*, organization: Organization, actor: Principal, model: str, trai
         job.lineage = parent.lineage(job_id=job.id, training_file=train.id,
                                      validation_file=job.validation_file, method_type=method_type)
     with transaction.atomic():
+        _check_queue_room(organization)
         job.save(force_insert=True)
         job_event(job, f"Created fine-tuning job {job.id}. Estimated peak memory "
                        f"{peak.total / GIB:.2f} GiB.", data={"memory_estimate": peak.as_dict()})
@@ -307,6 +308,20 @@ def job_create(*, organization: Organization, actor: Principal, model: str, trai
                                "method": method_type})
         transaction.on_commit(lambda: _enqueue_validation(job.id))
     return job
+
+
+def _check_queue_room(organization: Organization) -> None:
+    """At most TUNEPLEX_ORG_MAX_QUEUED_JOBS jobs of an organization wait (validating or queued):
+    the scheduler's work stays bounded, and so does what one organization can pile up. The
+    organization's row is locked, so that two creations cannot both take the last place."""
+    Organization.objects.select_for_update().filter(pk=organization.pk).first()
+    waiting = FineTuningJob.objects.filter(
+        organization=organization, status__in=(FineTuningJob.Status.VALIDATING_FILES,
+                                               FineTuningJob.Status.QUEUED)).count()
+    if waiting >= settings.ORG_MAX_QUEUED_JOBS:
+        raise ApiError(f"The organization already has {waiting} jobs waiting to run, its limit "
+                       f"(TUNEPLEX_ORG_MAX_QUEUED_JOBS); cancel one or wait for some to start.",
+                       code="too_many_queued_jobs", status=429)
 
 
 def _enqueue_validation(job_id: str) -> None:
