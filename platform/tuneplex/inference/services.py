@@ -14,6 +14,7 @@ from serving.adapters import AdapterInvalid
 from serving.pool import AdapterLoadError, NoReplicaAvailable
 from tuneplex.adapters.models import Adapter
 from tuneplex.audit.services import audit_record
+from tuneplex.basemodels.models import BaseModel
 from tuneplex.core.actors import Principal
 from tuneplex.core.errors import ApiError, Conflict
 from tuneplex.inference import cache
@@ -50,6 +51,11 @@ def adapter_deploy(*, organization, actor: Principal, adapter: Adapter, pinned: 
         raise EngineUnavailable(f"The serving pool cannot take the adapter now: {exc}") from None
     try:
         with transaction.atomic():
+            if pinned and not adapter.pinned:
+                # Again, under the base model's row lock: two pins that both passed the check
+                # above cannot both take its last place.
+                BaseModel.objects.select_for_update().filter(pk=adapter.base_model_id).first()
+                _check_pin_limit(adapter, pool.slots)
             Adapter.objects.filter(pk=adapter.pk).update(
                 deployed=True, pinned=pinned, deploy_error="",
                 deployed_at=adapter.deployed_at if adapter.deployed else timezone.now())
