@@ -18,6 +18,8 @@ Callers authorize first: they are handed blob names of the caller's organization
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import io
 import zipfile
 from collections.abc import AsyncIterator, Iterator
@@ -111,13 +113,15 @@ async def _read_in_a_thread(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
     """
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="download")
     loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()  # the request's (its id on any log line of a read)
+    read = functools.partial(loop.run_in_executor, reader, context.run, next, chunks, None)
     try:
-        while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
+        while (chunk := await read()) is not None:
             yield chunk
     finally:
         close = getattr(chunks, "close", None)
         if close is not None:
-            reader.submit(close)  # after a read still running; closes the blob
+            reader.submit(context.run, close)  # after a read still running; closes the blob
         reader.shutdown(wait=False)
 
 
