@@ -10,9 +10,12 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.http import Http404
 from django.shortcuts import redirect, render
+from django.utils.http import url_has_allowed_host_and_scheme
 
+from tuneplex.core.errors import ApiError
 from tuneplex.tenancy.models import User
-from tuneplex.tenancy.services import organization_create
+from tuneplex.tenancy.selectors import email_in_use
+from tuneplex.tenancy.services import EMAIL_TAKEN, organization_create, user_create
 
 
 class SignupForm(forms.Form):
@@ -28,6 +31,12 @@ class SignupForm(forms.Form):
             raise ValidationError("That username is taken.")
         return username
 
+    def clean_email(self) -> str:
+        email = self.cleaned_data["email"].strip().lower()
+        if email_in_use(email):
+            raise ValidationError(EMAIL_TAKEN, code="email_taken")
+        return email
+
     def clean(self):
         data = super().clean()
         if "password" in data and "username" in data:
@@ -39,21 +48,35 @@ class SignupForm(forms.Form):
         return data
 
 
+def _next_url(request) -> str | None:
+    """Where to go after signing up (an invitation link, say): a path on this site only."""
+    wanted = request.POST.get("next") or request.GET.get("next") or ""
+    if wanted and url_has_allowed_host_and_scheme(wanted, allowed_hosts={request.get_host()},
+                                                  require_https=request.is_secure()):
+        return wanted
+    return None
+
+
 def signup(request):
     if not settings.SIGNUP_ENABLED:
         raise Http404("Sign-up is off on this server; ask an operator or an admin to invite you.")
     if request.user.is_authenticated:
-        return redirect("frontend:home")
+        return redirect(_next_url(request) or "frontend:home")
     form = SignupForm(request.POST or None)
+    context = {"form": form, "next": _next_url(request) or ""}
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
-        with transaction.atomic():
-            user = User.objects.create_user(data["username"], email=data["email"].lower(),
-                                            password=data["password"])
-            organization = organization_create(name=data["organization"].strip(), owner=user)
-            user.selected_organization = organization
-            user.save(update_fields=["selected_organization"])
+        try:
+            with transaction.atomic():
+                user = user_create(username=data["username"], email=data["email"],
+                                   password=data["password"])
+                organization = organization_create(name=data["organization"].strip(), owner=user)
+                user.selected_organization = organization
+                user.save(update_fields=["selected_organization"])
+        except ApiError as exc:  # taken meanwhile by another sign-up
+            form.add_error(exc.param, exc.message)
+            return render(request, "frontend/signup.html", context, status=exc.status)
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-        return redirect("frontend:home")
-    return render(request, "frontend/signup.html", {"form": form},
+        return redirect(_next_url(request) or "frontend:home")
+    return render(request, "frontend/signup.html", context,
                   status=400 if request.method == "POST" else 200)

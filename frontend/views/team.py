@@ -21,6 +21,7 @@ from tuneplex.core.errors import ApiError
 from tuneplex.core.scopes import ADMIN, ALL_SCOPES, TRAIN, Role
 from tuneplex.tenancy import selectors as tenancy_selectors
 from tuneplex.tenancy import services as tenancy_services
+from tuneplex.tenancy.links import base_url_of
 
 AUDIT_PAGE = 50
 MAX_KEY_DAYS = 3650
@@ -55,13 +56,19 @@ def team(request):
 def invitation_create_view(request):
     principal = principal_of(request, ADMIN)
     try:
-        invitation = tenancy_services.invitation_create(
+        created = tenancy_services.invitation_create(
             organization=principal.organization, actor=principal,
-            invitee=request.POST.get("invitee", "")[:254], role=request.POST.get("role", ""))
+            invitee=request.POST.get("invitee", "")[:254], role=request.POST.get("role", ""),
+            base_url=base_url_of(request))
     except ApiError as exc:
         return render(request, "frontend/team.html", _team_context(
             principal, invite_error=exc.message, invite_values=request.POST), status=exc.status)
-    return render(request, "frontend/team.html", _team_context(principal, invited=invitation))
+    # The link is in this response only (its token is stored as a hash).
+    response = render(request, "frontend/team.html", _team_context(
+        principal, invited=created.invitation, invitation_url=created.url,
+        mailed=tenancy_services.invitation_is_mailed(created.invitation)))
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 @login_required

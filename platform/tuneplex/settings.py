@@ -535,7 +535,19 @@ OIDC_GROUP_MAP = _group_map(env_list("TUNEPLEX_OIDC_GROUPS", []))
 # Self-service sign-up at /signup/ creates a user and a new organization they own. Off by
 # default: operators create organizations (manage.py create_organization) and admins invite.
 SIGNUP_ENABLED = env_bool("TUNEPLEX_SIGNUP", False)
+# Invitations travel as single-use links valid this long (tuneplex.tenancy.links); they are
+# mailed when an SMTP server is set, and built on TUNEPLEX_PUBLIC_URL (else the admin's address).
 INVITATION_DAYS = env_int("TUNEPLEX_INVITATION_DAYS", 7, minimum=1, maximum=365)
+PUBLIC_URL = env_url("TUNEPLEX_PUBLIC_URL", None, schemes=("https", "http"))
+EMAIL_HOST = env_str("TUNEPLEX_EMAIL_HOST", "")
+EMAIL_ENABLED = bool(EMAIL_HOST)
+EMAIL_PORT = env_int("TUNEPLEX_EMAIL_PORT", 587, minimum=1, maximum=65535)
+EMAIL_HOST_USER = env_str("TUNEPLEX_EMAIL_USER", "")
+EMAIL_HOST_PASSWORD = env_str("TUNEPLEX_EMAIL_PASSWORD", "")
+_EMAIL_SECURITY = env_str("TUNEPLEX_EMAIL_SECURITY", "starttls", choices=("starttls", "tls", "none"))
+EMAIL_USE_TLS, EMAIL_USE_SSL = _EMAIL_SECURITY == "starttls", _EMAIL_SECURITY == "tls"
+EMAIL_TIMEOUT = 10
+DEFAULT_FROM_EMAIL = env_str("TUNEPLEX_EMAIL_FROM", "tuneplex@localhost")
 ORG_MAX_API_KEYS = env_int("TUNEPLEX_ORG_MAX_API_KEYS", 50, minimum=1)
 
 # --- TLS deployment ---------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def objects_of_b(org_b, default_model):
             "api-key": ApiKey.objects.filter(organization=org_b.organization).first().id,
             "invitation": invitation_create(organization=org_b.organization,
                                             actor=org_b.principal(), invitee="someone-else",
-                                            role="admin").id}
+                                            role="admin", base_url="http://b.example").invitation.id}
 
 
 def _id_routes() -> list[tuple[str, str]]:
@@ -263,15 +263,16 @@ def test_admins_manage_members_but_only_owners_make_owners(org_a):
     newcomer = make_user("newcomer")
     client = browser(admin)
     invited = client.post("/team/invitations", form(client, {"invitee": "newcomer", "role": "member"}))
-    assert invited.status_code == 200 and "Invitation sent to newcomer" in invited.content.decode()
+    html = invited.content.decode()
+    assert invited.status_code == 200 and "Invitation for newcomer created" in html
+    assert invited["Cache-Control"] == "no-store"  # the link is shown once
+    link = re.search(r'id="invitation-url" readonly value="http://testserver(/invite/[^"]+)"', html)[1]
     assert not Membership.objects.filter(organization=org_a.organization, user=newcomer).exists()
     invitee = browser(newcomer)
-    assert invitee.get("/").url == "/invitations/"  # no organization yet: their invitations
-    page = invitee.get("/invitations/").content.decode()
-    assert org_a.organization.name in page
-    invitation = Invitation.objects.get(organization=org_a.organization, invitee="newcomer")
-    answered = invitee.post(f"/invitations/{invitation.id}/respond",
-                            form(invitee, {"answer": "accept"}))
+    assert invitee.get("/").url == "/invitations/"  # no organization yet: how to join one
+    page = invitee.get(link).url
+    assert org_a.organization.name in invitee.get(page).content.decode()
+    answered = invitee.post(page, form(invitee, {"answer": "accept"}))
     assert answered.status_code == 302
     membership = Membership.objects.get(organization=org_a.organization, user=newcomer)
     assert membership.role == "member"

@@ -40,7 +40,8 @@ def _invitation_of_b(b: Tenant) -> str:
     if existing is not None:
         return existing.id
     return invitation_create(organization=b.organization, actor=b.principal(),
-                             invitee="someone@b.example", role="member").id
+                             invitee="someone@b.example", role="member",
+                             base_url="http://b.example").invitation.id
 
 
 def _file_of_b(b: Tenant) -> str:

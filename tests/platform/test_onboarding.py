@@ -1,10 +1,13 @@
-"""Onboarding a team: the operator's command, invitations (nobody joins without accepting),
-sign-up when it is on, the remembered organization, sign-in lockout, and the page policy."""
+"""Onboarding a team: the operator's command, invitations (links: nobody joins without accepting,
+and only the link's holder can), sign-up when it is on, one account per email address, the
+remembered organization, sign-in lockout, and the page policy."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -16,7 +19,6 @@ from tests.frontend.conftest import browser, form
 from tuneplex.audit.models import AuditEvent
 from tuneplex.core.scopes import Role
 from tuneplex.tenancy.models import Invitation, Membership, Organization, User
-from tuneplex.tenancy.selectors import invitations_for_user
 
 pytestmark = pytest.mark.django_db
 
@@ -26,26 +28,47 @@ def invite(tenant, invitee: str, role: str = "member", key: str | None = None):
                                                 {"invitee": invitee, "role": role}, format="json")
 
 
-def respond(user: User, invitation_id: str, answer: str):
+def link_path(created) -> str:
+    """The path of the invitation link in a creation answer."""
+    return urlsplit(created.json()["url"]).path
+
+
+def open_link(client: Client, created) -> str:
+    """Open the link in this browser: it keeps the token and lands on the invitation's page."""
+    opened = client.get(link_path(created))
+    assert opened.status_code == 302, opened.status_code
+    return opened.url
+
+
+def respond(user: User, created, answer: str):
     client = browser(user)
-    client.get("/invitations/")  # the page sets the CSRF cookie
-    return client.post(f"/invitations/{invitation_id}/respond", form(client, {"answer": answer}))
+    page = open_link(client, created)
+    client.get(page)  # the page sets the CSRF cookie
+    return client.post(page, form(client, {"answer": answer}))
 
 
-def test_an_invitation_makes_nobody_a_member_until_they_accept(org_a):
+def test_an_invitation_makes_nobody_a_member_until_they_accept_its_link(org_a):
     invitee = make_user("carol")
     created = invite(org_a, "carol", role="admin")
     assert created.status_code == 201, created.content
     body = created.json()
     assert body["status"] == "pending" and body["role"] == "admin" and body["invitee"] == "carol"
+    assert body["url"].startswith("http://testserver/invite/")
+    assert created["Cache-Control"] == "no-store"
     assert not Membership.objects.filter(user=invitee).exists()
-    assert [i.id for i in invitations_for_user(user=invitee)] == [body["id"]]
 
-    assert respond(invitee, body["id"], "accept").status_code == 302
+    client = browser(invitee)
+    page = open_link(client, created)
+    assert page == f"/invitations/{body['id']}/"  # the token leaves the address bar
+    shown = client.get(page)  # opening it answers nothing
+    assert shown.status_code == 200 and org_a.organization.name in shown.content.decode()
+    assert not Membership.objects.filter(user=invitee).exists()
+    assert client.post(page, form(client, {"answer": "accept"})).status_code == 302
     membership = Membership.objects.get(user=invitee, organization=org_a.organization)
     assert membership.role == "admin"
     listed = bearer(org_a.owner_key).get("/v1/organization/invitations").json()["data"]
     assert listed[0]["status"] == "accepted" and listed[0]["responded_at"]
+    assert "url" not in listed[0]  # the link is in the creation answer only
     actions = set(AuditEvent.objects.filter(organization=org_a.organization)
                   .values_list("action", flat=True))
     assert {"invitation.create", "invitation.accepted"} <= actions
@@ -61,28 +84,86 @@ def test_inviting_tells_the_admin_nothing_about_who_exists(org_a):
     assert "email" not in real.json() and by_email.json()["invitee"] == "someone@example.com"
 
 
-def test_an_invitation_by_email_reaches_the_user_with_that_address(org_a):
-    erin = User.objects.create_user("erin", email="Erin@Example.com", password="x" * 16)
-    invitation_id = invite(org_a, "erin@example.com").json()["id"]
-    assert [i.id for i in invitations_for_user(user=erin)] == [invitation_id]
-    assert respond(erin, invitation_id, "decline").status_code == 302
-    assert not Membership.objects.filter(user=erin).exists()
-    assert Invitation.objects.get(id=invitation_id).status == "declined"
+def test_a_matching_username_or_address_claims_nothing_only_the_link_does(org_a):
+    """Sign-up stores addresses unverified: whoever registered the invitee's address (or name)
+    first must not get the invitation. The person given the link does, whatever their account."""
+    mallory = User.objects.create_user("erin", email="Erin@Example.com", password="x" * 16)
+    by_address = invite(org_a, "erin@example.com")
+    by_name = invite(org_a, "erin")
+    squatter = browser(mallory)
+    assert org_a.organization.name not in squatter.get("/invitations/").content.decode()
+    for created in (by_address, by_name):
+        invitation_id = created.json()["id"]
+        for guess in (f"/invitations/{invitation_id}/respond", f"/invitations/{invitation_id}/"):
+            answer = squatter.post(guess, form(squatter, {"answer": "accept"}))
+            assert answer.status_code == 404, guess
+    assert not Membership.objects.filter(user=mallory).exists()
+
+    erin = make_user("the-real-erin")  # given the link, she accepts it under her own account
+    assert respond(erin, by_address, "accept").status_code == 302
+    assert Membership.objects.filter(user=erin, organization=org_a.organization).exists()
 
 
-def test_revoked_expired_and_foreign_invitations_cannot_be_accepted(org_a):
+def test_a_link_is_signed_hashed_single_use_and_expires(org_a):
+    created = invite(org_a, "frank")
+    token = link_path(created).split("/")[2]
+    secret, signature = token.rsplit(":", 1)
+    invitation = Invitation.objects.get(id=created.json()["id"])
+    assert invitation.token_hash == hashlib.sha256(secret.encode()).hexdigest()
+    stored = Invitation.objects.filter(id=invitation.id).values().first()
+    assert not any(secret in str(value) for value in stored.values())  # only the hash is kept
     frank, grace = make_user("frank"), make_user("grace")
-    revoked = invite(org_a, "frank").json()["id"]
+    for forged in (f"{secret}:{'A' * len(signature)}", f"{secret[:-1]}x:{signature}", "nothing"):
+        assert browser(frank).get(f"/invite/{forged}/").status_code == 404, forged
+
+    assert respond(frank, created, "accept").status_code == 302
+    client = browser(grace)
+    opened = client.get(link_path(created))  # used up: it still shows what became of it
+    used = client.get(opened.url)
+    assert used.status_code == 410 and "accepted" in used.content.decode()
+    assert client.post(opened.url, form(client, {"answer": "accept"})).status_code == 410
+    assert not Membership.objects.filter(user=grace).exists()
+
+    declined = invite(org_a, "henry")
+    assert respond(grace, declined, "decline").status_code == 200
+    assert respond(grace, declined, "accept").status_code == 410
+    assert Invitation.objects.get(id=declined.json()["id"]).status == "declined"
+
+    expired = invite(org_a, "ivan")
+    Invitation.objects.filter(id=expired.json()["id"]).update(
+        expires_at=timezone.now() - timedelta(seconds=1))
+    assert respond(grace, expired, "accept").status_code == 410
+    revoked = invite(org_a, "judy")
     assert bearer(org_a.owner_key).post(
-        f"/v1/organization/invitations/{revoked}/revoke").json()["status"] == "revoked"
-    expired = invite(org_a, "grace").json()["id"]
-    Invitation.objects.filter(id=expired).update(expires_at=timezone.now() - timedelta(seconds=1))
-    assert respond(frank, revoked, "accept").status_code == 404
-    assert respond(grace, expired, "accept").status_code == 404
-    assert respond(frank, expired, "accept").status_code == 404  # addressed to grace
-    assert not Membership.objects.filter(user__in=[frank, grace]).exists()
-    assert bearer(org_a.owner_key).get("/v1/organization/invitations").json()["data"][0][
+        f"/v1/organization/invitations/{revoked.json()['id']}/revoke").json()["status"] == "revoked"
+    assert respond(grace, revoked, "accept").status_code == 410
+    assert not Membership.objects.filter(user=grace).exists()
+    assert bearer(org_a.owner_key).get("/v1/organization/invitations").json()["data"][1][
         "status"] == "expired"
+
+
+def test_a_link_opened_signed_out_asks_to_sign_in_and_comes_back(org_a, settings):
+    settings.SIGNUP_ENABLED = True
+    created = invite(org_a, "kim@example.com")
+    client = Client()
+    page = open_link(client, created)
+    html = client.get(page).content.decode()
+    assert org_a.organization.name in html and f"/login/?next={page}" in html
+    assert client.post(page, {"answer": "accept"}).url == page  # sign in first
+    made = client.post(f"/signup/?next={page}", {
+        "username": "kim", "email": "kim@example.com", "password": "a-long-unusual-passphrase",
+        "organization": "Kim's own", "next": page})
+    assert made.status_code == 302 and made.url == page
+    assert client.post(page, {"answer": "accept"}).status_code == 302
+    assert Membership.objects.filter(user__username="kim", organization=org_a.organization).exists()
+    assert client.get("/signup/?next=https://elsewhere.example/").url == "/"  # never off-site
+
+
+def test_an_existing_member_cannot_use_up_a_link(org_a):
+    created = invite(org_a, "lee")
+    refused = respond(org_a.owner, created, "accept")
+    assert refused.status_code == 409 and "already a member" in refused.content.decode()
+    assert respond(make_user("lee"), created, "accept").status_code == 302
 
 
 def test_invitation_rules(org_a):
@@ -107,11 +188,11 @@ def test_the_selected_organization_is_remembered_and_never_changes_silently(db):
     home = make_tenant("Zeta")
     Membership.objects.create(organization=home.organization, user=victim, role=Role.MEMBER)
     attacker = make_tenant("Aardvark")  # sorts first by name
-    invitation_id = invite(attacker, "victim").json()["id"]
+    created = invite(attacker, "victim")
 
     client = browser(victim)
     assert home.organization.name in client.get("/").content.decode()
-    assert respond(victim, invitation_id, "accept").status_code == 302
+    assert respond(victim, created, "accept").status_code == 302
     fresh = browser(victim)  # a new session: still the organization they work in
     page = fresh.get("/datasets/").content.decode()
     assert f'value="{home.organization.id}" selected' in page

@@ -8,6 +8,7 @@ from tuneplex.core.apis import ApiObjectOutput, OrgApi
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import ADMIN, READ, Role
 from tuneplex.tenancy import selectors, services
+from tuneplex.tenancy.links import base_url_of
 
 
 class OrganizationOutput(ApiObjectOutput):
@@ -71,8 +72,20 @@ class InvitationOutput(ApiObjectOutput):
     responded_at = serializers.DateTimeField(allow_null=True)
 
 
+class InvitationCreatedOutput(InvitationOutput):
+    url = serializers.SerializerMethodField(
+        help_text="The invitation link, in this answer only (the server keeps a hash of its token). "
+                  "It is the invitation: whoever opens it and signs in can accept it, once, before "
+                  "`expires_at`. Mailed to `invitee` too when that is an email address and the "
+                  "server has an SMTP server configured.")
+
+    def get_url(self, obj) -> str:
+        return self.context["url"]
+
+
 class InvitationListApi(OrgApi):
-    """Members join by invitation only: the invitee accepts or declines once signed in."""
+    """Members join by invitation only: the invitee opens the invitation's link, signs in and
+    accepts or declines it."""
 
     scopes = {"GET": ADMIN, "POST": ADMIN}
 
@@ -87,14 +100,18 @@ class InvitationListApi(OrgApi):
         return Response(list_page(selectors.invitation_list(organization=self.organization),
                                   request.query_params, serializer_class=InvitationOutput))
 
-    @extend_schema(request=Input, responses={201: InvitationOutput},
-                   summary="Invite a user to the organization")
+    @extend_schema(request=Input, responses={201: InvitationCreatedOutput},
+                   summary="Invite someone to the organization (answers the invitation link)")
     def post(self, request):
         data = self.Input(data=request.data)
         data.is_valid(raise_exception=True)
-        invitation = services.invitation_create(organization=self.organization,
-                                                actor=self.principal, **data.validated_data)
-        return Response(InvitationOutput(invitation).data, status=status.HTTP_201_CREATED)
+        created = services.invitation_create(organization=self.organization,
+                                             actor=self.principal, base_url=base_url_of(request),
+                                             **data.validated_data)
+        output = InvitationCreatedOutput(created.invitation, context={"url": created.url})
+        response = Response(output.data, status=status.HTTP_201_CREATED)
+        response["Cache-Control"] = "no-store"
+        return response
 
 
 class InvitationRevokeApi(OrgApi):

@@ -1,12 +1,17 @@
 from django.contrib.auth.models import AbstractUser
 from django.db import models
+from django.db.models.functions import Lower
 
 from tuneplex.core.ids import id_field_length, new_id
 from tuneplex.core.scopes import ROLE_SCOPES, Role
 
 
 class User(AbstractUser):
-    """A person. Belongs to organizations through :class:`Membership`."""
+    """A person. Belongs to organizations through :class:`Membership`.
+
+    An email address belongs to one account at most (compared case-insensitively); blank is
+    allowed for any number of accounts (single sign-on without a verified address).
+    """
 
     # The organization the dashboard acts in: chosen by the user (the switcher), remembered
     # across sessions, and never changed by anyone else.
@@ -14,6 +19,14 @@ class User(AbstractUser):
                                               on_delete=models.SET_NULL, related_name="+")
     # The OpenID Connect subject (``sub``) this account signs in as; set only for single sign-on.
     oidc_subject = models.CharField(max_length=255, null=True, blank=True, unique=True)
+
+    class Meta(AbstractUser.Meta):
+        constraints = [
+            models.UniqueConstraint(
+                Lower("email"), condition=~models.Q(email=""), name="one_account_per_email",
+                violation_error_code="email_taken",
+                violation_error_message="An account with this email address exists already."),
+        ]
 
 
 def _org_id() -> str:
@@ -73,9 +86,11 @@ class Membership(models.Model):
 class Invitation(models.Model):
     """An offer of membership. Nobody becomes a member of an organization without accepting.
 
-    ``invitee`` is a username or an email address, as the admin typed it; the invitation is shown
-    to the signed-in user with that username or email. Creating one tells the admin nothing about
-    whether such a user exists.
+    The invitation travels as a link holding a random token (tenancy/links.py): the token is the
+    proof, only its hash is stored, and it can be used once, before ``expires_at``. ``invitee`` is
+    whom the admin meant it for (a username or an email address, as typed, mailed to when it is an
+    address); it grants nothing by itself. Creating one tells the admin nothing about whether such
+    a user exists.
     """
 
     class Status(models.TextChoices):
@@ -90,6 +105,8 @@ class Invitation(models.Model):
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE,
                                      related_name="invitations")
     invitee = models.CharField(max_length=254, help_text="A username or an email address.")
+    # SHA-256 of the link's token. Null only for invitations made before links (all revoked).
+    token_hash = models.CharField(max_length=64, unique=True, null=True, editable=False)
     role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     invited_by = models.ForeignKey(User, null=True, blank=True, on_delete=models.SET_NULL,

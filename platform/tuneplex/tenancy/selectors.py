@@ -1,11 +1,12 @@
-"""Reads for tenancy. Every query is scoped to one organization."""
+"""Reads for tenancy. Every query is scoped to one organization, except those by the proof a
+person holds: an invitation link's token, and whether an email address is taken."""
 
 from __future__ import annotations
 
-from django.db.models import Q, QuerySet
-from django.utils import timezone
+from django.db.models import QuerySet
 
 from tuneplex.core.errors import NotFound
+from tuneplex.tenancy import links
 from tuneplex.tenancy.models import Invitation, Membership, Organization, User
 
 
@@ -50,18 +51,25 @@ def invitation_get(*, organization: Organization, invitation_id: str) -> Invitat
     return invitation
 
 
-def invitations_for_user(*, user: User) -> QuerySet[Invitation]:
-    """Pending, unexpired invitations addressed to the user's username or email address."""
-    addressed = Q(invitee=user.username)
-    if user.email:
-        addressed |= Q(invitee=user.email.lower())
-    return (Invitation.objects.filter(addressed, status=Invitation.Status.PENDING,
-                                      expires_at__gt=timezone.now())
-            .select_related("organization", "invited_by").order_by("created_at", "id"))
-
-
-def invitation_for_user_get(*, user: User, invitation_id: str) -> Invitation:
-    invitation = invitations_for_user(user=user).filter(id=invitation_id).first()
+def invitation_by_token(*, token: str) -> Invitation:
+    """The invitation a link's token stands for, in whatever state (the page says which). The
+    token is the proof: it is not scoped to an organization, and one that does not hold is a 404."""
+    token_hash = links.token_hash(token)
+    invitation = None
+    if token_hash is not None:
+        invitation = (Invitation.objects.filter(token_hash=token_hash)
+                      .select_related("organization", "invited_by").first())
     if invitation is None:
-        raise NotFound("No such invitation.", param="id")
+        raise NotFound("This invitation link is not valid.", param="token")
     return invitation
+
+
+# --- accounts -------------------------------------------------------------------------------------
+
+
+def email_in_use(email: str, *, excluding: User | None = None) -> bool:
+    """Whether another account has this address (compared case-insensitively)."""
+    accounts = User.objects.filter(email__iexact=email.strip())
+    if excluding is not None:
+        accounts = accounts.exclude(pk=excluding.pk)
+    return bool(email.strip()) and accounts.exists()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import smtplib
+from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.core.mail import send_mail
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.text import slugify
 
@@ -14,7 +18,11 @@ from tuneplex.core.actors import Principal
 from tuneplex.core.errors import ApiError, Conflict
 from tuneplex.core.ids import new_id
 from tuneplex.core.scopes import Role
+from tuneplex.tenancy import links
 from tuneplex.tenancy.models import Invitation, Membership, Organization, User
+from tuneplex.tenancy.selectors import email_in_use
+
+log = logging.getLogger(__name__)
 
 
 def organization_create(*, name: str, owner: User) -> Organization:
@@ -95,6 +103,32 @@ def _keep_one_owner(*, organization: Organization, leaving: Membership) -> None:
                        param="role")
 
 
+# --- accounts -------------------------------------------------------------------------------------
+
+
+EMAIL_TAKEN = "An account with this email address exists already."
+
+
+def user_create(*, username: str, email: str, password: str | None) -> User:
+    """A new account (sign-up). An email address belongs to one account at most: a taken one is
+    a 409 ``email_taken`` (param ``email``), also when another sign-up takes it meanwhile."""
+    email = email.strip().lower()
+    if email_in_use(email):
+        raise Conflict(EMAIL_TAKEN, code="email_taken", param="email")
+    if User.objects.filter(username__iexact=username).exists():
+        raise Conflict("That username is taken.", code="username_taken", param="username")
+    try:
+        with transaction.atomic():
+            return User.objects.create_user(username, email=email, password=password)
+    except IntegrityError:
+        if email_in_use(email):
+            raise Conflict(EMAIL_TAKEN, code="email_taken", param="email") from None
+        if User.objects.filter(username__iexact=username).exists():
+            raise Conflict("That username is taken.", code="username_taken",
+                           param="username") from None
+        raise
+
+
 # --- who belongs: the selected organization, keys of people who leave -----------------------------
 
 
@@ -129,15 +163,25 @@ def _normalise_invitee(invitee: str) -> str:
     return invitee.lower() if "@" in invitee else invitee
 
 
-def invitation_create(*, organization: Organization, actor: Principal, invitee: str,
-                      role: str) -> Invitation:
-    """Invite a username or an email address. The answer is the same whether or not such a user
-    exists; the invitee sees it once signed in and accepts or declines."""
+@dataclass(frozen=True)
+class CreatedInvitation:
+    invitation: Invitation
+    url: str  # the link, shown to the inviting admin once (and mailed); never stored
+
+
+def invitation_create(*, organization: Organization, actor: Principal, invitee: str, role: str,
+                      base_url: str) -> CreatedInvitation:
+    """Invite someone by a link (``base_url``: where invitees reach this server). The link is
+    the proof: whoever opens it and signs in may accept it, once, before it expires; ``invitee``
+    says whom it is meant for and, when it is an email address and email is configured, where
+    it is mailed. The answer is the same whether or not such a user exists."""
     _check_can_grant(actor=actor, role=role)
     invitee = _normalise_invitee(invitee)
     if not invitee:
         raise ApiError("Give a username or an email address.", code="invalid_invitee",
                        param="invitee")
+    token, token_hash = links.new_token()
+    url = links.invitation_url(token, base_url=base_url)
     with transaction.atomic():
         Organization.objects.select_for_update().filter(pk=organization.pk).first()
         members = Membership.objects.filter(organization=organization)
@@ -152,12 +196,34 @@ def invitation_create(*, organization: Organization, actor: Principal, invitee: 
             raise Conflict(f"{invitee} already has a pending invitation; revoke it first to "
                            "change it.", code="invitation_exists", param="invitee")
         invitation = Invitation.objects.create(
-            organization=organization, invitee=invitee, role=role,
+            organization=organization, invitee=invitee, role=role, token_hash=token_hash,
             invited_by=actor.user if actor.api_key is None else actor.api_key.created_by,
             expires_at=timezone.now() + timedelta(days=settings.INVITATION_DAYS))
         audit_record(actor=actor, action="invitation.create", obj=invitation,
                      metadata={"invitee": invitee, "role": role})
-    return invitation
+        if invitation_is_mailed(invitation):
+            transaction.on_commit(lambda: _mail_invitation(invitation, url))
+    return CreatedInvitation(invitation=invitation, url=url)
+
+
+def invitation_is_mailed(invitation: Invitation) -> bool:
+    """Whether the link goes to the invitee by email too: an address, and a configured server."""
+    return settings.EMAIL_ENABLED and "@" in invitation.invitee
+
+
+def _mail_invitation(invitation: Invitation, url: str) -> None:
+    inviter = invitation.invited_by.username if invitation.invited_by else "An admin"
+    body = (f"{inviter} invites you to join {invitation.organization.name} on Tuneplex as "
+            f"{invitation.role}.\n\nOpen this link to accept or decline (sign in or create an "
+            f"account first):\n\n{url}\n\nThe link works once and expires on "
+            f"{invitation.expires_at:%Y-%m-%d %H:%M} UTC. If you did not expect it, ignore "
+            "this message.\n")
+    try:
+        send_mail(f"Invitation to {invitation.organization.name} on Tuneplex", body,
+                  None, [invitation.invitee])
+    except (OSError, smtplib.SMTPException) as exc:  # the admin has the link to pass on
+        log.warning("invitation %s: mailing it failed (%s: %s)", invitation.pk,
+                    type(exc).__name__, exc)
 
 
 def invitation_revoke(*, organization: Organization, actor: Principal,
@@ -179,14 +245,19 @@ def invitation_revoke(*, organization: Organization, actor: Principal,
 
 
 def invitation_respond(*, user: User, invitation: Invitation, accept: bool) -> Membership | None:
-    """The invitee accepts (becoming a member with the invited role) or declines. The caller
-    found the invitation through ``invitations_for_user``, so it is addressed to ``user``."""
+    """The signed-in holder of the invitation's link accepts (becoming a member with the invited
+    role) or declines; either uses the link up. The caller found the invitation by the link's
+    token (``selectors.invitation_by_token``): the token is the proof."""
     with transaction.atomic():
         invitation = Invitation.objects.select_for_update().select_related("organization").get(
             pk=invitation.pk)
         if invitation.effective_status != Invitation.Status.PENDING:
             raise Conflict(f"The invitation is {invitation.effective_status}.",
                            code="invitation_not_pending")
+        if accept and Membership.objects.filter(organization=invitation.organization,
+                                                user=user).exists():
+            raise Conflict(f"You are already a member of {invitation.organization.name}; the "
+                           "invitation stays open for whom it was meant.", code="already_member")
         invitation.status = (Invitation.Status.ACCEPTED if accept
                              else Invitation.Status.DECLINED)
         invitation.responded_at = timezone.now()
@@ -194,9 +265,8 @@ def invitation_respond(*, user: User, invitation: Invitation, accept: bool) -> M
         invitation.save(update_fields=["status", "responded_at", "accepted_by"])
         membership = None
         if accept:
-            membership, _ = Membership.objects.get_or_create(
-                organization=invitation.organization, user=user,
-                defaults={"role": invitation.role})
+            membership = Membership.objects.create(organization=invitation.organization,
+                                                   user=user, role=invitation.role)
             actor = Principal.of_member(membership)
         else:
             actor = Principal(organization=invitation.organization, scopes=frozenset(), user=user)
