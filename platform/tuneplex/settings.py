@@ -419,9 +419,9 @@ def _networks(items: list[str]) -> tuple:
 
 
 METRICS_NETWORKS = _networks(env_list("TUNEPLEX_METRICS_NETWORKS", ["127.0.0.0/8", "::1/128"]))
-# /readyz (tuneplex.core.health): each process runs its checks at most once per this many seconds
-# (0: on every call, one at a time), and answers this many calls a minute per client address
-# (then 429; 0: no limit). Its details are for the callers /metrics serves, and staff users.
+# /readyz (tuneplex.operations.health): each process runs its checks at most once per this many
+# seconds (0: on every call, one at a time), and answers this many calls a minute per client
+# address (then 429; 0: no limit). Its details are for the callers /metrics serves, and staff users.
 READYZ_CACHE_SECONDS = env_int("TUNEPLEX_READYZ_CACHE_SECONDS", 5, minimum=0, maximum=60)
 READYZ_RATE_LIMIT = env_int("TUNEPLEX_READYZ_RATE_LIMIT", 60, minimum=0)
 # Organization ids as label values (storage per organization): off by default, to bound the

@@ -9,12 +9,12 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
 from tuneplex.apikeys import apis as apikeys
 from tuneplex.audit import apis as audit
 from tuneplex.basemodels import apis as basemodels
-from tuneplex.core import health
 from tuneplex.feedback import apis as feedback
 from tuneplex.adapters import apis as adapters
 from tuneplex.files import apis as files
 from tuneplex.finetuning import apis as finetuning
 from tuneplex.inference import gateway
+from tuneplex.operations import health
 from tuneplex.tenancy import apis as tenancy
 
 

@@ -1,7 +1,7 @@
 import pytest
 from django.test import Client
 
-from tuneplex.core import health
+from tuneplex.operations import health
 
 
 @pytest.fixture(autouse=True)
