@@ -6,9 +6,11 @@ files, all under one data folder. DATABASE_URL and REDIS_URL switch to PostgreSQ
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -471,14 +473,23 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 2**20
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_bytes("TUNEPLEX_MAX_REQUEST_BODY", 10 * 2**20)
 
 # --- accounts and sign-in --------------------------------------------------------------------------
-# django-axes: a username + client address pair that fails to sign in TUNEPLEX_LOGIN_FAILURE_LIMIT
-# times is refused for TUNEPLEX_LOGIN_LOCKOUT_MINUTES; every failure is logged in the database
-# (axes' access failure log), and the counters are shared by every web process.
+# django-axes with three failure budgets (tuneplex.tenancy.signin): one username from one address
+# (TUNEPLEX_LOGIN_FAILURE_LIMIT), one username from any address (..._USERNAME_FAILURE_LIMIT) and
+# one address for any usernames (..._ADDRESS_FAILURE_LIMIT); reaching one locks what it counts for
+# TUNEPLEX_LOGIN_LOCKOUT_MINUTES. Every failure is logged in the database (axes' access failure
+# log), and the counters are shared by every web process. The address is the one uvicorn takes
+# from the proxy (FORWARDED_ALLOW_IPS): trust only the proxy's address there.
 AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend",
                            "django.contrib.auth.backends.ModelBackend"]
 AXES_FAILURE_LIMIT = env_int("TUNEPLEX_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+LOGIN_USERNAME_FAILURE_LIMIT = env_int("TUNEPLEX_LOGIN_USERNAME_FAILURE_LIMIT", 20,
+                                       minimum=AXES_FAILURE_LIMIT)
+LOGIN_ADDRESS_FAILURE_LIMIT = env_int("TUNEPLEX_LOGIN_ADDRESS_FAILURE_LIMIT", 50,
+                                      minimum=AXES_FAILURE_LIMIT)
 AXES_COOLOFF_TIME = timedelta(minutes=env_int("TUNEPLEX_LOGIN_LOCKOUT_MINUTES", 15, minimum=1))
-AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"], "username", "ip_address"]
+AXES_HANDLER = "tuneplex.tenancy.signin.SignInLockoutHandler"
+AXES_USERNAME_CALLABLE = "tuneplex.tenancy.signin.attempt_username"
 AXES_RESET_ON_SUCCESS = True
 AXES_ENABLE_ACCESS_FAILURE_LOG = True
 AXES_LOCKOUT_TEMPLATE = "frontend/locked_out.html"
@@ -493,15 +504,30 @@ AUTH_PASSWORD_VALIDATORS = [
 # Single sign-on with OpenID Connect (tuneplex.tenancy.oidc): on when a client id is set. The
 # provider's endpoints are given one by one (every provider publishes them in its discovery
 # document); TUNEPLEX_OIDC_GROUPS maps its groups to memberships: "group=org-slug:role,...".
+def _oidc_endpoint(name: str) -> str | None:
+    """A provider endpoint: https, or http on a loopback address only (a provider in tests)."""
+    url = env_url(name, None, schemes=("https", "http"))
+    if url and urlsplit(url).scheme == "http" and not _is_loopback(urlsplit(url).hostname):
+        raise ImproperlyConfigured(f"{name} must be an https:// URL (plain http:// only on a "
+                                   "loopback address, for tests)")
+    return url
+
+
+def _is_loopback(host: str | None) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
 OIDC_RP_CLIENT_ID = env_str("TUNEPLEX_OIDC_CLIENT_ID", "")
 OIDC_ENABLED = bool(OIDC_RP_CLIENT_ID)
 if OIDC_ENABLED:
     OIDC_RP_CLIENT_SECRET = env_str("TUNEPLEX_OIDC_CLIENT_SECRET", "")
-    OIDC_OP_AUTHORIZATION_ENDPOINT = env_url("TUNEPLEX_OIDC_AUTHORIZATION_URL", None,
-                                             schemes=("http", "https"))
-    OIDC_OP_TOKEN_ENDPOINT = env_url("TUNEPLEX_OIDC_TOKEN_URL", None, schemes=("http", "https"))
-    OIDC_OP_USER_ENDPOINT = env_url("TUNEPLEX_OIDC_USERINFO_URL", None, schemes=("http", "https"))
-    OIDC_OP_JWKS_ENDPOINT = env_url("TUNEPLEX_OIDC_JWKS_URL", None, schemes=("http", "https"))
+    OIDC_OP_AUTHORIZATION_ENDPOINT = _oidc_endpoint("TUNEPLEX_OIDC_AUTHORIZATION_URL")
+    OIDC_OP_TOKEN_ENDPOINT = _oidc_endpoint("TUNEPLEX_OIDC_TOKEN_URL")
+    OIDC_OP_USER_ENDPOINT = _oidc_endpoint("TUNEPLEX_OIDC_USERINFO_URL")
+    OIDC_OP_JWKS_ENDPOINT = _oidc_endpoint("TUNEPLEX_OIDC_JWKS_URL")
     for _name, _value in (("TUNEPLEX_OIDC_CLIENT_SECRET", OIDC_RP_CLIENT_SECRET),
                           ("TUNEPLEX_OIDC_AUTHORIZATION_URL", OIDC_OP_AUTHORIZATION_ENDPOINT),
                           ("TUNEPLEX_OIDC_TOKEN_URL", OIDC_OP_TOKEN_ENDPOINT),

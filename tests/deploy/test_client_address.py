@@ -20,7 +20,8 @@ def test_web_pods_believe_forwarded_addresses_only_from_the_proxy(rendered):  # 
     assert {"configMapRef": {"name": "tuneplex-config"}} in container["envFrom"]
 
     policies = [p for p in objects(rendered, "production", "NetworkPolicy").values()
-                if p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "web"]
+                if p["spec"]["podSelector"]["matchLabels"].get(
+                    "app.kubernetes.io/component") == "web"]
     assert len(policies) == 1 and policies[0]["spec"]["policyTypes"] == ["Ingress"]
     sources = [source for rule in policies[0]["spec"]["ingress"] for source in rule["from"]]
     assert all(set(source) == {"namespaceSelector"} for source in sources), sources
