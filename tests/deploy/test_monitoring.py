@@ -11,6 +11,9 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -150,24 +153,7 @@ def test_prometheus_scrapes_the_platform_and_evaluates_an_alert(platform_web, tm
             job["static_configs"] = [{"targets": targets[job["job_name"]]}]
         if "authorization" in job:
             job["authorization"]["credentials_file"] = str(tmp_path / "token")
-    shutil.copytree(PROMETHEUS / "rules", tmp_path / "rules")
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api/v1"
-    with (tmp_path / "prometheus.log").open("w") as log:
-        server = subprocess.Popen(
-            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        def query(expr: str) -> list:
-            assert server.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
-            try:
-                answer = httpx.get(f"{api}/query", params={"query": expr}, timeout=5).json()
-            except httpx.HTTPError:
-                return []
-            return answer.get("data", {}).get("result", [])
-
+    with running_prometheus(config, tmp_path) as (api, query):
         wait_for(lambda: query('up{job="tuneplex-web"} == 1'), timeout=60, message="a scrape of web")
         jobs = wait_for(lambda: query('max by (state) (tuneplex_jobs)'), timeout=30,
                         message="the platform state")
@@ -188,6 +174,31 @@ def test_prometheus_scrapes_the_platform_and_evaluates_an_alert(platform_web, tm
         assert {r["name"] for g in rules for r in g["rules"]} >= {
             "TuneplexReplicaDown", "TuneplexJobStuck", "TuneplexQueueBackingUp",
             "TuneplexInferenceErrorRate", "TuneplexStorageNearQuota"}
+
+
+@contextmanager
+def running_prometheus(config: dict, folder: Path):
+    """A real Prometheus with ``config`` (and the shipped rules); yields its API URL and a
+    query function (the result list of an instant query, empty while it cannot answer)."""
+    shutil.copytree(PROMETHEUS / "rules", folder / "rules")
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api/v1"
+    with (folder / "prometheus.log").open("w") as log:
+        server = subprocess.Popen(
+            ["prometheus", f"--config.file={folder / 'prometheus.yml'}",
+             f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+            cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def query(expr: str) -> list:
+            assert server.poll() is None, (folder / "prometheus.log").read_text()[-2000:]
+            try:
+                answer = httpx.get(f"{api}/query", params={"query": expr}, timeout=5).json()
+            except httpx.HTTPError:
+                return []
+            return answer.get("data", {}).get("result", [])
+
+        yield api, query
     finally:
         server.terminate()
         try:
@@ -195,3 +206,56 @@ def test_prometheus_scrapes_the_platform_and_evaluates_an_alert(platform_web, tm
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+# vLLM's metrics as a replica exposes them while a tenant's adapter runs (names carry org slugs).
+VLLM_METRICS = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="Llama-3.1-8B-Instruct"} 1.0
+# HELP vllm:lora_requests_info Running stats on lora requests.
+# TYPE vllm:lora_requests_info gauge
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="ft:acme-corp:support-bot",waiting_lora_adapters="ft:globex:faq"} 1.7e+09
+# HELP vllm:future_lora_gauge A series a later vLLM might label with an adapter.
+# TYPE vllm:future_lora_gauge gauge
+vllm:future_lora_gauge{lora_name="ft:acme-corp:support-bot",model_name="Llama-3.1-8B-Instruct"} 3.0
+"""
+
+
+class _VllmMetrics(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(VLLM_METRICS)))
+        self.end_headers()
+        self.wfile.write(VLLM_METRICS)
+
+    def log_message(self, format, *args):
+        pass
+
+
+@pytest.mark.parametrize("name", ["prometheus.yml", "prometheus-kubernetes.yml"])
+def test_prometheus_keeps_no_series_that_names_an_adapter(name, tmp_path):
+    """The shipped vllm job's relabelling, on a real Prometheus scraping metrics that name
+    adapters (as vLLM's own would, were the agent's filter ever bypassed)."""
+    exporter = ThreadingHTTPServer(("127.0.0.1", 0), _VllmMetrics)
+    threading.Thread(target=exporter.serve_forever, daemon=True).start()
+    shipped = yaml.safe_load((PROMETHEUS / name).read_text())
+    job = next(j for j in shipped["scrape_configs"] if j["job_name"] == "vllm")
+    job.pop("dns_sd_configs", None)
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{exporter.server_port}"]}]
+    job["authorization"]["credentials_file"] = str(tmp_path / "token")
+    (tmp_path / "token").write_text(TOKEN)
+    config = {"global": {"scrape_interval": "1s"}, "scrape_configs": [job]}
+    try:
+        with running_prometheus(config, tmp_path) as (_, query):
+            # One scrape's samples are stored together: once one is in, all that were kept are.
+            wait_for(lambda: query("vllm:num_requests_running"), timeout=60, message="a scrape")
+            assert query('{__name__="vllm:lora_requests_info"}') == []
+            future = query("vllm:future_lora_gauge")
+            assert [r["metric"].get("lora_name") for r in future] == [None]  # kept, unlabelled
+            named = query('{__name__=~".+", running_lora_adapters=~".+"} or '
+                          '{__name__=~".+", waiting_lora_adapters=~".+"} or '
+                          '{__name__=~".+", lora_name=~".+"}')
+            assert named == []
+    finally:
+        exporter.shutdown()

@@ -49,8 +49,10 @@ ENGINE_SETTINGS = {"OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "0", "HF_HOME
 
 
 class StubReplica:
-    def __init__(self, tmp: Path, database_url: str, model: str, *, tls: dict | None = None) -> None:
-        """``tls``: the certificate files (cert, key, ca) the replica serves https with."""
+    def __init__(self, tmp: Path, database_url: str, model: str, *, tls: dict | None = None,
+                 environment: dict[str, str | None] | None = None) -> None:
+        """``tls``: the certificate files (cert, key, ca) the replica serves https with;
+        ``environment``: settings to add (a value of None removes one)."""
         self.port = free_port_pair()
         self.url = f"{'https' if tls else 'http'}://localhost:{self.port}"
         self.verify = ssl.create_default_context(cafile=tls["ca"]) if tls else True
@@ -68,6 +70,11 @@ class StubReplica:
                        TUNEPLEX_AGENT_THREADS=str(THREADS),
                        TUNEPLEX_AGENT_READ_TIMEOUT=str(READ_TIMEOUT),
                        TUNEPLEX_SERVING_DIR=str(tmp / "serving"))
+        for name, value in (environment or {}).items():
+            if value is None:
+                environ.pop(name, None)
+            else:
+                environ[name] = value
         if tls:
             environ.update(TUNEPLEX_ENGINE_TLS_CERT=tls["cert"], TUNEPLEX_ENGINE_TLS_KEY=tls["key"],
                            SSL_CERT_FILE=tls["ca"])  # the CA the agent trusts for its vLLM
@@ -117,10 +124,16 @@ def running(replica: StubReplica):
         replica.stop()
 
 
+# S3 storage (never reached: the stand-in engine asks for no adapter).
+S3 = {"TUNEPLEX_STORAGE": "s3", "TUNEPLEX_S3_BUCKET": "tuneplex",
+      "TUNEPLEX_S3_ENDPOINT_URL": "http://127.0.0.1:9"}
+NO_OWN_STORAGE_USER = "TUNEPLEX_AGENT_S3_ACCESS_KEY_ID is not set"
+
+
 @pytest.fixture(scope="module")
 def replica(base_model_row, test_database_url, tmp_path_factory):
-    with running(StubReplica(tmp_path_factory.mktemp("agent"), test_database_url,
-                             base_model_row)) as replica:
+    with running(StubReplica(tmp_path_factory.mktemp("agent"), test_database_url, base_model_row,
+                             environment=S3)) as replica:
         yield replica
 
 
@@ -282,6 +295,16 @@ def test_engine_metrics_come_through_the_agent_without_adapter_names(replica):
     # Served by the same rule as /metrics: not through a proxy without the token.
     proxied = httpx.get(f"{replica.url}/metrics/engine", headers={"X-Forwarded-For": "203.0.113.9"})
     assert proxied.status_code == 403
+
+
+def test_a_replica_without_its_own_storage_user_warns(replica, base_model_row, test_database_url,
+                                                      tmp_path):
+    assert NO_OWN_STORAGE_USER not in replica.log_path.read_text()  # it has one
+    without = {**S3, "TUNEPLEX_AGENT_S3_ACCESS_KEY_ID": None,
+               "TUNEPLEX_AGENT_S3_SECRET_ACCESS_KEY": None}
+    with running(StubReplica(tmp_path, test_database_url, base_model_row,
+                             environment=without)) as other:
+        assert NO_OWN_STORAGE_USER in other.log_path.read_text()
 
 
 # --- TLS on the replica ----------------------------------------------------------------------------

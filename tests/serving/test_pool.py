@@ -140,3 +140,18 @@ def test_a_deployed_pinned_adapter_is_loaded_when_the_agent_reconciles(agent, en
     assert agent.client.post("/v1/reconcile").json()["loaded"] == [rows[0].name]
     assert rows[0].name in engine.engine_adapters()
     assert rows[0].name in agent.state()["pinned"]
+
+
+def test_the_engines_metrics_reach_monitoring_without_adapter_names(agent, engine, rows):
+    lease = agent.lease(rows[0])
+    assert lease.status_code == 200, lease.text
+    complete(engine, rows[0].name)
+    agent.release(lease.json()["lease"])
+    # vLLM itself names the adapter it ran (the name carries the organization's slug) ...
+    raw = httpx.get(f"{engine.engine_url}/metrics", timeout=10).text
+    assert rows[0].name in raw and "vllm:lora_requests_info" in raw
+    # ... the agent serves the same metrics without it.
+    served = httpx.get(f"{engine.url}/metrics/engine", timeout=10)
+    assert served.status_code == 200
+    assert "vllm:prompt_tokens" in served.text and "vllm:num_requests_running" in served.text
+    assert rows[0].name not in served.text and "lora_requests_info" not in served.text
