@@ -37,6 +37,7 @@ import json
 import logging
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -161,6 +162,15 @@ class AgentServer(HTTPServer):
         finally:
             self.shutdown_request(request)
             self._free.release()
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that hung up, was cut off or failed the TLS handshake is routine, and one line
+        # at most: a flood of them must not flood the log.
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.debug("agent: connection from %s ended: %r", client_address[0], error)
+        else:
+            log.exception("agent: request from %s failed", client_address[0])
 
     def shutdown(self) -> None:
         self._closing = True
