@@ -178,6 +178,9 @@ def test_invitation_rules(org_a):
     assert member.status_code == 409 and member.json()["error"]["code"] == "already_member"
     blank = invite(org_a, "   ")
     assert blank.status_code == 400 and blank.json()["error"]["param"] == "invitee"
+    for broken in ("a@b@c", "x@acme.example\nBcc: all@acme.example"):
+        refused = invite(org_a, broken)  # an address is mailed to: it must be one
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_invitee"
     viewer_key = key_for(org_a, add_member(org_a, Role.VIEWER), ["read"])
     assert invite(org_a, "ivan", key=viewer_key).status_code == 403
     assert bearer(viewer_key).get("/v1/organization/invitations").status_code == 403

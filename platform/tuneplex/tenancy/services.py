@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
+from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.text import slugify
@@ -180,6 +182,9 @@ def invitation_create(*, organization: Organization, actor: Principal, invitee: 
     if not invitee:
         raise ApiError("Give a username or an email address.", code="invalid_invitee",
                        param="invitee")
+    if "@" in invitee and not _is_email_address(invitee):
+        raise ApiError(f"{invitee!r} is not an email address.", code="invalid_invitee",
+                       param="invitee")
     token, token_hash = links.new_token()
     url = links.invitation_url(token, base_url=base_url)
     with transaction.atomic():
@@ -206,6 +211,14 @@ def invitation_create(*, organization: Organization, actor: Principal, invitee: 
     return CreatedInvitation(invitation=invitation, url=url)
 
 
+def _is_email_address(text: str) -> bool:
+    try:
+        validate_email(text)
+    except ValidationError:
+        return False
+    return True
+
+
 def invitation_is_mailed(invitation: Invitation) -> bool:
     """Whether the link goes to the invitee by email too: an address, and a configured server."""
     return settings.EMAIL_ENABLED and "@" in invitation.invitee
@@ -219,8 +232,8 @@ def _mail_invitation(invitation: Invitation, url: str) -> None:
             f"{invitation.expires_at:%Y-%m-%d %H:%M} UTC. If you did not expect it, ignore "
             "this message.\n")
     try:
-        send_mail(f"Invitation to {invitation.organization.name} on Tuneplex", body,
-                  None, [invitation.invitee])
+        subject = " ".join(f"Invitation to {invitation.organization.name} on Tuneplex".split())
+        send_mail(subject, body, None, [invitation.invitee])  # one line: no header injection
     except (OSError, smtplib.SMTPException) as exc:  # the admin has the link to pass on
         log.warning("invitation %s: mailing it failed (%s: %s)", invitation.pk,
                     type(exc).__name__, exc)
