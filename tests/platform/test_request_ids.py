@@ -1,7 +1,8 @@
 """Every error answer carries its request id (the ``X-Request-Id`` header, and ``request_id`` in
 the error body), and the log line of an internal error carries the same id, under the real
 server (uvicorn): Django's views and DRF's, and the answers made before Django (the inference
-fast path, the body-size guard, /metrics). The faults are planted by tests/fixtures/faulty_asgi.
+fast path, the body-size guard, /metrics). The faults are planted by tests/fixtures/faulty_asgi,
+which is imported by the server only (it changes the views of the process that imports it).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import httpx
 import pytest
 
 from tests.conftest import GatewayProcess, wait_for
-from tests.fixtures.faulty_asgi import FAULT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -54,7 +54,7 @@ def test_an_internal_error_in_a_view_carries_its_request_id_to_the_client_and_th
     assert error["code"] == "server_error" and offered in error["message"]
     assert "db-7" not in response.text and "/srv" not in response.text
     assert "ERROR django.request" in logged_line(web, f"[{offered}]: Internal Server Error: /v1/organization")
-    assert FAULT in web.log_path.read_text()  # the internals are in the log, with the traceback
+    assert "db-7.internal:5432" in web.log_path.read_text()  # the internals: in the log only
 
     generated = httpx.get(f"{web.url}/v1/organization", headers=key)  # no id offered: one is made
     request_id = carried_id(generated)
@@ -72,6 +72,18 @@ def test_an_internal_error_in_the_inference_fast_path_carries_its_request_id(web
     assert request_id in response.json()["error"]["message"] and "db-7" not in response.text
     assert "ERROR tuneplex.inference.asgi" in logged_line(
         web, f"[{request_id}]: inference request failed")
+
+
+def test_an_exception_that_escapes_every_layer_is_answered_in_the_error_shape(web, org_a):
+    response = httpx.post(f"{web.url}/v1/chat/completions",
+                          headers={"Authorization": f"Bearer {org_a.owner_key}"},
+                          json={"model": "m", "messages": [{"role": "user",
+                                                            "content": "plant-a-crash"}]})
+    assert response.status_code == 500  # not uvicorn's bare text answer
+    request_id = carried_id(response)
+    assert response.json()["error"]["code"] == "server_error" and "db-7" not in response.text
+    assert "ERROR tuneplex.core.asgi_request_id" in logged_line(
+        web, f"[{request_id}]: unhandled error in POST /v1/chat/completions")
 
 
 def test_every_error_answer_carries_its_request_id(web, org_a, org_b, settings):
