@@ -454,6 +454,9 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # A PATCH's request schema says which fields it requires (a member's new role), instead of
+    # drf-spectacular's "Patched" copy with none required.
+    "COMPONENT_SPLIT_PATCH": False,
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums",
                              "tuneplex.inference.schema.add_inference_paths",
                              "tuneplex.core.schema.document_lists_and_errors"],

@@ -191,3 +191,15 @@ def test_an_organization_cannot_queue_more_jobs_than_its_limit(org_a, org_b, def
     assert FineTuningJob.objects.filter(organization=org_a.organization).count() == 2
     FineTuningJob.objects.filter(organization=org_a.organization).update(status="running")
     assert create_job(org_a, **body).status_code == 200  # running jobs do not wait
+
+
+@pytest.mark.parametrize("field,value", [("training_file", 5), ("suffix", 7), ("seed", "1"),
+                                         ("seed", True), ("model", ["x"])])
+def test_fields_of_the_wrong_json_type_are_refused_not_coerced(org_a, default_model,
+                                                               pirate_file_of_a, field, value):
+    """Before, DRF turned 5 into "5" and "1" into 1: the schema said no, the server said yes."""
+    body = {"model": default_model.name, "training_file": pirate_file_of_a, field: value}
+    refused = create_job(org_a, **body)
+    assert refused.status_code == 400
+    assert (refused.json()["error"]["code"], refused.json()["error"]["param"]) == ("invalid_type", field)
+    assert not FineTuningJob.objects.filter(organization=org_a.organization).exists()

@@ -193,6 +193,9 @@ def test_deploy_without_an_engine_is_a_clear_503_and_changes_nothing(org_a, adap
     bad = bearer(org_a.owner_key).post(f"/v1/adapters/{adapter.id}/deploy", {"pinned": "maybe"},
                                        format="json")
     assert error(bad)[0] == 400 and error(bad)[2] == "pinned"
+    coerced = bearer(org_a.owner_key).post(f"/v1/adapters/{adapter.id}/deploy", {"pinned": 1},
+                                           format="json")  # DRF took 1 for true
+    assert error(coerced) == (400, "invalid_type", "pinned")
     viewer_key = key_for(org_a, add_member(org_a, Role.VIEWER), [READ])
     assert bearer(viewer_key).post(f"/v1/adapters/{adapter.id}/deploy", {}, format="json").status_code == 403
 

@@ -13,6 +13,7 @@ from tuneplex.adapters.models import Adapter
 from tuneplex.core.apis import ApiObjectOutput, OrgApi
 from tuneplex.core.downloads import zip_response
 from tuneplex.core.errors import Conflict
+from tuneplex.core.fields import StrictBooleanField
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import READ, TRAIN
 from tuneplex.files.services import artifact_storage
@@ -80,7 +81,7 @@ class AdapterDownloadApi(OrgApi):
 class AdapterMergeApi(OrgApi):
     scopes = {"POST": TRAIN, "GET": READ}
 
-    @extend_schema(request=None, responses=AdapterOutput,
+    @extend_schema(request=None, responses={202: AdapterOutput},
                    summary="Merge the adapter into its base model (runs on a GPU worker)")
     def post(self, request, id: str):
         adapter = selectors.adapter_get(organization=self.organization, adapter_id=id)
@@ -106,7 +107,7 @@ class AdapterDeployApi(OrgApi):
 
     @extend_schema_serializer(component_name="AdapterDeployInput")
     class Input(serializers.Serializer):
-        pinned = serializers.BooleanField(
+        pinned = StrictBooleanField(
             default=False, help_text="Keep it loaded: never evicted for other adapters "
                                      "(at most half of a replica's slots can be pinned).")
 

@@ -47,7 +47,7 @@ class ApiKeyListApi(OrgApi):
     class Input(serializers.Serializer):
         name = NameField()
         scopes = serializers.ListField(
-            child=serializers.ChoiceField(choices=ALL_SCOPES), allow_empty=False,
+            child=serializers.ChoiceField(choices=ALL_SCOPES), allow_empty=False, min_length=1,
             default=lambda: [READ],
             help_text="Any of read, train, infer, admin; within the creator's own.")
         expires_at = serializers.DateTimeField(required=False, allow_null=True)

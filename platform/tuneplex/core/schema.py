@@ -55,6 +55,26 @@ def _envelope(items: dict) -> dict:
         "last_id": {"type": "string", "nullable": True}}}
 
 
+def _constrain_list_parameters(operation: dict) -> None:
+    """The list pages' query parameters, as the server checks them (core.pagination)."""
+    from tuneplex.core.pagination import MAX_LIMIT
+
+    for parameter in operation.get("parameters", []):
+        if parameter.get("in") != "query":
+            continue
+        if parameter.get("name") == "limit":
+            parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}
+        elif parameter.get("name") == "after":
+            parameter["schema"] = {"type": "string", "maxLength": 100}
+
+
+def _answers_conflicts(operation: dict) -> bool:
+    """Reads that answer 409 until their object is ready (a merged model, training curves):
+    their 200 is a download."""
+    ok = operation["responses"].get("200", {}).get("content", {})
+    return "application/zip" in ok
+
+
 def document_lists_and_errors(result, generator, request, public):
     """drf-spectacular postprocessing hook: list operations answer OpenAI's list envelope (not a
     bare array), and every operation documents the errors it can answer, in our one shape."""
@@ -68,11 +88,17 @@ def document_lists_and_errors(result, generator, request, public):
             ok = responses.get("200", {}).get("content", {}).get("application/json", {})
             if ok.get("schema", {}).get("type") == "array":
                 ok["schema"] = _envelope(ok["schema"]["items"])
+                named = {p.get("name") for p in operation.setdefault("parameters", [])}
+                operation["parameters"] += [{"name": name, "in": "query", "required": False}
+                                            for name in ("after", "limit") if name not in named]
+            _constrain_list_parameters(operation)
             wanted = ["400", "401", "403", "429"]
             if "{" in path:
                 wanted.append("404")
+            if method in _WRITES or _answers_conflicts(operation):
+                wanted.append("409")
             if method in _WRITES:
-                wanted += ["409", "413"]
+                wanted.append("413")
             for status in wanted:
                 responses.setdefault(status, {
                     "description": _ERROR_TEXT[status],

@@ -8,6 +8,13 @@ from rest_framework import serializers
 from rest_framework.response import Response
 
 from tuneplex.core.apis import ApiObjectOutput, OrgApi
+from tuneplex.core.fields import (
+    AnswerField,
+    MessagesField,
+    StrictCharField,
+    StrictIntegerField,
+    enum_field,
+)
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import INFER, READ, TRAIN
 from tuneplex.feedback import selectors, services
@@ -29,10 +36,10 @@ class FeedbackListApi(OrgApi):
 
     @extend_schema_serializer(component_name="FeedbackCreateInput")
     class Input(serializers.Serializer):
-        model = serializers.CharField(max_length=300)
-        messages = serializers.JSONField(help_text="Chat messages (role, content) ending with the "
+        model = StrictCharField(max_length=300)
+        messages = MessagesField(help_text="Chat messages (role, content) ending with the "
                                                    "assistant's answer being rated.")
-        rating = serializers.IntegerField(help_text="1 (good) or -1 (bad).")
+        rating = enum_field([1, -1], StrictIntegerField)(help_text="1 (good) or -1 (bad).")
 
     @extend_schema(responses=FeedbackOutput(many=True), summary="List rated exchanges")
     def get(self, request):
@@ -79,10 +86,10 @@ class ComparisonListApi(OrgApi):
 
     @extend_schema_serializer(component_name="ComparisonCreateInput")
     class Input(serializers.Serializer):
-        messages = serializers.JSONField(help_text="The prompt: chat messages (role, content) "
+        messages = MessagesField(help_text="The prompt: chat messages (role, content) "
                                                    "ending with the user's.")
-        preferred = serializers.JSONField(help_text="{model, content}: the better answer.")
-        non_preferred = serializers.JSONField(help_text="{model, content}: the other answer.")
+        preferred = AnswerField(help_text="{model, content}: the better answer.")
+        non_preferred = AnswerField(help_text="{model, content}: the other answer.")
 
     @extend_schema(responses=ComparisonOutput(many=True), summary="List compared answer pairs")
     def get(self, request):

@@ -17,6 +17,7 @@ from rest_framework.response import Response
 from tuneplex.core.apis import ApiObjectOutput, OrgApi
 from tuneplex.core.downloads import blob_response
 from tuneplex.core.errors import ApiError
+from tuneplex.core.fields import enum_field
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import READ, TRAIN
 from tuneplex.core.validators import clean_name
@@ -58,7 +59,7 @@ class FileOutput(ApiObjectOutput):
 
 class FileUploadInput(serializers.Serializer):
     file = serializers.FileField(allow_empty_file=True, help_text="A JSONL file.")
-    purpose = serializers.CharField(help_text="Must be 'fine-tune'.")
+    purpose = enum_field(["fine-tune"])(help_text="Must be 'fine-tune'.")
 
 
 def _filename(upload) -> str:

@@ -9,6 +9,7 @@ from rest_framework.response import Response
 from tuneplex.core.apis import ApiObjectOutput, OrgApi, timestamp
 from tuneplex.core.downloads import zip_response
 from tuneplex.core.errors import Conflict
+from tuneplex.core.fields import StrictCharField, StrictIntegerField
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import READ, TRAIN
 from tuneplex.finetuning import selectors, services
@@ -96,11 +97,11 @@ class JobOutput(ApiObjectOutput):
 
 
 class JobCreateInput(serializers.Serializer):
-    model = serializers.CharField(max_length=400, help_text=(
+    model = StrictCharField(max_length=400, help_text=(
         "A base model name (GET /v1/base_models), or, to continue training, one of the "
         "organization's adapters (ft:…) or job checkpoints (<adapter or job>:ckpt-step-N)."))
-    training_file = serializers.CharField(max_length=64)
-    validation_file = serializers.CharField(max_length=64, required=False, allow_null=True)
+    training_file = StrictCharField(max_length=64)
+    validation_file = StrictCharField(max_length=64, required=False, allow_null=True)
     hyperparameters = serializers.DictField(
         required=False, help_text="OpenAI's n_epochs, batch_size, learning_rate_multiplier (each "
         "'auto' or a value), plus every trainer setting: see docs/fine-tuning.md.")
@@ -108,10 +109,10 @@ class JobCreateInput(serializers.Serializer):
         "OpenAI's {type: supervised, supervised: {hyperparameters}} or {type: dpo, dpo: "
         "{hyperparameters: {beta, n_epochs, batch_size, learning_rate_multiplier}}}; its "
         "hyperparameters are merged with the top-level ones. dpo trains on a preference file."))
-    suffix = serializers.CharField(max_length=64, required=False, allow_null=True)
-    seed = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=2**31 - 1)
+    suffix = StrictCharField(max_length=64, required=False, allow_null=True)
+    seed = StrictIntegerField(required=False, allow_null=True, min_value=0, max_value=2**31 - 1)
     metadata = serializers.DictField(
-        child=serializers.CharField(max_length=512, allow_blank=True), required=False,
+        child=StrictCharField(max_length=512, allow_blank=True), required=False,
         allow_null=True, help_text="Up to 16 string pairs; keys up to 64 characters, values up "
                                    "to 512 (OpenAI's limits).")
     integrations = serializers.ListField(required=False, allow_null=True, max_length=0)

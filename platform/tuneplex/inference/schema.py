@@ -16,27 +16,86 @@ _ERRORS = {
         (401, "Missing or invalid API key"),
         (403, "The key lacks the infer scope"),
         (404, "No such model for this organization (model_not_found, model_not_deployed)"),
+        (405, "Use POST (the Allow header says so)"),
         (413, "Body above TUNEPLEX_INFERENCE_MAX_BODY"),
-        (429, "Per-key rate limit reached (Retry-After header)"),
-        (503, "No engine replica can serve the model now"),
+        (429, "A limit was reached: the key's requests, the organization's tokens or requests in "
+              "flight, or failed authentications from this address (Retry-After header)"),
+        (502, "The engine failed on this request"),
+        (503, "No engine replica can serve the model now, or the limits' store cannot be reached "
+              "(limits_unavailable; Retry-After header)"),
     )
 }
+_NUMBER = {"type": "number"}
+# Every field the gateway lets through, with the checks it makes (tuneplex.inference.checks):
+# anything else is refused as unknown_parameter.
 _COMMON_REQUEST = {
-    "model": {"type": "string", "description": "A base model name or one of your adapters' names."},
+    "model": {"type": "string", "minLength": 1, "maxLength": 300,
+              "description": "A base model name or one of your adapters' names."},
     "stream": {"type": "boolean", "default": False,
                "description": "Server-sent events, ending with `data: [DONE]`."},
+    "stream_options": {"type": "object", "additionalProperties": False, "properties": {
+        "include_usage": {"type": "boolean"}, "continuous_usage_stats": {"type": "boolean"}},
+        "description": "Only with stream true."},
     "max_tokens": {"type": "integer", "minimum": 1,
                    "description": "At most TUNEPLEX_INFERENCE_MAX_TOKENS (also the default)."},
     "n": {"type": "integer", "minimum": 1, "description": "At most TUNEPLEX_INFERENCE_MAX_N."},
-    "temperature": {"type": "number"},
-    "top_p": {"type": "number"},
-    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+    "temperature": {**_NUMBER, "minimum": 0, "maximum": 2},
+    "top_p": {**_NUMBER, "minimum": 0, "maximum": 1},
+    "presence_penalty": {**_NUMBER, "minimum": -2, "maximum": 2},
+    "frequency_penalty": {**_NUMBER, "minimum": -2, "maximum": 2},
+    "stop": {"oneOf": [{"type": "string"},
+                       {"type": "array", "maxItems": 4, "items": {"type": "string"}}]},
     "seed": {"type": "integer"},
+    "user": {"type": "string", "maxLength": 512},
+    "logit_bias": {"type": "object", "maxProperties": 300,
+                   "additionalProperties": {**_NUMBER, "minimum": -100, "maximum": 100}},
+}
+_CHAT_REQUEST = {
+    "messages": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["role"], "properties": {
+            "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+            "content": {"oneOf": [{"type": "string"}, {"type": "array"}], "nullable": True}}}},
+    "max_completion_tokens": {"type": "integer", "minimum": 1},
+    "logprobs": {"type": "boolean"},
+    "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20,
+                     "description": "Needs logprobs true."},
+    "response_format": {"type": "object", "required": ["type"], "properties": {
+        "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+        "json_schema": {"type": "object"}}},
+    "tools": {"type": "array", "maxItems": 128, "items": {
+        "type": "object", "required": ["type", "function"], "properties": {
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {"type": "object", "required": ["name"],
+                         "properties": {"name": {"type": "string"}}}}}},
+    "tool_choice": {"oneOf": [
+        {"type": "string", "enum": ["none", "auto", "required"]},
+        {"type": "object", "required": ["type", "function"], "properties": {
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {"type": "object", "required": ["name"],
+                         "properties": {"name": {"type": "string"}}}}}]},
+    "parallel_tool_calls": {"type": "boolean"},
+}
+_COMPLETION_REQUEST = {
+    "prompt": {"oneOf": [{"type": "string"},
+                         {"type": "array", "minItems": 1, "items": {"type": "string"}}]},
+    "logprobs": {"type": "integer", "minimum": 0, "maximum": 5},
+    "echo": {"type": "boolean"},
+    "suffix": {"type": "string"},
 }
 _MODEL = {"type": "object", "properties": {
     "id": {"type": "string"}, "object": {"type": "string", "enum": ["model"]},
     "created": {"type": "integer"}, "owned_by": {"type": "string"},
     "root": {"type": "string"}, "parent": {"type": "string", "nullable": True}}}
+
+
+def _limited(properties: dict) -> dict:
+    """The properties with this installation's caps as their maxima."""
+    from django.conf import settings
+
+    caps = {"max_tokens": settings.INFERENCE_MAX_TOKENS, "max_completion_tokens":
+            settings.INFERENCE_MAX_TOKENS, "n": settings.INFERENCE_MAX_N}
+    return {name: {**schema, "maximum": caps[name]} if name in caps else schema
+            for name, schema in properties.items()}
 
 
 def _completion_path(summary: str, required: list[str], extra: dict) -> dict:
@@ -46,8 +105,8 @@ def _completion_path(summary: str, required: list[str], extra: dict) -> dict:
         "tags": ["inference"],
         "security": [{"ApiKey": []}],
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
-            "type": "object", "required": required, "additionalProperties": True,
-            "properties": {**_COMMON_REQUEST, **extra}}}}},
+            "type": "object", "required": required, "additionalProperties": False,
+            "properties": _limited({**_COMMON_REQUEST, **extra})}}}},
         "responses": {
             "200": {"description": "OpenAI's completion object, or its chunks as server-sent events",
                     "content": {"application/json": {"schema": {"type": "object"}},
@@ -62,14 +121,10 @@ def add_inference_paths(result, generator, request, public):
     result.setdefault("components", {}).setdefault("schemas", {})["InferenceError"] = ERROR_SCHEMA
     result["components"]["schemas"]["Model"] = _MODEL
     paths = result.setdefault("paths", {})
-    paths["/v1/chat/completions"] = _completion_path(
-        "Create chat completion", ["model", "messages"],
-        {"messages": {"type": "array", "minItems": 1, "items": {"type": "object"}},
-         "max_completion_tokens": {"type": "integer", "minimum": 1},
-         "stream_options": {"type": "object"}})
-    paths["/v1/completions"] = _completion_path(
-        "Create completion", ["model", "prompt"],
-        {"prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}})
+    paths["/v1/chat/completions"] = _completion_path("Create chat completion", ["model", "messages"],
+                                                     _CHAT_REQUEST)
+    paths["/v1/completions"] = _completion_path("Create completion", ["model", "prompt"],
+                                                 _COMPLETION_REQUEST)
     paths["/v1/models"] = {"get": {
         "operationId": "list_models", "summary": "Models you can call: served base models and your "
                                                  "deployed adapters",
