@@ -85,6 +85,8 @@ def test_the_migration_keeps_a_shared_address_on_one_account_and_says_so(capsys)
                                         ("blank", "", 4, True)]:
         OldUser.objects.create(username=name, email=email, is_active=active,
                                date_joined=now + timedelta(minutes=joined))
+    OldUser.objects.create(username="from-sso", email="boss@x.example", oidc_subject="42",
+                           date_joined=now - timedelta(days=1))  # unverified, and first
     organization = Organization.objects.create(name="Acme", slug="acme")
     for invitee, status in [("pat", "pending"), ("old", "accepted")]:
         Invitation.objects.create(organization=organization, invitee=invitee, status=status,
@@ -95,7 +97,8 @@ def test_the_migration_keeps_a_shared_address_on_one_account_and_says_so(capsys)
     said = capsys.readouterr().out
     emails = dict(User.objects.values_list("username", "email"))
     assert emails == {"early-but-gone": "", "pat": "pat@x.example", "squatter": "",
-                      "solo": "solo@x.example", "blank": ""}
+                      "solo": "solo@x.example", "blank": "", "from-sso": ""}
+    assert "cleared the email address of 1 single sign-on account(s)" in said
     assert ("pat@x.example was on 3 accounts; kept on 'pat', cleared on 'squatter', "
             "'early-but-gone'") in said
     assert "revoked 1 pending invitation(s) made before invitation links" in said

@@ -1,5 +1,7 @@
 """Before emails become unique and invitations travel as links (0007):
 
+- Single sign-on accounts lose the address they got from the provider, which was taken without
+  ``email_verified``; it comes back at their next sign-in if the provider verified it.
 - Accounts sharing an email address (compared case-insensitively) keep it on one account only:
   the earliest active one (else the earliest); the others' addresses are cleared, never their
   accounts. Sign-up stored addresses unverified, so a later duplicate is the suspect one.
@@ -14,6 +16,15 @@ from django.db import migrations
 from django.db.models import Count
 from django.db.models.functions import Lower
 from django.utils import timezone
+
+
+def clear_unverified_sso_emails(apps, schema_editor):
+    User = apps.get_model("tenancy", "User")
+    cleared = User.objects.filter(oidc_subject__isnull=False).exclude(email="").update(email="")
+    if cleared:
+        print(f"\n  tenancy: cleared the email address of {cleared} single sign-on account(s) (it "
+              "came from the provider unverified); it returns at their next sign-in when the "
+              "provider says it verified it", flush=True)
 
 
 def clear_duplicate_emails(apps, schema_editor):
@@ -59,6 +70,7 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
+        migrations.RunPython(clear_unverified_sso_emails, migrations.RunPython.noop),
         migrations.RunPython(clear_duplicate_emails, migrations.RunPython.noop),
         migrations.RunPython(revoke_invitations_without_links, migrations.RunPython.noop),
     ]
