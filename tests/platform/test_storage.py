@@ -57,3 +57,47 @@ def test_an_upload_is_stored_validated_and_downloaded_through_the_api(backend, o
     downloaded = client.get(f"/v1/files/{file.id}/content")
     assert b"".join(downloaded.streaming_content) == content
     assert client.delete(f"/v1/files/{file.id}").status_code == 200
+
+
+def test_a_blob_is_read_as_a_stream_on_both_backends(backend, tmp_path):
+    source = tmp_path / "lines.jsonl"
+    source.write_bytes(b"".join(b'{"n": %d}\n' % i for i in range(100_000)))  # ~1 MB
+    name = f"tests/{backend}/{tmp_path.name}/lines.jsonl"
+    storage.upload_file(source, name)
+    with storage.open_stream(name) as stream:
+        assert [stream.readline() for _ in range(2)] == [b'{"n": 0}\n', b'{"n": 1}\n']
+        assert stream.read() == source.read_bytes()[len(b'{"n": 0}\n{"n": 1}\n'):]
+    with pytest.raises(FileNotFoundError):
+        storage.open_stream(f"tests/{backend}/{tmp_path.name}/missing")
+    storage.delete_blobs([name])
+
+
+def test_a_preview_of_an_s3_dataset_reads_its_first_lines_not_the_whole_object(s3_artifacts,
+                                                                             org_a, tmp_path):
+    """django-storages' S3 file reads the whole object into memory on its first read."""
+    from pathlib import Path
+
+    from tuneplex.files.selectors import file_preview
+
+    size = 256 * 2**20
+    source = tmp_path / "big.jsonl"
+    with source.open("wb") as handle:
+        handle.write(b'{"text": "Ahoy"}\n' * 10)
+        handle.truncate(size)  # then zeros: a hole, no disk
+    file = File.objects.create(organization=org_a.organization, filename="big.jsonl",
+                               purpose="fine-tune", bytes=size, sha256="0" * 64,
+                               blob_name=f"tests/s3/{tmp_path.name}/big.jsonl")
+    storage.upload_file(source, file.blob_name)
+    status = Path("/proc/self/status")
+
+    def kib(field: str) -> int:
+        return int(next(line for line in status.read_text().splitlines()
+                        if line.startswith(field)).split()[1])
+
+    Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from now
+    before = kib("VmRSS:")
+    preview = file_preview(file=file, limit=3)
+    growth = (kib("VmHWM:") - before) * 1024
+    assert [item["segments"][0]["text"] for item in preview] == ["Ahoy"] * 3
+    assert growth < 64 * 2**20, f"the preview grew the process by {growth / 2**20:.0f} MiB"
+    storage.delete_blobs([file.blob_name])

@@ -9,6 +9,7 @@ storage and local disk: whole files, in 4 MiB chunks, with no partial file left 
 
 from __future__ import annotations
 
+import io
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -71,7 +72,7 @@ def open_stream(name: str) -> BinaryIO:
     if s3_object is None:
         return handle
     handle.close()
-    return s3_object.get()["Body"]
+    return io.BufferedReader(s3_object.get()["Body"], CHUNK)  # buffered: readline() in bulk
 
 
 def download_file(name: str, target: Path) -> None:

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-from django.core.files.storage import storages
 from django.db.models import F, QuerySet, Sum
 
 from jobs.training.jsonl import (PREFERENCE, LineError, check_record, detect_format, iter_lines,
                                  parse_line, to_example)
 
 from tuneplex.core.errors import NotFound
+from tuneplex.core.storage import open_stream
 from tuneplex.files.models import File
 from tuneplex.tenancy.models import Organization
 
@@ -51,7 +51,7 @@ def file_preview(*, file: File, limit: int) -> list[dict]:
     """
     items: list[dict] = []
     file_format = None
-    with storages["artifacts"].open(file.blob_name, "rb") as stream:
+    with open_stream(file.blob_name) as stream:  # not the whole blob: S3 files would be read whole
         for number, raw in iter_lines(stream, max_line_bytes=PREVIEW_LINE_BYTES):
             if raw is not None and not raw.strip():
                 continue
