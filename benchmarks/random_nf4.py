@@ -30,7 +30,7 @@ def write_folder(config_kwargs: dict, tokenizer_dir: Path, out: Path, seed: int 
     from transformers import AutoTokenizer, LlamaConfig
 
     out.mkdir(parents=True, exist_ok=True)
-    LlamaConfig(**config_kwargs, dtype="bfloat16").save_pretrained(out)
+    LlamaConfig(**config_kwargs).save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     (out / MARKER).write_text(json.dumps({"seed": seed}))
     return out

@@ -508,14 +508,15 @@ def main() -> int:
         for which in dict.fromkeys(_trainers(args)):
             if _run_child(which, args, data, model) is None:
                 return 1
-    results = []
+    results, failed = [], []
     # Alternate the trainers (ours, stock, ours, stock, ...): GPU machines of one kind differ by
     # up to a third in speed from one lease to the next, and drift within one.
     for _ in range(args.repeats):
         for which in _trainers(args):
             result = _run_child(which, args, data, model)
-            if result is None:
-                return 1
+            if result is None:  # out of memory, say: recorded, and the others still run
+                failed.append(which)
+                continue
             result["mean_context"] = mean_context
             result["mfu"] = mfu(result, model)
             results.append(result)
@@ -552,11 +553,13 @@ def main() -> int:
                   f"{r['plan']['capture_seconds']:.1f} s; counting them, "
                   f"{r['useful_tokens_per_second_with_capture']:.1f} useful tok/s; peak "
                   f"reserved {r['peak_reserved_mib']:.0f} MiB")
+    for which in failed:
+        print(f"{which:11} failed (its error is printed above)")
     rates = {name: statistics.median(r["useful_tokens_per_second"] for r in results
                                      if r["trainer"] == name)
              for name in ("tuneplex", "stock", "stock-liger")
              if any(r["trainer"] == name for r in results)}
-    summary: dict = {"median_useful_tokens_per_second": rates}
+    summary: dict = {"median_useful_tokens_per_second": rates, "failed": failed}
     for baseline in ("stock", "stock-liger"):
         if "tuneplex" in rates and baseline in rates:
             key = "ratio" if baseline == "stock" else "ratio_vs_stock_liger"
