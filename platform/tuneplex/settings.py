@@ -350,8 +350,6 @@ INFERENCE_MAX_PROMPTS = env_int("TUNEPLEX_INFERENCE_MAX_PROMPTS", 16, minimum=1,
 INFERENCE_MAX_SEQUENCES = env_int("TUNEPLEX_INFERENCE_MAX_SEQUENCES", 32, minimum=1,
                                   maximum=4096)
 INFERENCE_AUTH_CACHE_SECONDS = env_int("TUNEPLEX_INFERENCE_AUTH_CACHE_SECONDS", 2, minimum=0, maximum=60)
-INFERENCE_RATE_LIMIT = env_int("TUNEPLEX_INFERENCE_RATE_LIMIT", 600, minimum=0)  # per key per minute
-
 # Why a key was refused is remembered this long: a flood of one bad key asks the database once.
 INFERENCE_AUTH_REFUSAL_CACHE_SECONDS = env_int("TUNEPLEX_INFERENCE_AUTH_REFUSAL_CACHE_SECONDS", 10,
                                                minimum=0, maximum=300)
@@ -362,6 +360,8 @@ INFERENCE_AUTH_FAILURES_PER_MINUTE = env_int("TUNEPLEX_INFERENCE_AUTH_FAILURES_P
 # Threads per web process for the inference fast path's database look-ups (keys and models not
 # in the admission cache); bounded, so that a flood of unknown keys waits there.
 INFERENCE_LOOKUP_THREADS = env_int("TUNEPLEX_INFERENCE_LOOKUP_THREADS", 8, minimum=1, maximum=256)
+INFERENCE_RATE_LIMIT = env_int("TUNEPLEX_INFERENCE_RATE_LIMIT", 600, minimum=0)  # per key per minute
+
 # --- fine-tuning ---------------------------------------------------------------------------------
 TRAINING_DEVICE = env_str("TUNEPLEX_TRAINING_DEVICE", "cpu", choices=("cpu", "cuda"))
 TRAINING_MEMORY = env_bytes("TUNEPLEX_TRAINING_MEMORY", 16 * 2**30)
@@ -376,11 +376,11 @@ TRAINING_GFLOPS = env_int("TUNEPLEX_TRAINING_GFLOPS", 150_000 if TRAINING_DEVICE
 GPU_SLOTS = env_int("TUNEPLEX_GPU_SLOTS", 1, minimum=1, maximum=4096)
 JOB_MAX_GPUS = env_int("TUNEPLEX_JOB_MAX_GPUS", 1, minimum=1, maximum=64)
 ORG_MAX_CONCURRENT_JOBS = env_int("TUNEPLEX_ORG_MAX_CONCURRENT_JOBS", 1, minimum=1)
-JOB_HEARTBEAT_SECONDS = env_int("TUNEPLEX_JOB_HEARTBEAT_SECONDS", 5, minimum=1)
-JOB_HEARTBEAT_TIMEOUT = env_int("TUNEPLEX_JOB_HEARTBEAT_TIMEOUT", 60, minimum=5)
 # Jobs an organization may have waiting (validating their files or queued) at once; one more is
 # refused with 429 too_many_queued_jobs.
 ORG_MAX_QUEUED_JOBS = env_int("TUNEPLEX_ORG_MAX_QUEUED_JOBS", 100, minimum=1)
+JOB_HEARTBEAT_SECONDS = env_int("TUNEPLEX_JOB_HEARTBEAT_SECONDS", 5, minimum=1)
+JOB_HEARTBEAT_TIMEOUT = env_int("TUNEPLEX_JOB_HEARTBEAT_TIMEOUT", 60, minimum=5)
 JOB_MAX_ATTEMPTS = env_int("TUNEPLEX_JOB_MAX_ATTEMPTS", 3, minimum=1, maximum=20)
 # A job running longer than this since it first started (over all attempts) is stopped and failed.
 JOB_MAX_RUNTIME_SECONDS = env_int("TUNEPLEX_JOB_MAX_RUNTIME_SECONDS", 72 * 3600, minimum=60)

@@ -220,3 +220,11 @@ def test_the_number_of_live_keys_is_capped(org_a, settings):
     assert client.post(f"/v1/api_keys/{two.id}/revoke").status_code == 200
     assert client.post("/v1/api_keys", {"name": "three", "scopes": ["read"]},
                        format="json").status_code == 201
+
+
+def test_a_cursor_that_is_not_an_id_of_the_list_is_a_400_not_a_500(org_a):
+    """The audit log's ids are integers: a text cursor failed the query (found by the fuzzer)."""
+    for path in ("/v1/audit_events", "/v1/api_keys"):
+        refused = bearer(org_a.owner_key).get(f"{path}?after=%06p")
+        assert refused.status_code == 400, (path, refused.content)
+        assert refused.json()["error"]["code"] == "invalid_cursor"

@@ -79,3 +79,15 @@ def test_base_models_are_listed_without_their_paths(org_a, tmp_path):
     assert bearer(org_a.owner_key).get("/v1/base_models/tiny").json()["parameter_count"] == 16
     missing = bearer(org_a.owner_key).get("/v1/base_models/nope")
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+
+
+def test_base_models_are_listed_in_pages_like_every_list(org_a, default_model, tmp_path):
+
+    BaseModel.objects.create(name="second", directory=str(tmp_path), parameter_count=1,
+                             max_sequence_length=8, has_chat_template=False)
+    client = bearer(org_a.owner_key)
+    first = client.get("/v1/base_models?limit=1").json()
+    assert len(first["data"]) == 1 and first["has_more"] is True
+    rest = client.get(f"/v1/base_models?limit=1&after={first['last_id']}").json()
+    assert rest["data"][0]["id"] != first["data"][0]["id"]
+    assert client.get("/v1/base_models?limit=101").status_code == 400  # the documented bound

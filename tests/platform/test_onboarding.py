@@ -276,3 +276,15 @@ def test_pages_carry_a_content_security_policy(org_a):
     assert "frame-ancestors 'none'" in policy
     docs = Client().get("/v1/docs")
     assert docs.status_code == 200 and "worker-src" in docs["Content-Security-Policy"]
+
+
+def test_settings_and_invitations_take_json_types_as_they_are(org_a):
+    """Before, auto_deploy 0 turned auto-deploy off and an invitee 0 invited "0"."""
+    client = bearer(org_a.owner_key)
+    refused = client.patch("/v1/organization", {"auto_deploy": 0}, format="json")
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "auto_deploy"
+    assert client.get("/v1/organization").json()["auto_deploy"] is True
+    invited = client.post("/v1/organization/invitations", {"invitee": 0}, format="json")
+    assert invited.status_code == 400 and invited.json()["error"]["code"] == "invalid_type"
+    assert client.patch("/v1/organization", {"auto_deploy": False}, format="json").json()[
+        "auto_deploy"] is False

@@ -6,6 +6,7 @@ from rest_framework.response import Response
 
 from tuneplex.basemodels.selectors import base_model_get, base_model_list
 from tuneplex.core.apis import ApiObjectOutput, OrgApi
+from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import READ
 
 
@@ -24,8 +25,8 @@ class BaseModelListApi(OrgApi):
 
     @extend_schema(responses=BaseModelOutput(many=True), summary="List base models")
     def get(self, request):
-        data = BaseModelOutput(base_model_list(), many=True).data
-        return Response({"object": "list", "data": data, "has_more": False})
+        return Response(list_page(base_model_list(), request.query_params,
+                                  serializer_class=BaseModelOutput, cursor_field="name"))
 
 
 class BaseModelDetailApi(OrgApi):

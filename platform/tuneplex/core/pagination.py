@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import Q, QuerySet
 from rest_framework import serializers
 
@@ -18,14 +19,18 @@ class ListParams(serializers.Serializer):
                                      default=DEFAULT_LIMIT)
 
 
-def list_page(queryset: QuerySet, query_params, *, serializer_class) -> dict:
-    """One page of ``queryset``, newest first, keyed by (created_at, id) like OpenAI's lists."""
+def list_page(queryset: QuerySet, query_params, *, serializer_class, cursor_field: str = "pk") -> dict:
+    """One page of ``queryset``, newest first, keyed by (created_at, id) like OpenAI's lists.
+    ``after`` names an object by ``cursor_field``, the field its API ``id`` shows."""
     params = ListParams(data=query_params)
     params.is_valid(raise_exception=True)
     after, limit = params.validated_data.get("after"), params.validated_data["limit"]
     queryset = queryset.order_by("-created_at", "-pk")
     if after:
-        anchor = queryset.filter(pk=after).values("created_at", "pk").first()
+        try:
+            anchor = queryset.filter(**{cursor_field: after}).values("created_at", "pk").first()
+        except (ValueError, DjangoValidationError):  # not even of the id's type (an integer id)
+            anchor = None
         if anchor is None:
             raise ApiError(f"No object with id {after!r} in this list.", code="invalid_cursor",
                            param="after")

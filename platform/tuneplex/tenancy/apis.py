@@ -5,6 +5,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 
 from tuneplex.core.apis import ApiObjectOutput, OrgApi
+from tuneplex.core.fields import StrictBooleanField, StrictCharField
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import ADMIN, READ, Role
 from tuneplex.tenancy import selectors, services
@@ -25,8 +26,8 @@ class OrganizationApi(OrgApi):
 
     @extend_schema_serializer(component_name="OrganizationUpdateInput")
     class Input(serializers.Serializer):
-        name = serializers.CharField(max_length=200, required=False)
-        auto_deploy = serializers.BooleanField(required=False)
+        name = StrictCharField(max_length=200, required=False)
+        auto_deploy = StrictBooleanField(required=False)
 
     @extend_schema(responses=OrganizationOutput, summary="The caller's organization")
     def get(self, request):
@@ -91,8 +92,7 @@ class InvitationListApi(OrgApi):
 
     @extend_schema_serializer(component_name="InvitationCreateInput")
     class Input(serializers.Serializer):
-        invitee = serializers.CharField(max_length=254,
-                                        help_text="A username or an email address.")
+        invitee = StrictCharField(max_length=254, help_text="A username or an email address.")
         role = serializers.ChoiceField(choices=Role.choices, default=Role.MEMBER)
 
     @extend_schema(responses=InvitationOutput(many=True), summary="List invitations")
