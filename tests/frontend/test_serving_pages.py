@@ -62,14 +62,18 @@ def test_a_deploy_that_fails_shows_why_in_the_row_and_changes_nothing(org_a, ada
 
 
 @pytest.mark.django_db
-def test_viewers_get_no_write_buttons_and_403_when_forging(org_a, adapter_of_a):
+def test_viewers_get_no_write_buttons_and_403_when_forging(org_a, adapter_of_a, settings):
+    settings.ENGINE_REPLICAS = {BASE: ["http://127.0.0.1:9"]}  # a model is served: the role decides
     viewer = browser(add_member(org_a, Role.VIEWER))
     html = viewer.get("/adapters/").content.decode()
     assert adapter_of_a.name in html and "hx-post" not in html
     assert viewer.post(f"/adapters/{adapter_of_a.id}/deploy", **csrf(viewer)).status_code == 403
     assert viewer.post(f"/adapters/{adapter_of_a.id}/undeploy", **csrf(viewer)).status_code == 403
-    assert "cannot run inference" in viewer.get("/playground/").content.decode() or \
-        "No model is being served" in viewer.get("/playground/").content.decode()
+    playground = viewer.get("/playground/").content.decode()
+    assert "cannot run inference" in playground and 'id="playground"' not in playground
+    # The owner, on the same page with the same engine, gets the chat form: the viewer's refusal
+    # above is its role's.
+    assert 'id="playground"' in browser(org_a.owner).get("/playground/").content.decode()
     # Without the CSRF token even the owner is refused.
     assert browser(org_a.owner).post(f"/adapters/{adapter_of_a.id}/deploy").status_code == 403
 
