@@ -118,7 +118,8 @@ def test_a_client_that_goes_away_stops_the_read(web, org_a):
     try:
         with httpx.stream("GET", f"{web.url}/v1/files/{file.id}/content", timeout=60,
                           headers={"Authorization": f"Bearer {org_a.owner_key}"}) as response:
-            assert response.status_code == 200 and len(next(response.iter_raw(MiB))) > 0
+            chunks = response.iter_raw(MiB)  # kept: dropping it would close the connection
+            assert response.status_code == 200 and len(next(chunks)) > 0
             assert open_by(web.process.pid, path)  # being read
         wait_for(lambda: not open_by(web.process.pid, path), timeout=10,
                  message="the web process to close the blob of a download nobody reads")
