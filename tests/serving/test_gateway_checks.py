@@ -7,13 +7,13 @@ the test process attaches to no engine (tests/serving/test_gateway.py runs the r
 from __future__ import annotations
 
 import asyncio
-
 import json
+import time
 
 import pytest
 from django.test import Client
 
-from tests.conftest import add_member, bearer, key_for, make_tenant
+from tests.conftest import add_member, bearer, key_for
 from tests.fixtures.adapter_rows import adapter_row
 from tuneplex.adapters.models import Adapter
 from tuneplex.audit.models import AuditEvent
@@ -32,6 +32,23 @@ def post(key: str | None, body, path: str = "/v1/chat/completions"):
 def error(response) -> tuple[int, str, str | None]:
     body = response.json()["error"]
     return response.status_code, body["code"], body["param"]
+
+
+@pytest.fixture
+def limits_clock(monkeypatch) -> float:
+    """The limiters' clock, fixed in the middle of a one-minute window, so that no window rolls
+    over during a test: the views call ``ratelimit.admit`` (and ``hit``, through it) without a
+    time, and get this one."""
+    from tuneplex.inference import ratelimit
+
+    fixed = time.time() // ratelimit.WINDOW * ratelimit.WINDOW + 30
+    real_admit = ratelimit.admit
+
+    async def admit_at_the_fixed_time(limits, *, now: float | None = None):
+        return await real_admit(limits, now=fixed if now is None else now)
+
+    monkeypatch.setattr(ratelimit, "admit", admit_at_the_fixed_time)
+    return fixed
 
 
 @pytest.fixture
@@ -166,19 +183,20 @@ def test_models_of_other_organizations_are_not_found(org_a, org_b, adapter_of, s
 
 
 @pytest.mark.django_db
-def test_the_rate_limit_is_per_key_and_answers_429_with_retry_after(org_a, settings):
+def test_the_rate_limit_is_per_key_and_answers_429_with_retry_after(org_a, settings, limits_clock):
     settings.INFERENCE_RATE_LIMIT = 2
     settings.ENGINE_REPLICAS = {}
-    other = make_tenant("Other")
+    second_key = key_for(org_a, org_a.owner, ["infer"])  # same organization, same member
     body = {"model": BASE, "messages": CHAT}
     # Counted even when refused later (no engine serves the model in the test process).
     for _ in range(2):
         assert error(post(org_a.owner_key, body))[:2] == (404, "model_not_found")
     limited = post(org_a.owner_key, body)
     assert error(limited)[:2] == (429, "rate_limit_exceeded")
-    assert 1 <= int(limited["Retry-After"]) <= 61
+    assert limited["Retry-After"] == "31"  # the window's 30 s left, rounded up
     assert limited["x-ratelimit-remaining-requests"] == "0"
-    assert post(other.owner_key, body).status_code != 429
+    # The other key of the same organization has its own count, in the same window.
+    assert error(post(second_key, body))[:2] == (404, "model_not_found")
 
 
 @pytest.mark.django_db
@@ -257,36 +275,36 @@ def test_token_budgets_reserve_and_settle_per_organization(settings, store):
     if store == "memory":
         settings.REDIS_URL = ""
 
-    import time
     import uuid
 
     subject, other = f"org:budget-{uuid.uuid4().hex}", f"org:other-{uuid.uuid4().hex}"
-    now = time.time()  # one minute window for the whole test
+    now = time.time() // 60 * 60 + 30  # the middle of one window, for the whole test
 
     async def scenario():
         first = await admit(limits(subject, 600), now=now)
         assert first.refused_by is None and first.tokens.remaining == 400
         refused = await admit(limits(subject, 600), now=now)
         assert refused.refused_by == "tokens" and refused.tokens.remaining == 400
-        assert refused.tokens.reset_after > 0
+        assert refused.tokens.reset_after == 31
         await finish(first, 120)  # it really cost 120
         await finish(first, 0)  # settled once only
         assert (await admit(limits(subject, 600), now=now)).tokens.remaining == 280
         assert (await admit(limits(other, 900), now=now)).refused_by is None  # per organization
         counted = [await hit(f"key:{subject}", subject, 2, now=now) for _ in range(3)]
         assert [v.allowed for v in counted] == [True, True, False]
-        assert counted[1].remaining == 0 and counted[2].reset_after > 0
+        assert counted[1].remaining == 0 and counted[2].reset_after == 31
 
     asyncio.run(scenario())
 
 
 @pytest.mark.django_db
-def test_a_request_beyond_the_token_budget_is_refused_with_headers(org_a, settings, default_model):
+def test_a_request_beyond_the_token_budget_is_refused_with_headers(org_a, settings, default_model,
+                                                                    limits_clock):
     settings.ENGINE_REPLICAS = {BASE: ["http://127.0.0.1:9"]}  # served (nothing listens there)
     settings.ORG_INFERENCE_TOKENS_PER_MINUTE = 100
     response = post(org_a.owner_key, {"model": BASE, "messages": CHAT, "max_tokens": 200})
     assert error(response)[:2] == (429, "token_budget_exceeded")
-    assert int(response["Retry-After"]) > 0
+    assert response["Retry-After"] == "31"
     assert response["x-ratelimit-limit-tokens"] == "100"
 
 
