@@ -127,7 +127,7 @@ def run(args) -> dict:
 
     from tuneplex.finetuning import scheduler
     from tuneplex.finetuning.models import FineTuningJob
-    from tuneplex.finetuning.services import job_cancel, job_create
+    from tuneplex.finetuning.services.lifecycle import job_cancel, job_create
 
     call_command("migrate", verbosity=0)
     call_command("prepare_default_model", verbosity=0)

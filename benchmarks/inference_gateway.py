@@ -232,7 +232,7 @@ def main() -> None:
     from jobs.training.layout import sha256_of
     from tests.fixtures.adapter_rows import adapter_from_dir
     from tuneplex.finetuning.models import FineTuningJob
-    from tuneplex.finetuning.services import job_succeed
+    from tuneplex.finetuning.services.worker_writes import job_succeed
 
     base, organization, key, sources = bench_setup(13)
     logs = settings.DATA_DIR / "logs"

@@ -17,9 +17,11 @@ from tuneplex.core.errors import ApiError
 from tuneplex.core.scopes import TRAIN
 from tuneplex.files.models import File
 from tuneplex.files.selectors import file_list
-from tuneplex.finetuning import selectors, services
+from tuneplex.finetuning import selectors
 from tuneplex.finetuning.estimates import time_estimate
 from tuneplex.finetuning.models import FineTuningJob
+from tuneplex.finetuning.services import lifecycle
+from tuneplex.finetuning.services.plan import job_plan
 
 POLL_SECONDS = 2
 EVENTS_SHOWN = 100
@@ -133,7 +135,7 @@ def job_new(request):
         arguments, errors = _parse(request.POST)
         if not errors:
             try:
-                job = services.job_create(organization=principal.organization, actor=principal,
+                job = lifecycle.job_create(organization=principal.organization, actor=principal,
                                           **arguments)
             except ApiError as exc:
                 errors = field_errors(exc, FORM_FIELDS)
@@ -156,7 +158,7 @@ def job_check(request):
     plan = estimate = None
     if not errors:
         try:
-            plan = services.job_plan(organization=principal.organization, **arguments)
+            plan = job_plan(organization=principal.organization, **arguments)
         except ApiError as exc:
             errors = field_errors(exc, FORM_FIELDS)
         else:
@@ -212,7 +214,7 @@ def job_cancel(request, id: str):
     found = get_or_404(selectors.job_get, organization=principal.organization, job_id=id)
     error = ""
     try:
-        found = services.job_cancel(organization=principal.organization, actor=principal, job=found)
+        found = lifecycle.job_cancel(organization=principal.organization, actor=principal, job=found)
     except ApiError as exc:
         error = exc.message
         found.refresh_from_db()

@@ -146,7 +146,7 @@ def test_the_time_estimate_of_a_dpo_job_counts_the_reference_forward(org_a, defa
                                                                      pairs_of_a):
     from tuneplex.files.models import File
     from tuneplex.finetuning.estimates import time_estimate
-    from tuneplex.finetuning.services import job_plan
+    from tuneplex.finetuning.services.plan import job_plan
 
     def estimate(method_type: str):
         plan = job_plan(organization=org_a.organization, model=MODEL, training_file=pairs_of_a,

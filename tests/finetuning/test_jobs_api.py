@@ -161,7 +161,7 @@ def test_training_curves_are_a_conflict_until_an_attempt_stored_them(org_a, defa
                                                                       pirate_file_of_a, tmp_path):
     from jobs.training.tensorboard import EventWriter
     from tuneplex.core.storage import upload_file
-    from tuneplex.finetuning.services import tensorboard_prefix
+    from tuneplex.core.storage_layout import tensorboard_prefix
 
     job_id = create_job(org_a, model="SmolLM2-135M-Instruct", training_file=pirate_file_of_a).json()["id"]
     client = bearer(org_a.owner_key)
@@ -169,7 +169,8 @@ def test_training_curves_are_a_conflict_until_an_attempt_stored_them(org_a, defa
     assert early.status_code == 409 and early.json()["error"]["code"] == "no_training_curves"
     with EventWriter(tmp_path, suffix="a1") as events:
         events.scalars(1, {"train/loss": 2.0})
-    upload_file(events.path, f"{tensorboard_prefix(FineTuningJob.objects.get(id=job_id))}/{events.path.name}")
+    job = FineTuningJob.objects.get(id=job_id)
+    upload_file(events.path, f"{tensorboard_prefix(job.organization_id, job.id)}/{events.path.name}")
     download = client.get(f"/v1/fine_tuning/jobs/{job_id}/tensorboard")
     assert download.status_code == 200 and download["Content-Type"] == "application/zip"
     import io

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from tuneplex.finetuning import runner
 from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint
-from tuneplex.finetuning.services import StaleAttempt
+from tuneplex.finetuning.services.worker_writes import StaleAttempt
 
 REPO = Path(__file__).resolve().parents[2]
 

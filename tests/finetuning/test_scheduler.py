@@ -12,10 +12,10 @@ from tuneplex.adapters.models import Adapter
 from tuneplex.core.storage import list_prefix, upload_directory
 from tuneplex.finetuning import scheduler
 from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint
-from tuneplex.finetuning.services import (
+from tuneplex.core.storage_layout import checkpoint_prefix
+from tuneplex.finetuning.services.lifecycle import job_fail
+from tuneplex.finetuning.services.worker_writes import (
     StaleAttempt,
-    checkpoint_prefix,
-    job_fail,
     job_holds,
     job_record_checkpoint,
     job_record_metrics,
@@ -184,7 +184,7 @@ def test_only_the_newest_checkpoints_are_kept_in_storage(org_a, default_model, s
     job = queued_job(org_a, default_model, dispatched_at=timezone.now())
     scheduler.claim(job_id=job.id, worker="w1")
     for step in (2, 4, 6):
-        prefix = checkpoint_prefix(job, attempt=1, step=step)
+        prefix = checkpoint_prefix(job.organization_id, job.id, attempt=1, step=step)
         (tmp_path / "trainer_state.json").write_text("{}")
         upload_directory(tmp_path, prefix, ["trainer_state.json"])
         with django_capture_on_commit_callbacks(execute=True):
@@ -199,18 +199,18 @@ def test_only_the_newest_checkpoints_are_kept_in_storage(org_a, default_model, s
     FineTuningJob.objects.filter(id=child.id).update(parent_checkpoint=job.checkpoints.get(step=4))
 
     def save(step: int) -> None:
-        prefix = checkpoint_prefix(job, attempt=1, step=step)
+        prefix = checkpoint_prefix(job.organization_id, job.id, attempt=1, step=step)
         upload_directory(tmp_path, prefix, ["trainer_state.json"])
         with django_capture_on_commit_callbacks(execute=True):
             job_record_checkpoint(job=job, attempt=1, step=step, blob_prefix=prefix, metrics={})
 
     save(8)
     assert sorted(job.checkpoints.values_list("step", flat=True)) == [4, 6, 8]
-    assert list_prefix(checkpoint_prefix(job, attempt=1, step=4))
+    assert list_prefix(checkpoint_prefix(job.organization_id, job.id, attempt=1, step=4))
     FineTuningJob.objects.filter(id=child.id).update(status="succeeded")
     save(10)
     assert sorted(job.checkpoints.values_list("step", flat=True)) == [8, 10]
-    assert not list_prefix(checkpoint_prefix(job, attempt=1, step=4))
+    assert not list_prefix(checkpoint_prefix(job.organization_id, job.id, attempt=1, step=4))
 
 
 def test_a_merge_takes_a_gpu_slot(org_a, default_model, settings,

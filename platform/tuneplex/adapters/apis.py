@@ -8,7 +8,6 @@ from rest_framework.response import Response
 
 from jobs.training.layout import ADAPTER_ARTIFACT_FILES
 from tuneplex.adapters import selectors, services
-from tuneplex.adapters.merging import merged_prefix
 from tuneplex.adapters.models import Adapter
 from tuneplex.core.apis import ApiObjectOutput, OrgApi
 from tuneplex.core.downloads import zip_response
@@ -16,6 +15,7 @@ from tuneplex.core.errors import Conflict
 from tuneplex.core.fields import StrictBooleanField
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import READ, TRAIN
+from tuneplex.core.storage_layout import merged_prefix
 from tuneplex.files.services import artifact_storage
 from tuneplex.inference.pools import is_loaded
 from tuneplex.inference.services import adapter_deploy, adapter_undeploy
@@ -96,7 +96,7 @@ class AdapterMergeApi(OrgApi):
         if adapter.merge_status != Adapter.MergeStatus.SUCCEEDED:
             raise Conflict(f"No merged model yet (merge_status is {adapter.merge_status}); "
                            f"POST to this URL to start one.", code="merge_not_ready")
-        prefix = merged_prefix(adapter)
+        prefix = merged_prefix(adapter.blob_prefix)
         _, files = artifact_storage().listdir(prefix)
         return zip_response(request, [(f"{prefix}/{n}", n) for n in sorted(files)],
                             f"{adapter.id}-merged.zip")

@@ -20,15 +20,12 @@ from jobs.training.layout import ADAPTER_FILES
 from tuneplex.adapters.models import Adapter
 from tuneplex.core import metrics, queue
 from tuneplex.core.storage import delete_prefix, download_directory, upload_directory
+from tuneplex.core.storage_layout import merged_prefix
 from tuneplex.core.redact import client_message
 from tuneplex.core.trainer_env import last_error_line, run_trainer_module
 
 log = logging.getLogger(__name__)
 Merge = Adapter.MergeStatus
-
-
-def merged_prefix(adapter: Adapter) -> str:
-    return f"{adapter.blob_prefix}/merged"
 
 
 def merge_claim(adapter_id: str) -> Adapter | None:
@@ -74,7 +71,7 @@ def _merge(adapter: Adapter, work: Path) -> int:
                                 timeout=settings.MERGE_DEADLINE_SECONDS, home=work)
     if result.returncode != 0:
         raise RuntimeError(last_error_line(result))
-    prefix = merged_prefix(adapter)
+    prefix = merged_prefix(adapter.blob_prefix)
     delete_prefix(prefix)
     merged = work / "merged"
     return upload_directory(merged, prefix,

@@ -15,7 +15,8 @@ from tuneplex.core import queue
 from tuneplex.core.actors import Principal
 from tuneplex.core.errors import Conflict
 from tuneplex.core.storage import upload_directory
-from tuneplex.files.services import storage_quota_check
+from tuneplex.core.storage_layout import adapter_prefix
+from tuneplex.files.selectors import storage_quota_check
 
 
 def adapter_name(*, base_model: str, org_slug: str, suffix: str, job_id: str) -> str:
@@ -33,7 +34,7 @@ def adapter_prepare(*, job, adapter_dir: Path, sha256: str) -> Adapter:
                                         suffix=job.suffix, job_id=job.id),
                       sha256=sha256, rank=int(config["r"]), bytes=0,
                       parent_id=job.parent_adapter_id, lineage=job.lineage or {})
-    adapter.blob_prefix = f"orgs/{job.organization_id}/adapters/{adapter.id}"
+    adapter.blob_prefix = adapter_prefix(job.organization_id, adapter.id)
     adapter.bytes = upload_directory(adapter_dir, adapter.blob_prefix, ADAPTER_ARTIFACT_FILES)
     return adapter
 

@@ -5,7 +5,7 @@ from django.db.models import F, QuerySet, Sum
 from jobs.training.jsonl import (PREFERENCE, LineError, check_record, detect_format, iter_lines,
                                  parse_line, to_example)
 
-from tuneplex.core.errors import NotFound
+from tuneplex.core.errors import ApiError, NotFound
 from tuneplex.core.storage import open_stream
 from tuneplex.files.models import File
 from tuneplex.tenancy.models import Organization
@@ -35,6 +35,18 @@ def storage_used(*, organization: Organization) -> int:
     checkpoints = JobCheckpoint.objects.filter(job__organization=organization).aggregate(
         t=Sum("bytes"))["t"] or 0
     return files + adapters + checkpoints
+
+
+def storage_quota_check(organization: Organization, size: int, *, what: str = "this file",
+                        param: str | None = "file") -> None:
+    """Refuse work that would store ``size`` more bytes (or any, once the quota is used up)."""
+    used = storage_used(organization=organization)
+    quota = organization.storage_quota
+    if used + max(size, 1) > quota:
+        raise ApiError(f"Storing {what} would exceed the organization's storage quota: {used} of "
+                       f"{quota} bytes are used by datasets, adapters, merged exports and "
+                       "checkpoints. Delete what you no longer need.",
+                       code="storage_quota_exceeded", param=param, status=403)
 
 
 PREVIEW_LINE_BYTES = 64 * 1024

@@ -19,8 +19,9 @@ from tuneplex.core import queue
 from tuneplex.core.actors import Principal
 from tuneplex.core.errors import ApiError, Conflict
 from tuneplex.core.storage import artifact_storage
+from tuneplex.core.storage_layout import file_blob_name
 from tuneplex.files.models import File
-from tuneplex.files.selectors import storage_used
+from tuneplex.files.selectors import storage_quota_check
 from tuneplex.tenancy.models import Organization
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ _HASH_CHUNK = 4 * 2**20
 
 def blob_name_for(organization: Organization, file_id: str) -> str:
     """Organization-scoped blob path; ids are generated, so no user text reaches the path."""
-    return f"orgs/{organization.id}/files/{file_id}.jsonl"
+    return file_blob_name(organization.id, file_id)
 
 
 def _sha256(stream: IO[bytes]) -> str:
@@ -93,18 +94,6 @@ def file_create(*, organization: Organization, actor: Principal, upload: Uploade
         storage.delete(stored_name)
         raise
     return record
-
-
-def storage_quota_check(organization: Organization, size: int, *, what: str = "this file",
-                        param: str | None = "file") -> None:
-    """Refuse work that would store ``size`` more bytes (or any, once the quota is used up)."""
-    used = storage_used(organization=organization)
-    quota = organization.storage_quota
-    if used + max(size, 1) > quota:
-        raise ApiError(f"Storing {what} would exceed the organization's storage quota: {used} of "
-                       f"{quota} bytes are used by datasets, adapters, merged exports and "
-                       "checkpoints. Delete what you no longer need.",
-                       code="storage_quota_exceeded", param=param, status=403)
 
 
 def _enqueue_statistics(file_id: str) -> None:

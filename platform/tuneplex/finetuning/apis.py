@@ -12,7 +12,8 @@ from tuneplex.core.errors import Conflict
 from tuneplex.core.fields import StrictCharField, StrictIntegerField
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import READ, TRAIN
-from tuneplex.finetuning import selectors, services
+from tuneplex.finetuning import selectors
+from tuneplex.finetuning.services import lifecycle, plan
 from tuneplex.finetuning.models import FineTuningJob
 
 
@@ -130,9 +131,9 @@ class JobCreateInput(serializers.Serializer):
 
     def validate_method(self, value):
         kind = value.get("type", "supervised")
-        if kind not in services.METHOD_TYPES:
+        if kind not in plan.METHOD_TYPES:
             raise serializers.ValidationError(
-                f"method.type must be one of {', '.join(services.METHOD_TYPES)}.",
+                f"method.type must be one of {', '.join(plan.METHOD_TYPES)}.",
                 code="unsupported_method")
         settings = value.get(kind) or {}
         nested = settings.get("hyperparameters") if isinstance(settings, dict) else None
@@ -157,7 +158,7 @@ class JobListApi(OrgApi):
         method = values.pop("method", None) or {"type": "supervised", "hyperparameters": {}}
         hyperparameters = {**method["hyperparameters"], **(values.pop("hyperparameters", None) or {})}
         values.pop("integrations", None)
-        job = services.job_create(organization=self.organization, actor=self.principal,
+        job = lifecycle.job_create(organization=self.organization, actor=self.principal,
                                   hyperparameters=hyperparameters, method_type=method["type"],
                                   **values)
         return Response(JobOutput(job).data)
@@ -177,7 +178,7 @@ class JobCancelApi(OrgApi):
     @extend_schema(request=None, responses=JobOutput, summary="Cancel a fine-tuning job")
     def post(self, request, id: str):
         job = selectors.job_get(organization=self.organization, job_id=id)
-        job = services.job_cancel(organization=self.organization, actor=self.principal, job=job)
+        job = lifecycle.job_cancel(organization=self.organization, actor=self.principal, job=job)
         return Response(JobOutput(job).data)
 
 

@@ -48,22 +48,19 @@ from tuneplex.core.storage import (
     upload_directory,
     upload_file,
 )
+from tuneplex.core.storage_layout import checkpoint_prefix, tensorboard_prefix
 from tuneplex.core.trainer_env import trainer_command, trainer_environment
 from tuneplex.files.models import File
 from tuneplex.finetuning import gpus, scheduler
 from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint
-from tuneplex.finetuning.services import (
+from tuneplex.finetuning.services.lifecycle import job_fail, job_mark_cancelled, job_requeue
+from tuneplex.finetuning.services.worker_writes import (
     StaleAttempt,
-    checkpoint_prefix,
-    job_fail,
     job_holds,
-    job_mark_cancelled,
     job_record_checkpoint,
     job_record_metrics,
     job_report_event,
-    job_requeue,
     job_succeed,
-    tensorboard_prefix,
 )
 
 log = logging.getLogger(__name__)
@@ -310,7 +307,8 @@ class JobRun:
     def store_curves(self, path: Path) -> None:
         """This attempt's TensorBoard event file, beside the others of the job in storage."""
         try:
-            upload_file(path, f"{tensorboard_prefix(self.job)}/{path.name}")
+            prefix = tensorboard_prefix(self.job.organization_id, self.job.id)
+            upload_file(path, f"{prefix}/{path.name}")
         except Exception:  # noqa: BLE001 - the curves are also in the job's events
             log.exception("storing the training curves of %s failed", self.job.id)
 
@@ -462,7 +460,8 @@ class CheckpointUploader:
 
     def _upload(self, step: int, snapshot: Path, metrics: dict) -> None:
         run = self.run
-        prefix = checkpoint_prefix(run.job, attempt=run.attempt, step=step)
+        prefix = checkpoint_prefix(run.job.organization_id, run.job.id, attempt=run.attempt,
+                                   step=step)
         size = upload_directory(snapshot, prefix, CHECKPOINT_FILES)
         try:
             persist(lambda: job_record_checkpoint(job=run.job, attempt=run.attempt, step=step,

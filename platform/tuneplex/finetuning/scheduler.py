@@ -37,7 +37,13 @@ from tuneplex.core import queue
 from tuneplex.files.models import File
 from tuneplex.files.services import file_statistics_finish
 from tuneplex.finetuning.models import FineTuningJob
-from tuneplex.finetuning.services import job_event, job_fail, job_mark_cancelled, job_requeue
+from tuneplex.finetuning.services.lifecycle import (
+    job_event,
+    job_fail,
+    job_files_validated,
+    job_mark_cancelled,
+    job_requeue,
+)
 
 log = logging.getLogger(__name__)
 Status = FineTuningJob.Status
@@ -147,6 +153,12 @@ def _mark_dispatched(work: Work) -> bool:
                                            ).update(merge_dispatched_at=Now()))
     return bool(FineTuningJob.objects.filter(id=work.id, status=Status.QUEUED,
                                              dispatched_at__isnull=True).update(dispatched_at=Now()))
+
+
+def validated_then_dispatch(job_id: str) -> None:
+    """The file validation task: validating_files → queued, then dispatch into free GPU slots."""
+    if job_files_validated(job_id=job_id) is not None:
+        dispatch()
 
 
 def dispatch() -> list[str]:

@@ -4,6 +4,8 @@ from django.db.models import F, Q, QuerySet, Window
 from django.db.models.functions import Mod, RowNumber
 
 from tuneplex.core.errors import NotFound
+from tuneplex.core.storage import list_prefix
+from tuneplex.core.storage_layout import tensorboard_prefix
 from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint, JobEvent
 from tuneplex.tenancy.models import Organization
 
@@ -29,10 +31,7 @@ def job_checkpoints(*, job: FineTuningJob) -> QuerySet[JobCheckpoint]:
 
 def job_tensorboard_files(*, job: FineTuningJob) -> list[str]:
     """The job's TensorBoard event files in artifact storage (one per attempt), oldest first."""
-    from tuneplex.core.storage import list_prefix
-    from tuneplex.finetuning.services import tensorboard_prefix
-
-    return sorted(list_prefix(tensorboard_prefix(job)))
+    return sorted(list_prefix(tensorboard_prefix(job.organization_id, job.id)))
 
 
 def active_job_using_file(*, file) -> str | None:

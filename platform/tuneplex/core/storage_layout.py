@@ -1,0 +1,38 @@
+"""Where everything lives in artifact storage: the bucket's layout in one place.
+
+    orgs/<organization>/files/<file>.jsonl                         an uploaded dataset
+    orgs/<organization>/adapters/<adapter>/                        a trained adapter's files
+    orgs/<organization>/adapters/<adapter>/merged/                 its merged model
+    orgs/<organization>/jobs/<job>/checkpoints/step-<n>-a<attempt>/  a job's checkpoint
+    orgs/<organization>/jobs/<job>/tensorboard/                    a job's TensorBoard event files
+
+Everything of an organization is under its own prefix; the names are generated ids, so no text
+a tenant chose reaches a path. The functions take ids, not rows, so that every app may use them
+(``tuneplex.core`` imports no app above it).
+"""
+
+from __future__ import annotations
+
+
+def file_blob_name(organization_id: str, file_id: str) -> str:
+    return f"orgs/{organization_id}/files/{file_id}.jsonl"
+
+
+def adapter_prefix(organization_id: str, adapter_id: str) -> str:
+    return f"orgs/{organization_id}/adapters/{adapter_id}"
+
+
+def merged_prefix(adapter_prefix: str) -> str:
+    """The merged model of the adapter stored under ``adapter_prefix``."""
+    return f"{adapter_prefix}/merged"
+
+
+def checkpoint_prefix(organization_id: str, job_id: str, *, attempt: int, step: int) -> str:
+    """The attempt is part of the name, so a superseded worker can never overwrite the files of
+    the attempt that replaced it."""
+    return f"orgs/{organization_id}/jobs/{job_id}/checkpoints/step-{step}-a{attempt}"
+
+
+def tensorboard_prefix(organization_id: str, job_id: str) -> str:
+    """One event file per attempt under it."""
+    return f"orgs/{organization_id}/jobs/{job_id}/tensorboard"
