@@ -1,23 +1,21 @@
-"""Celery tasks. Thin: take ids, re-read rows, call a plain function, return."""
+"""Celery tasks: the platform's work as the broker sees it, by name.
+
+Thin: each task takes ids and makes one call into one platform entry point, which re-reads the
+rows and does the work (tests/platform/test_architecture.py keeps it so). The platform enqueues
+them by name (``tuneplex.core.queue``), never by importing this module.
+"""
 
 from __future__ import annotations
 
-import platform
-
-from django.core.cache import cache
-
 from jobs.celery import app
-
-PING_TTL_SECONDS = 300
 
 
 @app.task(name="tuneplex.ping", ignore_result=True)
 def ping(token: str) -> None:
-    """Proves a worker consumes the queue: leaves the token in the shared cache.
+    """Proves a worker consumes the queue; ``manage.py check_worker`` sends one and waits."""
+    from tuneplex.core.worker_ping import ping_answer
 
-    ``manage.py check_worker`` sends one and waits for it.
-    """
-    cache.set(f"tuneplex:ping:{token}", platform.python_version(), PING_TTL_SECONDS)
+    ping_answer(token)
 
 
 # Idempotent (the row is claimed with a conditional UPDATE), so late acknowledgement is safe:
@@ -36,11 +34,9 @@ def compute_file_statistics(file_id: str) -> None:
 @app.task(name="tuneplex.jobs.validate_files", ignore_result=True, acks_late=True)
 def validate_job_files(job_id: str) -> None:
     """validating_files → queued, then try to dispatch. Idempotent (a conditional UPDATE)."""
-    from tuneplex.finetuning.scheduler import dispatch
-    from tuneplex.finetuning.services import job_files_validated
+    from tuneplex.finetuning.scheduler import validated_then_dispatch
 
-    if job_files_validated(job_id=job_id) is not None:
-        dispatch()
+    validated_then_dispatch(job_id)
 
 
 @app.task(name="tuneplex.jobs.dispatch", ignore_result=True)

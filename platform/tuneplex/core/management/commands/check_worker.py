@@ -1,10 +1,10 @@
 import time
 import uuid
 
-from django.core.cache import cache
 from django.core.management.base import BaseCommand, CommandError
 
 from tuneplex.core import queue
+from tuneplex.core.worker_ping import ping_answered
 
 
 class Command(BaseCommand):
@@ -18,7 +18,7 @@ class Command(BaseCommand):
         started = time.monotonic()
         queue.enqueue(queue.PING, token)
         while time.monotonic() - started < options["timeout"]:
-            version = cache.get(f"tuneplex:ping:{token}")
+            version = ping_answered(token)
             if version is not None:
                 elapsed = time.monotonic() - started
                 self.stdout.write(f"worker answered in {elapsed:.2f}s (Python {version})")
