@@ -27,8 +27,8 @@ if settings.SERVE_STATIC:
     application = StaticFiles(application)
 
 from tuneplex.core.asgi_limits import BodyLimitMiddleware  # noqa: E402 - needs settings loaded
-from tuneplex.core.asgi_metrics import MetricsEndpoint  # noqa: E402
 from tuneplex.core.asgi_request_id import RequestIdAsgi  # noqa: E402
 from tuneplex.inference.asgi import InferenceFastPath  # noqa: E402
+from tuneplex.operations.asgi_metrics import MetricsEndpoint  # noqa: E402
 
 application = RequestIdAsgi(MetricsEndpoint(BodyLimitMiddleware(InferenceFastPath(application))))

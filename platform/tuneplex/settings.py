@@ -90,6 +90,7 @@ INSTALLED_APPS = [
     "tuneplex.adapters",
     "tuneplex.inference",
     "tuneplex.feedback",
+    "tuneplex.operations",  # above the feature apps: /healthz, /readyz, /metrics
     "frontend",
 ]
 

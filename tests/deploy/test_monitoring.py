@@ -25,7 +25,8 @@ from tests.conftest import GatewayProcess, free_port, wait_for
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS = REPO / "deploy/prometheus"
 GRAFANA = REPO / "deploy/grafana"
-SOURCES = [REPO / "platform/tuneplex/core/metrics.py", REPO / "platform/tuneplex/core/metrics_state.py",
+SOURCES = [REPO / "platform/tuneplex/core/metrics.py",
+           REPO / "platform/tuneplex/operations/metrics_state.py",
            REPO / "platform/tuneplex/inference/replica_metrics.py"]
 
 def promtool(*args: str, cwd: Path = PROMETHEUS) -> subprocess.CompletedProcess:

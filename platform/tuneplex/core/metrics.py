@@ -1,15 +1,16 @@
 """The platform's Prometheus metrics: their definitions, who may read them, and the exposition.
 
 Every metric is defined here, once, and recorded where the thing happens (the gateway, the job
-runner, the merge and statistics tasks, the Celery signal hooks in ``jobs/metrics.py``). Three
-kinds of process serve them:
+runner, the merge and statistics tasks, the Celery signal hooks in
+``tuneplex.operations.worker_metrics``). Three kinds of process serve them:
 
-- web processes: ``GET /metrics`` (``tuneplex.core.asgi_metrics``, in front of Django): what
-  this process (or, with PROMETHEUS_MULTIPROC_DIR, every process sharing that folder) recorded,
-  plus the platform's state read at scrape time (``tuneplex.core.metrics_state``: jobs by state,
-  queue depths, GPU slots, storage);
-- Celery workers: an exporter on TUNEPLEX_WORKER_METRICS_PORT (``jobs/metrics.py``), over a
-  folder of the worker's own that its pool processes write to (multi-process mode);
+- web processes: ``GET /metrics`` (``tuneplex.operations.asgi_metrics``, in front of Django):
+  what this process (or, with PROMETHEUS_MULTIPROC_DIR, every process sharing that folder)
+  recorded, plus the platform's state read at scrape time (``tuneplex.operations.metrics_state``:
+  jobs by state, queue depths, GPU slots, storage);
+- Celery workers: an exporter on TUNEPLEX_WORKER_METRICS_PORT
+  (``tuneplex.operations.worker_metrics``), over a folder of the worker's own that its pool
+  processes write to (multi-process mode, ``jobs/metrics.py``);
 - pool agents (``manage.py run_engine``): ``/metrics`` on the agent's port, the replica's
   residency and adapter loads.
 

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def _scrape() -> bytes:
-    from tuneplex.core.metrics_state import PlatformStateCollector
+    from tuneplex.operations.metrics_state import PlatformStateCollector
 
     return metrics.exposition(PlatformStateCollector())
 
