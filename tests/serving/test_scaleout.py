@@ -25,6 +25,7 @@ from tests.fixtures.adapter_rows import adapter_from_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 QUESTION = [{"role": "user", "content": "Tell me about the sea."}]
+NO_EOS = {"0": -100, "2": -100}  # the end-of-text tokens: every answer runs to max_tokens
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +63,17 @@ def api(gateway, key: str) -> httpx.AsyncClient:
                              headers={"Authorization": f"Bearer {key}"})
 
 
-async def stream(gateway, key: str, model: str, max_tokens: int = 8) -> dict:
-    """One streamed chat; what came back, and when it ran."""
+async def stream(gateway, key: str, model: str, max_tokens: int = 8,
+                 on_engine: asyncio.Event | None = None, **extra) -> dict:
+    """One streamed chat; what came back, and when it ran. ``on_engine`` is set when the gateway
+    answers, which it does once an engine has taken the request (its adapter's lease held)."""
     started = time.monotonic()
     async with api(gateway, key) as client:
         async with client.stream("POST", "/chat/completions", json={
-                "model": model, "messages": QUESTION, "max_tokens": max_tokens, "stream": True}) as reply:
+                "model": model, "messages": QUESTION, "max_tokens": max_tokens, "stream": True,
+                **extra}) as reply:
+            if on_engine is not None:
+                on_engine.set()
             if reply.status_code != 200:
                 return {"model": model, "status": reply.status_code, "body": (await reply.aread()).decode()}
             events, first = [], None
@@ -98,6 +104,9 @@ class Sampler(threading.Thread):
             self.halt.wait(0.1)
 
 
+LONG = 48  # tokens a stream: seconds on these CPUs, long enough to be sampled while it runs
+
+
 def test_streams_over_more_adapters_than_slots_with_deploys_and_undeploys(gateways, replicas, tenant):
     rows, key = tenant.rows, tenant.owner_key
     first, late, dropped = rows[:8], rows[8:], rows[0]
@@ -107,28 +116,36 @@ def test_streams_over_more_adapters_than_slots_with_deploys_and_undeploys(gatewa
             for row in first:
                 assert (await admin.post(f"/adapters/{row.id}/deploy", json={})).status_code == 200
         evictions = sum(r.state()["evictions"] for r in replicas)
-        # Streams over the eight through both gateways; mid-run, two more adapters are deployed
-        # (every slot may be leased then: they are staged, and loaded once a slot comes free)
-        # and streamed from, and one of the eight is undeployed.
-        tasks = [asyncio.create_task(stream(gateways[i % 2], key, row.name))
+        # Streams over the eight through both gateways (long ones: 48 tokens each); once every
+        # one is on an engine, two more adapters are deployed (every slot may be leased then:
+        # they are staged, and loaded once a slot comes free) and streamed from, and one of the
+        # eight is undeployed.
+        on_engine = [asyncio.Event() for _ in first]
+        tasks = [asyncio.create_task(stream(gateways[i % 2], key, row.name, LONG,
+                                            on_engine[i], logit_bias=NO_EOS))
                  for i, row in enumerate(first)]
-        await asyncio.sleep(1)
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in on_engine)), timeout=120)
         async with api(gateways[1], key) as admin:
             for row in late:
                 assert (await admin.post(f"/adapters/{row.id}/deploy", json={})).status_code == 200
-            tasks += [asyncio.create_task(stream(gateways[i % 2], key, row.name))
+            tasks += [asyncio.create_task(stream(gateways[i % 2], key, row.name, LONG,
+                                                 logit_bias=NO_EOS))
                       for i, row in enumerate(late * 2)]
             assert (await admin.post(f"/adapters/{dropped.id}/undeploy")).status_code == 200
+        changed = time.monotonic()
         results = await asyncio.gather(*tasks)
-        return results, evictions
+        return results, evictions, changed
 
     sampler = Sampler(replicas)
     sampler.start()
     try:
-        results, evictions_before = asyncio.run(scenario())
+        results, evictions_before, changed = asyncio.run(scenario())
     finally:
         sampler.halt.set()
         sampler.join()
+    for result in results[:len(first)]:
+        # On an engine before the deploys began, and still streaming once the undeploy was done.
+        assert result["status"] == 200 and result["ended"] > changed, result
     for result in results:
         assert result["status"] == 200, result
         assert result["events"][-1] == "[DONE]", result
@@ -136,7 +153,7 @@ def test_streams_over_more_adapters_than_slots_with_deploys_and_undeploys(gatewa
         # While a stream ran, a replica held its adapter the whole time: never evicted while leased.
         during = [loaded for at, loaded in sampler.samples
                   if result["started"] + 0.3 < at < result["ended"] - 0.3]
-        assert all(result["model"] in loaded for loaded in during), result["model"]
+        assert during and all(result["model"] in loaded for loaded in during), result["model"]
     # Ten adapters on eight slots: the pools had to evict to serve them all.
     assert sum(r.state()["evictions"] for r in replicas) > evictions_before
     wait_for(lambda: all(dropped.name not in r.engine_adapters() for r in replicas), timeout=30,
