@@ -60,14 +60,15 @@ def upload_directory(directory: Path, prefix: str, names: Iterable[str]) -> int:
     return total
 
 
-def open_stream(name: str) -> BinaryIO:
+def open_stream(name: str, storage=None) -> BinaryIO:
     """Blob ``name`` opened for reading from its start, without a copy of it anywhere.
 
     django-storages' S3 file downloads the whole object into memory on its first read (its
     spooled file never rolls over to disk by default), so an S3 blob is read from the object's
     body stream instead. FileNotFoundError when there is no such blob, on both backends.
+    ``storage``: another storage than the artifacts' (the pool agents' read-only one).
     """
-    handle = artifact_storage().open(name, "rb")
+    handle = (storage or artifact_storage()).open(name, "rb")
     s3_object = getattr(handle, "obj", None)  # the S3 file's boto3 Object; read nothing yet
     if s3_object is None:
         return handle

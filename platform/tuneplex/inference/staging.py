@@ -19,7 +19,7 @@ from django.core.files.storage import storages
 
 from jobs.training.layout import ADAPTER_FILES, sha256_of, staged_directory
 from serving.adapters import AdapterInfo, AdapterInvalid, validate_adapter
-from tuneplex.core.storage import CHUNK
+from tuneplex.core.storage import CHUNK, open_stream
 
 
 def serving_root() -> Path:
@@ -43,7 +43,7 @@ def stage_adapter(adapter) -> tuple[Path, AdapterInfo]:
                     raise AdapterInvalid(f"The adapter's {name} is missing from artifact storage.",
                                          code="adapter_incomplete")
             for name in ADAPTER_FILES:
-                with storage.open(f"{adapter.blob_prefix}/{name}", "rb") as source, \
+                with open_stream(f"{adapter.blob_prefix}/{name}", storage) as source, \
                         (staging / name).open("wb") as copy:
                     shutil.copyfileobj(source, copy, CHUNK)
             if sha256_of(staging) != adapter.sha256:
