@@ -41,7 +41,7 @@ def adapter_prepare(*, job, adapter_dir: Path, sha256: str) -> Adapter:
 
 def adapter_request_merge(*, organization, actor: Principal, adapter: Adapter) -> Adapter:
     storage_quota_check(organization, 0, what="a merged model", param=None)
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         adapter = Adapter.objects.select_for_update().get(pk=adapter.pk, organization=organization)
         if adapter.merge_status in (Adapter.MergeStatus.QUEUED, Adapter.MergeStatus.RUNNING):
             raise Conflict("A merge of this adapter is already in progress.", code="merge_in_progress")

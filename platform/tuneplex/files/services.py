@@ -81,6 +81,9 @@ def file_create(*, organization: Organization, actor: Principal, upload: Uploade
     try:
         if stored_name != record.blob_name:
             raise RuntimeError(f"storage renamed {record.blob_name} to {stored_name}")
+        # Not durable, unlike the other services that act on commit: feedback_export stores its
+        # dataset through this inside its own transaction (the rows it exports and the file
+        # commit together).
         with transaction.atomic():
             # Lock the organization so concurrent uploads cannot overshoot the quota together.
             Organization.objects.select_for_update().filter(pk=organization.pk).first()
@@ -101,7 +104,7 @@ def _enqueue_statistics(file_id: str) -> None:
 
 
 def file_delete(*, organization: Organization, actor: Principal, file: File) -> None:
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         locked = File.objects.select_for_update().get(pk=file.pk, organization=organization)
         in_use = file_in_use_by(locked)
         if in_use:

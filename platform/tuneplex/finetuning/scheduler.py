@@ -164,7 +164,7 @@ def validated_then_dispatch(job_id: str) -> None:
 def dispatch() -> list[str]:
     """Send fairly chosen jobs and merges to the gpu queue for as long as GPU slots are free."""
     sent: list[Work] = []
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         _lock_scheduler()
         free = settings.GPU_SLOTS - gpu_slots_in_use()
         while free > 0:

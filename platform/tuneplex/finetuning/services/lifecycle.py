@@ -1,6 +1,11 @@
 """A fine-tuning job's lifecycle: created (from a checked plan), files validated, queued,
 cancelled, failed, re-queued; and its events. Scheduling lives in
-:mod:`tuneplex.finetuning.scheduler`, a running attempt's own writes in :mod:`.worker_writes`."""
+:mod:`tuneplex.finetuning.scheduler`, a running attempt's own writes in :mod:`.worker_writes`.
+
+The services here act after their commit (enqueue, dispatch), so their transactions are durable
+(as are the scheduler's dispatch, the worker's checkpoint and success, a merge request and a
+file's deletion): called inside another transaction they raise at once, instead of having their
+side effects wait on the caller's commit, or vanish with its rollback."""
 
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ def job_create(*, organization: Organization, actor: Principal, model: str, trai
         job.parent_adapter, job.parent_checkpoint = parent.adapter, parent.checkpoint
         job.lineage = parent.lineage(job_id=job.id, training_file=train.id,
                                      validation_file=job.validation_file, method_type=method_type)
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         _check_queue_room(organization)
         job.save(force_insert=True)
         job_event(job, f"Created fine-tuning job {job.id}. Estimated peak memory "
@@ -112,7 +117,7 @@ def job_files_validated(*, job_id: str) -> FineTuningJob | None:
 
 
 def job_cancel(*, organization: Organization, actor: Principal, job: FineTuningJob) -> FineTuningJob:
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         job = FineTuningJob.objects.select_for_update().get(pk=job.pk, organization=organization)
         if job.status in FineTuningJob.FINISHED:
             raise Conflict(f"The job has already {job.status}.", code="job_finished")
@@ -145,7 +150,7 @@ def enqueue_dispatch() -> None:
 def job_fail(*, job: FineTuningJob, code: str, message: str, param: str | None = None,
              attempt: int | None = None) -> bool:
     """Fail the job unless it has finished; with ``attempt``, only while that claim holds it."""
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         job = FineTuningJob.objects.select_for_update().get(pk=job.pk)
         if job.status in FineTuningJob.FINISHED or not _still_holds(job, attempt):
             return False
@@ -156,7 +161,7 @@ def job_fail(*, job: FineTuningJob, code: str, message: str, param: str | None =
 
 
 def job_mark_cancelled(*, job: FineTuningJob, attempt: int | None = None) -> None:
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         job = FineTuningJob.objects.select_for_update().get(pk=job.pk)
         if job.status not in FineTuningJob.FINISHED and _still_holds(job, attempt):
             _finish(job, FineTuningJob.Status.CANCELLED)
@@ -178,7 +183,7 @@ def job_requeue(*, job: FineTuningJob, attempt: int | None, reason: str) -> str:
                                   "giving up.")
         return "failed" if failed else ""
     held = {"attempts": attempt} if attempt is not None else {}
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         moved = FineTuningJob.objects.filter(
             id=job.id, status=FineTuningJob.Status.RUNNING, **held
         ).update(status=FineTuningJob.Status.QUEUED, dispatched_at=None, worker="", eta_seconds=None)

@@ -63,7 +63,7 @@ def job_record_checkpoint(*, job: FineTuningJob, attempt: int, step: int, blob_p
     """Record a checkpoint whose files are already in artifact storage, then drop the ones beyond
     the newest TUNEPLEX_JOB_KEEP_CHECKPOINTS (their rows in this transaction, their files after).
     A checkpoint that an unfinished job continues from is kept until that job has finished."""
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         _touch(job.id, attempt)
         replaced = list(JobCheckpoint.objects.filter(job=job, step__gte=step)
                         .exclude(blob_prefix=blob_prefix).values_list("blob_prefix", flat=True))
@@ -99,7 +99,7 @@ def job_succeed(*, job: FineTuningJob, attempt: int, adapter_dir: Path,
     job = FineTuningJob.objects.select_related("organization", "base_model").get(pk=job.pk)
     adapter = adapter_prepare(job=job, adapter_dir=adapter_dir, sha256=result["sha256"])
     try:
-        with transaction.atomic():
+        with transaction.atomic(durable=True):
             _touch(job.id, attempt, status=FineTuningJob.Status.SUCCEEDED, finished_at=Now(),
                    eta_seconds=None, fine_tuned_model=adapter.name,
                    trained_tokens=result.get("trained_tokens"),
