@@ -119,11 +119,13 @@ def test_a_hot_swap_during_concurrent_streams_drops_none(gateway, two_orgs):
     with api(gateway, a.owner_key) as client:
         deploy(client, a.adapter)
 
-    async def stream(model: str) -> tuple[list[str], str | None]:
+    async def stream(model: str, on_engine: asyncio.Event) -> tuple[list[str], str | None, float]:
         async with httpx.AsyncClient(timeout=180) as session:
             async with session.stream("POST", f"{gateway.url}/v1/chat/completions", headers={
                     "Authorization": f"Bearer {a.owner_key}"}, json={
-                    "model": model, "messages": QUESTION, "max_tokens": 24, "stream": True}) as reply:
+                    "model": model, "messages": QUESTION, "max_tokens": 64, "stream": True,
+                    "logit_bias": NO_EOS}) as reply:
+                on_engine.set()  # the gateway answers once the engine has taken the request
                 assert reply.status_code == 200, await reply.aread()
                 events, finish = [], None
                 async for line in reply.aiter_lines():
@@ -132,20 +134,25 @@ def test_a_hot_swap_during_concurrent_streams_drops_none(gateway, two_orgs):
                         if line != "data: [DONE]":
                             for choice in json.loads(line[6:])["choices"]:
                                 finish = choice.get("finish_reason") or finish
-                return events, finish
+                return events, finish, time.monotonic()
 
     async def scenario():
-        streams = [asyncio.create_task(stream(m)) for m in [a.adapter.name, BASE] * 3]
-        await asyncio.sleep(1.5)  # mid-stream: load a new adapter, then take one out
+        on_engine = [asyncio.Event() for _ in range(6)]
+        streams = [asyncio.create_task(stream(model, event))
+                   for model, event in zip([a.adapter.name, BASE] * 3, on_engine)]
+        # Every stream is on the engine: load a new adapter, then take it out.
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in on_engine)), timeout=120)
         async with httpx.AsyncClient(base_url=f"{gateway.url}/v1", timeout=120, headers={
                 "Authorization": f"Bearer {a.owner_key}"}) as admin:
             assert (await admin.post(f"/adapters/{a.other.id}/deploy", json={})).status_code == 200
             assert (await admin.post(f"/adapters/{a.other.id}/undeploy")).status_code == 200
-        return await asyncio.gather(*streams)
+        swapped = time.monotonic()
+        return await asyncio.gather(*streams), swapped
 
-    results = asyncio.run(scenario())
-    for events, finish in results:
-        assert events[-1] == "[DONE]" and finish in ("stop", "length")
+    results, swapped = asyncio.run(scenario())
+    for events, finish, ended in results:
+        assert ended > swapped  # it was still streaming when the swap was over
+        assert events[-1] == "[DONE]" and finish == "length"
         assert len(events) > 3
         # The usage chunk the gateway asks for on the caller's behalf is not passed on.
         assert all('"usage":{' not in e for e in events[:-1])
@@ -211,59 +218,91 @@ def test_an_organization_saturating_its_token_budget_leaves_another_at_its_own_l
     """Alpha floods the gateway far beyond its token budget; once it is saturated (each of its
     four clients' latest answer is a token-budget 429, so none of its requests is on the engine
     and no reservation is left to settle before the window ends), Beta's requests keep succeeding
-    within 1.5x of the median latency they have alone (measured before and after the flood)."""
+    within 1.5x of the median latency they have alone (measured before and after the flood).
+
+    The budget is a fixed one-minute window: when one ends, Alpha's budget comes back and its
+    requests reach the engine again. So Beta is measured only inside one window in which Alpha
+    was saturated before the measurement began and that has time enough left for it; a
+    measurement the window's end overtakes anyway is discarded, and Alpha saturated again in the
+    next window."""
     a, b = two_orgs
-    budget = 800  # tokens a minute, per organization: Alpha is refused after ~15 requests; Beta
-    # (~45 tokens a request) spends at most 16 requests in the flood's window, within its own
+    budget = 800  # tokens a minute, per organization: Alpha is refused after ~17 requests; Beta
+    # (~45 tokens a request) spends at most 16 requests in the window it is measured in
     gateway = GatewayProcess(database_url=test_database_url, engine=engine, extra_env={
         "TUNEPLEX_ORG_INFERENCE_TOKENS_PER_MINUTE": str(budget),
         "TUNEPLEX_INFERENCE_RATE_LIMIT": "0"})  # the per-key request limit would refuse first
     stop = threading.Event()
-    statuses: list[tuple[int, str | None]] = []
-    latest: dict[int, tuple[int, str | None]] = {}
+    sent: list[tuple[float, float, int, str | None]] = []  # Alpha's: sent, answered, status, code
+    latest: dict[int, tuple[float, float, int, str | None]] = {}
     refused = (429, "token_budget_exceeded")
 
+    def window(at: float) -> int:  # the gateway's budget window (ratelimit.WINDOW, same clock)
+        return int(at // 60)
+
     def flood(index: int) -> None:  # up to ~5 requests a second from each of four threads
-        # (20 a second in all, 1,000 times the budget; the refusals share the machine's 2 cores
-        # with Beta's engine, and at 80 a second their own cost alone slowed Beta by half)
+        # (20 a second in all; the refusals share the machine's 2 cores with Beta's engine, and
+        # at 80 a second their own cost alone slowed Beta by half). 8 tokens each: the ~17 that
+        # a window admits are answered within seconds, so Alpha saturates early in a window.
         with api(gateway, a.owner_key) as client:
             while not stop.is_set():
-                reply = chat(client, BASE, max_tokens=32, logit_bias=NO_EOS)
+                started = time.time()
+                reply = chat(client, BASE, max_tokens=8, logit_bias=NO_EOS)
                 code = reply.json()["error"]["code"] if reply.status_code != 200 else None
-                statuses.append((reply.status_code, code))
-                latest[index] = (reply.status_code, code)
+                answer = (started, time.time(), reply.status_code, code)
+                sent.append(answer)
+                latest[index] = answer
                 stop.wait(0.2)
 
-    def admitted() -> int:
-        return sum(1 for status, _ in list(statuses) if status == 200)
+    def saturated_in(current: int) -> bool:
+        """Each client's latest answer is a refusal asked and answered in this window."""
+        answers = list(latest.values())
+        return len(answers) == 4 and all(
+            (status, code) == refused and window(asked) == window(answered) == current
+            for asked, answered, status, code in answers)
+
+    beta_windows: set[int] = set()  # the windows Beta spent some of its own budget in
 
     def beta_latencies(client: httpx.Client, count: int) -> list[float]:
         timings = []
         for _ in range(count):
             started = time.perf_counter()
+            beta_windows.add(window(time.time()))
             reply = chat(client, BASE, max_tokens=8, logit_bias=NO_EOS)
             timings.append(time.perf_counter() - started)
+            beta_windows.add(window(time.time()))
             assert reply.status_code == 200, reply.text
             assert reply.json()["usage"]["completion_tokens"] == 8
         return timings
 
+    measured, discarded = None, 0
     try:
         with api(gateway, b.owner_key) as client_b:
             beta_latencies(client_b, 2)  # warm: the key cache, the connection, the engine
             alone = beta_latencies(client_b, 8)
-            # The budget is a wall-clock minute: flood and measure inside one window, or Alpha's
-            # budget comes back halfway; from its start, so that Beta's requests above count in
-            # the window before (on a slow 2-core machine the CPU engine has taken 40 s to
-            # answer the requests that saturate Alpha, and Beta's eight 16 s more).
-            time.sleep(60 - time.time() % 60 + 0.5)
+            needed = 2 * sum(alone) + 2  # seconds the eight measured requests may take, at most
+
+            def measurable() -> int | None:
+                now = time.time()
+                current = window(now)
+                fits = (current + 1) * 60 - now >= needed
+                fresh = current > max(beta_windows)  # Beta's own budget untouched in it
+                return current if fits and fresh and saturated_in(current) else None
+
             with ThreadPoolExecutor(4) as pool:
                 floods = [pool.submit(flood, index) for index in range(4)]
                 try:
-                    wait_for(lambda: len(latest) == 4 and all(s == refused for s in latest.values()),
-                             timeout=40, message="every client of Alpha to be refused")
-                    before = admitted()
-                    contended = beta_latencies(client_b, 8)
-                    during = admitted() - before
+                    while measured is None:
+                        assert discarded < 3, "the budget window ended during every measurement"
+                        current = wait_for(measurable, timeout=200, interval=0.2, message=(
+                            f"every client of Alpha refused, early enough in a window ({needed:.0f} s"
+                            " left) that Beta has not spent in"))
+                        began = time.time()
+                        contended = beta_latencies(client_b, 8)
+                        ended = time.time()
+                        if window(ended) == current:
+                            measured = (current, began, ended)
+                        else:
+                            discarded += 1  # Alpha's budget came back meanwhile: measure again
                 finally:
                     stop.set()
                     for job in floods:
@@ -271,13 +310,21 @@ def test_an_organization_saturating_its_token_budget_leaves_another_at_its_own_l
             alone += beta_latencies(client_b, 8)
     finally:
         gateway.stop()
+    current, began, ended = measured
+    admitted = [(asked, answered) for asked, answered, status, _ in sent if status == 200]
+    # Alpha's share of the measured window ran on the engine before Beta was measured ...
+    share = sum(1 for asked, answered in admitted if window(asked) == current and answered < began)
+    # ... and none of its requests was admitted while Beta was measured: no answered 200 whose
+    # time at the gateway overlaps the measurement (every request has been answered by now).
+    during = sum(1 for asked, answered in admitted if asked < ended and answered > began)
     alone_p50, contended_p50 = statistics.median(alone), statistics.median(contended)
-    refusals = statuses.count(refused)
+    refusals = sum(1 for *_, status, code in sent if (status, code) == refused)
     print(f"Beta's median alone {alone_p50 * 1000:.0f} ms, with Alpha saturated "
-          f"{contended_p50 * 1000:.0f} ms ({contended_p50 / alone_p50:.2f}x); Alpha: {admitted()} "
-          f"admitted, {refusals} refused")
-    assert before >= 1 and refusals >= 20, (before, refusals)
+          f"{contended_p50 * 1000:.0f} ms ({contended_p50 / alone_p50:.2f}x), measured "
+          f"{began % 60:.0f}-{ended % 60:.0f} s into a window ({discarded} discarded); Alpha: "
+          f"{len(admitted)} admitted ({share} in the measured window), {refusals} refused")
+    assert share >= 1 and refusals >= 20, (share, refusals)
     assert during == 0  # saturated: nothing of Alpha's reached the engine while Beta was measured
-    assert {status for status, _ in statuses} <= {200, 429}  # nothing failed any other way
+    assert {status for _, _, status, _ in sent} <= {200, 429}  # nothing failed any other way
     assert contended_p50 <= 1.5 * alone_p50, \
         f"Beta: {contended_p50:.3f} s with Alpha saturated, {alone_p50:.3f} s alone"
