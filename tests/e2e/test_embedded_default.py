@@ -25,9 +25,8 @@ START_TIMEOUT = 480  # builds nothing here, but starts vLLM (about a minute)
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("embedded")
+def _start(data_dir: Path) -> dict:
+    """deploy/up.sh in a data folder of its own, waited for until it prints that it is ready."""
     port, engine_port = free_port_pair(), free_port_pair()
     environ = {k: v for k, v in os.environ.items()
                if not k.startswith(("TUNEPLEX_", "DATABASE_URL", "REDIS_URL", "DJANGO_"))}
@@ -39,21 +38,43 @@ def embedded(tmp_path_factory):
                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + START_TIMEOUT
-        output = ""
-        while time.monotonic() < deadline:
-            output = (data_dir / "up.log").read_text()
-            if "Tuneplex is ready at" in output or process.poll() is not None:
-                break
+        while time.monotonic() < deadline and process.poll() is None and \
+                "Tuneplex is ready at" not in (data_dir / "up.log").read_text():
             time.sleep(1)
+        output = (data_dir / "up.log").read_text()
         assert "Tuneplex is ready at" in output, output[-4000:]
-        key = re.search(r"api key:\s+(\S+)", output).group(1)
-        password = re.search(r"password:\s+(\S+)", output).group(1)
-        yield {"url": f"http://127.0.0.1:{port}", "key": key, "password": password,
-               "engine_url": f"http://127.0.0.1:{engine_port}",  # the replica's pool agent
-               "vllm_url": f"http://127.0.0.1:{engine_port + 1}",
-               "process": process, "data_dir": data_dir, "output": output}
-    finally:
+    except BaseException:
         _stop(process)
+        raise
+    key = re.search(r"api key:\s+(\S+)", output).group(1)
+    password = re.search(r"password:\s+(\S+)", output).group(1)
+    return {"url": f"http://127.0.0.1:{port}", "key": key, "password": password,
+            "engine_url": f"http://127.0.0.1:{engine_port}",  # the replica's pool agent
+            "vllm_url": f"http://127.0.0.1:{engine_port + 1}",
+            "process": process, "data_dir": data_dir, "output": output}
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    """The module's instance of command 1, started on first use and started again for the next
+    test if one stopped it (Ctrl-C), so that every test stands alone, in any order."""
+    started: list[dict] = []
+
+    def current() -> dict:
+        if not started or started[-1]["process"].poll() is not None:
+            started.append(_start(tmp_path_factory.mktemp("embedded")))
+        return started[-1]
+
+    try:
+        yield current
+    finally:
+        for instance in started:
+            _stop(instance["process"])
+
+
+@pytest.fixture
+def embedded(running) -> dict:
+    return running()
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -83,7 +104,7 @@ def test_it_runs_on_sqlite_and_the_serverless_broker(embedded):
     assert (embedded["data_dir"] / "broker" / "queue").is_dir()
 
 
-def test_a_real_worker_consumes_the_queue(embedded):
+def _worker_answers(embedded) -> None:
     environ = {k: v for k, v in os.environ.items()
                if not k.startswith(("TUNEPLEX_", "DATABASE_URL", "REDIS_URL"))}
     environ["TUNEPLEX_DATA_DIR"] = str(embedded["data_dir"])
@@ -92,6 +113,10 @@ def test_a_real_worker_consumes_the_queue(embedded):
                             text=True, timeout=90)
     assert result.returncode == 0, result.stderr
     assert "worker answered" in result.stdout and "Python 3." in result.stdout
+
+
+def test_a_real_worker_consumes_the_queue(embedded):
+    _worker_answers(embedded)
 
 
 def test_the_printed_key_and_password_work(embedded):
@@ -142,26 +167,37 @@ def test_uploads_over_the_limit_are_refused_before_the_body_is_read(embedded):
 
 
 def test_a_dataset_round_trips_and_an_interrupted_upload_leaves_nothing(embedded):
-    from tests.files.test_interrupted_upload import send_partial_upload
+    from tests.files.test_interrupted_upload import send_upload
     from tests.fixtures.datasets import good_chat
 
     headers = {"Authorization": f"Bearer {embedded['key']}"}
-    send_partial_upload(embedded["url"], embedded["key"], good_chat(20_000), send_fraction=0.3)
-    time.sleep(1)
-    assert httpx.get(embedded["url"] + "/v1/files", headers=headers).json()["data"] == []
     org_blobs = embedded["data_dir"] / "artifacts" / "orgs"
-    assert not org_blobs.exists() or not any(org_blobs.rglob("*.jsonl"))
+
+    def listed() -> list[dict]:
+        return httpx.get(embedded["url"] + "/v1/files", headers=headers).json()["data"]
+
+    def blobs() -> list[Path]:
+        return list(org_blobs.rglob("*.jsonl")) if org_blobs.exists() else []
+
+    content = good_chat(20_000)
+    # Cut off mid-body; the server closing the connection is its signal that it is done with it.
+    cut_off = send_upload(embedded["url"], embedded["key"], content, send_fraction=0.3)
+    assert not cut_off.startswith(b"HTTP/1.1 2"), cut_off[:300]
+    assert listed() == [] and blobs() == []
+    # The positive control: the same upload, sent whole, leaves its file and its blob.
+    completed = send_upload(embedded["url"], embedded["key"], content)
+    assert completed.startswith(b"HTTP/1.1 200"), completed[:300]
+    assert [f["bytes"] for f in listed()] == [len(content)] and len(blobs()) == 1
+
     created = httpx.post(embedded["url"] + "/v1/files", headers=headers,
                          data={"purpose": "fine-tune"}, files={"file": ("d.jsonl", good_chat(20))})
     assert created.status_code == 200 and created.json()["status"] == "processed"
     file_id = created.json()["id"]
     # The embedded worker (filesystem broker) computes statistics.
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        state = httpx.get(f"{embedded['url']}/v1/files/{file_id}", headers=headers).json()
-        if state["statistics_status"] in ("ready", "failed"):
-            break
-        time.sleep(1)
+    state = wait_for(lambda: (s := httpx.get(f"{embedded['url']}/v1/files/{file_id}",
+                                             headers=headers).json())["statistics_status"]
+                     in ("ready", "failed") and s, timeout=120, interval=1,
+                     message="the file's statistics")
     assert state["statistics_status"] == "ready", state
     assert state["statistics"]["examples"] == 20
 
@@ -191,7 +227,7 @@ def test_a_killed_worker_is_started_again_alone(embedded):
     assert {n: p["pid"] for n, p in after.items() if n != "worker-default"} == \
         {n: p["pid"] for n, p in before.items() if n != "worker-default"}
     assert httpx.get(embedded["url"] + "/healthz").status_code == 200
-    test_a_real_worker_consumes_the_queue(embedded)  # the new worker answers
+    _worker_answers(embedded)  # the new worker answers
 
 
 def test_a_killed_engine_is_started_again_alone_and_serves_again(embedded):

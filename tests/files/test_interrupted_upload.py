@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -13,7 +12,12 @@ from tests.fixtures.datasets import good_chat
 from tuneplex.files.models import File
 
 
-def send_partial_upload(url: str, key: str, content: bytes, *, send_fraction: float) -> None:
+def send_upload(url: str, key: str, content: bytes, *, send_fraction: float = 1.0) -> bytes:
+    """POST ``content`` as a dataset over a raw socket (``Connection: close``), stopping after
+    ``send_fraction`` of the body (1: all of it) and then ending the stream (a client cut off
+    mid-body is gone: the server reads the end of its stream); then read until the server closes
+    the connection, its own signal that it is done with the request. Returns what it answered
+    (nothing at all when it just hung up)."""
     boundary = "tuneplexboundary"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.jsonl\"\r\n"
@@ -22,19 +26,32 @@ def send_partial_upload(url: str, key: str, content: bytes, *, send_fraction: fl
     parts = urlsplit(url)
     head = (f"POST /v1/files HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {key}\r\n"
             f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
-    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    reply = b""
+    with socket.create_connection((parts.hostname, parts.port), timeout=60) as sock:
         sock.sendall(head + body[: int(len(body) * send_fraction)])
-        time.sleep(0.5)
-    # closed: the server sees the client disappear mid-body
+        if send_fraction < 1:
+            sock.shutdown(socket.SHUT_WR)
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
 
 
 @pytest.mark.django_db(transaction=True)
-def test_an_interrupted_upload_leaves_nothing(live_server, org_a, settings):
+def test_an_interrupted_upload_leaves_nothing_and_the_same_upload_completed_leaves_a_file(
+        live_server, org_a, settings):
     uploads = Path(settings.FILE_UPLOAD_TEMP_DIR)
+    blobs = Path(settings.ARTIFACTS_DIR) / "orgs" / org_a.organization.id
     before = set(uploads.iterdir())
-    send_partial_upload(live_server.url, org_a.owner_key, good_chat(40_000), send_fraction=0.5)
-    time.sleep(1.5)
+    content = good_chat(40_000)  # megabytes: spooled to a temporary file on the way in
+    cut_off = send_upload(live_server.url, org_a.owner_key, content, send_fraction=0.5)
+    assert cut_off.startswith(b"HTTP/1.1 400"), cut_off[:300]  # no file arrived whole
     assert not File.objects.exists()
-    assert not (Path(settings.ARTIFACTS_DIR) / "orgs" / org_a.organization.id).exists()
+    assert not blobs.exists()
+    assert set(uploads.iterdir()) == before
+    # The positive control: the same upload, sent whole, leaves its row and its blob.
+    completed = send_upload(live_server.url, org_a.owner_key, content)
+    assert completed.startswith(b"HTTP/1.1 200"), completed[:300]
+    file = File.objects.get()
+    assert file.bytes == len(content) and any(p.is_file() for p in blobs.rglob("*"))
     assert set(uploads.iterdir()) == before
