@@ -19,6 +19,9 @@ stock ``transformers.Trainer`` run on real (variable-length) chat data:
   (:func:`jobs.training.memory.plan_activations`, the rule the pre-flight estimate uses)
   checkpoints the fewest leading layers that let each forward pass fit the worker's memory, and
   splits micro-batches into smaller passes only when even every layer checkpointed does not fit;
+  an example too long even then parks checkpointed layers' inputs in host memory
+  (:func:`jobs.training.offload.offloaded_checkpoint`) and then runs the MLP in chunks of the
+  sequence (:mod:`jobs.training.chunked_mlp`);
 * QLoRA and LoRA on a GPU keep the frozen input embedding in host memory
   (:mod:`jobs.training.offload`).
 
