@@ -147,7 +147,7 @@ def _check_messages(messages: list, path: str) -> bool:
                             f"{where} has an unrecognized key '{name}' (allowed: role, content, "
                             "weight, name).", f"{where}.{name}")
         role = message["role"]
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a dict or list is unhashable
             raise LineError("unrecognized_role",
                             f"{where}.role is {role!r}; use system, user or assistant.",
                             f"{where}.role")

@@ -58,6 +58,8 @@ def test_rating_listing_and_exporting_through_the_api(org_a, default_model, sett
                                  {"role": "assistant", "content": "a"}], "rating": 1},
      "invalid_messages", "messages[0].content"),
     ({"model": "M", "messages": exchange(0), "rating": 0}, "invalid_rating", "rating"),
+    ({"model": "M", "messages": [{"role": {}, "content": "q"}, {"role": "assistant", "content": "a"}],
+      "rating": 1}, "invalid_messages", "messages[0].role"),  # found by the fuzzer: a 500
     ({"model": "M", "messages": exchange(0), "rating": "good"}, "invalid_type", "rating"),
     ({"model": "M", "messages": exchange(0), "rating": True}, "invalid_type", "rating"),
     ({"model": 5, "messages": exchange(0), "rating": 1}, "invalid_type", "model"),

@@ -77,6 +77,8 @@ def test_callers_without_a_valid_infer_key_are_refused(org_a):
     ({"model": BASE}, (400, "invalid_messages", "messages")),
     ({"model": BASE, "messages": []}, (400, "invalid_messages", "messages")),
     ({"model": BASE, "messages": [{"content": "no role"}]}, (400, "invalid_messages", "messages[0].role")),
+    ({"model": BASE, "messages": [{"role": {}, "content": None}]},
+     (400, "invalid_messages", "messages[0].role")),  # found by the fuzzer: a 500
     ({"model": BASE, "messages": CHAT, "stream": "yes"}, (400, "invalid_type", "stream")),
     ({"model": BASE, "messages": CHAT, "max_tokens": 10**6}, (400, "max_tokens_out_of_range", "max_tokens")),
     ({"model": BASE, "messages": CHAT, "max_tokens": 0}, (400, "max_tokens_out_of_range", "max_tokens")),

@@ -434,7 +434,8 @@ def parse_body(raw: bytes, endpoint: str) -> dict:
         if not isinstance(messages, list) or not messages:
             raise ApiError("messages must be a non-empty list.", code="invalid_messages", param="messages")
         for index, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in MESSAGE_ROLES:
+            role = message.get("role") if isinstance(message, dict) else None
+            if not isinstance(role, str) or role not in MESSAGE_ROLES:
                 raise ApiError(f"messages[{index}] needs a role, one of {sorted(MESSAGE_ROLES)}.",
                                code="invalid_messages", param=f"messages[{index}].role")
     else:

@@ -12,7 +12,7 @@ Three limits, each 0 for unlimited:
 
 With REDIS_URL the counters live in Redis, shared by every web process: :func:`admit` checks and
 takes all three in one Lua script (atomic, one round trip), :func:`finish` settles the tokens and
-frees the slot in one pipeline. Both run on the event loop (redis' asyncio client), so a request
+frees the slot in another (once per request, however often it is retried). Both run on the event loop (redis' asyncio client), so a request
 costs no thread hop here. Every key of an organization carries one hash tag (``{org:<id>}``), so
 the script's keys lie in one slot of a Redis Cluster. On the embedded default the counters live
 in this process, which is the only web process there.
@@ -126,11 +126,14 @@ return {0, requests, total - tokens}
 """
 
 
+def _prefix(limits: Limits) -> str:
+    return "tuneplex:{" + limits.organization + "}"  # one Redis Cluster slot for the scripts' keys
+
+
 def _keys(limits: Limits, window: int) -> tuple[str, str, str]:
-    tag = "{" + limits.organization + "}"  # one Redis Cluster slot for the script's keys
-    return (f"tuneplex:{tag}:requests:{limits.requester}:{window}",
-            f"tuneplex:{tag}:tokens:{window}",
-            f"tuneplex:{tag}:inflight")
+    prefix = _prefix(limits)
+    return (f"{prefix}:requests:{limits.requester}:{window}", f"{prefix}:tokens:{window}",
+            f"{prefix}:inflight")
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:
@@ -149,7 +152,7 @@ async def admit(limits: Limits, *, now: float | None = None) -> Admission:
         refusal, requests, before = 0, 0, 0  # nothing to count
     elif settings.REDIS_URL:
         keys = _keys(limits, window)
-        _, script = _async_redis(settings.REDIS_URL)
+        _, script, _ = _async_redis(settings.REDIS_URL)
         try:
             refusal, requests, before = await script(keys=keys, args=[
                 limits.requests_per_minute, limits.tokens, limits.tokens_per_minute,
@@ -187,8 +190,9 @@ async def finish(admission: Admission, actual_tokens: int) -> None:
                 _counters[tokens_key] = _counters.get(tokens_key, 0) + delta
             _slots.get(inflight_key, {}).pop(admission.slot, None)
         return
-    settlement = _Settlement(tokens_key, delta, inflight_key if limits.concurrency > 0 else None,
-                             admission.slot, time.monotonic() + limits.stale_after)
+    settlement = _Settlement(tokens_key, delta, window, inflight_key,
+                             f"{_prefix(limits)}:settled:{admission.slot}", admission.slot,
+                             time.monotonic() + limits.stale_after)
     try:
         await settlement.write()
     except _redis_errors() as exc:
@@ -200,18 +204,21 @@ async def finish(admission: Admission, actual_tokens: int) -> None:
 class _Settlement:
     tokens_key: str
     delta: int
-    inflight_key: str | None
+    window: int  # the budget window the tokens were reserved in
+    inflight_key: str
+    mark_key: str  # set once the settlement is written
     slot: str
     give_up_at: float  # monotonic: by then the slot has gone stale by itself
 
     async def write(self) -> None:
-        client, _ = _async_redis(settings.REDIS_URL)
-        async with client.pipeline(transaction=False) as pipe:
-            if self.delta:
-                pipe.incrby(self.tokens_key, self.delta).expire(self.tokens_key, WINDOW + 5)
-            if self.inflight_key is not None:
-                pipe.zrem(self.inflight_key, self.slot)
-            await pipe.execute()
+        """Once only, however often it is tried: an attempt that timed out here may still have
+        reached Redis (its commands were sent), so the script marks the slot settled."""
+        # A window that is over needs no settling (its counter expires with it); writing to it
+        # would only leave a counter of the delta behind.
+        delta = self.delta if self.window == int(time.time() // WINDOW) else 0
+        _, _, settle = _async_redis(settings.REDIS_URL)
+        await settle(keys=[self.tokens_key, self.inflight_key, self.mark_key],
+                     args=[delta, self.slot, WINDOW + 5, WINDOW + 5])
 
 
 _unsettled: list[_Settlement] = []
@@ -257,6 +264,17 @@ async def hit(requester: str, organization: str, limit: int, *, now: float | Non
     return admission.requests
 
 
+# KEYS: the organization's token counter, its in-flight set, the slot's "settled" mark.
+# ARGV: tokens to add (negative: given back), slot, counter ttl, mark ttl.
+_SETTLE = """
+if redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[4]) and tonumber(ARGV[1]) ~= 0 then
+  redis.call('INCRBY', KEYS[1], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+redis.call('ZREM', KEYS[2], ARGV[2])
+return 1
+"""
+
 # KEYS: the address's failure counter. ARGV: limit, ttl, count (1: count a failure, 0: only read).
 _FAILURES = """
 local failures = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -279,7 +297,7 @@ async def failed_authentications(address: str, limit: int, *, count: bool,
         return Verdict(True, 0, 0, reset_after)
     key = f"tuneplex:{{auth:{address}}}:failures:{window}"
     if settings.REDIS_URL:
-        client, _ = _async_redis(settings.REDIS_URL)
+        client, _, _ = _async_redis(settings.REDIS_URL)
         try:
             failures = int(await client.eval(_FAILURES, 1, key, limit, WINDOW + 5, int(count)))
         except _redis_errors():
@@ -294,19 +312,21 @@ async def failed_authentications(address: str, limit: int, *, count: bool,
 
 # --- Redis ----------------------------------------------------------------------------------------
 
-_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> (client, script)
+_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> (client, scripts)
 
 
 def _async_redis(url: str):
     """One asyncio client (and connection pool) per event loop of this process, with the
-    admission script (run by EVALSHA; redis-py loads it again if the server lost it)."""
+    admission and settlement scripts (run by EVALSHA; redis-py loads them again if the server
+    lost them)."""
     import redis.asyncio
 
     loop = asyncio.get_running_loop()
     found = _clients.get(loop)
     if found is None:
         client = redis.asyncio.Redis.from_url(url, socket_timeout=2)
-        found = _clients[loop] = (client, client.register_script(_ADMIT))
+        found = _clients[loop] = (client, client.register_script(_ADMIT),
+                                  client.register_script(_SETTLE))
     return found
 
 
