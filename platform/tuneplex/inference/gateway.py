@@ -611,6 +611,8 @@ async def _answer(endpoint: str, authorization: str | None, raw: bytes, request,
         # The engine always streams, with usage on every chunk: an answer that ends early is
         # settled with what was generated until then (see tuneplex.inference.streams).
         body["stream"], body["stream_options"] = True, streams.engine_stream_options(body)
+        if not stream:  # nobody reads its chunks as they come: fewer, larger ones cost the engine less
+            body["stream_interval"] = streams.PLAIN_REPORT_TOKENS
         response, route = await _send(pool, target, endpoint, body)
     except ApiError as exc:
         await _finish(reservation, 0)

@@ -15,6 +15,10 @@ import json
 from typing import Any
 
 CHAT, COMPLETIONS = "chat/completions", "completions"
+# For a plain (non-streamed) request the engine reports every this many tokens (vLLM's
+# per-request stream_interval; its first and last chunks come at once): a plain request whose
+# client goes away is charged what the engine had reported, at most this many less one short.
+PLAIN_REPORT_TOKENS = 8
 
 
 def engine_stream_options(body: dict) -> dict:
