@@ -10,7 +10,6 @@ import torch
 from jobs.training.memory import (
     GIB,
     HEADROOM,
-    ModelShape,
     adapter_bytes,
     estimate,
     lora_parameters,
@@ -20,9 +19,7 @@ from jobs.training.memory import (
 )
 from jobs.training.offload import HostStash
 from jobs.training.tokenize import TokenizedExample
-
-LLAMA_8B = ModelShape(parameters=8_030_261_248, hidden=4096, intermediate=14336, layers=32,
-                      vocab=128256, heads=32, kv_heads=8)
+from tests.training.test_memory_plan import LLAMA_8B
 
 
 @pytest.fixture(scope="module")
