@@ -130,6 +130,12 @@ STREAM = {"model": BASE, "messages": CHAT, "stream": True}
     ({"tools": {"a": 1}}, (400, "invalid_type", "tools")),
     ({"tools": [{"type": "function", "function": {}}]}, (400, "invalid_type", "tools[0].function")),
     ({"tool_choice": "sometimes"}, (400, "invalid_type", "tool_choice")),
+    # A named choice was a 500 (a dict looked up in a set; found by the fuzzer in CI).
+    ({"tool_choice": {"type": "function", "function": {"name": ""}}},
+     (400, "invalid_value", "tool_choice.function.name")),
+    ({"tools": [{"type": "function", "function": {"name": "add"}}],
+      "tool_choice": {"type": "function", "function": {"name": "sub"}}},
+     (400, "invalid_value", "tool_choice.function.name")),
     ({"parallel_tool_calls": "no"}, (400, "invalid_type", "parallel_tool_calls")),
     ({"messages": [{"role": "user", "content": 5}]}, (400, "invalid_type", "messages[0].content")),
 ])
@@ -335,3 +341,13 @@ def test_an_organization_at_its_concurrency_cap_does_not_hold_up_another(org_a, 
     probe = asyncio.run(admit(limits(subject, 1, concurrency=1, tokens_per_minute=0)))
     assert probe.refused_by is None
     asyncio.run(finish(probe, 0))
+
+
+@pytest.mark.parametrize("choice", ["auto", "none", "required",
+                                    {"type": "function", "function": {"name": "add"}}])
+def test_a_tool_choice_that_names_a_given_tool_passes_the_checks(choice):
+    """The positive control of the named tool_choice 400s above."""
+    from tuneplex.inference.checks import check_options
+
+    check_options({"model": BASE, "messages": CHAT, "tool_choice": choice,
+                   "tools": [{"type": "function", "function": {"name": "add"}}]}, "chat")

@@ -117,22 +117,24 @@ def test_streams_over_more_adapters_than_slots_with_deploys_and_undeploys(gatewa
                 assert (await admin.post(f"/adapters/{row.id}/deploy", json={})).status_code == 200
         evictions = sum(r.state()["evictions"] for r in replicas)
         # Streams over the eight through both gateways (long ones: 48 tokens each); once every
-        # one is on an engine, two more adapters are deployed (every slot may be leased then:
-        # they are staged, and loaded once a slot comes free) and streamed from, and one of the
-        # eight is undeployed.
+        # one is on an engine, one of the eight is undeployed, and two more adapters are deployed
+        # (every slot may be leased then: they are staged, and loaded once a slot comes free) and
+        # streamed from.
         on_engine = [asyncio.Event() for _ in first]
         tasks = [asyncio.create_task(stream(gateways[i % 2], key, row.name, LONG,
                                             on_engine[i], logit_bias=NO_EOS))
                  for i, row in enumerate(first)]
         await asyncio.wait_for(asyncio.gather(*(event.wait() for event in on_engine)), timeout=120)
         async with api(gateways[1], key) as admin:
+            # The undeploy first, while every one of the eight still streams (a single quick
+            # call: the deploys below may take longer than a stream lasts on a busy machine).
+            assert (await admin.post(f"/adapters/{dropped.id}/undeploy")).status_code == 200
+            changed = time.monotonic()
             for row in late:
                 assert (await admin.post(f"/adapters/{row.id}/deploy", json={})).status_code == 200
             tasks += [asyncio.create_task(stream(gateways[i % 2], key, row.name, LONG,
                                                  logit_bias=NO_EOS))
                       for i, row in enumerate(late * 2)]
-            assert (await admin.post(f"/adapters/{dropped.id}/undeploy")).status_code == 200
-        changed = time.monotonic()
         results = await asyncio.gather(*tasks)
         return results, evictions, changed
 
@@ -144,7 +146,7 @@ def test_streams_over_more_adapters_than_slots_with_deploys_and_undeploys(gatewa
         sampler.halt.set()
         sampler.join()
     for result in results[:len(first)]:
-        # On an engine before the deploys began, and still streaming once the undeploy was done.
+        # On an engine before the undeploy began, and still streaming once it was done.
         assert result["status"] == 200 and result["ended"] > changed, result
     for result in results:
         assert result["status"] == 200, result

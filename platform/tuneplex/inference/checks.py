@@ -154,13 +154,16 @@ def _tools(body: dict) -> None:
             if not isinstance(function, dict) or not isinstance(function.get("name"), str):
                 raise _invalid("Each tool needs a function with a name.", f"tools[{index}].function")
     choice = body.get("tool_choice")
-    if choice is None or choice in TOOL_CHOICES:
+    if choice is None or (isinstance(choice, str) and choice in TOOL_CHOICES):
         return
     named = choice.get("function") if isinstance(choice, dict) else None
     if not (isinstance(named, dict) and choice.get("type") == "function"
             and isinstance(named.get("name"), str)):
         raise _invalid("tool_choice must be 'none', 'auto', 'required' or "
                        "{'type': 'function', 'function': {'name': ...}}.", "tool_choice")
+    if named["name"] not in {tool["function"]["name"] for tool in tools or ()}:
+        raise _invalid("tool_choice names a function that is not in tools.",
+                       "tool_choice.function.name", "invalid_value")
 
 
 def _message_contents(body: dict) -> None:
