@@ -33,6 +33,8 @@ PROGRAMS=(
   "worker-default=.venv/bin/celery -A jobs.celery worker --queues default --concurrency 1 --hostname default@%h --loglevel INFO"
   # Dataset statistics (minutes for a large file) kept out of the scheduler's way.
   "worker-statistics=.venv/bin/celery -A jobs.celery worker --queues statistics --concurrency 1 --hostname statistics@%h --loglevel INFO"
+  # Eval runs: minutes of waiting on the serving pool each, kept off the scheduler's queue.
+  "worker-evals=.venv/bin/celery -A jobs.celery worker --queues evals --concurrency 1 --hostname evals@%h --loglevel INFO"
   "worker-gpu=.venv/bin/celery -A jobs.celery worker --queues gpu --concurrency 1 --prefetch-multiplier 1 --hostname gpu@%h --loglevel INFO"
 )
 if [ "$ENGINE_MODE" = spawn ]; then

@@ -72,3 +72,23 @@ def merge_adapter(adapter_id: str) -> None:
     from tuneplex.adapters.merging import run_merge
 
     run_merge(adapter_id)
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+# Late acknowledgement: a run taken by a worker that dies is delivered again. The run row's
+# conditional claim makes a second delivery of a claimed run do nothing; the evals sweep queues a
+# run whose worker went silent again, and the next attempt resumes after the items stored.
+@app.task(name="tuneplex.evals.run", ignore_result=True, acks_late=True)
+def run_eval(run_id: str) -> str:
+    from tuneplex.evals.executor import run_eval
+
+    return run_eval(run_id)
+
+
+@app.task(name="tuneplex.evals.sweep", ignore_result=True)
+def sweep_evals() -> None:
+    """Celery beat, every 10 s: re-queue eval runs whose worker stopped heartbeating."""
+    from tuneplex.evals.executor import sweep
+
+    sweep()

@@ -52,6 +52,9 @@ class EngineSpec:
     env_pass: tuple[str, ...] = ()  # further variables the operator names for the engine
     tls: tuple[str, str] | None = None  # (certificate, key) files: the engine serves https
     reach: str = ""  # the host this node reaches the engine by (default: where it listens)
+    # Requests carry a priority (lower first): the platform's own (eval runs) queue behind the
+    # tenants' interactive ones. Off: first come, first served, and no request may carry one.
+    priority_scheduling: bool = True
 
     @property
     def url(self) -> str:
@@ -67,6 +70,7 @@ def engine_command(spec: EngineSpec) -> list[str]:
             "--enable-lora", "--max-loras", str(spec.max_loras),
             "--max-cpu-loras", str(spec.max_cpu_loras), "--max-lora-rank", str(spec.max_lora_rank),
             "--max-model-len", str(spec.max_model_len),
+            *(("--scheduling-policy", "priority") if spec.priority_scheduling else ()),
             *(("--ssl-certfile", spec.tls[0], "--ssl-keyfile", spec.tls[1]) if spec.tls else ()),
             *spec.extra_args]
 

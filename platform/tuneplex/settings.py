@@ -90,6 +90,7 @@ INSTALLED_APPS = [
     "tuneplex.adapters",
     "tuneplex.inference",
     "tuneplex.feedback",
+    "tuneplex.evals",
     "tuneplex.operations",  # above the feature apps: /healthz, /readyz, /metrics
     "frontend",
 ]
@@ -178,7 +179,8 @@ else:
 # and "gpu" for training and merges, served by one worker process per GPU.
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = {"tuneplex.train.*": {"queue": "gpu"},
-                      "tuneplex.files.statistics": {"queue": "statistics"}}
+                      "tuneplex.files.statistics": {"queue": "statistics"},
+                      "tuneplex.evals.run": {"queue": "evals"}}
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -245,6 +247,10 @@ ENGINE_MAX_MODEL_LEN = env_int("TUNEPLEX_ENGINE_MAX_MODEL_LEN", 2048, minimum=12
 ENGINE_KV_CACHE_GIB = env_int("TUNEPLEX_ENGINE_KV_CACHE_GIB", 1, minimum=1)
 ENGINE_RECONCILE_SECONDS = env_int("TUNEPLEX_ENGINE_RECONCILE_SECONDS", 5, minimum=1)
 ENGINE_TIMEOUT = env_int("TUNEPLEX_ENGINE_TIMEOUT", 600, minimum=1)
+# The engines schedule requests by priority (vLLM's --scheduling-policy priority; the platform
+# starts its own so, and attached engines must be started with that flag): an eval run's
+# requests then wait behind the tenants' interactive ones. Off: first come, first served.
+ENGINE_PRIORITY_SCHEDULING = env_bool("TUNEPLEX_ENGINE_PRIORITY_SCHEDULING", True)
 _default_urls = [f"http://127.0.0.1:{ENGINE_PORT}"] if ENGINE_MODE == "spawn" else []
 _engine_urls = env_list("TUNEPLEX_ENGINE_URLS", _default_urls) if ENGINE_MODE != "off" else []
 if ENGINE_MODE == "attach" and not _engine_urls:
@@ -399,8 +405,29 @@ STATISTICS_DEADLINE_SECONDS = env_int("TUNEPLEX_STATISTICS_DEADLINE_SECONDS", 72
 MERGE_DEADLINE_SECONDS = env_int("TUNEPLEX_MERGE_DEADLINE_SECONDS", 4 * 3600, minimum=60)
 CELERY_BEAT_SCHEDULE = {
     "sweep": {"task": "tuneplex.sweep", "schedule": 10.0},
+    "evals-sweep": {"task": "tuneplex.evals.sweep", "schedule": 10.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+# Eval runs (docs/evaluation.md) answer their items through the serving pool, in the
+# organization's own limits, on the "evals" queue's workers.
+EVAL_MAX_ITEMS = env_int("TUNEPLEX_EVAL_MAX_ITEMS", 10_000, minimum=1)  # items a run
+EVAL_MAX_ITEM_BYTES = env_int("TUNEPLEX_EVAL_MAX_ITEM_BYTES", 256 * 1024, minimum=1024)  # one item's JSON
+# Items a run has in flight at once (samples and judge calls): at most this many of the
+# organization's TUNEPLEX_ORG_INFERENCE_CONCURRENCY slots.
+EVAL_CONCURRENCY = env_int("TUNEPLEX_EVAL_CONCURRENCY", 8, minimum=1, maximum=256)
+EVAL_MAX_TOKENS = env_int("TUNEPLEX_EVAL_MAX_TOKENS", 256, minimum=1)  # a sample's default max_completion_tokens
+ORG_MAX_ACTIVE_EVAL_RUNS = env_int("TUNEPLEX_ORG_MAX_ACTIVE_EVAL_RUNS", 4, minimum=1)  # queued or in progress
+EVAL_HEARTBEAT_SECONDS = env_int("TUNEPLEX_EVAL_HEARTBEAT_SECONDS", 5, minimum=1)
+EVAL_HEARTBEAT_TIMEOUT = env_int("TUNEPLEX_EVAL_HEARTBEAT_TIMEOUT", 60, minimum=5)
+EVAL_MAX_ATTEMPTS = env_int("TUNEPLEX_EVAL_MAX_ATTEMPTS", 3, minimum=1, maximum=20)
+# How long a run waits for an engine that does not answer (replicas down, restarting) before it
+# fails with engine_unavailable; the items graded until then are kept.
+EVAL_ENGINE_WAIT_SECONDS = env_int("TUNEPLEX_EVAL_ENGINE_WAIT_SECONDS", 300, minimum=1)
+# vLLM priority of an eval's requests (higher waits longer; interactive requests have 0).
+EVAL_PRIORITY = env_int("TUNEPLEX_EVAL_PRIORITY", 10, minimum=0, maximum=1000)
 
 
 # --- metrics -------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
 from tuneplex.apikeys import apis as apikeys
 from tuneplex.audit import apis as audit
 from tuneplex.basemodels import apis as basemodels
+from tuneplex.evals import apis as evals
+from tuneplex.evals import grader_apis as graders
 from tuneplex.feedback import apis as feedback
 from tuneplex.adapters import apis as adapters
 from tuneplex.files import apis as files
@@ -87,6 +89,16 @@ api_v1 = [
     path("feedback/export", feedback.FeedbackExportApi.as_view()),
     path("feedback/comparisons", feedback.ComparisonListApi.as_view()),
     path("feedback/preference_export", feedback.PreferenceExportApi.as_view()),
+    path("fine_tuning/alpha/graders/validate", graders.GraderValidateApi.as_view()),
+    path("fine_tuning/alpha/graders/run", graders.GraderRunApi.as_view()),
+    path("evals", evals.EvalListApi.as_view()),
+    path("evals/<oid:eval_id>", evals.EvalDetailApi.as_view()),
+    path("evals/<oid:eval_id>/runs", evals.RunListApi.as_view()),
+    path("evals/<oid:eval_id>/runs/<oid:run_id>", evals.RunDetailApi.as_view()),
+    path("evals/<oid:eval_id>/runs/<oid:run_id>/cancel", evals.RunCancelApi.as_view()),
+    path("evals/<oid:eval_id>/runs/<oid:run_id>/output_items", evals.OutputItemListApi.as_view()),
+    path("evals/<oid:eval_id>/runs/<oid:run_id>/output_items/<oid:output_item_id>",
+         evals.OutputItemDetailApi.as_view()),
     path("base_models", basemodels.BaseModelListApi.as_view()),
     path("base_models/<oid:name>", basemodels.BaseModelDetailApi.as_view()),
 ]

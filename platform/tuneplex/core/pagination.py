@@ -19,13 +19,21 @@ class ListParams(serializers.Serializer):
                                      default=DEFAULT_LIMIT)
 
 
-def list_page(queryset: QuerySet, query_params, *, serializer_class, cursor_field: str = "pk") -> dict:
+class OrderedListParams(ListParams):
+    order = serializers.ChoiceField(choices=["asc", "desc"], required=False,
+                                    help_text="By creation time: asc (oldest first) or desc.")
+
+
+def list_page(queryset: QuerySet, query_params, *, serializer_class, cursor_field: str = "pk",
+              default_order: str | None = None, context: dict | None = None) -> dict:
     """One page of ``queryset``, newest first, keyed by (created_at, id) like OpenAI's lists.
-    ``after`` names an object by ``cursor_field``, the field its API ``id`` shows."""
-    params = ListParams(data=query_params)
+    ``after`` names an object by ``cursor_field``, the field its API ``id`` shows. With
+    ``default_order`` the caller may choose ``order`` (asc or desc), as OpenAI's newer lists do."""
+    params = (OrderedListParams if default_order else ListParams)(data=query_params)
     params.is_valid(raise_exception=True)
     after, limit = params.validated_data.get("after"), params.validated_data["limit"]
-    queryset = queryset.order_by("-created_at", "-pk")
+    ascending = (params.validated_data.get("order") or default_order) == "asc"
+    queryset = queryset.order_by(*(("created_at", "pk") if ascending else ("-created_at", "-pk")))
     if after:
         try:
             anchor = queryset.filter(**{cursor_field: after}).values("created_at", "pk").first()
@@ -34,12 +42,14 @@ def list_page(queryset: QuerySet, query_params, *, serializer_class, cursor_fiel
         if anchor is None:
             raise ApiError(f"No object with id {after!r} in this list.", code="invalid_cursor",
                            param="after")
-        queryset = queryset.filter(
-            Q(created_at__lt=anchor["created_at"])
-            | Q(created_at=anchor["created_at"], pk__lt=anchor["pk"])
-        )
+        if ascending:
+            queryset = queryset.filter(Q(created_at__gt=anchor["created_at"])
+                                       | Q(created_at=anchor["created_at"], pk__gt=anchor["pk"]))
+        else:
+            queryset = queryset.filter(Q(created_at__lt=anchor["created_at"])
+                                       | Q(created_at=anchor["created_at"], pk__lt=anchor["pk"]))
     rows = list(queryset[: limit + 1])
-    data = serializer_class(rows[:limit], many=True).data
+    data = serializer_class(rows[:limit], many=True, context=context or {}).data
     return {"object": "list", "data": data, "has_more": len(rows) > limit,
             "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None}

@@ -5,6 +5,7 @@
     orgs/<organization>/adapters/<adapter>/merged/                 its merged model
     orgs/<organization>/jobs/<job>/checkpoints/step-<n>-a<attempt>/  a job's checkpoint
     orgs/<organization>/jobs/<job>/tensorboard/                    a job's TensorBoard event files
+    orgs/<organization>/evals/runs/<run>/items.jsonl               an eval run's items
 
 Everything of an organization is under its own prefix; the names are generated ids, so no text
 a tenant chose reaches a path. The functions take ids, not rows, so that every app may use them
@@ -36,3 +37,9 @@ def checkpoint_prefix(organization_id: str, job_id: str, *, attempt: int, step: 
 def tensorboard_prefix(organization_id: str, job_id: str) -> str:
     """One event file per attempt under it."""
     return f"orgs/{organization_id}/jobs/{job_id}/tensorboard"
+
+
+def eval_run_items_blob(organization_id: str, run_id: str) -> str:
+    """The items an eval run answers and grades, one JSON object a line, copied there when the
+    run is created (from the request or from an uploaded file)."""
+    return f"orgs/{organization_id}/evals/runs/{run_id}/items.jsonl"

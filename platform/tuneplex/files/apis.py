@@ -59,7 +59,8 @@ class FileOutput(ApiObjectOutput):
 
 class FileUploadInput(serializers.Serializer):
     file = serializers.FileField(allow_empty_file=True, help_text="A JSONL file.")
-    purpose = enum_field(["fine-tune"])(help_text="Must be 'fine-tune'.")
+    purpose = enum_field(["fine-tune", "evals"])(
+        help_text="'fine-tune' (a training dataset) or 'evals' (an eval run's items).")
 
 
 def _filename(upload) -> str:

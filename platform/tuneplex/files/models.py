@@ -13,6 +13,7 @@ class File(models.Model):
 
     class Purpose(models.TextChoices):
         FINE_TUNE = "fine-tune"
+        EVALS = "evals"  # an eval run's items: one {"item": {...}, "sample"?: {...}} a line
 
     class Status(models.TextChoices):
         UPLOADED = "uploaded"  # stored, not yet validated (never visible for long)

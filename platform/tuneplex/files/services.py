@@ -13,7 +13,14 @@ from django.db import transaction
 from django.db.models import Q
 from django.db.models.functions import Now
 
-from jobs.training.jsonl import validate_jsonl
+from jobs.training.jsonl import (
+    LineError,
+    Problem,
+    ValidationReport,
+    iter_lines,
+    parse_line,
+    validate_jsonl,
+)
 from tuneplex.audit.services import audit_record
 from tuneplex.core import queue
 from tuneplex.core.actors import Principal
@@ -54,22 +61,26 @@ def _open_binary(upload: UploadedFile) -> IO[bytes]:
 def file_create(*, organization: Organization, actor: Principal, upload: UploadedFile,
                 purpose: str, filename: str) -> File:
     """Validate the upload (streaming), then store blob and row together, or neither."""
-    if purpose != File.Purpose.FINE_TUNE:
-        raise ApiError(f"Unsupported purpose {purpose!r}; use 'fine-tune'.",
+    if purpose not in File.Purpose.values:
+        raise ApiError(f"Unsupported purpose {purpose!r}; use 'fine-tune' or 'evals'.",
                        code="invalid_purpose", param="purpose")
     size = upload.size
     if size > settings.FILE_UPLOAD_MAX_BYTES:
         raise ApiError(f"The file is {size} bytes; the limit is {settings.FILE_UPLOAD_MAX_BYTES} "
                        "bytes.", code="file_too_large", param="file", status=413)
     with _open_binary(upload) as stream:
-        report = validate_jsonl(stream, max_line_bytes=settings.DATASET_MAX_LINE_BYTES,
-                                min_examples=settings.DATASET_MIN_EXAMPLES)
+        if purpose == File.Purpose.EVALS:
+            report = validate_eval_items(stream, max_line_bytes=settings.DATASET_MAX_LINE_BYTES)
+        else:
+            report = validate_jsonl(stream, max_line_bytes=settings.DATASET_MAX_LINE_BYTES,
+                                    min_examples=settings.DATASET_MIN_EXAMPLES)
         sha256 = _sha256(stream)
+    statistics = report.ok and purpose == File.Purpose.FINE_TUNE
     storage_quota_check(organization, size, what=f"this file ({size} bytes)")  # fail fast
     record = File(organization=organization, filename=filename, purpose=purpose, bytes=size,
                   sha256=sha256, format=report.format or "", validation=report.as_dict(),
                   status=File.Status.PROCESSED if report.ok else File.Status.ERROR,
-                  statistics_status=(File.StatisticsStatus.PENDING if report.ok
+                  statistics_status=(File.StatisticsStatus.PENDING if statistics
                                      else File.StatisticsStatus.NONE),
                   created_by=actor.user if actor.api_key is None else actor.api_key.created_by)
     record.blob_name = blob_name_for(organization, record.id)
@@ -91,12 +102,39 @@ def file_create(*, organization: Organization, actor: Principal, upload: Uploade
             record.save(force_insert=True)
             audit_record(actor=actor, action="file.create", obj=record,
                          metadata={"filename": filename, "bytes": size, "status": record.status})
-            if report.ok:
+            if statistics:
                 transaction.on_commit(lambda: _enqueue_statistics(record.id))
     except BaseException:
         storage.delete(stored_name)
         raise
     return record
+
+
+def validate_eval_items(stream: IO[bytes], *, max_line_bytes: int) -> ValidationReport:
+    """An evals file: each line a JSON object with an ``item`` object (and, for runs that grade
+    answers made elsewhere, a ``sample``). The eval's own item schema is checked when a run uses
+    the file, since one file may serve several evals."""
+    report = ValidationReport(format="eval_items")
+    for number, raw in iter_lines(stream, max_line_bytes=max_line_bytes):
+        report.lines = number
+        if raw is None:
+            report.add(Problem("line_too_long", f"The line is longer than {max_line_bytes} bytes.",
+                               number))
+            continue
+        if not raw.strip():
+            continue
+        try:
+            record = parse_line(raw)
+        except LineError as error:
+            report.add(Problem(error.code, error.message, number))
+            continue
+        if not isinstance(record.get("item"), dict):
+            report.add(Problem("missing_item", "Each line needs an 'item' object.", number, "item"))
+            continue
+        report.examples += 1
+    if report.examples == 0 and report.ok:
+        report.add(Problem("empty_file", "The file has no items.", None))
+    return report
 
 
 def _enqueue_statistics(file_id: str) -> None:

@@ -41,7 +41,6 @@ from serving.engine import auth_headers
 from serving.pool import AdapterLoadError, NoReplicaAvailable
 from tuneplex.adapters.models import Adapter
 from tuneplex.apikeys.authentication import ApiKeyAuthentication
-from tuneplex.basemodels.models import BaseModel
 from tuneplex.basemodels.selectors import served_base_models
 from tuneplex.core.actors import Principal
 from tuneplex.core.apis import timestamp
@@ -49,7 +48,8 @@ from tuneplex.core import metrics
 from tuneplex.core.errors import ApiError, error_body
 from tuneplex.core.scopes import INFER, READ
 from tuneplex.inference import cache, checks, ratelimit, streams, usage
-from tuneplex.inference.pools import EngineUnavailable, pool_for, serves
+from tuneplex.inference.pools import EngineUnavailable, pool_for
+from tuneplex.inference.selectors import ModelNotFound, servable_model
 from tuneplex.tenancy.authentication import OrganizationSessionAuthentication
 
 log = logging.getLogger(__name__)
@@ -74,18 +74,6 @@ def cache_salt(organization_id: str) -> str:
     cached prefixes (whose timing would tell that the same text was sent by someone else)."""
     return hmac.new(settings.SECRET_KEY.encode(), f"cache-salt:{organization_id}".encode(),
                     hashlib.sha256).hexdigest()[:32]
-
-
-class ModelNotFound(ApiError):
-    status = 404
-
-    def __init__(self, model: str, *, deployed_hint: bool = False) -> None:
-        if deployed_hint:
-            super().__init__(f"The model '{model}' is not deployed; deploy it with "
-                             f"POST /v1/adapters/{{id}}/deploy.", code="model_not_deployed", param="model")
-        else:
-            super().__init__(f"The model '{model}' does not exist or you do not have access to it.",
-                             code="model_not_found", param="model")
 
 
 @dataclass(frozen=True)
@@ -208,16 +196,9 @@ def _cached_target(principal: Principal, model: str) -> Target | None:
 
 
 def _lookup(principal: Principal, model: str) -> Target:
-    adapter = (Adapter.objects.filter(organization=principal.organization, name=model)
-               .select_related("base_model").first())
-    if adapter is not None:
-        if not adapter.deployed:
-            raise ModelNotFound(model, deployed_hint=True)
-        # Staged and validated on the replica's own node by its pool agent, not here.
-        return Target(principal, adapter.name, adapter.base_model.name, adapter.id)
-    if serves(model) and BaseModel.objects.filter(name=model, enabled=True).exists():
-        return Target(principal, model, model, None)
-    raise ModelNotFound(model)
+    # An adapter is staged and validated on the replica's own node by its pool agent, not here.
+    found = servable_model(organization=principal.organization, model=model)
+    return Target(principal, found.model, found.base_model, found.adapter_id)
 
 
 class RateLimited(ApiError):
@@ -251,13 +232,13 @@ class ConcurrencyLimited(ApiError):
         self.headers = {"Retry-After": "1"}
 
 
-def _limits(principal: Principal, body: dict, raw: bytes) -> ratelimit.Limits:
+def _limits(principal: Principal, body: dict, raw: bytes, requester: str) -> ratelimit.Limits:
     """What the request may cost (its prompt, about 4 bytes a token, plus max_tokens x n x
-    prompts) and the limits of its key and organization."""
+    prompts) and the limits of its requester (a key, a user, an eval run) and organization."""
     prompts = len(body["prompt"]) if isinstance(body.get("prompt"), list) else 1
     most = body.get("max_completion_tokens") or body.get("max_tokens") or settings.INFERENCE_MAX_TOKENS
     return ratelimit.Limits(
-        requester=_subject(principal), organization=f"org:{principal.organization.id}",
+        requester=requester, organization=f"org:{principal.organization.id}",
         requests_per_minute=settings.INFERENCE_RATE_LIMIT,
         tokens=len(raw) // 4 + most * (body.get("n") or 1) * prompts,
         tokens_per_minute=settings.ORG_INFERENCE_TOKENS_PER_MINUTE,
@@ -366,13 +347,16 @@ async def _who(authorization: str | None, request, address: str | None) -> Princ
 
 
 async def _admit(authorization: str | None, raw: bytes, endpoint: str, request=None,
-                 address: str | None = None) -> tuple[Target, dict, dict, ratelimit.Admission]:
+                 address: str | None = None, inside: Inside | None = None,
+                 ) -> tuple[Target, dict, dict, ratelimit.Admission]:
     """Who asks (401/403, 429 for an address that keeps failing), what (400/413), for which
     model (404), and whether its key's request limit, its organization's token budget and
     concurrency cap let it through (429; every authenticated request counts against the request
     limit). With the key and the model in the admission cache this is one round trip to Redis
-    and no thread; the database is asked, on a bounded pool, only when they are not."""
-    principal = await _who(authorization, request, address)
+    and no thread; the database is asked, on a bounded pool, only when they are not. A request
+    from ``inside`` the platform (an eval run) comes with its principal instead of a key."""
+    principal = inside.principal if inside is not None else await _who(authorization, request, address)
+    requester = inside.requester if inside is not None else requester_of(principal)
     _require(principal, INFER)
     try:
         body = parse_body(raw, endpoint)
@@ -381,12 +365,12 @@ async def _admit(authorization: str | None, raw: bytes, endpoint: str, request=N
         if target is None or not pool_for(target.base_model).refreshed.is_set():
             target = await _blocking(_what_blocking, principal, body["model"], request=request)
     except ApiError:
-        verdict = await ratelimit.hit(_subject(principal), f"org:{principal.organization.id}",
+        verdict = await ratelimit.hit(requester, f"org:{principal.organization.id}",
                                       settings.INFERENCE_RATE_LIMIT)
         if not verdict.allowed:
             raise RateLimited(verdict) from None
         raise
-    admission = await ratelimit.admit(_limits(principal, body, raw))
+    admission = await ratelimit.admit(_limits(principal, body, raw, requester))
     if admission.refused_by is not None:
         raise _refusal(admission)
     headers = {**_limit_headers(admission.requests), **_token_headers(admission.tokens)}
@@ -577,8 +561,38 @@ def _observe(endpoint: str, reply: Reply, started: float, *, stream: bool) -> No
         time.perf_counter() - started)
 
 
+@dataclass(frozen=True)
+class Inside:
+    """A request made by the platform itself on an organization's behalf (an eval run's sample
+    or judge): admitted, limited, routed and settled as the organization's own requests are,
+    under its own requester name (its request limit), with no key."""
+
+    principal: Principal
+    requester: str
+    priority: int = 0  # vLLM's request priority (lower first) where the engine schedules by it
+
+
+async def complete_inside(inside: Inside, endpoint: str, body: dict) -> Reply:
+    """One plain (not streamed) completion for ``inside``; the reply's body is OpenAI's JSON."""
+    if body.get("stream"):
+        raise ValueError("complete_inside answers plain requests only")
+    return await complete(endpoint, authorization=None, raw=json.dumps(body).encode(),
+                          inside=inside)
+
+
+async def finish_inside(timeout: float = 10) -> None:
+    """Before an event loop made for requests from inside ends: its settlements still being
+    retried are written, and its connections (engines, Redis) closed."""
+    await ratelimit.drain(timeout)
+    client = _clients.pop(asyncio.get_running_loop(), None)
+    if client is not None:
+        await client.close()
+    await ratelimit.close_loop_client()
+    await asyncio.to_thread(usage.flush)
+
+
 async def complete(endpoint: str, *, authorization: str | None, raw: bytes, request=None,
-                   address: str | None = None) -> Reply:
+                   address: str | None = None, inside: Inside | None = None) -> Reply:
     """Admit, route, forward and answer one completion request.
 
     Cancelling it (the ASGI fast path does when the client goes away) closes the connection to
@@ -587,7 +601,7 @@ async def complete(endpoint: str, *, authorization: str | None, raw: bytes, requ
     started = time.perf_counter()
     try:
         try:
-            reply = await _answer(endpoint, authorization, raw, request, address, started)
+            reply = await _answer(endpoint, authorization, raw, request, address, started, inside)
         except ratelimit.LimitsUnavailable:
             reply = _error(LimitsUnavailable(), LimitsUnavailable().headers)
     except Exception:  # answered 500 by the caller (the fast path or Django's handler)
@@ -599,12 +613,14 @@ async def complete(endpoint: str, *, authorization: str | None, raw: bytes, requ
 
 
 async def _answer(endpoint: str, authorization: str | None, raw: bytes, request,
-                  address: str | None, started: float) -> Reply:
+                  address: str | None, started: float, inside: Inside | None = None) -> Reply:
     reservation: ratelimit.Admission | None = None
     target: Target | None = None
     try:
         target, body, limit_headers, reservation = await _admit(authorization, raw, endpoint, request,
-                                                                address)
+                                                                address, inside)
+        if inside is not None and inside.priority and settings.ENGINE_PRIORITY_SCHEDULING:
+            body["priority"] = inside.priority
         pool = pool_for(target.base_model)
         asked = body.get("stream_options") or {}
         stream = bool(body.get("stream"))
@@ -826,7 +842,8 @@ async def _lines(response: aiohttp.ClientResponse):
         yield pending.rstrip(b"\r").decode()
 
 
-def _subject(principal: Principal) -> str:
+def requester_of(principal: Principal) -> str:
+    """Whose request limit a request counts against: its key's, or its signed-in user's."""
     return f"key:{principal.api_key.id}" if principal.api_key is not None else f"user:{principal.user.pk}"
 
 

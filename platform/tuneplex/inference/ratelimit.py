@@ -252,6 +252,25 @@ async def _retry_unsettled() -> None:
             attempt = 0
 
 
+async def drain(timeout: float) -> None:
+    """Wait (up to ``timeout`` seconds) for this loop's settlements still being retried: a loop
+    made for one piece of work (an eval run) settles everything before it ends."""
+    retrier = _retrier
+    if retrier is None or retrier.done() or retrier.get_loop() is not asyncio.get_running_loop():
+        return
+    try:
+        await asyncio.wait_for(asyncio.shield(retrier), timeout)
+    except TimeoutError:
+        log.error("%d settlements were still unwritten when their event loop ended", len(_unsettled))
+
+
+async def close_loop_client() -> None:
+    """Close this event loop's Redis client (before the loop ends)."""
+    found = _clients.pop(asyncio.get_running_loop(), None)
+    if found is not None:
+        await found[0].aclose()
+
+
 def unsettled() -> int:
     """Settlements of this process still waiting for Redis (for tests and metrics)."""
     return len(_unsettled)

@@ -80,6 +80,7 @@ class Command(BaseCommand):
                           max_model_len=min(settings.ENGINE_MAX_MODEL_LEN, base.max_sequence_length),
                           kv_cache_gib=settings.ENGINE_KV_CACHE_GIB, api_key=settings.ENGINE_API_KEY,
                           env_pass=settings.ENGINE_ENV_PASS,
+                          priority_scheduling=settings.ENGINE_PRIORITY_SCHEDULING,
                           tls=(settings.ENGINE_TLS_CERT, settings.ENGINE_TLS_KEY) if tls else None,
                           # with TLS, by the name its certificate holds (the advertised one)
                           reach=(advertise or local) if tls else local)

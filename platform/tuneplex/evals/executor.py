@@ -1,0 +1,312 @@
+"""An eval run on a worker: answer each item through the serving pool, grade it, store it.
+
+    claim → read the items not yet stored → in batches: sample and grade (concurrently, at most
+    TUNEPLEX_EVAL_CONCURRENCY requests in flight) → store the batch (fenced) → … → summarize
+
+Every request goes through the gateway's own admission, routing and settlement
+(:func:`tuneplex.inference.gateway.complete_inside`), as the organization, under its token
+budget and concurrency cap, with a lower engine priority than interactive requests. A refusal
+for a limit waits as long as the gateway says and tries again; an engine that does not answer is
+waited for up to TUNEPLEX_EVAL_ENGINE_WAIT_SECONDS, then the run fails with what it has. A run
+whose worker dies is queued again by the sweep and resumes after the items already stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterator
+from itertools import islice
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+import jobs.grading as grading
+from tuneplex.core.actors import Principal
+from tuneplex.core.queue import EVAL_RUN, enqueue
+from tuneplex.core.scopes import INFER
+from tuneplex.core.storage import open_stream
+from tuneplex.evals.models import EvalRun
+from tuneplex.evals.selectors import graded_item_ids
+from tuneplex.evals.worker_writes import (
+    eval_run_claim,
+    eval_run_complete,
+    eval_run_fail,
+    eval_run_heartbeat,
+    eval_run_note,
+    eval_run_record_items,
+    eval_run_requeue_stale,
+)
+from tuneplex.inference.gateway import Inside, complete_inside, finish_inside
+from tuneplex.inference.streams import CHAT
+
+log = logging.getLogger(__name__)
+
+WAIT_CODES = {"rate_limit_exceeded", "token_budget_exceeded", "concurrency_limit_exceeded"}
+UNAVAILABLE = {503}
+# What a judge's sampling_params become in its request (reasoning_effort means nothing to these
+# models and the gateway would refuse it).
+JUDGE_SAMPLING = {"temperature", "top_p", "seed", "max_completion_tokens"}  # no replica, limits service down: waited for, not the item's fault
+
+
+class RunStopped(Exception):
+    """Canceled, deleted or taken over by another attempt: stop without writing."""
+
+
+class EngineGone(Exception):
+    """No engine answered for TUNEPLEX_EVAL_ENGINE_WAIT_SECONDS."""
+
+
+def run_eval(run_id: str) -> str:
+    """The Celery task's body: claim the run and carry it to its end (or to where it stops)."""
+    run = eval_run_claim(run_id=run_id)
+    if run is None:
+        return "not claimed"
+    attempt = run.attempts
+    execution = Execution(run, attempt)
+    try:
+        asyncio.run(execution.execute())
+    except RunStopped:
+        return "stopped"
+    except EngineGone as exc:
+        eval_run_fail(run=run, attempt=attempt, code="engine_unavailable", message=str(exc),
+                      note=execution.summary())
+        return "failed"
+    except Exception:
+        log.exception("eval run %s failed", run_id)
+        eval_run_fail(run=run, attempt=attempt, code="internal_error", message=(
+            "The run failed on the platform's side; the items graded until then are kept. "
+            "Start a new run, and tell the operator if it happens again."),
+            note=execution.summary())
+        return "failed"
+    done = eval_run_complete(run=run, attempt=attempt, note=execution.summary())
+    return "completed" if done else "stopped"
+
+
+def sweep() -> dict[str, list[str]]:
+    """Beat, every 10 s: runs whose worker stopped heartbeating go back to the queue (or fail
+    after TUNEPLEX_EVAL_MAX_ATTEMPTS), and queued runs whose message was lost are sent again."""
+    from datetime import timedelta
+
+    from django.db.models import Q
+    from django.db.models.functions import Now
+
+    done: dict[str, list[str]] = {"requeued": [], "failed": [], "resent": []}
+    stale = Now() - timedelta(seconds=settings.EVAL_HEARTBEAT_TIMEOUT)
+    for run in EvalRun.objects.filter(status=EvalRun.Status.IN_PROGRESS, heartbeat_at__lt=stale):
+        log.warning("eval run %s: its worker stopped heartbeating", run.id)
+        outcome = eval_run_requeue_stale(run=run, attempt=run.attempts,
+                                         max_attempts=settings.EVAL_MAX_ATTEMPTS)
+        done.get(outcome, []).append(run.id)
+    lost = Now() - timedelta(seconds=settings.EVAL_HEARTBEAT_TIMEOUT)
+    for run_id in EvalRun.objects.filter(
+            Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=lost),
+            status=EvalRun.Status.QUEUED, cancel_requested=False).values_list("id", flat=True):
+        EvalRun.objects.filter(pk=run_id, status=EvalRun.Status.QUEUED).update(enqueued_at=Now())
+        enqueue(EVAL_RUN, run_id)
+        done["resent"].append(run_id)
+    return done
+
+
+def _items(run: EvalRun, skip: set[int]) -> Iterator[tuple[int, dict]]:
+    with open_stream(run.items_blob) as stream:
+        for index, raw in enumerate(stream):
+            if index not in skip:
+                yield index, json.loads(raw)
+
+
+class Execution:
+    """One attempt at one run: its state, its requests and its batches."""
+
+    def __init__(self, run: EvalRun, attempt: int) -> None:
+        self.run, self.attempt = run, attempt
+        self.criteria = run.eval.testing_criteria
+        self.source = run.data_source
+        self.inside = Inside(Principal(organization=run.organization, scopes=frozenset({INFER})),
+                             requester=f"evalrun:{run.id}", priority=settings.EVAL_PRIORITY)
+        self.slots = asyncio.Semaphore(settings.EVAL_CONCURRENCY)
+        self.waiting_for = ""
+        self.stopped = asyncio.Event()
+        self.graded = 0  # items this attempt answered and graded
+
+    def summary(self) -> str:
+        return f"Attempt {self.attempt} graded {self.graded} items."
+
+    # --- setup and loop -------------------------------------------------------------------------
+
+    async def execute(self) -> None:
+        heartbeat = asyncio.create_task(self._heartbeats())
+        try:
+            skip = await sync_to_async(graded_item_ids)(run=self.run)
+            await sync_to_async(eval_run_note)(
+                run=self.run, attempt=self.attempt, message=(
+                    f"Attempt {self.attempt} resumes: {len(skip)} of {self.run.items_total} items "
+                    "were graded before." if skip else f"Attempt {self.attempt} started."))
+            items = _items(self.run, skip)
+            size = settings.EVAL_CONCURRENCY * 2
+            while batch := await asyncio.to_thread(lambda: list(islice(items, size))):
+                await self._batch(batch)
+        finally:
+            heartbeat.cancel()
+            await finish_inside()
+
+    async def _batch(self, batch: list[tuple[int, dict]]) -> None:
+        work = asyncio.gather(*(self._item(index, line) for index, line in batch))
+        stop = asyncio.create_task(self.stopped.wait())
+        await asyncio.wait([work, stop], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if self.stopped.is_set():
+            work.cancel()  # closes the engine connections: the engine aborts those requests
+            raise RunStopped
+        stored = await sync_to_async(eval_run_record_items)(run=self.run, attempt=self.attempt,
+                                                           outputs=work.result())
+        if not stored:
+            raise RunStopped
+        self.graded += len(batch)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(settings.EVAL_HEARTBEAT_SECONDS)
+            alive = await sync_to_async(eval_run_heartbeat)(run=self.run, attempt=self.attempt,
+                                                            waiting_for=self.waiting_for)
+            if not alive:
+                self.stopped.set()
+                return
+
+    # --- one item -------------------------------------------------------------------------------
+
+    async def _item(self, index: int, line: dict) -> dict:
+        item = line["item"]
+        if self.source["type"] == "jsonl":
+            text = line["sample"]["output_text"]
+            sample = {"model": line["sample"].get("model") or "", "input": [], "error": None,
+                      "output": [{"role": "assistant", "content": text}], "finish_reason": "",
+                      "usage": None}
+            namespace = grading.sample_namespace(text)
+        else:
+            sample, namespace = await self._sample(item)
+        if sample["error"] is not None:
+            results = [_errored(spec, sample["error"]) for spec in self.criteria]
+        else:
+            results = list(await asyncio.gather(*(self._grade(spec, item, namespace)
+                                                   for spec in self.criteria)))
+        status = ("error" if sample["error"] is not None or any(r.get("error") for r in results)
+                  else "pass" if all(r["passed"] for r in results) else "fail")
+        return {"datasource_item_id": index, "datasource_item": item, "sample": sample,
+                "results": results, "status": status}
+
+    def _messages(self, item: dict) -> list[dict]:
+        template = self.source["input_messages"]
+        if template["type"] == "item_reference":
+            value: object = {"item": item}
+            for part in template["item_reference"].split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if not isinstance(value, list) or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str) for m in value):
+                raise grading.GraderError(
+                    "invalid_item_reference",
+                    f"{template['item_reference']} is not a list of chat messages in this item.",
+                    "input_messages.item_reference")
+            return [{"role": m["role"], "content": m["content"]} for m in value]
+        return [{"role": m["role"], "content": grading.render(m["content"], item=item, sample=None)}
+                for m in template["template"]]
+
+    async def _sample(self, item: dict) -> tuple[dict, dict]:
+        params = dict(self.source.get("sampling_params") or {})
+        params.setdefault("max_completion_tokens", settings.EVAL_MAX_TOKENS)
+        sample = {"model": self.run.model, "input": [], "output": [], "finish_reason": "",
+                  "usage": None, "error": None, "temperature": params.get("temperature", 1.0),
+                  "top_p": params.get("top_p", 1.0), "seed": params.get("seed"),
+                  "max_completion_tokens": params["max_completion_tokens"]}
+        try:
+            sample["input"] = self._messages(item)
+        except grading.GraderError as exc:
+            sample["error"] = {"code": exc.code, "message": exc.message}
+            return sample, grading.sample_namespace("")
+        status, payload = await self._call({"model": self.run.model, "messages": sample["input"],
+                                            **params})
+        if status != 200:
+            error = payload.get("error") or {}
+            sample["error"] = {"code": error.get("code") or "sample_failed",
+                               "message": error.get("message") or f"The model answered {status}."}
+            return sample, grading.sample_namespace("")
+        choice = payload["choices"][0]
+        text = choice["message"].get("content") or ""
+        sample.update(output=[{"role": "assistant", "content": text}],
+                      finish_reason=choice.get("finish_reason") or "",
+                      usage={**_usage(payload), "cached_tokens": 0})
+        return sample, grading.sample_namespace(text, choices=payload["choices"],
+                                                finish_reason=sample["finish_reason"])
+
+    async def _grade(self, spec: dict, item: dict, namespace: dict) -> dict:
+        return await grade_one(spec, item=item, namespace=namespace, call=self._call)
+
+    # --- the requests ---------------------------------------------------------------------------
+
+    async def _call(self, body: dict) -> tuple[int, dict]:
+        """One chat completion; waits out the organization's limits and an engine that is down."""
+        down_since: float | None = None
+        while True:
+            async with self.slots:
+                reply = await complete_inside(self.inside, CHAT, body)
+            try:
+                payload = json.loads(reply.body or b"{}")
+            except ValueError:
+                payload = {}
+            code = (payload.get("error") or {}).get("code") if isinstance(payload, dict) else None
+            if reply.status == 429 and code in WAIT_CODES:
+                self.waiting_for = "the organization's inference limits"
+                await asyncio.sleep(min(float(reply.headers.get("Retry-After") or 1), 30))
+                continue
+            if reply.status in UNAVAILABLE:
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > settings.EVAL_ENGINE_WAIT_SECONDS:
+                    raise EngineGone(f"No engine answered for {settings.EVAL_ENGINE_WAIT_SECONDS} s "
+                                     f"(TUNEPLEX_EVAL_ENGINE_WAIT_SECONDS): "
+                                     f"{(payload.get('error') or {}).get('message', '')}")
+                self.waiting_for = "an engine replica"
+                await asyncio.sleep(2)
+                continue
+            self.waiting_for = ""
+            return reply.status, payload
+
+
+async def grade_one(spec: dict, *, item: dict, namespace: dict, call) -> dict:
+    """One criterion's result (OpenAI's output item result) for one sample; a model grader's
+    judge is asked through ``call(body) -> (status, payload)``. Never raises for the item's
+    sake: what cannot be graded is a result with its error."""
+    try:
+        request = grading.judge_request(spec, item=item, sample=namespace)
+    except grading.GraderError as exc:
+        return _errored(spec, {"code": exc.code, "message": exc.message})
+    answer = None
+    if request is not None:
+        body = {"model": request.model, "messages": request.messages,
+                **{k: v for k, v in request.sampling.items() if k in JUDGE_SAMPLING}}
+        if request.response_format is not None:
+            body["response_format"] = request.response_format
+        status, payload = await call(body)
+        if status == 200:
+            answer = grading.JudgeAnswer(text=payload["choices"][0]["message"].get("content"),
+                                         usage=_usage(payload))
+        else:
+            answer = grading.JudgeAnswer(text=None, error=(payload.get("error") or {}).get(
+                "message") or f"The judge model answered {status}.")
+    result = grading.grade(spec, item=item, sample=namespace, judge=answer).to_result()
+    if request is not None and isinstance(result.get("sample"), dict):
+        result["sample"].setdefault("model", request.model)
+    return result
+
+
+def _usage(payload: dict) -> dict:
+    usage = payload.get("usage") or {}
+    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _errored(spec: dict, error: dict) -> dict:
+    return {"name": spec["name"], "type": spec["type"], "score": 0.0, "passed": False,
+            "sample": None, "error": error}
