@@ -4,10 +4,11 @@ settings, in one process with one model load.
     python3 benchmarks/gpu_step_profile.py --model DIR [--variants today fused ...] [--out DIR]
 
 Chat data from train_throughput.py's generator (steps x batch + 8 examples, micro-batches as the
-trainer forms them), the trainer's own ``_optimizer_step``; each variant starts from the same
-initial adapter and a fresh optimizer, runs ``--steps`` optimizer steps and reports useful
-tokens/s (first step excluded), peak memory, the memory held before the step (weights, adapter),
-the largest forward pass and the per-step losses (so variants can be compared with ``today``).
+trainer forms them), the trainer's own step (``FinetuneRecipe.optimizer_step``); each variant
+starts from the same initial adapter and a fresh optimizer, runs ``--steps`` optimizer steps and
+reports useful tokens/s (first step excluded), peak memory, the memory held before the step
+(weights, adapter), the largest forward pass and the per-step losses (so variants can be compared
+with ``today``).
 Also checks the varlen attention against attending each example separately (fp64 reference),
 measures a bf16 GEMM of the model's shapes, and profiles one step of ``--profile``.
 
@@ -171,7 +172,7 @@ def run_variant(name, model, data, args, pad_id, device, initial, *, profile: bo
     from jobs.training.config import TrainingConfig
     from jobs.training.data import epoch_order, forward_passes, micro_batches
     from jobs.training.kernels import apply_fused_kernels
-    from jobs.training.trainer import apply_checkpoint_plan, _optimizer_step
+    from jobs.training.trainer import FinetuneRecipe, apply_checkpoint_plan
 
     layers, cap, head, addmm, liger, swiglu = VARIANTS[name]
     if liger and not getattr(model, "_profile_liger", False):
@@ -190,6 +191,8 @@ def run_variant(name, model, data, args, pad_id, device, initial, *, profile: bo
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    recipe = FinetuneRecipe.around(model, optimizer, scheduler, data, config=config,
+                                   report=Quiet(), pad_id=pad_id, device=device, forward_cap=cap)
     order = epoch_order(len(data), seed=0, epoch=0)
     groups = micro_batches(data, order, batch_size=args.batch_size, packing=True)[:args.steps]
     torch.cuda.empty_cache()
@@ -208,9 +211,7 @@ def run_variant(name, model, data, args, pad_id, device, initial, *, profile: bo
                 prof.__enter__()
             torch.cuda.synchronize()
             started = time.perf_counter()
-            metrics = _optimizer_step(model, optimizer, scheduler, trainable, [micro], data,
-                                      config=config, pad_id=pad_id, device=device, report=Quiet(),
-                                      max_forward_tokens=cap)
+            metrics = recipe.optimizer_step([micro])
             torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
             tokens.append(metrics["tokens"])

@@ -1,7 +1,8 @@
 """The LoRA / QLoRA trainer: ``train(config, report) -> TrainResult``.
 
-setup → train loop → evaluate → save checkpoint → save adapter. What makes it faster than a
-stock ``transformers.Trainer`` run on real (variable-length) chat data:
+Each attempt runs :class:`FinetuneRecipe`: setup → train loop → evaluate → save checkpoint →
+save adapter → cleanup. What makes it faster than a stock ``transformers.Trainer`` run on real
+(variable-length) chat data:
 
 * padding-free packing (see :mod:`jobs.training.data`): no padding tokens are computed; on CUDA
   each packed example is attended by PyTorch's flash varlen kernel (:mod:`jobs.training.attention`);
@@ -119,26 +120,24 @@ class TrainResult:
     stopped_early: bool = False
 
 
-# --- entry point -----------------------------------------------------------------------------------
+# --- entry point ---------------------------------------------------------------------------------
 
 
 def train(config: TrainingConfig, report: Reporter) -> TrainResult:
-    """Train, retrying once with half the micro-batch if the GPU runs out of memory."""
+    """Train (:class:`FinetuneRecipe`), retrying once with half the micro-batch if the GPU runs
+    out of memory."""
     with Path(config.train_file).open("rb") as stream:
         n_examples = sum(1 for _ in read_examples(stream))
     config = resolve_auto(config, int(n_examples * (1 - config.validation_split)))
     world = distributed.current()
     graphed = False
     try:
-        return _train_once(config, report)
+        return _attempt(config, report)
     except torch.OutOfMemoryError as exc:
         graphed = getattr(exc, GRAPHED_OOM, False)
         # Across several processes a retry would need every rank to agree first; one GPU only.
         if not graphed and (config.batch_size <= 1 or world.distributed):
             raise
-    finally:
-        if world.distributed:
-            distributed.close()
     # Retry outside the except block: inside it, the exception's traceback still holds the failed
     # attempt's model, optimizer and activations, and the retry would run out of memory too
     # (seen on an H100: both attempts failed until this moved here).
@@ -161,7 +160,410 @@ def train(config: TrainingConfig, report: Reporter) -> TrainResult:
                  data={"oom_retry": True, "batch_size": retry.batch_size,
                        "gradient_accumulation_steps": retry.gradient_accumulation_steps,
                        "cuda_graphs": not graphed})
-    return _train_once(retry, report)
+    return _attempt(retry, report)
+
+
+def _attempt(config: TrainingConfig, report: Reporter) -> TrainResult:
+    """One run of the recipe, start to end; its process group is left whatever happens."""
+    recipe = FinetuneRecipe(config, report)
+    try:
+        recipe.setup()
+        recipe.train()
+        return recipe.save()
+    finally:
+        recipe.cleanup()
+
+
+# --- the recipe ----------------------------------------------------------------------------------
+
+
+class FinetuneRecipe:
+    """One attempt at a LoRA / QLoRA job, in the shape of torchtune's recipes
+    (``recipes/lora_finetune_single_device.py``): :meth:`setup` (device, data, model and
+    optimizer, memory plan, schedule, resume), :meth:`train` (the loop), :meth:`evaluate`,
+    :meth:`save_checkpoint`, :meth:`save` (the adapter and the result) and :meth:`cleanup`.
+
+    The objective, supervised next-token loss or DPO, comes from the config
+    (:func:`objective_for`); the recipe holds what the steps share. Everything it reports goes
+    through ``report`` (:class:`Reporter`), from small methods outside the loop's body.
+    """
+
+    def __init__(self, config: TrainingConfig, report: Reporter) -> None:
+        self.config = config
+        self.report = report
+        self.world = distributed.current()  # one process, or this rank of a torchrun job
+        self.objective = objective_for(config)
+        self.state = ckpt.TrainerState()
+        self.stopped_early = False
+        # Set by setup() (or around()):
+        self.device = torch.device("cpu")
+        self.pad_id = 0
+        self.examples: list = []  # training examples (or DPO pairs)
+        self.validation: list = []
+        self.sharded = False  # the model split across the ranks (FSDP2, jobs.training.sharding)
+        self.model: Any = None
+        self.trainable: list[torch.nn.Parameter] = []
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+        self.available: int | None = None  # the GPU memory budget (None on the CPU)
+        self.plan: ActivationPlan | None = None
+        self.forward_cap: int | None = None  # tokens a forward pass may hold (split micro-batches)
+        self.graphed: graphs.GraphedPasses | None = None  # passes replayed from CUDA graphs
+        self.steps_per_epoch = 0
+        self.total_steps = 0
+
+    @classmethod
+    def around(cls, model, optimizer, scheduler, examples, *, config: TrainingConfig,
+               report: Reporter, pad_id: int, device: torch.device,
+               forward_cap: int | None = None) -> FinetuneRecipe:
+        """A recipe around a model and optimizer made elsewhere (a test's, a benchmark's), ready
+        for :meth:`optimizer_step` without :meth:`setup`."""
+        recipe = cls(config, report)
+        recipe.model, recipe.optimizer, recipe.scheduler = model, optimizer, scheduler
+        recipe.trainable = [p for p in model.parameters() if p.requires_grad]
+        recipe.examples, recipe.pad_id, recipe.device = examples, pad_id, device
+        recipe.forward_cap = forward_cap
+        return recipe
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Everything before the first step, in order; each part reports what it decided."""
+        self._setup_device()
+        self._setup_data()
+        self._setup_model()
+        self._setup_memory_plan()
+        self._setup_schedule()
+        self._report_start()
+
+    def _setup_device(self) -> None:
+        self.device = _device(self.config, self.world)
+        distributed.init(self.world, self.device)
+        if self.config.method == "qlora" and self.device.type != "cuda":
+            raise RuntimeError("QLoRA needs a CUDA GPU; this job was accepted for one")
+        torch.manual_seed(self.config.seed)
+
+    def _setup_data(self) -> None:
+        from jobs.training.tokenize import load_tokenizer
+
+        config = self.config
+        tokenizer = load_tokenizer(Path(config.base_model_dir))
+        self.pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                       else tokenizer.eos_token_id)
+        data = load_data(train_file=config.train_file, validation_file=config.validation_file,
+                         validation_split=config.validation_split, tokenizer=tokenizer,
+                         max_seq_len=config.max_seq_len,
+                         assistant_only_loss=config.assistant_only_loss, seed=config.seed)
+        if not data.train:
+            raise ValueError("no training examples with target tokens")
+        dpo = config.objective == "dpo"
+        if self._pairs(data.train) != dpo:
+            wanted = "preference pairs" if dpo else "examples, not preference pairs"
+            raise ValueError(f"a {config.objective} job needs {wanted}")
+        self.examples, self.validation = data.train, data.validation
+        if data.truncated or data.dropped_without_targets:
+            self.report.event(
+                f"{data.truncated} example(s) truncated to {config.max_seq_len} tokens; "
+                f"{data.dropped_without_targets} dropped with nothing left to learn.",
+                level="warning", data={"truncated": data.truncated,
+                                       "dropped": data.dropped_without_targets})
+
+    @staticmethod
+    def _pairs(examples) -> bool:
+        return isinstance(examples[0], PreferencePair)
+
+    def _setup_model(self) -> None:
+        """The model with its adapters (sharded across the ranks where the rule says so) and
+        the optimizer of its trainable parameters."""
+        device = self.device
+        bf16 = self.config.method == "qlora" or _use_bf16(self.config, device)  # QLoRA: bf16
+        self.config = config = self.config.replace(
+            packing=_use_packing(self.config, device, bf16), bf16=bf16)
+        self.available = _memory_budget(config, device)
+        self.sharded = _shard(config, self.world, self.available, bf16, device)
+        self.model = model = load_model(
+            config, device, attention=_attention(config.packing, device, bf16),
+            sharded=self.sharded, world=self.world)
+        model.train()
+        self.trainable = [p for p in model.parameters() if p.requires_grad]  # same on every rank
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate,
+                                           weight_decay=config.weight_decay,
+                                           fused=device.type == "cuda" and not self.sharded)
+        # new weights: new copies of them (jobs.training.projections)
+        self.optimizer.register_step_post_hook(lambda *_: forget_copies(model))
+
+    def _setup_memory_plan(self) -> None:
+        """What each pass recomputes (the memory plan), and the CUDA graphs where they are
+        wanted and fit, captured before the first step."""
+        config, model, examples = self.config, self.model, self.examples
+        graphed = _graphs_wanted(model, config, examples, self.world, self.device, self.report)
+        plan = _activation_plan(model, config, examples, self.trainable, self.device,
+                                self.available, graphed=graphed)
+        if graphed and (plan.split or plan.estimate.total > (self.available or 0) * HEADROOM):
+            # graphs keep a pass's activations for the job: where even the most recomputation
+            # does not fit whole passes beside them, the eager passes' plan (they free theirs)
+            graphed = False
+            plan = _activation_plan(model, config, examples, self.trainable, self.device,
+                                    self.available)
+            if config.cuda_graphs:
+                self.report.event("cuda_graphs is on, but whole passes do not fit the memory "
+                                  "budget beside the graphs' pool: the passes run without them.",
+                                  level="warning", data={"cuda_graphs": 0})
+        _report_plan(plan, self.available, self.report)
+        self.plan = plan
+        self.forward_cap = plan.forward_tokens if plan.split else None
+        if graphed:
+            with _marking_oom(True):
+                self.graphed = _graphed_passes(model, config, examples, self.trainable,
+                                               self.device, plan, self.pad_id, self.report)
+
+    def _setup_schedule(self) -> None:
+        """Steps, the learning-rate schedule, and the checkpoint to resume from."""
+        config = self.config
+        micro_per_epoch = math.ceil(len(self.examples) / config.batch_size)
+        self.steps_per_epoch = math.ceil(micro_per_epoch / config.gradient_accumulation_steps)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.scheduler = _scheduler(config, self.optimizer, self.total_steps)
+        if config.resume_from:
+            self.state = ckpt.load_checkpoint(Path(config.resume_from), model=self.model,
+                                              optimizer=self.optimizer, scheduler=self.scheduler)
+            self.report.event(f"Resumed from checkpoint at step {self.state.step}.",
+                              data={"resumed_from_step": self.state.step})
+
+    def _report_start(self) -> None:
+        config, world = self.config, self.world
+        n_trainable = sum(p.numel() for p in self.trainable)
+        self.report.event(
+            f"Training {config.method} r={config.lora_rank} ({config.objective}) on "
+            f"{len(self.examples)} {'pairs' if self._pairs(self.examples) else 'examples'} "
+            f"({len(self.validation)} for evaluation): {config.epochs} epoch(s), "
+            f"{self.total_steps} steps, micro-batch {config.batch_size} x accumulation "
+            f"{config.gradient_accumulation_steps}, lr {config.learning_rate:g}, "
+            f"{n_trainable:,} trainable parameters on {self.device.type}"
+            + (f" x {world.size} processes "
+               f"({'sharded, FSDP2' if self.sharded else 'data-parallel'})."
+               if world.distributed else "."),
+            data={"total_steps": self.total_steps, "trainable_parameters": n_trainable,
+                  "hyperparameters": {"epochs": config.epochs, "batch_size": config.batch_size,
+                                      "learning_rate": config.learning_rate}})
+
+    # --- train -------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Optimizer steps until the last one, an early stop or a cancel request (Cancelled);
+        after each step its metrics, an evaluation and a checkpoint when they are due."""
+        state = self.state
+        started = time.monotonic() - state.elapsed_seconds
+        while state.step < self.total_steps and not self.stopped_early:
+            for group in self._steps_left_in_epoch():
+                step_started = time.monotonic()
+                with _marking_oom(self.graphed is not None):
+                    step = self.optimizer_step(group)
+                self._count_step(step, elapsed=time.monotonic() - started)
+                metrics = self._metrics(step, seconds=time.monotonic() - step_started)
+                if self._evaluation_due():
+                    metrics.update(self.evaluate())
+                    self.stopped_early = self._no_longer_improving(metrics["eval_loss"])
+                state.last_metrics = metrics
+                self.report.metrics(metrics)
+                if self._checkpoint_due():
+                    self.save_checkpoint()
+                if distributed.any_rank(self.report.should_stop(), self.world, self.device):
+                    raise Cancelled()
+                if state.step >= self.total_steps or self.stopped_early:
+                    break
+            else:
+                state.epoch += 1
+                state.step_in_epoch = 0
+        if self.stopped_early:
+            self.report.event(f"Stopped early at step {state.step}: eval loss did not improve "
+                              f"for {self.config.early_stopping_patience} evaluation(s).",
+                              data={"early_stop": True})
+
+    def _steps_left_in_epoch(self) -> list[list[list[int]]]:
+        """This epoch's optimizer steps not run yet, each a group of micro-batches (gradient
+        accumulation), in the epoch's seeded order."""
+        config = self.config
+        order = epoch_order(len(self.examples), seed=config.seed, epoch=self.state.epoch)
+        groups = micro_batches(self.examples, order, batch_size=config.batch_size,
+                               packing=config.packing)
+        per_step = config.gradient_accumulation_steps
+        steps = [groups[i:i + per_step] for i in range(0, len(groups), per_step)]
+        return steps[self.state.step_in_epoch:]
+
+    def _count_step(self, step: dict[str, Any], *, elapsed: float) -> None:
+        self.state.step += 1
+        self.state.step_in_epoch += 1
+        self.state.trained_tokens += step.pop("target_tokens")
+        self.state.elapsed_seconds = elapsed
+
+    def _metrics(self, step: dict[str, Any], *, seconds: float) -> dict[str, Any]:
+        """The step's metrics line: the optimizer step's own, then progress and throughput."""
+        state, total = self.state, self.total_steps
+        metrics = {
+            "step": state.step, "total_steps": total, "epoch": state.epoch + 1,
+            **step,
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "tokens_per_second": round(step["tokens"] / max(seconds, 1e-9), 1),
+            "trained_tokens": state.trained_tokens,
+            "elapsed_seconds": round(state.elapsed_seconds, 2),
+            "eta_seconds": round(state.elapsed_seconds / state.step * (total - state.step), 1),
+        }
+        if self.device.type == "cuda":  # this process's peak so far (rank 0's, sharded or not)
+            metrics["gpu_memory_peak_gib"] = round(
+                torch.cuda.max_memory_allocated(self.device) / GIB, 2)
+        return metrics
+
+    def _evaluation_due(self) -> bool:
+        every = self.config.eval_every_steps or self.steps_per_epoch
+        step = self.state.step
+        return bool(self.validation) and (step % every == 0 or step == self.total_steps)
+
+    def _checkpoint_due(self) -> bool:
+        """Every checkpoint_every_steps (or epoch) but the last step (the adapter follows it);
+        sharded, every rank takes part (each gathers its shards), rank 0 writes."""
+        every = self.config.checkpoint_every_steps or self.steps_per_epoch
+        step = self.state.step
+        return ((self.world.main or self.sharded) and step % every == 0
+                and step < self.total_steps)
+
+    def _no_longer_improving(self, eval_loss: float) -> bool:
+        """Early stopping: the eval loss did not improve for early_stopping_patience
+        evaluations (the best so far is kept in the checkpointed state)."""
+        state = self.state
+        if state.best_eval_loss is None or eval_loss < state.best_eval_loss - 1e-6:
+            state.best_eval_loss = eval_loss
+            state.evals_without_improvement = 0
+            return False
+        state.evals_without_improvement += 1
+        patience = self.config.early_stopping_patience
+        return bool(patience and state.evals_without_improvement >= patience)
+
+    # --- one optimizer step ------------------------------------------------------------------
+
+    def optimizer_step(self, group: list[list[int]]) -> dict[str, Any]:
+        """One optimizer step over ``group``'s micro-batches (indices into the examples): this
+        rank's share of them as forward passes, the gradients summed across ranks, clipped and
+        applied. Its metrics: train_loss and the objective's summary, grad_norm, tokens
+        computed, target_tokens."""
+        model, world, device = self.model, self.world, self.device
+        batches = self._forward_batches(group)
+        # The loss is the mean over the whole step's units (target tokens; pairs for DPO), on
+        # every rank: accumulation, splitting into passes and data parallelism do not change
+        # what is optimised.
+        units, targets = (int(n) for n in distributed.sum_across(
+            [sum(self.objective.units(b) for b in batches), sum(b.target_tokens for b in batches)],
+            world, device))
+        sharded = sharding.is_sharded(model)
+        work = [(batch, 1.0) for batch in batches]
+        if sharded:  # every rank runs as many passes as the busiest (each gathers every layer)
+            idle = collate(sequences_of([self.examples[group[0][0]]]),
+                           packing=self.config.packing, pad_id=self.pad_id)
+            work += [(idle, 0.0)] * (distributed.most_across(len(batches), world, device)
+                                     - len(batches))
+        totals, tokens, padding = self._accumulate(work, units)
+        if not sharded:  # sharded, the last backward pass reduce-scattered the gradients
+            distributed.sum_gradients(self.trainable, world)
+        totals, tokens = _sum_tallies(totals, tokens, world, device)
+        # An infinite norm measures without clipping (sharded gradients need the collective norm).
+        max_norm = self.config.max_grad_norm
+        grad_norm = sharding.gathered(torch.nn.utils.clip_grad_norm_(
+            self.trainable, max_norm if max_norm > 0 else math.inf))
+        self.optimizer.step()
+        self.scheduler.step()
+        # graphed passes add into the same gradient tensors
+        self.optimizer.zero_grad(set_to_none=self.graphed is None)
+        summary = self.objective.summary(totals, units)
+        return {"train_loss": summary.pop("loss"), **summary,
+                "grad_norm": round(float(grad_norm), 4), "tokens": tokens, "target_tokens": targets,
+                **({"graph_padding_tokens": padding} if self.graphed is not None else {})}
+
+    def _forward_batches(self, group: list[list[int]]) -> list[Batch]:
+        """This rank's share of a step's micro-batches (in micro-batches of the same size), each
+        split into forward passes of at most ``forward_cap`` tokens where the plan says so."""
+        config, examples = self.config, self.examples
+        if self.world.distributed:
+            indices = [i for micro in group for i in micro]
+            share = distributed.shard(indices, [len(examples[i].input_ids) for i in indices],
+                                      self.world)
+            group = [share[i:i + config.batch_size]
+                     for i in range(0, len(share), config.batch_size)]
+        passes = [part for micro in group for part in (
+            forward_passes(micro, examples, max_tokens=self.forward_cap, packing=config.packing)
+            if self.forward_cap else [micro])]
+        return [collate(sequences_of(examples[i] for i in part), packing=config.packing,
+                        pad_id=self.pad_id) for part in passes]
+
+    def _accumulate(self, work: list[tuple[Batch, float]], units: int
+                    ) -> tuple[dict[str, float], int, int]:
+        """The forward and backward passes of one step, each pass's loss weighted by
+        weight / units into the gradients: the objective's tallies and the tokens of the passes
+        that count (weight > 0), and the tokens the graphed passes computed as padding."""
+        totals: dict[str, float] = dict.fromkeys(self.objective.TALLIES, 0.0)
+        tokens = padding = 0
+        for index, (batch, weight) in enumerate(work):
+            if self.graphed is not None:  # replayed from a CUDA graph (supervised: loss, correct)
+                loss, correct = self.graphed.run(batch, weight / units)
+                tallies = {"loss": loss, "correct": correct}
+                padding += graphs.bucket(batch.tokens) - batch.tokens
+            else:
+                if self.plan is not None:
+                    _apply_plan_for(self.model, self.plan, batch.input_ids.numel())
+                # sharded: reduce the gradients once, at the end
+                sharding.set_gradient_sync(self.model, index == len(work) - 1)
+                loss_sum, tallies = self.objective.forward(self.model, batch.to(self.device))
+                (loss_sum * (weight / units)).backward()
+            if weight:
+                _add(totals, tallies)
+                tokens += batch.tokens
+            if not self.world.distributed and self.report.should_stop():  # ranks: between steps
+                raise Cancelled()
+        return totals, tokens, padding
+
+    # --- evaluate, save, cleanup -------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """The objective's eval_ metrics over the validation examples (see :func:`evaluate`)."""
+        with _marking_oom(self.graphed is not None):
+            return evaluate(self.model, self.validation, batch_size=self.config.batch_size,
+                            packing=bool(self.config.packing), pad_id=self.pad_id,
+                            device=self.device, objective=self.objective, world=self.world)
+
+    def save_checkpoint(self) -> None:
+        """A resumable checkpoint of this step (sharded, every rank gathers; rank 0 writes),
+        reported, and the oldest beyond the newest KEEP_CHECKPOINTS removed."""
+        directory = Path(self.config.output_dir) / "checkpoints"
+        path = directory / f"step-{self.state.step}"
+        write = self.world.main
+        ckpt.save_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                             scheduler=self.scheduler, state=self.state, write=write)
+        if not write:
+            return
+        self.report.checkpoint(self.state.step, str(path), self.state.last_metrics)
+        old = sorted(directory.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        for stale in old[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def save(self) -> TrainResult:
+        """The adapter beside the configuration it was trained with (rank 0 writes it;
+        sharded, after every rank gathered it), and the run's result."""
+        adapter_dir = Path(self.config.output_dir) / "adapter"
+        main = self.world.main
+        if main or self.sharded:
+            ckpt.save_adapter(self.model, adapter_dir, config_json=self.config.to_json(),
+                              write=main)
+        return TrainResult(status="succeeded", adapter_dir=str(adapter_dir),
+                           sha256=ckpt.sha256_of(adapter_dir) if main else "",
+                           steps=self.state.step, trained_tokens=self.state.trained_tokens,
+                           config=_as_dict(self.config), final_metrics=self.state.last_metrics,
+                           stopped_early=self.stopped_early)
+
+    def cleanup(self) -> None:
+        """Leave the process group (a torchrun job); nothing to do in one process."""
+        if self.world.distributed:
+            distributed.close()
 
 
 # --- setup ---------------------------------------------------------------------------------------
@@ -492,7 +894,7 @@ def _report_plan(plan: ActivationPlan, available: int | None, report: Reporter) 
                        "memory_budget_bytes": available})
 
 
-# --- the loop ------------------------------------------------------------------------------------
+# --- forward passes and objectives ---------------------------------------------------------------
 
 
 def _varlen(device: torch.device, bf16: bool) -> bool:
@@ -624,240 +1026,6 @@ def evaluate(model, examples, *, batch_size: int, packing: bool, pad_id: int,
     model.train()
     totals, units = _sum_tallies(totals, units, world, device)
     return {f"eval_{name}": value for name, value in objective.summary(totals, units).items()}
-
-
-def _train_once(config: TrainingConfig, report: Reporter) -> TrainResult:
-    # setup -----------------------------------------------------------------------------------
-    world = distributed.current()  # one process, or this rank of a torchrun job
-    device = _device(config, world)
-    distributed.init(world, device)
-    if config.method == "qlora" and device.type != "cuda":
-        raise RuntimeError("QLoRA needs a CUDA GPU; this job was accepted for one")
-    torch.manual_seed(config.seed)
-    from jobs.training.tokenize import load_tokenizer
-
-    tokenizer = load_tokenizer(Path(config.base_model_dir))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    data = load_data(train_file=config.train_file, validation_file=config.validation_file,
-                     validation_split=config.validation_split, tokenizer=tokenizer,
-                     max_seq_len=config.max_seq_len, assistant_only_loss=config.assistant_only_loss,
-                     seed=config.seed)
-    if not data.train:
-        raise ValueError("no training examples with target tokens")
-    pairs = isinstance(data.train[0], PreferencePair)
-    if pairs != (config.objective == "dpo"):
-        raise ValueError(f"a {config.objective} job needs "
-                         f"{'preference pairs' if config.objective == 'dpo' else 'examples, not preference pairs'}")
-    if data.truncated or data.dropped_without_targets:
-        report.event(f"{data.truncated} example(s) truncated to {config.max_seq_len} tokens; "
-                     f"{data.dropped_without_targets} dropped with nothing left to learn.",
-                     level="warning", data={"truncated": data.truncated,
-                                            "dropped": data.dropped_without_targets})
-    bf16 = config.method == "qlora" or _use_bf16(config, device)  # QLoRA computes in bf16
-    config = config.replace(packing=_use_packing(config, device, bf16), bf16=bf16)
-    available = _memory_budget(config, device)
-    sharded = _shard(config, world, available, bf16, device)
-    model = load_model(config, device, attention=_attention(config.packing, device, bf16),
-                       sharded=sharded, world=world)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]  # the same on every rank
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
-                                  weight_decay=config.weight_decay,
-                                  fused=device.type == "cuda" and not sharded)
-    optimizer.register_step_post_hook(lambda *_: forget_copies(model))  # new weights: new copies
-    graphed = _graphs_wanted(model, config, data.train, world, device, report)
-    plan = _activation_plan(model, config, data.train, trainable, device, available,
-                            graphed=graphed)
-    if graphed and (plan.split or plan.estimate.total > available * HEADROOM):
-        # graphs keep a pass's activations for the job: where even the most recomputation does
-        # not fit whole passes beside them, the eager passes' plan (they free theirs) runs
-        graphed = False
-        plan = _activation_plan(model, config, data.train, trainable, device, available)
-        if config.cuda_graphs:
-            report.event("cuda_graphs is on, but whole passes do not fit the memory budget "
-                         "beside the graphs' pool: the passes run without them.",
-                         level="warning", data={"cuda_graphs": 0})
-    _report_plan(plan, available, report)
-    with _marking_oom(graphed):
-        replays = (_graphed_passes(model, config, data.train, trainable, device, plan, pad_id,
-                                   report) if graphed else None)
-    micro_per_epoch = math.ceil(len(data.train) / config.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / config.gradient_accumulation_steps)
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
-    scheduler = _scheduler(config, optimizer, total_steps)
-    state = ckpt.TrainerState()
-    if config.resume_from:
-        state = ckpt.load_checkpoint(Path(config.resume_from), model=model, optimizer=optimizer,
-                                     scheduler=scheduler)
-        report.event(f"Resumed from checkpoint at step {state.step}.",
-                     data={"resumed_from_step": state.step})
-    n_trainable = sum(p.numel() for p in trainable)
-    report.event(
-        f"Training {config.method} r={config.lora_rank} ({config.objective}) on {len(data.train)} "
-        f"{'pairs' if pairs else 'examples'} "
-        f"({len(data.validation)} for evaluation): {config.epochs} epoch(s), {total_steps} steps, "
-        f"micro-batch {config.batch_size} x accumulation {config.gradient_accumulation_steps}, "
-        f"lr {config.learning_rate:g}, {n_trainable:,} trainable parameters on {device.type}"
-        + (f" x {world.size} processes ({'sharded, FSDP2' if sharded else 'data-parallel'})."
-           if world.distributed else "."),
-        data={"total_steps": total_steps, "trainable_parameters": n_trainable,
-              "hyperparameters": {"epochs": config.epochs, "batch_size": config.batch_size,
-                                  "learning_rate": config.learning_rate}})
-    checkpoints_dir = Path(config.output_dir) / "checkpoints"
-    eval_every = config.eval_every_steps or steps_per_epoch
-    checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
-    started = time.monotonic() - state.elapsed_seconds
-    stopped_early = False
-
-    # train loop ------------------------------------------------------------------------------
-    while state.step < total_steps and not stopped_early:
-        order = epoch_order(len(data.train), seed=config.seed, epoch=state.epoch)
-        groups = micro_batches(data.train, order, batch_size=config.batch_size,
-                               packing=config.packing)
-        accumulation = [groups[i:i + config.gradient_accumulation_steps]
-                        for i in range(0, len(groups), config.gradient_accumulation_steps)]
-        for group in accumulation[state.step_in_epoch:]:
-            step_started = time.monotonic()
-            with _marking_oom(replays is not None):
-                step_metrics = _optimizer_step(
-                    model, optimizer, scheduler, trainable, group, data.train, config=config,
-                    pad_id=pad_id, device=device, report=report, plan=plan, world=world,
-                    max_forward_tokens=plan.forward_tokens if plan.split else None,
-                    graphed=replays)
-            state.step += 1
-            state.step_in_epoch += 1
-            state.trained_tokens += step_metrics.pop("target_tokens")
-            state.elapsed_seconds = time.monotonic() - started
-            step_seconds = time.monotonic() - step_started
-            metrics = {
-                "step": state.step, "total_steps": total_steps, "epoch": state.epoch + 1,
-                **step_metrics,
-                "learning_rate": scheduler.get_last_lr()[0],
-                "tokens_per_second": round(step_metrics["tokens"] / max(step_seconds, 1e-9), 1),
-                "trained_tokens": state.trained_tokens,
-                "elapsed_seconds": round(state.elapsed_seconds, 2),
-                "eta_seconds": round(state.elapsed_seconds / state.step * (total_steps - state.step), 1),
-            }
-            if device.type == "cuda":  # this process's peak so far (rank 0's, sharded or not)
-                metrics["gpu_memory_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 2)
-            if data.validation and (state.step % eval_every == 0 or state.step == total_steps):
-                with _marking_oom(replays is not None):
-                    metrics.update(evaluate(model, data.validation, batch_size=config.batch_size,
-                                            packing=config.packing, pad_id=pad_id, device=device,
-                                            objective=objective_for(config), world=world))
-                stopped_early = _early_stop(config, state, metrics["eval_loss"])
-            state.last_metrics = metrics
-            report.metrics(metrics)
-            if ((world.main or sharded) and state.step % checkpoint_every == 0
-                    and state.step < total_steps):  # sharded: every rank gathers, rank 0 writes
-                _save_checkpoint(checkpoints_dir, model, optimizer, scheduler, state, report,
-                                 write=world.main)
-            if distributed.any_rank(report.should_stop(), world, device):
-                raise Cancelled()
-            if state.step >= total_steps or stopped_early:
-                break
-        else:
-            state.epoch += 1
-            state.step_in_epoch = 0
-    if stopped_early:
-        report.event(f"Stopped early at step {state.step}: eval loss did not improve for "
-                     f"{config.early_stopping_patience} evaluation(s).", data={"early_stop": True})
-
-    # save ------------------------------------------------------------------------------------
-    adapter_dir = Path(config.output_dir) / "adapter"
-    if world.main or sharded:  # rank 0 writes it (sharded, after every rank gathered it)
-        ckpt.save_adapter(model, adapter_dir, config_json=config.to_json(), write=world.main)
-    return TrainResult(status="succeeded", adapter_dir=str(adapter_dir),
-                       sha256=ckpt.sha256_of(adapter_dir) if world.main else "", steps=state.step,
-                       trained_tokens=state.trained_tokens, config=_as_dict(config),
-                       final_metrics=state.last_metrics, stopped_early=stopped_early)
-
-
-def _optimizer_step(model, optimizer, scheduler, trainable, group, examples, *, config, pad_id,
-                    device, report, max_forward_tokens: int | None = None,
-                    plan: ActivationPlan | None = None,
-                    world: distributed.World = distributed.World(),
-                    graphed: graphs.GraphedPasses | None = None) -> dict[str, Any]:
-    first = examples[group[0][0]]  # what an idle pass runs (sharded), with zero weight
-    if world.distributed:  # this rank's share of the step, in micro-batches of the same size
-        share = distributed.shard([i for micro in group for i in micro],
-                                  [len(examples[i].input_ids) for micro in group for i in micro],
-                                  world)
-        group = [share[i:i + config.batch_size] for i in range(0, len(share), config.batch_size)]
-    passes = [part for micro in group for part in (
-        forward_passes(micro, examples, max_tokens=max_forward_tokens, packing=config.packing)
-        if max_forward_tokens else [micro])]
-    batches = [collate(sequences_of(examples[i] for i in part), packing=config.packing,
-                       pad_id=pad_id) for part in passes]
-    objective = objective_for(config)
-    # The loss is the mean over the whole step's units (target tokens; pairs for DPO), on every
-    # rank: accumulation, splitting into passes and data parallelism do not change what is
-    # optimised.
-    units, targets = (int(n) for n in distributed.sum_across(
-        [sum(objective.units(b) for b in batches), sum(b.target_tokens for b in batches)],
-        world, device))
-    totals: dict[str, float] = dict.fromkeys(objective.TALLIES, 0.0)
-    tokens = 0
-    sharded = sharding.is_sharded(model)
-    work = [(batch, 1.0) for batch in batches]
-    if sharded:  # every rank runs as many passes as the busiest (each gathers every layer)
-        idle = collate(sequences_of([first]), packing=config.packing, pad_id=pad_id)
-        work += [(idle, 0.0)] * (distributed.most_across(len(batches), world, device) - len(batches))
-    padding = 0  # tokens the graphed passes computed beyond the real ones
-    for index, (batch, weight) in enumerate(work):
-        if graphed is not None:  # replayed from a CUDA graph (supervised: loss and correct)
-            loss, correct = graphed.run(batch, weight / units)
-            tallies = {"loss": loss, "correct": correct}
-            padding += graphs.bucket(batch.tokens) - batch.tokens
-        else:
-            if plan is not None:
-                _apply_plan_for(model, plan, batch.input_ids.numel())
-            sharding.set_gradient_sync(model, index == len(work) - 1)  # reduce once, at the end
-            loss_sum, tallies = objective.forward(model, batch.to(device))
-            (loss_sum * (weight / units)).backward()
-        if weight:
-            _add(totals, tallies)
-            tokens += batch.tokens
-        if not world.distributed and report.should_stop():  # ranks stop together, between steps
-            raise Cancelled()
-    if not sharded:  # sharded, the last backward pass reduce-scattered the gradients
-        distributed.sum_gradients(trainable, world)
-    totals, tokens = _sum_tallies(totals, tokens, world, device)
-    # An infinite norm measures without clipping (sharded gradients need the collective norm).
-    grad_norm = sharding.gathered(torch.nn.utils.clip_grad_norm_(
-        trainable, config.max_grad_norm if config.max_grad_norm > 0 else math.inf))
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=graphed is None)  # graphed passes add into the same tensors
-    summary = objective.summary(totals, units)
-    return {"train_loss": summary.pop("loss"), **summary,
-            "grad_norm": round(float(grad_norm), 4), "tokens": tokens, "target_tokens": targets,
-            **({"graph_padding_tokens": padding} if graphed is not None else {})}
-
-
-def _early_stop(config: TrainingConfig, state: ckpt.TrainerState, eval_loss: float) -> bool:
-    if state.best_eval_loss is None or eval_loss < state.best_eval_loss - 1e-6:
-        state.best_eval_loss = eval_loss
-        state.evals_without_improvement = 0
-        return False
-    state.evals_without_improvement += 1
-    return bool(config.early_stopping_patience
-                and state.evals_without_improvement >= config.early_stopping_patience)
-
-
-def _save_checkpoint(directory: Path, model, optimizer, scheduler, state, report,
-                     write: bool = True) -> None:
-    path = directory / f"step-{state.step}"
-    ckpt.save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
-                         write=write)
-    if not write:
-        return
-    report.checkpoint(state.step, str(path), state.last_metrics)
-    old = sorted(directory.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    for stale in old[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _as_dict(config: TrainingConfig) -> dict[str, Any]:

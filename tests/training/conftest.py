@@ -92,7 +92,7 @@ def _step_gradients(model, examples, *, max_forward_tokens=None):
     """One optimizer step of ``examples`` as one micro-batch (no learning): the mean loss and
     every trainable parameter's gradient."""
     from jobs.training.config import TrainingConfig
-    from jobs.training.trainer import _optimizer_step
+    from jobs.training.trainer import FinetuneRecipe
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=0.0)
@@ -102,9 +102,10 @@ def _step_gradients(model, examples, *, max_forward_tokens=None):
     captured = []
     hook = optimizer.register_step_pre_hook(
         lambda *_: captured.extend(p.grad.clone() for p in trainable))
-    metrics = _optimizer_step(model, optimizer, scheduler, trainable, [list(range(len(examples)))],
-                              examples, config=config, pad_id=0, device=torch.device("cpu"),
-                              report=_Quiet(), max_forward_tokens=max_forward_tokens)
+    recipe = FinetuneRecipe.around(model, optimizer, scheduler, examples, config=config,
+                                   report=_Quiet(), pad_id=0, device=torch.device("cpu"),
+                                   forward_cap=max_forward_tokens)
+    metrics = recipe.optimizer_step([list(range(len(examples)))])
     hook.remove()
     return metrics["train_loss"], captured
 

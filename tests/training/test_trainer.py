@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import jobs.training.trainer as trainer_module
 from jobs.training import checkpoint as ckpt
 from jobs.training.config import ConfigError, TrainingConfig, field_help, resolve_auto
 from jobs.training.data import collate
 from jobs.training.quantization import qlora_unavailable_reason
 from jobs.training.tokenize import TokenizedExample, load_tokenizer
-from jobs.training.trainer import Cancelled, forward_loss, load_model, train
+from jobs.training.trainer import Cancelled, FinetuneRecipe, forward_loss, load_model, train
 from tests.training.conftest import RecordingReporter
 
 
@@ -115,57 +116,54 @@ def test_early_stopping_on_eval_loss(make_config, reporter):
     assert all("eval_loss" in m for m in reporter.metrics_log)
 
 
-def test_an_out_of_memory_error_retries_once_with_half_the_micro_batch(make_config, reporter,
-                                                                        monkeypatch):
-    import jobs.training.trainer as trainer_module
-
+def test_a_simulated_gpu_out_of_memory_error_retries_once_with_half_the_micro_batch(
+        make_config, reporter, monkeypatch):
+    """Simulated: the first attempt's setup raises torch.OutOfMemoryError (no GPU here;
+    benchmarks/gpu_checks.py's `oom` check runs a real one on a GPU)."""
     calls = []
-    real = trainer_module._train_once
+    real = FinetuneRecipe.setup
 
-    def flaky(config, report):
-        calls.append((config.batch_size, config.gradient_accumulation_steps))
+    def flaky(recipe):
+        calls.append((recipe.config.batch_size, recipe.config.gradient_accumulation_steps))
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(config.replace(max_steps=1), report)
+        recipe.config = recipe.config.replace(max_steps=1)
+        real(recipe)
 
-    monkeypatch.setattr(trainer_module, "_train_once", flaky)
+    monkeypatch.setattr(FinetuneRecipe, "setup", flaky)
     result = train(make_config(batch_size=8, gradient_accumulation_steps=1), reporter)
     assert calls == [(8, 1), (4, 2)] and result.status == "succeeded"
     retry = [e for e in reporter.events if e["data"].get("oom_retry")]
     assert len(retry) == 1 and retry[0]["level"] == "warning"
 
 
-def test_out_of_memory_while_cuda_graphs_hold_memory_retries_without_them(make_config, reporter,
-                                                                        monkeypatch):
-    """Even at micro-batch 1 (no smaller one to retry with): the graphs kept a pass's
-    activations for the job, eager passes free theirs."""
-    import jobs.training.trainer as trainer_module
-
+def test_a_simulated_gpu_out_of_memory_while_cuda_graphs_hold_memory_retries_without_them(
+        make_config, reporter, monkeypatch):
+    """Simulated, as above. Even at micro-batch 1 (no smaller one to retry with): the graphs
+    kept a pass's activations for the job, eager passes free theirs."""
     calls = []
-    real = trainer_module._train_once
+    real = FinetuneRecipe.setup
 
-    def flaky(config, report):
-        calls.append((config.batch_size, config.cuda_graphs))
+    def flaky(recipe):
+        calls.append((recipe.config.batch_size, recipe.config.cuda_graphs))
         if len(calls) == 1:
             error = torch.OutOfMemoryError("CUDA out of memory (simulated)")
             setattr(error, trainer_module.GRAPHED_OOM, True)
             raise error
-        return real(config.replace(max_steps=1), report)
+        recipe.config = recipe.config.replace(max_steps=1)
+        real(recipe)
 
-    monkeypatch.setattr(trainer_module, "_train_once", flaky)
+    monkeypatch.setattr(FinetuneRecipe, "setup", flaky)
     result = train(make_config(batch_size=1), reporter)
     assert calls == [(1, None), (1, False)] and result.status == "succeeded"
     retry = [e for e in reporter.events if e["data"].get("oom_retry")]
     assert len(retry) == 1 and "without them" in retry[0]["message"]
 
 
-def test_out_of_memory_is_marked_only_while_graphs_are_held():
-    import jobs.training.trainer as trainer_module
-
+def test_a_simulated_out_of_memory_error_is_marked_only_while_graphs_are_held():
     for held in (True, False):
-        with pytest.raises(torch.OutOfMemoryError) as caught:
-            with trainer_module._marking_oom(held):
-                raise torch.OutOfMemoryError("simulated")
+        with pytest.raises(torch.OutOfMemoryError) as caught, trainer_module._marking_oom(held):
+            raise torch.OutOfMemoryError("simulated")
         assert getattr(caught.value, trainer_module.GRAPHED_OOM, False) is held
 
 
