@@ -2,13 +2,9 @@
 
     python -m jobs.training.run CONFIG.json
 
-Reads a :class:`TrainingConfig` as JSON and writes one JSON object per line on stdout:
-
-  {"type": "event", "level", "message", "data"}
-  {"type": "metrics", "data": {step, total_steps, train_loss, ...}}
-  {"type": "checkpoint", "step", "path", "metrics"}
-  {"type": "result", "status", "adapter_dir", "sha256", "steps", "trained_tokens", ...}
-  {"type": "error", "code", "message"}
+Reads a :class:`TrainingConfig` as JSON and writes the messages of :mod:`jobs.training.protocol`
+on stdout, one JSON object a line (events, metrics, checkpoints, then a result or an error); the
+exit codes are defined there too.
 
 SIGTERM (the platform cancelling the job) stops training at the next micro-batch; the process then
 prints a result with status "cancelled" and exits 3. Exit 0: succeeded; 1: error; 2: bad config.
@@ -25,35 +21,32 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_CANCELLED = 0, 1, 2, 3
+from jobs.training import protocol
+from jobs.training.protocol import EXIT_CANCELLED, EXIT_CONFIG, EXIT_ERROR, EXIT_OK
 
 
 class JsonLinesReporter:
+    """The trainer's reporter (:class:`jobs.training.trainer.Reporter`) writing protocol lines."""
+
     def __init__(self, stream=sys.stdout) -> None:
         self.stream = stream
         self.stop_requested = False
 
-    def _emit(self, payload: dict[str, Any]) -> None:
-        self.stream.write(json.dumps(payload) + "\n")
+    def emit(self, message: protocol.Message) -> None:
+        self.stream.write(message.to_json() + "\n")
         self.stream.flush()
 
     def event(self, message: str, *, level: str = "info", data: dict | None = None) -> None:
-        self._emit({"type": "event", "level": level, "message": message, "data": data or {}})
+        self.emit(protocol.Event(message=message, level=level, data=data or {}))
 
     def metrics(self, data: dict[str, Any]) -> None:
-        self._emit({"type": "metrics", "data": data})
+        self.emit(protocol.Metrics(data=data))
 
     def checkpoint(self, step: int, path: str, metrics: dict[str, Any]) -> None:
-        self._emit({"type": "checkpoint", "step": step, "path": path, "metrics": metrics})
+        self.emit(protocol.Checkpoint(step=step, path=path, metrics=metrics))
 
     def should_stop(self) -> bool:
         return self.stop_requested
-
-    def result(self, payload: dict[str, Any]) -> None:
-        self._emit({"type": "result", **payload})
-
-    def error(self, code: str, message: str) -> None:
-        self._emit({"type": "error", "code": code, "message": message})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,29 +76,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = TrainingConfig.from_dict(json.loads(Path(argv[0]).read_text()))
     except (ConfigError, ValueError, TypeError, IndexError, OSError) as exc:
-        reporter.error("invalid_config", str(exc))
+        reporter.emit(protocol.Error(code="invalid_config", message=str(exc)))
         return EXIT_CONFIG
     import torch
 
     from jobs.training.trainer import Cancelled, train
 
+    advice = " Lower batch_size or max_seq_len, or enable gradient_checkpointing."
     try:
         result = train(config, reporter)
     except Cancelled:
-        reporter.result({"status": "cancelled"})
+        reporter.emit(protocol.Result(status="cancelled"))
         return EXIT_CANCELLED
     except torch.OutOfMemoryError as exc:
-        reporter.error("out_of_memory", f"Out of GPU memory even after the automatic retry: {exc}"
-                       .splitlines()[0] + " Lower batch_size or max_seq_len, or enable "
-                       "gradient_checkpointing.")
+        reporter.emit(protocol.Error(code="out_of_memory", message=(
+            f"Out of GPU memory even after the automatic retry: {exc}".splitlines()[0] + advice)))
         return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - reported to the platform, with the traceback on stderr
         traceback.print_exc()
-        reporter.error("training_error", f"{exc.__class__.__name__}: {exc}"[:2000])
+        reporter.emit(protocol.Error(code="training_error",
+                                     message=f"{exc.__class__.__name__}: {exc}"[:2000]))
         return EXIT_ERROR
-    reporter.result(dataclasses.asdict(result))
+    reporter.emit(protocol.Result(**dataclasses.asdict(result)))
     return EXIT_OK
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
 from django.db import OperationalError
 from django.utils import timezone
-
-from tuneplex.finetuning import runner
+from tuneplex.finetuning import runner, scheduler
 from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint
 from tuneplex.finetuning.services.worker_writes import StaleAttempt
+
+from jobs.training import protocol
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,6 +93,47 @@ def test_a_worker_error_without_a_checkpoint_fails_the_job(claimed_job, monkeypa
     job = FineTuningJob.objects.get(id=claimed_job.id)
     assert job.status == "failed" and job.error["code"] == "worker_error"
     assert "disk gone" not in job.error["message"]
+
+
+# A trainer that says what the real one says, in its protocol, between lines of other shapes.
+FAKE_TRAINER = """
+import sys
+from jobs.training import protocol
+
+print("Loading weights: 100%|##########| 272/272")  # library chatter that reached stdout
+print(protocol.Event("Memory plan: whole micro-batches.", data={"split": False}).to_json())
+print('{"type": "metrics", "data": {"step": 9, "total_st')  # a line cut short
+print(protocol.Metrics({"step": 1, "total_steps": 4, "train_loss": 2.5, "tokens_per_second": 80.0,
+                        "trained_tokens": 120}).to_json())
+print('{"type": "telemetry", "data": {}}')
+print(protocol.Error(code="out_of_memory", message="Out of memory on the CPU: an allocation of "
+                     "16 GiB failed. Lower batch_size or max_seq_len.").to_json())
+sys.exit(protocol.EXIT_ERROR)
+"""
+
+
+@pytest.mark.django_db
+def test_the_runner_acts_on_the_trainers_messages_and_skips_other_lines(
+        claimed_job, monkeypatch, settings, tmp_path, django_capture_on_commit_callbacks):
+    settings.WORK_DIR = tmp_path
+    monkeypatch.setattr(runner, "trainer_command",
+                        lambda module, *args, processes=1: [sys.executable, "-c", FAKE_TRAINER])
+    job = scheduler.claim(job_id=claimed_job.id, worker="test-worker")
+    run = runner.JobRun(job, "test-worker")
+    run.work.mkdir(parents=True)
+    with django_capture_on_commit_callbacks(execute=False):
+        result, error, returncode = run.supervise(run.work / "config.json")
+        assert (result, returncode) == (None, protocol.EXIT_ERROR), (run.work / "trainer.log"
+                                                                    ).read_text()
+        assert isinstance(error, protocol.Error) and error.code == "out_of_memory"
+        assert run.finish(result, error, returncode) == "failed"
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error["code"] == "out_of_memory"
+    assert job.error["message"].startswith("Out of memory on the CPU: an allocation of 16 GiB")
+    assert (job.step, job.total_steps, job.trained_tokens) == (1, 4, 120)
+    events = list(job.events.values_list("type", "message", "data"))
+    assert ("message", "Memory plan: whole micro-batches.", {"split": False}) in events
+    assert [data["step"] for kind, _, data in events if kind == "metrics"] == [1]
 
 
 def test_the_platform_never_imports_jobs_tasks():

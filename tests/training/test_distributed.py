@@ -4,12 +4,11 @@ The same global batch must give the same losses whatever the world size (the ran
 step's examples and sum their gradients); a checkpoint written by two processes that are then
 killed resumes in one process at the step it recorded, with the losses of the run that was never
 interrupted. Each run is the real entry point (`python -m jobs.training.run`, under torchrun for
-two processes), read through its JSON-lines protocol like the GPU worker reads it.
+two processes), read through its protocol (jobs.training.protocol) as the GPU worker reads it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from jobs.training import protocol
 from jobs.training.distributed import World, shard
 from tests.fixtures.datasets import pirate_lines
 
@@ -47,16 +47,19 @@ def _start(processes: int, make_config, tmp_path: Path, name: str, **overrides) 
 
 
 def _messages(process: subprocess.Popen, *, until=None):
-    """The protocol lines, until the process ends or ``until(message)`` is true."""
-    messages = []
+    """The protocol's messages, until the process ends or ``until(message)`` is true."""
+    messages: list[protocol.Message] = []
     for line in process.stdout:
-        messages.append(json.loads(line))
-        if until is not None and until(messages[-1]):
+        message = protocol.parse(line)
+        assert message is not None, line  # stdout carries only the protocol
+        messages.append(message)
+        if until is not None and until(message):
             break
     return messages
 
 
-def _run(processes: int, make_config, tmp_path: Path, name: str, **overrides) -> list[dict]:
+def _run(processes: int, make_config, tmp_path: Path, name: str, **overrides
+         ) -> list[protocol.Message]:
     process = _start(processes, make_config, tmp_path, name, **overrides)
     try:
         messages = _messages(process)
@@ -72,21 +75,23 @@ def _kill(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def _killed_at_first_checkpoint(make_config, tmp_path: Path, name: str, **overrides) -> dict:
+def _killed_at_first_checkpoint(make_config, tmp_path: Path, name: str, **overrides
+                                ) -> protocol.Checkpoint:
     """Two processes killed (SIGKILL, the whole torchrun group) once their step-2 checkpoint is
     recorded: that checkpoint's message."""
     killed = _start(2, make_config, tmp_path, name, **overrides)
     try:
-        seen = _messages(killed, until=lambda m: m["type"] == "checkpoint")
+        seen = _messages(killed, until=lambda m: isinstance(m, protocol.Checkpoint))
     finally:
         _kill(killed)
-    checkpoint = next(m for m in seen if m["type"] == "checkpoint")
-    assert checkpoint["step"] == 2 and killed.returncode == -signal.SIGKILL
+    checkpoint = next(m for m in seen if isinstance(m, protocol.Checkpoint))
+    assert checkpoint.step == 2 and killed.returncode == -signal.SIGKILL
     return checkpoint
 
 
-def _losses(messages: list[dict]) -> dict[int, float]:
-    return {m["data"]["step"]: m["data"]["train_loss"] for m in messages if m["type"] == "metrics"}
+def _losses(messages: list[protocol.Message]) -> dict[int, float]:
+    return {m.data["step"]: m.data["train_loss"] for m in messages
+            if isinstance(m, protocol.Metrics)}
 
 
 def test_each_rank_gets_a_balanced_share_and_together_they_get_every_example():
@@ -106,17 +111,18 @@ def test_two_gloo_processes_match_one_and_resume_in_one_after_a_kill(make_config
     expected = _losses(one)
     assert sorted(expected) == list(range(1, STEPS + 1))
     assert _losses(two) == pytest.approx(expected, rel=1e-4, abs=1e-5)
-    started = next(m for m in two if m["type"] == "event" and "processes" in m["message"])
-    assert "x 2 processes (data-parallel)" in started["message"]
-    assert sum(1 for m in two if m["type"] == "result") == 1  # rank 0 alone speaks
+    started = next(m for m in two if isinstance(m, protocol.Event) and "processes" in m.message)
+    assert "x 2 processes (data-parallel)" in started.message
+    assert sum(1 for m in two if isinstance(m, protocol.Result)) == 1  # rank 0 alone speaks
 
     # Two processes again, killed once step 2's checkpoint is recorded; then one process
     # resumes from it.
     checkpoint = _killed_at_first_checkpoint(make_config, tmp_path, "killed")
-    resumed = _run(1, make_config, tmp_path, "resumed", resume_from=checkpoint["path"])
+    resumed = _run(1, make_config, tmp_path, "resumed", resume_from=checkpoint.path)
     assert sorted(_losses(resumed)) == [3, 4]
     assert _losses(resumed) == pytest.approx({s: expected[s] for s in (3, 4)}, rel=1e-4, abs=1e-5)
-    assert any("Resumed from checkpoint at step 2" in m.get("message", "") for m in resumed)
+    assert any("Resumed from checkpoint at step 2" in m.message for m in resumed
+               if isinstance(m, protocol.Event))
 
 
 def test_fsdp_sharded_processes_match_one_and_a_sharded_checkpoint_resumes_in_one(make_config,
@@ -135,8 +141,8 @@ def test_fsdp_sharded_processes_match_one_and_a_sharded_checkpoint_resumes_in_on
     assert _losses(two) == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert _evals(two) == pytest.approx(_evals(one), rel=1e-4, abs=1e-5)
     assert sorted(_evals(one)) == [2, 4]
-    started = next(m for m in two if m["type"] == "event" and "processes" in m["message"])
-    assert "x 2 processes (sharded, FSDP2)" in started["message"]
+    started = next(m for m in two if isinstance(m, protocol.Event) and "processes" in m.message)
+    assert "x 2 processes (sharded, FSDP2)" in started.message
     adapters = [load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
                 for name in ("one", "sharded")]
     assert sorted(adapters[0]) == sorted(adapters[1]) and adapters[0]
@@ -146,7 +152,7 @@ def test_fsdp_sharded_processes_match_one_and_a_sharded_checkpoint_resumes_in_on
 
     checkpoint = _killed_at_first_checkpoint(make_config, tmp_path, "sharded-killed",
                                              sharding="fsdp", **options)
-    resumed = _run(1, make_config, tmp_path, "sharded-resumed", resume_from=checkpoint["path"],
+    resumed = _run(1, make_config, tmp_path, "sharded-resumed", resume_from=checkpoint.path,
                    **options)
     assert _losses(resumed) == pytest.approx({s: expected[s] for s in (3, 4)}, rel=1e-4, abs=1e-5)
 
@@ -161,9 +167,9 @@ def test_fsdp_sharded_processes_match_one_and_a_sharded_checkpoint_resumes_in_on
     assert continued[0][1] < expected[1] - 0.1  # it starts from the trained adapter
 
 
-def _evals(messages: list[dict]) -> dict[int, float]:
-    return {m["data"]["step"]: m["data"]["eval_loss"] for m in messages
-            if m["type"] == "metrics" and "eval_loss" in m["data"]}
+def _evals(messages: list[protocol.Message]) -> dict[int, float]:
+    return {m.data["step"]: m.data["eval_loss"] for m in messages
+            if isinstance(m, protocol.Metrics) and "eval_loss" in m.data}
 
 
 def test_a_sharded_load_names_a_weight_the_files_lack(tmp_path):

@@ -3,8 +3,9 @@
 The steps, in order (``JobRun``):
   setup      a fresh work folder for this attempt (a cache: any node's can be wiped), local
              copies of the datasets, and the newest checkpoint restored from artifact storage;
-  supervise  the trainer's JSON lines become events, metrics and checkpoints; each checkpoint is
-             uploaded to artifact storage by a background thread (training never waits for it);
+  supervise  the trainer's messages (jobs.training.protocol) become events, metrics and
+             checkpoints; each checkpoint is uploaded to artifact storage by a background
+             thread (training never waits for it);
              a heartbeat thread keeps the claim alive, turns a cancel request into SIGTERM, and
              stops the trainer if this worker's Celery parent disappears or the claim is lost;
   finish     success stores the adapter then marks the job (fenced); cancel, failure, or a
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -32,11 +34,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 
+from jobs.training import protocol
 from jobs.training.layout import ADAPTER_FILES, CHECKPOINT_FILES, staged_directory
 from jobs.training.tensorboard import EventWriter
 from tuneplex.core import metrics
@@ -248,7 +251,7 @@ class JobRun:
     # --- supervise ----------------------------------------------------------------------------
 
     def supervise(self, config_path: Path, devices: list[str] | None = None
-                  ) -> tuple[dict | None, dict | None, int]:
+                  ) -> tuple[protocol.Result | None, protocol.Error | None, int]:
         if self.superseded.is_set():
             raise StaleAttempt(f"attempt {self.attempt} of {self.job.id}")
         stderr_log = (self.work / "trainer.log").open("ab")
@@ -261,34 +264,29 @@ class JobRun:
             stderr=stderr_log, preexec_fn=_die_with_parent, start_new_session=True)
         uploader = CheckpointUploader(self)
         curves = EventWriter(self.work / "tensorboard", suffix=f"a{self.attempt}")
-        result: dict[str, Any] | None = None
-        error: dict[str, Any] | None = None
+        result: protocol.Result | None = None
+        error: protocol.Error | None = None
         try:
             assert process.stdout is not None
-            for raw in process.stdout:
-                try:
-                    message = json.loads(raw)
-                except json.JSONDecodeError:
-                    continue
-                kind = message.get("type")
-                if kind == "metrics":
-                    metrics.TRAINING_THROUGHPUT.set(message["data"].get("tokens_per_second") or 0)
-                    curves.metrics(message["data"])
-                    persist(lambda: job_record_metrics(job=self.job, attempt=self.attempt,
-                                                       metrics=message["data"]),
-                            what="metrics", give_up_after=settings.JOB_WRITE_RETRY_SECONDS)
-                elif kind == "event":
-                    self.event(message["message"], level=message.get("level", "info"),
-                               data=message.get("data"))
-                elif kind == "checkpoint":
-                    uploader.submit(message["step"], Path(message["path"]),
-                                    message.get("metrics", {}))
-                elif kind == "result":
-                    result = message
-                elif kind == "error":
-                    error = message
+            for line in process.stdout:
+                message = protocol.parse(line)  # None: a line of another shape, skipped
+                match message:
+                    case protocol.Metrics(data=data):
+                        metrics.TRAINING_THROUGHPUT.set(data.get("tokens_per_second") or 0)
+                        curves.metrics(data)
+                        persist(lambda: job_record_metrics(job=self.job, attempt=self.attempt,
+                                                           metrics=data),
+                                what="metrics", give_up_after=settings.JOB_WRITE_RETRY_SECONDS)
+                    case protocol.Event():
+                        self.event(message.message, level=message.level, data=message.data)
+                    case protocol.Checkpoint():
+                        uploader.submit(message.step, Path(message.path), message.metrics)
+                    case protocol.Result():
+                        result = message
+                    case protocol.Error():
+                        error = message
             process.wait()
-            if result and result.get("status") == "succeeded":
+            if result is not None and result.succeeded:
                 uploader.drain(UPLOAD_DRAIN_SECONDS)
         except StaleAttempt:
             self.superseded.set()
@@ -350,25 +348,27 @@ class JobRun:
 
     # --- finish -------------------------------------------------------------------------------
 
-    def finish(self, result: dict | None, error: dict | None, returncode: int) -> str:
+    def finish(self, result: protocol.Result | None, error: protocol.Error | None,
+               returncode: int) -> str:
         job, attempt = self.job, self.attempt
-        if result and result.get("status") == "succeeded":
-            done = persist(lambda: job_succeed(job=job, attempt=attempt,
-                                               adapter_dir=Path(result["adapter_dir"]), result=result),
+        if result is not None and result.succeeded:
+            adapter_dir = Path(result.adapter_dir)  # a succeeded result names it (protocol)
+            done = persist(lambda: job_succeed(job=job, attempt=attempt, adapter_dir=adapter_dir,
+                                               result=dataclasses.asdict(result)),
                            what="success", give_up_after=None)
             if not done:
                 raise StaleAttempt(f"attempt {attempt} of {job.id}")
-            metrics.JOB_TOKENS.inc(result.get("trained_tokens") or 0)
+            metrics.JOB_TOKENS.inc(result.trained_tokens)
             shutil.rmtree(self.work, ignore_errors=True)
             return "succeeded"
-        if (result and result.get("status") == "cancelled") or scheduler.cancel_requested(job_id=job.id):
+        if (result is not None and result.cancelled) or scheduler.cancel_requested(job_id=job.id):
             job_mark_cancelled(job=job, attempt=attempt)
             return "cancelled"
-        if error:
+        if error is not None:
             log.error("job %s attempt %s: trainer error %s: %s", job.id, attempt,
-                      error.get("code"), error.get("message"))
-            job_fail(job=job, code=error.get("code", "training_error"),
-                     message=client_message(str(error.get("message", ""))) or "Training failed.",
+                      error.code, error.message)
+            job_fail(job=job, code=error.code,
+                     message=client_message(error.message) or "Training failed.",
                      attempt=attempt)
             return "failed"
         if returncode < 0:  # killed by a signal (the OOM killer, an operator): not the job's fault
