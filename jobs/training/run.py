@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     import torch
 
-    from jobs.training.trainer import Cancelled, train
+    from jobs.training.trainer import Cancelled, OutOfHostMemory, train
 
     advice = " Lower batch_size or max_seq_len, or enable gradient_checkpointing."
     try:
@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     except torch.OutOfMemoryError as exc:
         reporter.emit(protocol.Error(code="out_of_memory", message=(
             f"Out of GPU memory even after the automatic retry: {exc}".splitlines()[0] + advice)))
+        return EXIT_ERROR
+    except OutOfHostMemory as exc:
+        reporter.emit(protocol.Error(code="out_of_memory",
+                                     message=f"Out of memory on the CPU: {exc}.{advice}"))
         return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - reported to the platform, with the traceback on stderr
         traceback.print_exc()

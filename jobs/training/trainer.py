@@ -108,6 +108,19 @@ class Cancelled(Exception):
     pass
 
 
+class OutOfHostMemory(MemoryError):
+    """An allocation in host memory failed (the CPU allocator's error, or Python's MemoryError).
+
+    Not retried: the retry with half the micro-batch is for GPU memory, which the memory plan
+    budgets and PyTorch reports exactly (torch.OutOfMemoryError); on the CPU no budget is planned,
+    and an allocation fails only under a limit on the process (RLIMIT_AS, ulimit -v) or strict
+    overcommit; a machine that runs short kills the process instead. The entry point reports it
+    as ``out_of_memory`` with the allocation that failed."""
+
+
+CPU_ALLOCATOR = "DefaultCPUAllocator"  # how PyTorch's CPU allocator starts its failure message
+
+
 @dataclass
 class TrainResult:
     status: str  # succeeded | cancelled
@@ -125,7 +138,7 @@ class TrainResult:
 
 def train(config: TrainingConfig, report: Reporter) -> TrainResult:
     """Train (:class:`FinetuneRecipe`), retrying once with half the micro-batch if the GPU runs
-    out of memory."""
+    out of memory. An allocation that fails in host memory raises :class:`OutOfHostMemory`."""
     with Path(config.train_file).open("rb") as stream:
         n_examples = sum(1 for _ in read_examples(stream))
     config = resolve_auto(config, int(n_examples * (1 - config.validation_split)))
@@ -167,11 +180,27 @@ def _attempt(config: TrainingConfig, report: Reporter) -> TrainResult:
     """One run of the recipe, start to end; its process group is left whatever happens."""
     recipe = FinetuneRecipe(config, report)
     try:
-        recipe.setup()
-        recipe.train()
-        return recipe.save()
+        with _host_memory_errors():
+            recipe.setup()
+            recipe.train()
+            return recipe.save()
     finally:
         recipe.cleanup()
+
+
+@contextmanager
+def _host_memory_errors():
+    """An allocation that fails in host memory (PyTorch's CPU allocator raises a RuntimeError,
+    Python a MemoryError) becomes :class:`OutOfHostMemory`."""
+    try:
+        yield
+    except MemoryError as exc:
+        raise OutOfHostMemory(str(exc) or "an allocation failed") from exc
+    except RuntimeError as exc:
+        text = str(exc)
+        if CPU_ALLOCATOR not in text:
+            raise
+        raise OutOfHostMemory(text[text.index(CPU_ALLOCATOR):].splitlines()[0]) from exc
 
 
 # --- the recipe ----------------------------------------------------------------------------------

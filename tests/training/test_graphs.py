@@ -1,11 +1,11 @@
-"""CUDA-graphed passes: what can be checked without a GPU.
+"""CUDA-graphed passes: what can be checked without a GPU. No test here captures a graph.
 
 A graph replays fixed shapes, so a graphed pass computes a packed row padded to its bucket, with
 the loss over every row and the rows without loss ignored. These tests check that this padded,
 fixed-shape pass gives the eager pass's loss, count and gradients exactly (fp64 on the CPU, through
 the same attention function with the padding as an example of its own), and the rules that decide
-when graphs are used. The capture and replay themselves need CUDA: benchmarks/gpu_checks.py
-(`graphs`) compares graphed and eager training step by step on a GPU.
+when graphs are used. The GPU path, capture and replay, is checked by `benchmarks/gpu_checks.py
+graphs` (`--only graphs`): graphed against eager training step by step on a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def test_ignored_rows_count_for_nothing_in_the_chunked_head(per_token):
     assert torch.equal(grad_all[~keep], torch.zeros(4, 8, dtype=torch.float64))
 
 
-def test_the_graphed_pass_gives_the_eager_loss_and_gradients(base_model_dir):
+def test_the_fixed_shape_pass_gives_the_eager_loss_and_gradients_without_capture_on_cpu(
+        base_model_dir):
     """What a graph captures (padded row, every row, embeddings passed in) against the eager
     pass, on the trainer's model with every layer checkpointed."""
     config = TrainingConfig(base_model_dir=str(base_model_dir), train_file="x", output_dir="x",
@@ -99,13 +100,13 @@ def test_the_graphed_pass_gives_the_eager_loss_and_gradients(base_model_dir):
         torch.testing.assert_close(a, b)
 
 
-def test_buckets_and_keys():
+def test_buckets_and_keys_of_passes_without_capture():
     assert graphs.bucket(1) == graphs.bucket(256) == 256
     assert graphs.bucket(257) == 512
     assert graphs.key_of(600, 1) == (768, 3)  # one example, the padding one, and the end
 
 
-def test_graphs_are_used_where_possible_and_small_enough():
+def test_the_rule_wants_graphs_where_possible_and_small_enough_without_capture():
     cuda = torch.device("cuda")
     usable = dict(device=cuda, distributed=False, packing=True, varlen=True,
                   objective="supervised", dropout=0.0)
@@ -125,7 +126,7 @@ def test_graphs_are_used_where_possible_and_small_enough():
     assert not graphs.wanted(True, None, [])
 
 
-def test_asking_for_graphs_where_they_cannot_run_warns_and_trains(make_config, reporter):
+def test_asking_for_graphs_on_the_cpu_warns_and_trains_without_capture(make_config, reporter):
     result = train(make_config(cuda_graphs=True, max_steps=1), reporter)
     assert result.status == "succeeded"
     warnings = [e for e in reporter.events if e["level"] == "warning"

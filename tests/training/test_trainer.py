@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,12 +13,14 @@ import torch
 
 import jobs.training.trainer as trainer_module
 from jobs.training import checkpoint as ckpt
+from jobs.training import protocol
 from jobs.training.config import ConfigError, TrainingConfig, field_help, resolve_auto
 from jobs.training.data import collate
 from jobs.training.quantization import qlora_unavailable_reason
 from jobs.training.tokenize import TokenizedExample, load_tokenizer
 from jobs.training.trainer import Cancelled, FinetuneRecipe, forward_loss, load_model, train
-from tests.training.conftest import RecordingReporter
+from tests.fixtures.datasets import chat_line
+from tests.training.conftest import REPO, RecordingReporter
 
 
 def _answer(model, tokenizer, question: str) -> str:
@@ -165,6 +170,69 @@ def test_a_simulated_out_of_memory_error_is_marked_only_while_graphs_are_held():
         with pytest.raises(torch.OutOfMemoryError) as caught, trainer_module._marking_oom(held):
             raise torch.OutOfMemoryError("simulated")
         assert getattr(caught.value, trainer_module.GRAPHED_OOM, False) is held
+
+
+# The real entry point (run.main) under a cap on the process's address space, set once the
+# imports a job needs are done, so the cap leaves the same room on any machine. One OpenMP thread
+# and two malloc arenas: each thread's arena reserves address space, more of it on more cores.
+CAPPED_RUN = """
+import resource, sys
+import peft, torch, transformers
+from jobs.training import run, trainer
+
+held = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+limit = held + int(float(sys.argv[2]) * 2**30)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.exit(run.main([sys.argv[1]]))
+"""
+HEADROOM_GIB = 4.0  # a short job needs about 1.5 GiB above its imports (measured: 1.3 to 1.5)
+
+
+def _capped_run(config: TrainingConfig, folder: Path):
+    folder.mkdir()
+    path = folder / "config.json"
+    path.write_text(config.to_json())
+    environ = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="2")
+    done = subprocess.run([sys.executable, "-c", CAPPED_RUN, str(path), str(HEADROOM_GIB)],
+                          cwd=REPO, env=environ, capture_output=True, text=True, timeout=600,
+                          check=False)
+    messages = [protocol.parse(line) for line in done.stdout.splitlines()]
+    assert None not in messages, done.stdout[-2000:]  # stdout carries only the protocol
+    return done, messages
+
+
+def test_a_real_allocation_past_a_memory_cap_on_the_cpu_ends_the_job_as_out_of_memory(
+        make_config, tmp_path):
+    """Not simulated: PyTorch's CPU allocator refuses a real allocation. On the CPU it raises a
+    RuntimeError, not torch.OutOfMemoryError; the job ends with an out_of_memory error that names
+    the allocation, not a traceback, and is not retried (the retry with half the micro-batch is
+    for GPU memory, which the memory plan budgets). The cap leaves room for a short job (the
+    control); sixteen 8k-token examples in one packed micro-batch need far more (the plan
+    estimates over a hundred GiB; the first pass's attention mask alone takes 16 GiB)."""
+    control, messages = _capped_run(make_config(max_steps=1), tmp_path / "short")
+    assert control.returncode == protocol.EXIT_OK, control.stderr[-3000:]
+    assert isinstance(messages[-1], protocol.Result) and messages[-1].succeeded
+
+    long_file = tmp_path / "long.jsonl"
+    story = "Arr! " + "yo ho ho and a bottle of rum, " * 1200  # about 8k tokens
+    long_file.write_text("\n".join(chat_line("Tell me a long story.", story)
+                                   for _ in range(16)) + "\n")
+    done, messages = _capped_run(make_config(train_file=str(long_file), max_seq_len=8192,
+                                             batch_size=16, max_steps=1), tmp_path / "long")
+    plan = next(m for m in messages if isinstance(m, protocol.Event)
+                and m.message.startswith("Memory plan"))
+    assert plan.data["estimated_peak_bytes"] > 4 * HEADROOM_GIB * 2**30
+    assert done.returncode == protocol.EXIT_ERROR
+    error = messages[-1]
+    assert isinstance(error, protocol.Error) and error.code == "out_of_memory", messages[-1]
+    assert error.message.startswith("Out of memory on the CPU: DefaultCPUAllocator: can't "
+                                    "allocate memory: you tried to allocate ")
+    assert "Lower batch_size or max_seq_len" in error.message
+    assert any(isinstance(m, protocol.Event) and m.message.startswith("Training lora")
+               for m in messages)  # set up whole: the step's allocation failed
+    assert not any(isinstance(m, protocol.Metrics) for m in messages)
+    assert not any(isinstance(m, protocol.Event) and m.data.get("oom_retry") for m in messages)
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("changes,param", [
