@@ -92,6 +92,8 @@ api_v1 = [
     path("fine_tuning/alpha/graders/validate", graders.GraderValidateApi.as_view()),
     path("fine_tuning/alpha/graders/run", graders.GraderRunApi.as_view()),
     path("evals", evals.EvalListApi.as_view()),
+    path("deploy_gates", evals.GateListApi.as_view()),
+    path("deploy_gates/<oid:gate_id>", evals.GateDetailApi.as_view()),
     path("evals/<oid:eval_id>", evals.EvalDetailApi.as_view()),
     path("evals/<oid:eval_id>/runs", evals.RunListApi.as_view()),
     path("evals/<oid:eval_id>/runs/<oid:run_id>", evals.RunDetailApi.as_view()),

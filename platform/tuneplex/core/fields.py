@@ -33,6 +33,13 @@ class StrictIntegerField(serializers.IntegerField):
         return super().to_internal_value(data)
 
 
+class StrictFloatField(serializers.FloatField):
+    def to_internal_value(self, data):
+        if not isinstance(data, int | float) or isinstance(data, bool):
+            raise serializers.ValidationError("Must be a number.", code="invalid_type")
+        return super().to_internal_value(data)
+
+
 @extend_schema_field({"type": "array", "minItems": 1, "items": {
     "type": "object", "required": ["role", "content"],
     "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}})

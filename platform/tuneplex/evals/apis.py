@@ -17,11 +17,11 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
 
-from tuneplex.core.apis import ApiObjectOutput, OrgApi
-from tuneplex.core.fields import StrictCharField
+from tuneplex.core.apis import ApiObjectOutput, OrgApi, timestamp
+from tuneplex.core.fields import StrictBooleanField, StrictCharField, StrictFloatField, enum_field
 from tuneplex.core.pagination import list_page
-from tuneplex.core.scopes import INFER, READ
-from tuneplex.evals import selectors, services, specs
+from tuneplex.core.scopes import INFER, READ, TRAIN
+from tuneplex.evals import gates, selectors, services, specs
 
 ORDER = OpenApiParameter("order", str, enum=["asc", "desc"], required=False,
                          description="By creation time: asc (the default, oldest first) or desc.")
@@ -225,6 +225,7 @@ class RunCancelApi(OrgApi):
     def post(self, request, eval_id: str, run_id: str):
         run = services.eval_run_cancel(organization=self.organization, actor=self.principal,
                                        run=_run(self, eval_id, run_id))
+        gates.run_ended(run.id)  # a deploy gate's run: its adapter is left undeployed
         return Response(RunOutput(run).data)
 
 
@@ -247,8 +248,9 @@ class OutputItemListApi(OrgApi):
 
     @extend_schema(responses=OutputItemOutput(many=True), summary="List a run's graded items",
                    parameters=[ORDER, OpenApiParameter(
-                       "status", str, enum=["pass", "fail", "error"], required=False,
-                       description="Only the items that passed, failed or errored.")])
+                       "status", str, enum=["pass", "fail", "error", "tie"], required=False,
+                       description="Only the items that passed, failed or errored (or, in a "
+                                   "pairwise run, that neither model won).")])
     def get(self, request, eval_id: str, run_id: str):
         items = selectors.output_item_list(run=_run(self, eval_id, run_id),
                                            status=request.query_params.get("status"))
@@ -264,3 +266,99 @@ class OutputItemDetailApi(OrgApi):
         item = selectors.output_item_get(run=_run(self, eval_id, run_id),
                                          output_item_id=output_item_id)
         return Response(OutputItemOutput(item).data)
+
+
+# --- deploy gates (ours) ---------------------------------------------------------------------------
+
+class GateDecisionOutput(serializers.Serializer):
+    adapter = serializers.CharField(source="adapter.name")
+    incumbent = serializers.CharField()
+    status = serializers.CharField()
+    candidate_run_id = serializers.CharField(allow_null=True)
+    incumbent_run_id = serializers.CharField(allow_null=True)
+    figures = serializers.JSONField()
+    created_at = serializers.SerializerMethodField()
+    decided_at = serializers.SerializerMethodField()
+
+    def get_created_at(self, obj) -> int:
+        return timestamp(obj.created_at)
+
+    def get_decided_at(self, obj) -> int | None:
+        return timestamp(obj.decided_at)
+
+
+class GateOutput(ApiObjectOutput):
+    object_name = "deploy_gate"
+    id = serializers.CharField()
+    eval_id = serializers.CharField()
+    base_model = serializers.CharField(source="base_model.name")
+    suffix = serializers.CharField()
+    data_source = serializers.JSONField()
+    criterion = serializers.CharField()
+    statistic = serializers.CharField()
+    margin = serializers.FloatField()
+    enabled = serializers.BooleanField()
+    decisions = serializers.SerializerMethodField(help_text="The latest 20, newest first.")
+
+    def get_decisions(self, obj) -> list[dict]:
+        return GateDecisionOutput(selectors.gate_decisions(gate=obj), many=True).data
+
+
+@extend_schema_field({"type": "object", "required": ["source"], "properties": {
+    "source": {"type": "object", "required": ["type"], "properties": {
+        "type": {"type": "string", "enum": ["file_content", "file_id"]}}},
+    "input_messages": {"type": "object"}, "sampling_params": {"type": "object"}}})
+class GateDataSourceField(serializers.JSONField):
+    """A completions data source without its model."""
+
+
+class GateListApi(OrgApi):
+    scopes = {"GET": READ, "POST": TRAIN}
+
+    class Input(serializers.Serializer):
+        eval_id = StrictCharField(max_length=64)
+        base_model = StrictCharField(max_length=300)
+        suffix = StrictCharField(required=False, allow_blank=True, max_length=64)
+        data_source = GateDataSourceField()
+        criterion = StrictCharField(required=False, max_length=300)
+        statistic = enum_field(["pass_rate", "mean_score"])(required=False)
+        margin = StrictFloatField(required=False, min_value=0, max_value=1e6)
+        enabled = StrictBooleanField(required=False)
+
+    @extend_schema(responses=GateOutput(many=True), summary="List deploy gates")
+    def get(self, request):
+        return Response(list_page(selectors.gate_list(organization=self.organization),
+                                  request.query_params, serializer_class=GateOutput))
+
+    @extend_schema(request=Input, responses=GateOutput, summary=(
+        "Gate a family's deploys by an eval: a new adapter is deployed only if it beats the one "
+        "serving"))
+    def post(self, request):
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = dict(data.validated_data)
+        found = selectors.eval_get(organization=self.organization, eval_id=values.pop("eval_id"))
+        gate = services.deploy_gate_create(organization=self.organization, actor=self.principal,
+                                           eval=found, **values)
+        return Response(GateOutput(gate).data)
+
+
+GATE_DELETED = inline_serializer("DeployGateDeleted", {
+    "object": serializers.CharField(), "deleted": serializers.BooleanField(),
+    "id": serializers.CharField()})
+
+
+class GateDetailApi(OrgApi):
+    scopes = {"GET": READ, "DELETE": TRAIN}
+
+    @extend_schema(responses=GateOutput, summary="Retrieve a deploy gate and its latest decisions")
+    def get(self, request, gate_id: str):
+        return Response(GateOutput(selectors.gate_get(organization=self.organization,
+                                                      gate_id=gate_id)).data)
+
+    @extend_schema(responses=GATE_DELETED, summary="Delete a deploy gate (new adapters deploy as "
+                                                   "the organization's setting says)")
+    def delete(self, request, gate_id: str):
+        gate = selectors.gate_get(organization=self.organization, gate_id=gate_id)
+        services.deploy_gate_delete(organization=self.organization, actor=self.principal, gate=gate)
+        return Response({"object": "deploy_gate.deleted", "deleted": True, "id": gate.id})

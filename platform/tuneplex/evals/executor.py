@@ -24,10 +24,12 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 import jobs.grading as grading
+from jobs.grading.judges import JudgeUnreadable, read_label
 from tuneplex.core.actors import Principal
 from tuneplex.core.queue import EVAL_RUN, enqueue
 from tuneplex.core.scopes import INFER
 from tuneplex.core.storage import open_stream
+from tuneplex.evals import gates
 from tuneplex.evals.models import EvalRun
 from tuneplex.evals.selectors import graded_item_ids
 from tuneplex.evals.worker_writes import (
@@ -73,6 +75,7 @@ def run_eval(run_id: str) -> str:
     except EngineGone as exc:
         eval_run_fail(run=run, attempt=attempt, code="engine_unavailable", message=str(exc),
                       note=execution.summary())
+        gates.run_ended(run.id)
         return "failed"
     except Exception:
         log.exception("eval run %s failed", run_id)
@@ -80,8 +83,10 @@ def run_eval(run_id: str) -> str:
             "The run failed on the platform's side; the items graded until then are kept. "
             "Start a new run, and tell the operator if it happens again."),
             note=execution.summary())
+        gates.run_ended(run.id)
         return "failed"
     done = eval_run_complete(run=run, attempt=attempt, note=execution.summary())
+    gates.run_ended(run.id)
     return "completed" if done else "stopped"
 
 
@@ -100,6 +105,8 @@ def sweep() -> dict[str, list[str]]:
         outcome = eval_run_requeue_stale(run=run, attempt=run.attempts,
                                          max_attempts=settings.EVAL_MAX_ATTEMPTS)
         done.get(outcome, []).append(run.id)
+        if outcome == "failed":
+            gates.run_ended(run.id)
     lost = Now() - timedelta(seconds=settings.EVAL_HEARTBEAT_TIMEOUT)
     for run_id in EvalRun.objects.filter(
             Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=lost),
@@ -125,7 +132,8 @@ class Execution:
         self.criteria = run.eval.testing_criteria
         self.source = run.data_source
         self.inside = Inside(Principal(organization=run.organization, scopes=frozenset({INFER})),
-                             requester=f"evalrun:{run.id}", priority=settings.EVAL_PRIORITY)
+                             requester=f"evalrun:{run.id}", priority=settings.EVAL_PRIORITY,
+                             undeployed=frozenset({run.model}) if run.undeployed_ok else frozenset())
         self.slots = asyncio.Semaphore(settings.EVAL_CONCURRENCY)
         self.waiting_for = ""
         self.stopped = asyncio.Event()
@@ -179,6 +187,8 @@ class Execution:
 
     async def _item(self, index: int, line: dict) -> dict:
         item = line["item"]
+        if self.source["type"] == "pairwise":
+            return await self._pairwise_item(index, item)
         if self.source["type"] == "jsonl":
             text = line["sample"]["output_text"]
             sample = {"model": line["sample"].get("model") or "", "input": [], "error": None,
@@ -214,10 +224,52 @@ class Execution:
         return [{"role": m["role"], "content": grading.render(m["content"], item=item, sample=None)}
                 for m in template["template"]]
 
-    async def _sample(self, item: dict) -> tuple[dict, dict]:
+    async def _pairwise_item(self, index: int, item: dict) -> dict:
+        """Both models answer; the judge compares the answers twice, in both orders. The first
+        model wins only if both verdicts say so (likewise the second): a judge that changes its
+        verdict with the order is a tie, not a win for whichever answer it read first."""
+        first, second = self.source["models"]
+        (a, a_text), (b, b_text) = await asyncio.gather(self._sample(item, first),
+                                                        self._sample(item, second))
+        sample = {**a, "compare": b}
+        if a["error"] is not None or b["error"] is not None:
+            result = _errored(PAIRWISE, a["error"] or b["error"])
+        else:
+            verdicts = await asyncio.gather(self._verdict(item, a_text, b_text),
+                                            self._verdict(item, b_text, a_text))
+            result = _pairwise_result(self.source["judge"]["model"], verdicts)
+        status = ("error" if result.get("error") else
+                  {"a": "pass", "b": "fail", "tie": "tie"}[result["winner"]])
+        return {"datasource_item_id": index, "datasource_item": item, "sample": sample,
+                "results": [result], "status": status}
+
+    async def _verdict(self, item: dict, first: dict, second: dict) -> dict:
+        """One reading of the two answers, in this order: its label, or why there is none."""
+        spec = self.source["judge"]
+        try:
+            request = grading.judge_request(spec, item=item, sample={"first": first, "second": second})
+        except grading.GraderError as exc:
+            return {"label": None, "error": {"code": exc.code, "message": exc.message}}
+        body = {"model": request.model, "messages": request.messages,
+                "response_format": request.response_format,
+                **{k: v for k, v in request.sampling.items() if k in JUDGE_SAMPLING}}
+        status, payload = await self._call(body)
+        if status != 200:
+            return {"label": None, "error": {"code": "judge_failed", "message": (
+                payload.get("error") or {}).get("message") or f"The judge answered {status}."}}
+        text = payload["choices"][0]["message"].get("content") or ""
+        try:
+            label = read_label(text, spec["labels"])
+        except JudgeUnreadable as exc:
+            return {"label": None, "text": text, "usage": _usage(payload),
+                    "error": {"code": exc.code, "message": exc.message}}
+        return {"label": label, "text": text, "usage": _usage(payload), "error": None}
+
+    async def _sample(self, item: dict, model: str | None = None) -> tuple[dict, dict]:
+        model = model or self.run.model
         params = dict(self.source.get("sampling_params") or {})
         params.setdefault("max_completion_tokens", settings.EVAL_MAX_TOKENS)
-        sample = {"model": self.run.model, "input": [], "output": [], "finish_reason": "",
+        sample = {"model": model, "input": [], "output": [], "finish_reason": "",
                   "usage": None, "error": None, "temperature": params.get("temperature", 1.0),
                   "top_p": params.get("top_p", 1.0), "seed": params.get("seed"),
                   "max_completion_tokens": params["max_completion_tokens"]}
@@ -226,8 +278,7 @@ class Execution:
         except grading.GraderError as exc:
             sample["error"] = {"code": exc.code, "message": exc.message}
             return sample, grading.sample_namespace("")
-        status, payload = await self._call({"model": self.run.model, "messages": sample["input"],
-                                            **params})
+        status, payload = await self._call({"model": model, "messages": sample["input"], **params})
         if status != 200:
             error = payload.get("error") or {}
             sample["error"] = {"code": error.get("code") or "sample_failed",
@@ -305,6 +356,25 @@ def _usage(payload: dict) -> dict:
     usage = payload.get("usage") or {}
     prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+PAIRWISE = {"name": "pairwise", "type": "pairwise"}
+_WINNER = {("first", "second"): "a", ("second", "first"): "b"}  # (A first, B first) -> winner
+
+
+def _pairwise_result(judge: str, verdicts: list[dict]) -> dict:
+    usage = {name: sum((v.get("usage") or {}).get(name, 0) for v in verdicts)
+             for name in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    judged = {"model": judge, "usage": usage, "output": [v.get("text") for v in verdicts],
+              "invocations": len(verdicts)}
+    failed = next((v["error"] for v in verdicts if v["error"] is not None), None)
+    if failed is not None:
+        return {**_errored(PAIRWISE, failed), "sample": judged, "winner": None,
+                "verdicts": [v["label"] for v in verdicts]}
+    labels = tuple(v["label"] for v in verdicts)
+    winner = _WINNER.get(labels, "tie")
+    return {**PAIRWISE, "score": {"a": 1.0, "tie": 0.5, "b": 0.0}[winner], "passed": winner == "a",
+            "winner": winner, "verdicts": list(labels), "sample": judged, "error": None}
 
 
 def _errored(spec: dict, error: dict) -> dict:

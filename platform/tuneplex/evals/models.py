@@ -87,6 +87,9 @@ class EvalRun(models.Model):
         "What the run is waiting for right now (the organization's budget, an engine), shown "
         "as its progress."))
     cancel_requested = models.BooleanField(default=False)
+    undeployed_ok = models.BooleanField(default=False, help_text=(
+        "The model is a candidate adapter a deploy gate evaluates before its deploy (set by the "
+        "gate only, never through the API)."))
     events = models.JSONField(default=list, blank=True, help_text=(
         "What happened to the run, oldest first: {at, attempt, message} (attempts started and "
         "resumed, items each attempt graded, waits)."))
@@ -106,6 +109,7 @@ class EvalOutputItem(models.Model):
         PASS = "pass"
         FAIL = "fail"
         ERROR = "error"  # the sample or a grader could not be made: counted as errored
+        TIE = "tie"  # a pairwise run's item that neither model won
 
     id = models.CharField(primary_key=True, max_length=id_field_length("outputitem_"),
                           default=_item_id, editable=False)
@@ -123,3 +127,68 @@ class EvalOutputItem(models.Model):
         constraints = [models.UniqueConstraint(fields=["run", "datasource_item_id"],
                                                name="evals_one_output_per_item")]
         indexes = [models.Index(fields=["run", "status", "datasource_item_id"])]
+
+
+def _gate_id() -> str:
+    return new_id("gate_")
+
+
+class DeployGate(models.Model):
+    """Deploy only what is better: a newly trained adapter of ``base_model`` (and ``suffix``, when
+    set) is evaluated with ``eval`` against the adapter of its family deployed most recently
+    (or the base model), and deployed only if it wins by ``margin`` on ``statistic`` of
+    ``criterion``. Ours; none of OpenAI's APIs has it."""
+
+    class Statistic(models.TextChoices):
+        PASS_RATE = "pass_rate"
+        MEAN_SCORE = "mean_score"
+
+    id = models.CharField(primary_key=True, max_length=id_field_length("gate_"), default=_gate_id,
+                          editable=False)
+    organization = models.ForeignKey("tenancy.Organization", on_delete=models.CASCADE,
+                                     related_name="deploy_gates")
+    eval = models.ForeignKey(Eval, on_delete=models.CASCADE, related_name="gates")
+    base_model = models.ForeignKey("basemodels.BaseModel", on_delete=models.CASCADE,
+                                   related_name="+")
+    suffix = models.CharField(max_length=64, blank=True, default="", help_text=(
+        "Only adapters trained with this suffix (the name family); empty: every adapter of the "
+        "base model."))
+    data_source = models.JSONField(help_text=(
+        "A completions run's data source without its model: the items (a file of purpose "
+        "evals), the message template and the sampling parameters."))
+    criterion = models.CharField(max_length=300, help_text="The testing criterion compared.")
+    statistic = models.CharField(max_length=16, choices=Statistic.choices,
+                                 default=Statistic.PASS_RATE)
+    margin = models.FloatField(default=0.0, help_text=(
+        "How much higher the candidate's statistic must be (0.05: five points of pass rate); "
+        "it must be higher in any case."))
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["organization", "base_model", "suffix"],
+                                               name="evals_one_gate_per_family")]
+        indexes = [models.Index(fields=["organization", "-created_at"])]
+
+
+class GateDecision(models.Model):
+    """One candidate adapter through its gate: the two runs, then the decision and its figures."""
+
+    class Status(models.TextChoices):
+        EVALUATING = "evaluating"
+        DEPLOYED = "deployed"
+        REFUSED = "refused"  # not better by the margin: left undeployed
+        FAILED = "failed"  # a run failed or was canceled: left undeployed
+
+    gate = models.ForeignKey(DeployGate, on_delete=models.CASCADE, related_name="decisions")
+    adapter = models.OneToOneField("adapters.Adapter", on_delete=models.CASCADE,
+                                   related_name="gate_decision")
+    incumbent = models.CharField(max_length=300, help_text="The model it was compared with.")
+    candidate_run = models.ForeignKey(EvalRun, null=True, on_delete=models.SET_NULL,
+                                      related_name="+")
+    incumbent_run = models.ForeignKey(EvalRun, null=True, on_delete=models.SET_NULL,
+                                      related_name="+")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.EVALUATING)
+    figures = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    decided_at = models.DateTimeField(null=True, blank=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.db.models import QuerySet
 
 from tuneplex.core.errors import ApiError, NotFound
-from tuneplex.evals.models import Eval, EvalOutputItem, EvalRun
+from tuneplex.evals.models import DeployGate, Eval, EvalOutputItem, EvalRun, GateDecision
 from tuneplex.tenancy.models import Organization
 
 
@@ -62,3 +62,19 @@ def output_item_get(*, run: EvalRun, output_item_id: str) -> EvalOutputItem:
 def graded_item_ids(*, run: EvalRun) -> set[int]:
     """The indexes of the run's items already stored: a resumed run skips them."""
     return set(EvalOutputItem.objects.filter(run=run).values_list("datasource_item_id", flat=True))
+
+
+def gate_list(*, organization: Organization) -> QuerySet[DeployGate]:
+    return DeployGate.objects.filter(organization=organization).select_related("eval", "base_model")
+
+
+def gate_get(*, organization: Organization, gate_id: str) -> DeployGate:
+    found = gate_list(organization=organization).filter(id=gate_id).first()
+    if found is None:
+        raise NotFound(f"No such deploy gate: {gate_id}.", param="gate_id")
+    return found
+
+
+def gate_decisions(*, gate: DeployGate, limit: int = 20) -> list[GateDecision]:
+    return list(GateDecision.objects.filter(gate=gate).select_related("adapter")
+                .order_by("-created_at")[:limit])

@@ -17,13 +17,14 @@ from django.utils import timezone
 
 from jobs.training.jsonl import LineError, iter_lines, parse_line
 from tuneplex.audit.services import audit_record
+from tuneplex.basemodels.selectors import base_model_get
 from tuneplex.core import queue
 from tuneplex.core.actors import Principal
-from tuneplex.core.errors import ApiError
+from tuneplex.core.errors import ApiError, NotFound
 from tuneplex.core.storage import delete_blobs, open_stream, upload_file
 from tuneplex.core.storage_layout import eval_run_items_blob
 from tuneplex.evals import specs
-from tuneplex.evals.models import Eval, EvalRun
+from tuneplex.evals.models import DeployGate, Eval, EvalRun
 from tuneplex.evals.selectors import active_runs
 from tuneplex.evals.worker_writes import summarize
 from tuneplex.files.models import File
@@ -86,22 +87,30 @@ def eval_delete(*, organization: Organization, actor: Principal, eval: Eval) -> 
 # --- runs ------------------------------------------------------------------------------------------
 
 def eval_run_create(*, organization: Organization, actor: Principal, eval: Eval, data_source,
-                    name=None, metadata=None) -> EvalRun:
+                    name=None, metadata=None, undeployed_ok: bool = False,
+                    system: bool = False) -> EvalRun:
     """Check the source and every item against the eval, copy the items into the run's own blob
     (so the run can resume anywhere, whatever happens to an uploaded file), then store the run
-    and enqueue it on commit. Refused with nothing stored when any item does not fit."""
+    and enqueue it on commit. Refused with nothing stored when any item does not fit.
+
+    ``undeployed_ok`` and ``system`` are the deploy gate's (never the API's): its candidate is
+    not deployed yet, and its runs do not count against TUNEPLEX_ORG_MAX_ACTIVE_EVAL_RUNS."""
     source = specs.run_source(data_source)
-    if source.kind == "completions":
-        servable_model(organization=organization, model=source.model, param="data_source.model")
-    for model, param in specs.judge_models(eval.testing_criteria):
+    if source.kind in ("completions", "pairwise"):
+        servable_model(organization=organization, model=source.model,
+                       param="data_source.model" if source.kind == "completions"
+                       else "data_source.models[0]", undeployed_ok=undeployed_ok)
+    asked = specs.judge_models(eval.testing_criteria) if source.kind != "pairwise" else []
+    for model, param in asked + specs.judge_models_of_source(source.stored):
         servable_model(organization=organization, model=model, param=param)
-    if active_runs(organization=organization) >= settings.ORG_MAX_ACTIVE_EVAL_RUNS:
+    if not system and active_runs(organization=organization) >= settings.ORG_MAX_ACTIVE_EVAL_RUNS:
         raise ApiError(f"The organization has {settings.ORG_MAX_ACTIVE_EVAL_RUNS} eval runs queued "
                        "or in progress (TUNEPLEX_ORG_MAX_ACTIVE_EVAL_RUNS); wait for one to end or "
                        "cancel one.", code="too_many_active_runs", status=429)
     run = EvalRun(organization=organization, eval=eval, name=_name(name),
                   metadata=specs.metadata(metadata), model=source.model,
-                  data_source=source.stored, created_by=_creator(actor))
+                  data_source=source.stored, created_by=_creator(actor),
+                  undeployed_ok=undeployed_ok)
     run.items_blob = eval_run_items_blob(organization.id, run.id)
     entries = source.inline if source.inline is not None else \
         _file_entries(organization, source.file_id)
@@ -198,3 +207,70 @@ def eval_run_delete(*, organization: Organization, actor: Principal, run: EvalRu
                      metadata={"eval": locked.eval_id})
         locked.delete()
         transaction.on_commit(lambda: delete_blobs([blob]))
+
+
+# --- deploy gates ----------------------------------------------------------------------------------
+
+def deploy_gate_create(*, organization: Organization, actor: Principal, eval: Eval,
+                       base_model: str, data_source, suffix=None, criterion=None,
+                       statistic=None, margin=None, enabled=None) -> DeployGate:
+    """A gate for a family of adapters (its base model, and its suffix when given). The data
+    source is a completions run's without the model, checked as a run's would be."""
+    if not isinstance(base_model, str):
+        raise ApiError("base_model must be a base model's name.", code="invalid_type",
+                       param="base_model")
+    try:
+        base = base_model_get(name=base_model)
+    except NotFound:
+        raise NotFound(f"No base model named {base_model!r}.", param="base_model") from None
+    suffix = "" if suffix is None else suffix
+    if not isinstance(suffix, str) or len(suffix) > 64:
+        raise ApiError("suffix must be a string of at most 64 characters.", code="invalid_type",
+                       param="suffix")
+    if not isinstance(data_source, dict):
+        raise ApiError("data_source must be an object.", code="invalid_type", param="data_source")
+    if "model" in data_source:
+        raise ApiError("A gate's data source has no model: the candidate and the incumbent are "
+                       "its models.", code="invalid_value", param="data_source.model")
+    source = specs.run_source({**data_source, "type": "completions", "model": base.name})
+    if source.inline is not None:
+        for index, entry in enumerate(source.inline):
+            specs.run_entry(entry, index, kind="completions",
+                            item_schema=eval.data_source_config["item_schema"],
+                            where=f"data_source.source.content[{index}]")
+    names = [c["name"] for c in eval.testing_criteria]
+    criterion = names[0] if criterion is None else criterion
+    if criterion not in names:
+        raise ApiError(f"criterion must name one of the eval's testing criteria: "
+                       f"{', '.join(names)}.", code="invalid_value", param="criterion")
+    statistic = statistic or DeployGate.Statistic.PASS_RATE
+    if statistic not in DeployGate.Statistic.values:
+        raise ApiError("statistic must be pass_rate or mean_score.", code="invalid_value",
+                       param="statistic")
+    margin = 0.0 if margin is None else margin
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin <= 1e6:
+        raise ApiError("margin must be a number of at least 0.", code="invalid_value", param="margin")
+    stored = {k: v for k, v in source.stored.items() if k not in ("model", "type")}
+    if source.inline is not None:
+        stored["source"] = {"type": "file_content", "content": source.inline}
+    gate = DeployGate(organization=organization, eval=eval, base_model=base, suffix=suffix,
+                      data_source=stored, criterion=criterion, statistic=statistic,
+                      margin=float(margin), enabled=True if enabled is None else bool(enabled))
+    with transaction.atomic(durable=True):
+        if DeployGate.objects.filter(organization=organization, base_model=base,
+                                     suffix=suffix).exists():
+            raise ApiError(f"The family {base.name}{' / ' + suffix if suffix else ''} has a deploy "
+                           "gate already; delete it first.", code="gate_exists", param="suffix",
+                           status=409)
+        gate.save(force_insert=True)
+        audit_record(actor=actor, action="deploy_gate.create", obj=gate,
+                     metadata={"eval": eval.id, "base_model": base.name, "suffix": suffix})
+    return gate
+
+
+def deploy_gate_delete(*, organization: Organization, actor: Principal, gate: DeployGate) -> None:
+    with transaction.atomic(durable=True):
+        locked = DeployGate.objects.select_for_update().get(pk=gate.pk, organization=organization)
+        audit_record(actor=actor, action="deploy_gate.delete", obj=locked,
+                     metadata={"eval": locked.eval_id})
+        locked.delete()

@@ -144,15 +144,29 @@ def run_source(value: Any) -> RunSource:
         raise _invalid("A data source of type 'responses' reads stored responses, which this "
                        "platform does not keep; use 'completions' or 'jsonl'.", f"{param}.type",
                        "unsupported_data_source")
-    if kind not in ("jsonl", "completions"):
-        raise _invalid("data_source.type must be 'completions' or 'jsonl'.", f"{param}.type")
+    if kind not in ("jsonl", "completions", "pairwise"):
+        raise _invalid("data_source.type must be 'completions', 'jsonl' or 'pairwise'.",
+                       f"{param}.type")
     source = _object(value.get("source"), f"{param}.source")
     inline, file_id = _items_source(source, f"{param}.source")
     stored: dict[str, Any] = {"type": kind, "source": (
         {"type": "file_id", "id": file_id} if file_id is not None
         else {"type": "file_content", "content": []})}
     model = ""
-    if kind == "completions":
+    if kind == "pairwise":
+        models = value.get("models")
+        if (not isinstance(models, list) or len(models) != 2
+                or not all(isinstance(m, str) and m for m in models) or models[0] == models[1]):
+            raise _invalid("A pairwise data source compares two different models: models is a "
+                           "list of their two names.", f"{param}.models", "invalid_type")
+        stored["models"] = models
+        model = models[0]
+        stored["input_messages"] = input_messages(value.get("input_messages"),
+                                                  f"{param}.input_messages")
+        stored["sampling_params"] = sampling_params(value.get("sampling_params"),
+                                                    f"{param}.sampling_params")
+        stored["judge"] = pairwise_judge(value.get("judge"), f"{param}.judge")
+    elif kind == "completions":
         model = value.get("model")
         if not isinstance(model, str) or not model:
             raise _invalid("A completions data source needs the model that answers.",
@@ -188,6 +202,46 @@ def _items_source(source: dict, param: str) -> tuple[list[dict] | None, str | No
         raise _invalid("stored_completions needs completion logs, which this platform does not "
                        "keep.", f"{param}.type", "unsupported_data_source")
     raise _invalid("source.type must be 'file_content' or 'file_id'.", f"{param}.type")
+
+
+VERDICTS = ["first", "second", "tie"]
+
+
+def pairwise_judge(value: Any, param: str) -> dict:
+    """The judge of a pairwise run: a model and its messages, which read the item and the two
+    answers as ``{{sample.first.output_text}}`` and ``{{sample.second.output_text}}``. Stored as
+    the label grader it is (labels first, second, tie): each item is judged twice, the answers
+    in both orders, so that a judge that prefers a position decides nothing."""
+    value = _object(value, param)
+    spec = {"type": "label_model", "name": "pairwise", "model": value.get("model"),
+            "input": value.get("input"), "labels": VERDICTS, "passing_labels": ["first"]}
+    unknown = set(value) - {"model", "input", "sampling_params"}
+    if unknown:
+        raise _invalid(f"A pairwise judge takes model, input and sampling_params, not "
+                       f"{', '.join(sorted(unknown))}.", f"{param}.{sorted(unknown)[0]}",
+                       "unknown_parameter")
+    try:
+        spec = grading.validate(spec)
+    except grading.GraderError as exc:
+        raise ApiError(exc.message, code=exc.code,
+                       param=f"{param}.{exc.param}" if exc.param else param) from None
+    given = dict(value.get("sampling_params") or {}) if isinstance(
+        value.get("sampling_params"), dict) else value.get("sampling_params")
+    if isinstance(given, dict) and "max_completions_tokens" in given:  # the graders' spelling
+        given["max_completion_tokens"] = given.pop("max_completions_tokens")
+    params = sampling_params(given, f"{param}.sampling_params")
+    params.pop("response_format", None)  # the verdict's own format is asked for
+    if "max_completion_tokens" in params:
+        params["max_completions_tokens"] = params.pop("max_completion_tokens")
+    return {**spec, "sampling_params": params}
+
+
+def judge_models_of_source(stored: dict) -> list[tuple[str, str]]:
+    """(model, param) of every model a run's source asks besides its own."""
+    if stored["type"] != "pairwise":
+        return []
+    return [(stored["models"][1], "data_source.models[1]"),
+            (stored["judge"]["model"], "data_source.judge.model")]
 
 
 def input_messages(value: Any, param: str) -> dict:

@@ -19,7 +19,9 @@ from jobs.grading import stats
 from tuneplex.evals.models import EvalOutputItem, EvalRun
 
 Status = EvalRun.Status
-_COUNTED = {"pass": "passed", "fail": "failed", "error": "errored"}
+# A pairwise run's items: pass (the first model won), fail (the second won), tie (neither, or
+# the judge changed its mind with the order): counted as failed, and apart in its statistics.
+_COUNTED = {"pass": "passed", "fail": "failed", "error": "errored", "tie": "failed"}
 
 
 def eval_run_claim(*, run_id: str) -> EvalRun | None:
@@ -134,12 +136,18 @@ def eval_run_requeue_stale(*, run: EvalRun, attempt: int, max_attempts: int) -> 
 def summarize(run: EvalRun) -> None:
     """Recount the run's totals, usage and statistics from every item stored (the exact figures,
     whatever was counted on the way)."""
-    tally = Tally(criteria=[c["name"] for c in run.eval.testing_criteria])
+    tally = Tally(criteria=_criteria(run))
     for status, results, sample in (EvalOutputItem.objects.filter(run=run)
                                     .values_list("status", "results", "sample").iterator()):
         tally.add(status, results, sample)
     tally.store(run, final=True)
     run.items_done = tally.counts["total"]
+
+
+def _criteria(run: EvalRun) -> list[str]:
+    if run.data_source.get("type") == "pairwise":
+        return ["pairwise"]
+    return [c["name"] for c in run.eval.testing_criteria]
 
 
 @dataclass
@@ -152,6 +160,7 @@ class Tally:
                                                              "errored": 0})
     per_criterion: dict[str, dict] = field(default_factory=dict)
     usage: dict[str, dict] = field(default_factory=dict)
+    pairwise: dict[str, int] = field(default_factory=lambda: {"a": 0, "b": 0, "tie": 0, "error": 0})
 
     def __post_init__(self) -> None:
         for name in self.criteria:
@@ -160,7 +169,7 @@ class Tally:
     @classmethod
     def of_run(cls, run: EvalRun) -> Tally:
         """The live totals stored on the run so far (scores are kept only by summarize)."""
-        tally = cls(criteria=[c["name"] for c in run.eval.testing_criteria])
+        tally = cls(criteria=_criteria(run))
         tally.counts.update(run.result_counts or {})
         for row in run.per_testing_criteria_results or []:
             if row["testing_criteria"] in tally.per_criterion:
@@ -170,13 +179,13 @@ class Tally:
             tally.usage[row["model_name"]] = {k: v for k, v in row.items() if k != "model_name"}
         return tally
 
-    def _use(self, model: str | None, usage: dict | None) -> None:
+    def _use(self, model: str | None, usage: dict | None, calls: int = 1) -> None:
         if not model or not usage:
             return
         row = self.usage.setdefault(model, {"invocation_count": 0, "prompt_tokens": 0,
                                             "completion_tokens": 0, "total_tokens": 0,
                                             "cached_tokens": 0})
-        row["invocation_count"] += 1
+        row["invocation_count"] += calls
         for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
             row[name] += int(usage.get(name) or 0)
 
@@ -184,7 +193,11 @@ class Tally:
         self.counts["total"] += 1
         self.counts[_COUNTED[status]] += 1
         self._use(sample.get("model"), sample.get("usage"))
+        compared = sample.get("compare") or {}
+        self._use(compared.get("model"), compared.get("usage"))
         for result in results:
+            if result.get("type") == "pairwise":
+                self.pairwise["error" if result.get("error") else result["winner"]] += 1
             row = self.per_criterion.get(result["name"])
             if row is None:
                 continue
@@ -194,7 +207,7 @@ class Tally:
                 row["passed" if result["passed"] else "failed"] += 1
                 row["scores"].append(float(result["score"]))
             judged = result.get("sample") or {}
-            self._use(judged.get("model"), judged.get("usage"))
+            self._use(judged.get("model"), judged.get("usage"), judged.get("invocations", 1))
 
     def store(self, run: EvalRun, *, final: bool) -> None:
         run.result_counts = dict(self.counts)
@@ -202,7 +215,12 @@ class Tally:
             {"testing_criteria": name, "passed": row["passed"], "failed": row["failed"],
              "errored": row["errored"]} for name, row in self.per_criterion.items()]
         run.per_model_usage = [{"model_name": model, **row} for model, row in self.usage.items()]
-        if final:
+        if final and run.data_source.get("type") == "pairwise":
+            models = run.data_source["models"]
+            run.statistics = {"pairwise": {
+                "models": models, "errored": self.pairwise["error"],
+                **stats.win_rate(self.pairwise["a"], self.pairwise["b"], self.pairwise["tie"])}}
+        elif final:
             run.statistics = {name: {
                 "pass_rate": stats.proportion(row["passed"], row["passed"] + row["failed"]).to_dict(),
                 "mean_score": stats.mean(row["scores"]).to_dict(),

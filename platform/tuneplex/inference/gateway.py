@@ -295,6 +295,15 @@ def _what_blocking(principal: Principal, model: str, request) -> Target:
     return target
 
 
+def _candidate_blocking(principal: Principal, model: str, request) -> Target:
+    """A candidate adapter, deployed or not (never cached: the admission cache holds only what
+    every request may use)."""
+    close_old_connections()
+    found = servable_model(organization=principal.organization, model=model, undeployed_ok=True)
+    pool_for(found.base_model).ensure_fresh()
+    return Target(principal, found.model, found.base_model, found.adapter_id)
+
+
 _lookup_pools: dict[tuple[int, str], ThreadPoolExecutor] = {}  # per process (a fork gets its own)
 
 
@@ -361,7 +370,10 @@ async def _admit(authorization: str | None, raw: bytes, endpoint: str, request=N
     try:
         body = parse_body(raw, endpoint)
         body["cache_salt"] = cache_salt(principal.organization.id)
-        target = _cached_target(principal, body["model"])
+        if inside is not None and body["model"] in inside.undeployed:
+            target = await _blocking(_candidate_blocking, principal, body["model"], request=request)
+        else:
+            target = _cached_target(principal, body["model"])
         if target is None or not pool_for(target.base_model).refreshed.is_set():
             target = await _blocking(_what_blocking, principal, body["model"], request=request)
     except ApiError:
@@ -570,6 +582,7 @@ class Inside:
     principal: Principal
     requester: str
     priority: int = 0  # vLLM's request priority (lower first) where the engine schedules by it
+    undeployed: frozenset[str] = frozenset()  # candidate adapters it may use before their deploy
 
 
 async def complete_inside(inside: Inside, endpoint: str, body: dict) -> Reply:

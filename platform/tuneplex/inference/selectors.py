@@ -32,13 +32,16 @@ class ServableModel:
     adapter_id: str | None
 
 
-def servable_model(*, organization: Organization, model: str, param: str = "model") -> ServableModel:
+def servable_model(*, organization: Organization, model: str, param: str = "model",
+                   undeployed_ok: bool = False) -> ServableModel:
     """The organization's deployed adapter, or a served base model, named ``model``; else a 404
-    (``model_not_deployed`` for an adapter of its own that is not deployed)."""
+    (``model_not_deployed`` for an adapter of its own that is not deployed). ``undeployed_ok``:
+    the platform's own evaluation of a candidate adapter before it is deployed (the pool loads
+    it for the requests' leases and unloads it afterwards)."""
     adapter = (Adapter.objects.filter(organization=organization, name=model)
                .select_related("base_model").first())
     if adapter is not None:
-        if not adapter.deployed:
+        if not adapter.deployed and not undeployed_ok:
             raise ModelNotFound(model, deployed_hint=True, param=param)
         return ServableModel(adapter.name, adapter.base_model.name, adapter.id)
     if serves(model) and BaseModel.objects.filter(name=model, enabled=True).exists():

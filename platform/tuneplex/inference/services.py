@@ -82,13 +82,14 @@ def adapter_undeploy(*, organization, actor: Principal, adapter: Adapter) -> Ada
     return adapter
 
 
-def adapter_auto_deploy(adapter: Adapter) -> str | None:
-    """After a job succeeds (on the worker): stage and validate, then mark it deployed.
+def adapter_auto_deploy(adapter: Adapter, *, gated: bool = False) -> str | None:
+    """After a job succeeds (on a worker): stage and validate, then mark it deployed.
 
     The replicas' pool agents load it (into a free slot within seconds, or on its first request).
-    Returns why it was not deployed, or None.
+    Returns why it was not deployed, or None. ``gated``: a deploy gate decided it is better,
+    which is the organization's explicit choice whatever its auto-deploy setting.
     """
-    if not adapter.organization.auto_deploy:
+    if not adapter.organization.auto_deploy and not gated:
         return "auto-deploy is off for this organization"
     if not serves(adapter.base_model.name):
         return f"no engine replica serves {adapter.base_model.name}"

@@ -11,6 +11,7 @@ from django.db import transaction
 from django.db.models.functions import Now
 
 from tuneplex.adapters.services import adapter_prepare
+from tuneplex.core import queue
 from tuneplex.core.storage import delete_prefix
 from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint
 from tuneplex.finetuning.services.lifecycle import enqueue_dispatch, job_event
@@ -108,7 +109,10 @@ def job_succeed(*, job: FineTuningJob, attempt: int, adapter_dir: Path,
             job_event(job, f"Job succeeded: adapter {adapter.name} is ready.",
                       data={"adapter_id": adapter.id, "sha256": adapter.sha256})
             transaction.on_commit(enqueue_dispatch)
-            transaction.on_commit(lambda: _deploy_after_success(adapter.id), robust=True)
+            # Deployed, gated by an eval, or left as the organization's settings say:
+            # tuneplex.evals.gates.after_training, on a worker of the default queue.
+            transaction.on_commit(lambda: queue.enqueue(queue.ADAPTER_TRAINED, adapter.id),
+                                  robust=True)
     except BaseException as exc:
         delete_prefix(adapter.blob_prefix)  # nothing half-written: no files without the row
         if isinstance(exc, StaleAttempt):
@@ -117,16 +121,4 @@ def job_succeed(*, job: FineTuningJob, attempt: int, adapter_dir: Path,
     return True
 
 
-def _deploy_after_success(adapter_id: str) -> None:
-    from tuneplex.adapters.models import Adapter
-    from tuneplex.inference.services import adapter_auto_deploy
-
-    adapter = Adapter.objects.select_related("organization", "base_model", "job").get(id=adapter_id)
-    not_deployed = adapter_auto_deploy(adapter)
-    if not_deployed is None:
-        job_event(adapter.job, f"Adapter deployed: use model '{adapter.name}' on "
-                               "/v1/chat/completions.")
-    elif adapter.organization.auto_deploy:
-        job_event(adapter.job, f"Adapter not deployed automatically: {not_deployed}",
-                  level="warning")
 
