@@ -4,6 +4,8 @@ chart, events, cancel) that polls until the job has finished."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect, render
@@ -21,7 +23,7 @@ from tuneplex.finetuning import selectors
 from tuneplex.finetuning.estimates import time_estimate
 from tuneplex.finetuning.models import FineTuningJob
 from tuneplex.finetuning.services import lifecycle
-from tuneplex.finetuning.services.plan import job_plan
+from tuneplex.finetuning.services.plan import METHOD_FIELDS, OPENAI_NAMES, job_plan
 
 POLL_SECONDS = 2
 EVENTS_SHOWN = 100
@@ -176,6 +178,41 @@ def jobs(request):
         "can_train": TRAIN in principal.scopes})
 
 
+# The job page's settings, grouped and ordered as the new-job form asks for them; then the
+# trainer's other settings in its own field order, then anything else stored (older jobs).
+_CONFIG_NAMES = {name: OPENAI_NAMES.get(name, name) for name in ADVANCED}
+
+
+def settings_groups(job: FineTuningJob) -> list[tuple[str, list[tuple[str, object]]]]:
+    """(group title, [(label, value), ...]) of the job's settings, in a fixed order whatever
+    the job set: the same settings show in the same places on every job page."""
+    config = dict(job.config or {})
+    shown: set[str] = set()
+
+    def take(name: str, default=None):
+        shown.add(name)
+        return config.get(name, default)
+
+    dpo = job.method_type == "dpo"
+    groups = [
+        ("Model and data", [("Base model", job.base_model.name),
+                            ("Training dataset", job.training_file),
+                            ("Validation dataset", job.validation_file or "none"),
+                            ("Name suffix", job.suffix or "none")]),
+        ("Training method", [("Method", "DPO" if dpo else "supervised"),
+                             ("Beta (DPO)", take("dpo_beta") if dpo else "not used")]),
+        ("Adapter", [("Adapter", take("method", job.method))]),
+        ("Advanced hyperparameters", [(label, take(_CONFIG_NAMES[name]))
+                                      for name, (_, label, _) in ADVANCED.items()]),
+    ]
+    shown |= METHOD_FIELDS | {"dpo_beta"}  # said by the method above
+    fields = [f.name for f in dataclasses.fields(TrainingConfig)]
+    others = [name for name in fields if name in config and name not in shown]
+    others += sorted(name for name in config if name not in shown and name not in fields)
+    groups.append(("Other settings", [(name, config[name]) for name in others]))
+    return groups
+
+
 def _progress_context(principal, job: FineTuningJob) -> dict:
     points = selectors.job_metrics_sampled(job=job, at_most=CHART_POINTS)  # bounded per poll
     series = ["train_loss", "eval_loss"]
@@ -195,7 +232,8 @@ def _progress_context(principal, job: FineTuningJob) -> dict:
 def job(request, id: str):
     principal = principal_of(request)
     found = get_or_404(selectors.job_get, organization=principal.organization, job_id=id)
-    return render(request, "frontend/job.html", _progress_context(principal, found))
+    return render(request, "frontend/job.html", _progress_context(principal, found)
+                  | {"settings_groups": settings_groups(found)})
 
 
 @login_required
