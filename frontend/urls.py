@@ -1,7 +1,17 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from frontend.views import datasets, jobs, organizations, overview, serving, signup, team
+from frontend.views import (
+    datasets,
+    eval_runs,
+    evals,
+    jobs,
+    organizations,
+    overview,
+    serving,
+    signup,
+    team,
+)
 from frontend.views.organizations import organization_switch
 
 app_name = "frontend"
@@ -23,6 +33,18 @@ urlpatterns = [
     path("jobs/<oid:id>/", jobs.job, name="job"),
     path("jobs/<oid:id>/progress", jobs.job_progress, name="job-progress"),
     path("jobs/<oid:id>/cancel", jobs.job_cancel, name="job-cancel"),
+    path("evals/", evals.evals, name="evals"),
+    path("evals/new", evals.eval_new, name="eval-new"),
+    path("evals/<oid:eval_id>/", evals.eval_page, name="eval"),
+    path("evals/<oid:eval_id>/runs", evals.eval_runs, name="eval-runs"),
+    path("evals/<oid:eval_id>/runs/new", evals.eval_run_new, name="eval-run-new"),
+    path("evals/<oid:eval_id>/runs/<oid:run_id>/", eval_runs.eval_run, name="eval-run"),
+    path("evals/<oid:eval_id>/runs/<oid:run_id>/progress", eval_runs.eval_run_progress,
+         name="eval-run-progress"),
+    path("evals/<oid:eval_id>/runs/<oid:run_id>/items", eval_runs.eval_run_items,
+         name="eval-run-items"),
+    path("evals/<oid:eval_id>/runs/<oid:run_id>/cancel", eval_runs.eval_run_cancel,
+         name="eval-run-cancel"),
     path("adapters/", serving.adapters, name="adapters"),
     path("adapters/<oid:id>/deploy", serving.adapter_deploy_view, name="adapter-deploy"),
     path("adapters/<oid:id>/undeploy", serving.adapter_undeploy_view, name="adapter-undeploy"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from django import template
 
 register = template.Library()
@@ -39,3 +41,27 @@ def lookup(mapping, key):
 @register.filter
 def gib(value) -> str:
     return "—" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+@register.filter
+def percent(value) -> str:
+    """0.8 → 80.0% (a dash for None)."""
+    if value is None or value == "":
+        return "—"
+    return f"{100 * float(value):.1f}%"
+
+
+@register.filter
+def score(value) -> str:
+    """A score, to three significant digits (a dash for None)."""
+    if value is None or value == "":
+        return "—"
+    return f"{float(value):.3g}"
+
+
+@register.filter
+def epoch(value):
+    """Seconds since 1970 (as a run's events keep their time) → an aware datetime."""
+    if value is None or value == "":
+        return None
+    return datetime.fromtimestamp(float(value), tz=UTC)

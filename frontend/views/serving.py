@@ -66,13 +66,20 @@ def adapter_undeploy_view(request, id: str):
     return _adapter_row(request, principal, adapter)
 
 
+def served_models(organization) -> tuple[list[str], list[str]]:
+    """What the organization can ask now: its deployed adapters (newest first) and the base
+    models an engine serves (the playground's and the eval run form's choices)."""
+    bases = [b.name for b in served_base_models()]
+    deployed = [a.name for a in adapter_selectors.adapter_list(organization=organization)
+                .filter(deployed=True).order_by("-created_at")]
+    return deployed, bases
+
+
 @login_required
 def playground(request):
     """Chat with an adapter, side by side with the base model or another adapter (streamed)."""
     principal = principal_of(request)
-    bases = [b.name for b in served_base_models()]
-    deployed = [a.name for a in adapter_selectors.adapter_list(organization=principal.organization)
-                .filter(deployed=True).order_by("-created_at")]
+    deployed, bases = served_models(principal.organization)
     models = deployed + bases
     return render(request, "frontend/playground.html", {
         "models": models, "left": request.GET.get("model") or (models[0] if models else ""),
