@@ -424,6 +424,10 @@ EVAL_HEARTBEAT_SECONDS = env_int("TUNEPLEX_EVAL_HEARTBEAT_SECONDS", 5, minimum=1
 EVAL_HEARTBEAT_TIMEOUT = env_int("TUNEPLEX_EVAL_HEARTBEAT_TIMEOUT", 60, minimum=5)
 EVAL_MAX_ATTEMPTS = env_int("TUNEPLEX_EVAL_MAX_ATTEMPTS", 3, minimum=1, maximum=20)
 # How long a run waits for an engine that does not answer (replicas down, restarting) before it
+# ... and while tenants' own requests are being answered on the same engines: an eval makes room
+# for interactive traffic (on these CPUs every request in a batch slows the others).
+EVAL_CONCURRENCY_BESIDE_INTERACTIVE = env_int("TUNEPLEX_EVAL_CONCURRENCY_BESIDE_INTERACTIVE", 1,
+                                              minimum=1, maximum=256)
 # fails with engine_unavailable; the items graded until then are kept.
 EVAL_ENGINE_WAIT_SECONDS = env_int("TUNEPLEX_EVAL_ENGINE_WAIT_SECONDS", 300, minimum=1)
 # vLLM priority of an eval's requests (higher waits longer; interactive requests have 0).

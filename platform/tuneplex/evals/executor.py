@@ -14,18 +14,23 @@ whose worker dies is queued again by the sweep and resumes after the items alrea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from itertools import islice
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db.models import Q
+from django.db.models.functions import Now
 
 import jobs.grading as grading
 from jobs.grading.judges import JudgeUnreadable, read_label
 from tuneplex.core.actors import Principal
+from tuneplex.core.errors import ApiError
 from tuneplex.core.queue import EVAL_RUN, enqueue
 from tuneplex.core.scopes import INFER
 from tuneplex.core.storage import open_stream
@@ -41,7 +46,9 @@ from tuneplex.evals.worker_writes import (
     eval_run_record_items,
     eval_run_requeue_stale,
 )
+from tuneplex.inference import ratelimit
 from tuneplex.inference.gateway import Inside, complete_inside, finish_inside
+from tuneplex.inference.selectors import servable_model
 from tuneplex.inference.streams import CHAT
 
 log = logging.getLogger(__name__)
@@ -93,11 +100,6 @@ def run_eval(run_id: str) -> str:
 def sweep() -> dict[str, list[str]]:
     """Beat, every 10 s: runs whose worker stopped heartbeating go back to the queue (or fail
     after TUNEPLEX_EVAL_MAX_ATTEMPTS), and queued runs whose message was lost are sent again."""
-    from datetime import timedelta
-
-    from django.db.models import Q
-    from django.db.models.functions import Now
-
     done: dict[str, list[str]] = {"requeued": [], "failed": [], "resent": []}
     stale = Now() - timedelta(seconds=settings.EVAL_HEARTBEAT_TIMEOUT)
     for run in EvalRun.objects.filter(status=EvalRun.Status.IN_PROGRESS, heartbeat_at__lt=stale):
@@ -134,7 +136,10 @@ class Execution:
         self.inside = Inside(Principal(organization=run.organization, scopes=frozenset({INFER})),
                              requester=f"evalrun:{run.id}", priority=settings.EVAL_PRIORITY,
                              undeployed=frozenset({run.model}) if run.undeployed_ok else frozenset())
-        self.slots = asyncio.Semaphore(settings.EVAL_CONCURRENCY)
+        self.in_flight = 0
+        self.room = asyncio.Condition()
+        self.bases: set[str] = set()  # the base models whose engines the run's requests use
+        self.interactive = (0.0, 0)  # (when counted, the tenants' requests in flight on them)
         self.waiting_for = ""
         self.stopped = asyncio.Event()
         self.graded = 0  # items this attempt answered and graded
@@ -147,6 +152,7 @@ class Execution:
     async def execute(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeats())
         try:
+            self.bases = await sync_to_async(self._base_models)()
             skip = await sync_to_async(graded_item_ids)(run=self.run)
             await sync_to_async(eval_run_note)(
                 run=self.run, attempt=self.attempt, message=(
@@ -297,11 +303,56 @@ class Execution:
 
     # --- the requests ---------------------------------------------------------------------------
 
+    def _base_models(self) -> set[str]:
+        models = {self.run.model, *self.source.get("models", ())}
+        models |= {c["model"] for c in self.criteria if c.get("type") in ("label_model", "score_model")}
+        if self.source.get("judge"):
+            models.add(self.source["judge"]["model"])
+        bases = set()
+        for model in models:
+            try:
+                bases.add(servable_model(organization=self.run.organization, model=model,
+                                         undeployed_ok=model in self.inside.undeployed).base_model)
+            except ApiError:
+                pass  # its requests will say so, item by item
+        return bases
+
+    async def _allowed(self) -> int:
+        """How many requests the run may have in flight now: TUNEPLEX_EVAL_CONCURRENCY, or
+        TUNEPLEX_EVAL_CONCURRENCY_BESIDE_INTERACTIVE while tenants' own requests are being
+        answered on the same engines (counted at most every quarter second)."""
+        counted_at, count = self.interactive
+        if time.monotonic() - counted_at > 0.25:
+            stale = settings.ENGINE_TIMEOUT + 60
+            count = sum([await ratelimit.interactive_in_flight(base, stale_after=stale)
+                         for base in self.bases])
+            self.interactive = (time.monotonic(), count)
+        return settings.EVAL_CONCURRENCY_BESIDE_INTERACTIVE if count else settings.EVAL_CONCURRENCY
+
+    @contextlib.asynccontextmanager
+    async def _slot(self):
+        while True:
+            allowed = await self._allowed()  # counted outside the condition's lock
+            async with self.room:
+                if self.in_flight < allowed:
+                    self.in_flight += 1
+                    break
+                try:  # woken by a request that ends, or after a while to count again
+                    await asyncio.wait_for(self.room.wait(), 0.25)
+                except TimeoutError:
+                    pass
+        try:
+            yield
+        finally:
+            async with self.room:
+                self.in_flight -= 1
+                self.room.notify()
+
     async def _call(self, body: dict) -> tuple[int, dict]:
         """One chat completion; waits out the organization's limits and an engine that is down."""
         down_since: float | None = None
         while True:
-            async with self.slots:
+            async with self._slot():
                 reply = await complete_inside(self.inside, CHAT, body)
             try:
                 payload = json.loads(reply.body or b"{}")

@@ -144,6 +144,13 @@ def summarize(run: EvalRun) -> None:
     run.items_done = tally.counts["total"]
 
 
+def _score_ranges(run: EvalRun) -> dict[str, tuple[float, float]]:
+    """Each criterion's possible scores: a mean's interval is clipped to them (a 0/1 grader's
+    mean is never below 0)."""
+    return {c["name"]: tuple(c["range"]) if c["type"] == "score_model" else (0.0, 1.0)
+            for c in run.eval.testing_criteria}
+
+
 def _criteria(run: EvalRun) -> list[str]:
     if run.data_source.get("type") == "pairwise":
         return ["pairwise"]
@@ -221,7 +228,8 @@ class Tally:
                 "models": models, "errored": self.pairwise["error"],
                 **stats.win_rate(self.pairwise["a"], self.pairwise["b"], self.pairwise["tie"])}}
         elif final:
+            ranges = _score_ranges(run)
             run.statistics = {name: {
                 "pass_rate": stats.proportion(row["passed"], row["passed"] + row["failed"]).to_dict(),
-                "mean_score": stats.mean(row["scores"]).to_dict(),
+                "mean_score": stats.mean(row["scores"], bounds=ranges.get(name)).to_dict(),
                 "errored": row["errored"]} for name, row in self.per_criterion.items()}

@@ -632,7 +632,9 @@ async def _answer(endpoint: str, authorization: str | None, raw: bytes, request,
     try:
         target, body, limit_headers, reservation = await _admit(authorization, raw, endpoint, request,
                                                                 address, inside)
-        if inside is not None and inside.priority and settings.ENGINE_PRIORITY_SCHEDULING:
+        if inside is None:  # a tenant's own request: eval runs make room for it
+            await ratelimit.interactive_begin(reservation, target.base_model)
+        elif inside.priority and settings.ENGINE_PRIORITY_SCHEDULING:
             body["priority"] = inside.priority
         pool = pool_for(target.base_model)
         asked = body.get("stream_options") or {}

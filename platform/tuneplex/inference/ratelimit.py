@@ -90,6 +90,7 @@ class Admission:
     limits: Limits
     slot: str
     finished: bool = False
+    interactive: str | None = None  # the base model, while counted as interactive in flight
 
 
 REFUSALS = {1: "requests", 2: "tokens", 3: "concurrency"}
@@ -179,6 +180,8 @@ async def finish(admission: Admission, actual_tokens: int) -> None:
     if admission.finished:
         return
     admission.finished = True
+    if admission.interactive is not None:
+        await _interactive_end(admission)
     limits, window = admission.limits, admission.tokens.window
     delta = actual_tokens - limits.tokens if limits.tokens_per_minute > 0 else 0
     if not delta and limits.concurrency <= 0:
@@ -269,6 +272,61 @@ async def close_loop_client() -> None:
     found = _clients.pop(asyncio.get_running_loop(), None)
     if found is not None:
         await found[0].aclose()
+
+
+# --- interactive requests in flight, per base model ----------------------------------------------
+# The tenants' own requests (not the platform's eval runs) being answered now, so that an eval
+# run makes room for them (tuneplex.evals.executor). Advisory: a Redis error loses a count,
+# never a request; an entry whose end was lost goes stale after the engine's timeout.
+
+_interactive: dict[str, dict[str, float]] = {}  # without Redis: base model -> slot -> started
+
+
+def _interactive_key(base_model: str) -> str:
+    return "tuneplex:{interactive:" + base_model + "}:inflight"
+
+
+async def interactive_begin(admission: Admission, base_model: str) -> None:
+    admission.interactive = base_model
+    now = time.time()
+    if not settings.REDIS_URL:
+        with _lock:
+            _interactive.setdefault(base_model, {})[admission.slot] = now
+        return
+    client, _, _ = _async_redis(settings.REDIS_URL)
+    key = _interactive_key(base_model)
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            await pipe.zadd(key, {admission.slot: now}).expire(
+                key, int(admission.limits.stale_after) + 5).execute()
+    except _redis_errors() as exc:
+        log.warning("counting an interactive request failed (%s)", type(exc).__name__)
+
+
+async def _interactive_end(admission: Admission) -> None:
+    base_model, admission.interactive = admission.interactive, None
+    if not settings.REDIS_URL:
+        with _lock:
+            _interactive.get(base_model, {}).pop(admission.slot, None)
+        return
+    client, _, _ = _async_redis(settings.REDIS_URL)
+    try:
+        await asyncio.shield(client.zrem(_interactive_key(base_model), admission.slot))
+    except _redis_errors() as exc:
+        log.warning("uncounting an interactive request failed (%s)", type(exc).__name__)
+
+
+async def interactive_in_flight(base_model: str, *, stale_after: float) -> int:
+    """The tenants' requests for ``base_model`` being answered now (0 when Redis cannot tell)."""
+    since = time.time() - stale_after
+    if not settings.REDIS_URL:
+        with _lock:
+            return sum(1 for started in _interactive.get(base_model, {}).values() if started > since)
+    client, _, _ = _async_redis(settings.REDIS_URL)
+    try:
+        return int(await client.zcount(_interactive_key(base_model), since, "+inf"))
+    except _redis_errors():
+        return 0
 
 
 def unsettled() -> int:
