@@ -25,7 +25,8 @@ EVENTS_SHOWN = 100
 FILTERS = {"all": ("All items", None),
            "failing": ("Failures and errors", (EvalOutputItem.Status.FAIL, EvalOutputItem.Status.ERROR)),
            "fail": ("Failures", (EvalOutputItem.Status.FAIL,)),
-           "error": ("Errors", (EvalOutputItem.Status.ERROR,))}
+           "error": ("Errors", (EvalOutputItem.Status.ERROR,)),
+           "tie": ("Ties (pairwise)", (EvalOutputItem.Status.TIE,))}
 RUN_ENDED = "eval-run-ended"  # the client event that reloads the items once the run is over
 
 
@@ -37,6 +38,8 @@ def _run(principal, eval_id: str, run_id: str) -> EvalRun:
 def _statistics(run: EvalRun) -> list[dict]:
     """Per criterion, in the eval's order: the counts so far and, once the run has ended, the
     pass rate and mean score with their intervals."""
+    if run.data_source.get("type") == "pairwise":
+        return []  # the eval's criteria are not applied: the comparison is shown instead
     counts = {row["testing_criteria"]: row for row in run.per_testing_criteria_results or []}
     rows = []
     for criterion in run.eval.testing_criteria:
@@ -49,10 +52,23 @@ def _statistics(run: EvalRun) -> list[dict]:
     return rows
 
 
+def _pairwise(run: EvalRun) -> dict | None:
+    """A pairwise run's comparison: the two models, and (once it has ended) wins, losses, ties
+    and the first model's win rate with its interval; the counts so far before that."""
+    if run.data_source.get("type") != "pairwise":
+        return None
+    figures = (run.statistics or {}).get("pairwise")
+    counts = (run.per_testing_criteria_results or [{}])[0]
+    return {"first": run.data_source["models"][0], "second": run.data_source["models"][1],
+            "judge": run.data_source["judge"]["model"], "figures": figures,
+            "wins_so_far": counts.get("passed", 0), "errored_so_far": counts.get("errored", 0)}
+
+
 def _progress_context(principal, run: EvalRun) -> dict:
     finished = run.status not in EvalRun.ACTIVE
     return {**run_row(run), "eval": run.eval, "finished": finished, "poll_seconds": POLL_SECONDS,
             "statistics": _statistics(run), "usage": run.per_model_usage or [],
+            "pairwise": _pairwise(run),
             "events": list(reversed(run.events or []))[:EVENTS_SHOWN],
             "can_cancel": INFER in principal.scopes and not finished}
 
@@ -73,15 +89,32 @@ def _item_view(item: EvalOutputItem) -> dict:
         judged = result.get("sample") or {}
         error = result.get("error") or None
         verdicts.append({"name": result.get("name"), "type": result.get("type"),
-                         "status": "error" if error else "pass" if result.get("passed") else "fail",
+                         "status": "error" if error else "tie" if result.get("winner") == "tie"
+                         else "pass" if result.get("passed") else "fail",
                          "score": result.get("score"), "error": error,
-                         "said": judged.get("label") or judged.get("reason") or ""})
+                         "said": judged.get("label") or judged.get("reason") or _said(result)})
+    compared = sample.get("compare") or {}
+    other = compared.get("output") or []
     return {"item": item, "input": [{"role": m.get("role"), "content": _text(m.get("content"))}
                                     for m in sample.get("input") or []],
             "output": _text(output[-1].get("content")) if output else "",
+            "model": sample.get("model") or "",
+            "compare": {"model": compared.get("model"),
+                        "output": _text(other[-1].get("content")) if other else "",
+                        "error": compared.get("error")} if compared else None,
             "sample_error": sample.get("error") or None,
             "reference": json.dumps(item.datasource_item, indent=2, ensure_ascii=False),
             "verdicts": verdicts}
+
+
+def _said(result: dict) -> str:
+    """A pairwise verdict in words: each reading, and who won."""
+    if result.get("type") != "pairwise" or not result.get("verdicts"):
+        return ""
+    first, second = result["verdicts"]
+    winner = {"a": "the first model wins", "b": "the second model wins", "tie": "a tie"}.get(
+        result.get("winner"), "")
+    return f"first model's answer read first: {first}; read second: {second} — {winner}"
 
 
 def _items_context(request, run: EvalRun) -> dict:

@@ -38,12 +38,12 @@ def run_row(run: EvalRun) -> dict:
 @login_required
 def evals(request):
     principal = principal_of(request)
-    rows = []
-    for found in selectors.eval_list(organization=principal.organization) \
-            .order_by("-created_at")[:EVALS_SHOWN]:
-        latest = selectors.run_list(eval=found).order_by("-created_at").first()
-        rows.append({"eval": found, "criteria": [c["name"] for c in found.testing_criteria],
-                     "latest": run_row(latest) if latest else None})
+    shown = list(selectors.eval_list(organization=principal.organization)
+                 .order_by("-created_at")[:EVALS_SHOWN])
+    latest = selectors.latest_runs(evals=shown)
+    rows = [{"eval": found, "criteria": [c["name"] for c in found.testing_criteria],
+             "latest": run_row(latest[found.id]) if found.id in latest else None}
+            for found in shown]
     return render(request, "frontend/evals.html", {"rows": rows,
                                                    "can_create": INFER in principal.scopes})
 

@@ -403,3 +403,53 @@ def test_cancelling_a_run_from_its_page(org_a):
     assert EvalRun.objects.get(pk=run.pk).status == "canceled"
     again = client.post(f"/evals/{made.id}/runs/{run.id}/cancel", **csrf(client))
     assert "The run had already ended: canceled." in again.content.decode()
+
+
+def test_a_pairwise_runs_page_shows_the_comparison_both_answers_and_the_ties(org_a):
+    from tuneplex.evals.executor import _pairwise_result
+
+    made = an_eval(org_a)
+    run = EvalRun.objects.create(
+        organization=org_a.organization, eval=made, model="model-a", items_blob="x", items_total=3,
+        data_source={"type": "pairwise", "models": ["model-a", "model-b"],
+                     "judge": {"model": "judge-m"}, "source": {"type": "file_content", "content": []}})
+    readings = [("first", "second"), ("second", "first"), ("first", "first")]  # a wins, b wins, tie
+
+    def output(index: int, labels: tuple[str, str]) -> dict:
+        verdicts = [{"label": label, "text": label, "usage": None, "error": None} for label in labels]
+        result = _pairwise_result("judge-m", verdicts)
+        return {"datasource_item_id": index, "datasource_item": {"input": f"q{index}"},
+                "results": [result], "status": {"a": "pass", "b": "fail", "tie": "tie"}[result["winner"]],
+                "sample": {"model": "model-a", "input": [{"role": "user", "content": f"q{index}"}],
+                           "output": [{"role": "assistant", "content": f"answer A{index}"}],
+                           "usage": None, "error": None,
+                           "compare": {"model": "model-b", "output": [
+                               {"role": "assistant", "content": f"answer B{index}"}],
+                               "usage": None, "error": None}}}
+
+    work(run, [output(i, labels) for i, labels in enumerate(readings)])
+    client = browser(org_a.owner)
+    base = f"/evals/{made.id}/runs/{run.id}"
+    page = client.get(f"{base}/").content.decode()
+    comparison = re.search(r'<table class="table" id="pairwise">.*?</table>', page, re.DOTALL)[0]
+    assert "model-a" in comparison and "model-b" in comparison
+    # One win, one loss, one tie: a win rate of 1 of 2, with its (wide) interval.
+    assert re.search(r"<td>1</td><td>1</td><td>1</td><td>0</td>", comparison)
+    assert 'class="win-rate">50.0%' in comparison
+    assert 'id="statistics"' not in page  # the eval's own criteria are not applied
+    item = re.search(r'<article class="eval-item" id="item-0".*?</article>', page, re.DOTALL)[0]
+    assert "answer A0" in item and "answer B0" in item and "the first model wins" in item
+    assert _shown_items(client.get(f"{base}/items?status=tie").content.decode()) == [(2, "tie")]
+
+
+def test_the_evals_list_shows_each_evals_latest_run(org_a, django_assert_max_num_queries):
+    first, second, never = an_eval(org_a, "first"), an_eval(org_a, "second"), an_eval(org_a, "never")
+    done = work(a_run(org_a, first, [("4", "4")]), [graded(0, "4", "4")])
+    newest = a_run(org_a, first, [("4", "5")])  # queued after the completed one
+    only = work(a_run(org_a, second, [("4", "5")]), [graded(0, "4", "5")])
+    client = browser(org_a.owner)
+    with django_assert_max_num_queries(6):  # one query for the latest runs (one per eval: 8)
+        page = client.get("/evals/").content.decode()
+    linked = dict(re.findall(r'href="/evals/(eval_\w+)/runs/(evalrun_\w+)/"', page))
+    assert linked == {first.id: newest.id, second.id: only.id} and done.id not in page
+    assert never.id in page and "no run yet" in page

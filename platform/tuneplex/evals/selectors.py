@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.db import connection
 from django.db.models import QuerySet
 
 from tuneplex.core.errors import ApiError, NotFound
@@ -78,3 +79,21 @@ def gate_get(*, organization: Organization, gate_id: str) -> DeployGate:
 def gate_decisions(*, gate: DeployGate, limit: int = 20) -> list[GateDecision]:
     return list(GateDecision.objects.filter(gate=gate).select_related("adapter")
                 .order_by("-created_at")[:limit])
+
+
+def latest_runs(*, evals: list[Eval]) -> dict[str, EvalRun]:
+    """Each eval's most recent run, in one query (eval id -> run)."""
+    if not evals:
+        return {}
+    runs = (EvalRun.objects.filter(organization_id=evals[0].organization_id,
+                                   eval_id__in=[e.id for e in evals])
+            .order_by("eval_id", "-created_at", "-pk").distinct("eval_id")
+            if connection.vendor == "postgresql" else None)
+    if runs is None:  # SQLite (the embedded default) has no DISTINCT ON
+        latest: dict[str, EvalRun] = {}
+        for run in (EvalRun.objects.filter(organization_id=evals[0].organization_id,
+                                           eval_id__in=[e.id for e in evals])
+                    .order_by("-created_at", "-pk")):
+            latest.setdefault(run.eval_id, run)
+        return latest
+    return {run.eval_id: run for run in runs}
