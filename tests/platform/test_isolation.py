@@ -94,12 +94,60 @@ OBJECT_OF_B.update({
     "/v1/fine_tuning/jobs/{id}/events": _job_of_b,
     "/v1/fine_tuning/jobs/{id}/checkpoints": _job_of_b,
     "/v1/fine_tuning/jobs/{id}/tensorboard": _job_of_b,
+    "/v1/fine_tuning/jobs/{id}/wandb": _job_of_b,
     "/v1/adapters/{id}": _adapter_of_b,
     "/v1/adapters/{id}/download": _adapter_of_b,
     "/v1/adapters/{id}/merge": _adapter_of_b,
     "/v1/adapters/{id}/deploy": _adapter_of_b,
     "/v1/adapters/{id}/undeploy": _adapter_of_b,
     "/v1/models/{model}": lambda b: _deployed_adapter_of_b(b),
+})
+
+
+def _eval_of_b(b: Tenant):
+    from tuneplex.evals.models import Eval
+
+    return Eval.objects.filter(organization=b.organization).first() or Eval.objects.create(
+        organization=b.organization, name="b's eval", testing_criteria=[],
+        data_source_config={"type": "custom", "item_schema": {}, "include_sample_schema": False})
+
+
+def _run_of_b(b: Tenant):
+    from tuneplex.evals.models import EvalOutputItem, EvalRun
+
+    made = _eval_of_b(b)
+    run = EvalRun.objects.filter(eval=made).first()
+    if run is None:
+        run = EvalRun.objects.create(organization=b.organization, eval=made, items_blob="x",
+                                     data_source={"type": "jsonl"})
+        EvalOutputItem.objects.create(organization=b.organization, run=run, datasource_item_id=0,
+                                      datasource_item={}, sample={}, results=[], status="pass")
+    return run
+
+
+def _gate_of_b(b: Tenant) -> str:
+    from tuneplex.evals.models import DeployGate
+
+    existing = DeployGate.objects.filter(organization=b.organization).first()
+    if existing is not None:
+        return existing.id
+    job = _job_of_b(b)
+    from tuneplex.finetuning.models import FineTuningJob
+
+    return DeployGate.objects.create(organization=b.organization, eval=_eval_of_b(b),
+                                     base_model=FineTuningJob.objects.get(id=job).base_model,
+                                     data_source={}, criterion="x").id
+
+
+OBJECT_OF_B.update({
+    "/v1/evals/{eval_id}": lambda b: _eval_of_b(b).id,
+    "/v1/evals/{eval_id}/runs": lambda b: _eval_of_b(b).id,
+    "/v1/evals/{eval_id}/runs/{run_id}": lambda b: (_eval_of_b(b).id, _run_of_b(b).id),
+    "/v1/evals/{eval_id}/runs/{run_id}/cancel": lambda b: (_eval_of_b(b).id, _run_of_b(b).id),
+    "/v1/evals/{eval_id}/runs/{run_id}/output_items": lambda b: (_eval_of_b(b).id, _run_of_b(b).id),
+    "/v1/evals/{eval_id}/runs/{run_id}/output_items/{output_item_id}": lambda b: (
+        _eval_of_b(b).id, _run_of_b(b).id, _run_of_b(b).output_items.first().id),
+    "/v1/deploy_gates/{gate_id}": _gate_of_b,
 })
 # The inference endpoints answer in OpenAI's words: a model you may not use "does not exist".
 NOT_FOUND_CODES = {"/v1/models/{model}": "model_not_found"}
@@ -138,6 +186,9 @@ def _b_snapshot(b: Tenant) -> list:
         sorted(File.objects.filter(organization=b.organization).values_list("id", "bytes")),
         sorted(b.organization.finetuning_jobs.values_list("id", "status", "cancel_requested")),
         sorted(b.organization.adapters.values_list("id", "merge_status", "deployed", "pinned")),
+        sorted(b.organization.evals.values_list("id", "name", "metadata")),
+        sorted(b.organization.eval_runs.values_list("id", "status", "cancel_requested")),
+        sorted(b.organization.deploy_gates.values_list("id", "enabled")),
     ]
 
 
@@ -163,7 +214,9 @@ def test_a_caller_of_a_gets_404_for_every_object_of_b(org_a, org_b, as_session):
     _deployed_adapter_of_b(org_b)
     before = _b_snapshot(org_b)
     for path, method in operations:
-        url = re.sub(r"\{[^}]+\}", OBJECT_OF_B[path](org_b), path)
+        ids = OBJECT_OF_B[path](org_b)  # one id, or one per placeholder, in order
+        ids = iter(ids if isinstance(ids, tuple) else (ids,) * path.count("{"))
+        url = re.sub(r"\{[^}]+\}", lambda _: next(ids), path)
         kwargs = {"format": "json"} if method in BODIES else {}
         if method in BODIES:
             kwargs["data"] = BODIES[method]

@@ -29,6 +29,10 @@ def list_page(queryset: QuerySet, query_params, *, serializer_class, cursor_fiel
     """One page of ``queryset``, newest first, keyed by (created_at, id) like OpenAI's lists.
     ``after`` names an object by ``cursor_field``, the field its API ``id`` shows. With
     ``default_order`` the caller may choose ``order`` (asc or desc), as OpenAI's newer lists do."""
+    for name in ("limit", "order"):  # given empty, a query parameter is not "left out"
+        if query_params.get(name, None) == "":
+            raise ApiError(f"{name} is empty; leave it out or give a value.", code="invalid_value",
+                           param=name)
     params = (OrderedListParams if default_order else ListParams)(data=query_params)
     params.is_valid(raise_exception=True)
     after, limit = params.validated_data.get("after"), params.validated_data["limit"]

@@ -93,7 +93,7 @@ def document_lists_and_errors(result, generator, request, public):
                                             for name in ("after", "limit") if name not in named]
             _constrain_list_parameters(operation)
             wanted = ["400", "401", "403", "429"]
-            if "{" in path:
+            if "{" in path or method in _WRITES:  # a write may name an object (an eval, a model)
                 wanted.append("404")
             if method in _WRITES or _answers_conflicts(operation):
                 wanted.append("409")

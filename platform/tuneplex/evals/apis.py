@@ -13,7 +13,13 @@ names its field); graders are :mod:`jobs.grading`.
 
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field, inline_serializer
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    extend_schema,
+    extend_schema_field,
+    extend_schema_serializer,
+    inline_serializer,
+)
 from rest_framework import serializers
 from rest_framework.response import Response
 
@@ -76,6 +82,7 @@ class EvalOutput(ApiObjectOutput):
 class EvalListApi(OrgApi):
     scopes = {"GET": READ, "POST": INFER}
 
+    @extend_schema_serializer(component_name="EvalCreateInput")
     class Input(serializers.Serializer):
         name = StrictCharField(required=False, max_length=300)
         data_source_config = DataSourceConfigField()
@@ -105,6 +112,7 @@ EVAL_DELETED = inline_serializer("EvalDeleted", {
 class EvalDetailApi(OrgApi):
     scopes = {"GET": READ, "POST": INFER, "DELETE": INFER}
 
+    @extend_schema_serializer(component_name="EvalUpdateInput")
     class Input(serializers.Serializer):
         name = StrictCharField(required=False, max_length=300)
         metadata = MetadataField(required=False)
@@ -116,7 +124,8 @@ class EvalDetailApi(OrgApi):
     def get(self, request, eval_id: str):
         return Response(EvalOutput(self._eval(eval_id)).data)
 
-    @extend_schema(request=Input, responses=EvalOutput, summary="Update an eval's name or metadata")
+    @extend_schema(request=Input, responses=EvalOutput, summary="Update an eval's name or metadata",
+                   operation_id="evals_update")
     def post(self, request, eval_id: str):
         data = self.Input(data=request.data)
         data.is_valid(raise_exception=True)
@@ -170,6 +179,7 @@ class RunOutput(ApiObjectOutput):
 class RunListApi(OrgApi):
     scopes = {"GET": READ, "POST": INFER}
 
+    @extend_schema_serializer(component_name="EvalRunCreateInput")
     class Input(serializers.Serializer):
         name = StrictCharField(required=False, max_length=300)
         data_source = RunDataSourceField()
@@ -315,6 +325,7 @@ class GateDataSourceField(serializers.JSONField):
 class GateListApi(OrgApi):
     scopes = {"GET": READ, "POST": TRAIN}
 
+    @extend_schema_serializer(component_name="DeployGateCreateInput")
     class Input(serializers.Serializer):
         eval_id = StrictCharField(max_length=64)
         base_model = StrictCharField(max_length=300)

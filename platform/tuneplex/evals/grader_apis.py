@@ -13,7 +13,12 @@ import json
 import time
 
 from asgiref.sync import async_to_sync
-from drf_spectacular.utils import extend_schema, extend_schema_field, inline_serializer
+from drf_spectacular.utils import (
+    extend_schema,
+    extend_schema_field,
+    extend_schema_serializer,
+    inline_serializer,
+)
 from rest_framework import serializers
 from rest_framework.response import Response
 
@@ -58,6 +63,7 @@ def _validated(spec) -> dict:
 class GraderValidateApi(OrgApi):
     scopes = {"POST": READ}
 
+    @extend_schema_serializer(component_name="GraderValidateInput")
     class Input(serializers.Serializer):
         grader = GraderField()
 
@@ -72,6 +78,7 @@ class GraderValidateApi(OrgApi):
 class GraderRunApi(OrgApi):
     scopes = {"POST": INFER}
 
+    @extend_schema_serializer(component_name="GraderRunInput")
     class Input(serializers.Serializer):
         grader = GraderField()
         model_sample = StrictCharField(allow_blank=True, max_length=1_000_000,
