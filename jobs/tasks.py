@@ -101,3 +101,15 @@ def sweep_evals() -> None:
     from tuneplex.evals.executor import sweep
 
     sweep()
+
+
+# --- sweeps ----------------------------------------------------------------------------------------
+
+@app.task(name="tuneplex.sweeps.step", ignore_result=True)
+def step_sweeps() -> None:
+    """Celery beat, every TUNEPLEX_SWEEP_STEP_SECONDS: each running hyperparameter sweep reports
+    its trials' validation losses to Optuna, prunes, tells, and starts its next trials. Each
+    sweep is claimed for its step, so a second delivery or a second beat changes nothing."""
+    from tuneplex.sweeps.steps import step_all
+
+    step_all()
