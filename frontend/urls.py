@@ -10,6 +10,7 @@ from frontend.views import (
     overview,
     serving,
     signup,
+    sweeps,
     team,
 )
 from frontend.views.organizations import organization_switch
@@ -45,6 +46,10 @@ urlpatterns = [
          name="eval-run-items"),
     path("evals/<oid:eval_id>/runs/<oid:run_id>/cancel", eval_runs.eval_run_cancel,
          name="eval-run-cancel"),
+    path("sweeps/", sweeps.sweeps, name="sweeps"),
+    path("sweeps/<oid:id>/", sweeps.sweep, name="sweep"),
+    path("sweeps/<oid:id>/progress", sweeps.sweep_progress, name="sweep-progress"),
+    path("sweeps/<oid:id>/cancel", sweeps.sweep_cancel, name="sweep-cancel"),
     path("adapters/", serving.adapters, name="adapters"),
     path("adapters/<oid:id>/deploy", serving.adapter_deploy_view, name="adapter-deploy"),
     path("adapters/<oid:id>/undeploy", serving.adapter_undeploy_view, name="adapter-undeploy"),
