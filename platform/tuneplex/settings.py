@@ -91,6 +91,7 @@ INSTALLED_APPS = [
     "tuneplex.inference",
     "tuneplex.feedback",
     "tuneplex.evals",
+    "tuneplex.sweeps",
     "tuneplex.operations",  # above the feature apps: /healthz, /readyz, /metrics
     "frontend",
 ]
@@ -403,9 +404,14 @@ VALIDATION_DEADLINE_SECONDS = env_int("TUNEPLEX_VALIDATION_DEADLINE_SECONDS", 60
 STATISTICS_TIMEOUT_SECONDS = env_int("TUNEPLEX_STATISTICS_TIMEOUT_SECONDS", 1800, minimum=60)
 STATISTICS_DEADLINE_SECONDS = env_int("TUNEPLEX_STATISTICS_DEADLINE_SECONDS", 7200, minimum=120)
 MERGE_DEADLINE_SECONDS = env_int("TUNEPLEX_MERGE_DEADLINE_SECONDS", 4 * 3600, minimum=60)
+# How often each running hyperparameter sweep takes a step (docs/evaluation.md#sweeps): reports
+# its trials' validation losses to Optuna, prunes, tells, and starts the next trials.
+SWEEP_STEP_SECONDS = env_int("TUNEPLEX_SWEEP_STEP_SECONDS", 10, minimum=1, maximum=3600)
 CELERY_BEAT_SCHEDULE = {
     "sweep": {"task": "tuneplex.sweep", "schedule": 10.0},
     "evals-sweep": {"task": "tuneplex.evals.sweep", "schedule": 10.0},
+    # On the default queue (CELERY_TASK_DEFAULT_QUEUE): seconds of work per sweep.
+    "sweeps-step": {"task": "tuneplex.sweeps.step", "schedule": float(SWEEP_STEP_SECONDS)},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 
@@ -418,20 +424,29 @@ EVAL_MAX_ITEM_BYTES = env_int("TUNEPLEX_EVAL_MAX_ITEM_BYTES", 256 * 1024, minimu
 # Items a run has in flight at once (samples and judge calls): at most this many of the
 # organization's TUNEPLEX_ORG_INFERENCE_CONCURRENCY slots.
 EVAL_CONCURRENCY = env_int("TUNEPLEX_EVAL_CONCURRENCY", 8, minimum=1, maximum=256)
+# ... and while tenants' own requests are being answered on the same engines: an eval makes room
+# for interactive traffic (on these CPUs every request in a batch slows the others).
+EVAL_CONCURRENCY_BESIDE_INTERACTIVE = env_int("TUNEPLEX_EVAL_CONCURRENCY_BESIDE_INTERACTIVE", 1,
+                                              minimum=1, maximum=256)
 EVAL_MAX_TOKENS = env_int("TUNEPLEX_EVAL_MAX_TOKENS", 256, minimum=1)  # a sample's default max_completion_tokens
 ORG_MAX_ACTIVE_EVAL_RUNS = env_int("TUNEPLEX_ORG_MAX_ACTIVE_EVAL_RUNS", 4, minimum=1)  # queued or in progress
 EVAL_HEARTBEAT_SECONDS = env_int("TUNEPLEX_EVAL_HEARTBEAT_SECONDS", 5, minimum=1)
 EVAL_HEARTBEAT_TIMEOUT = env_int("TUNEPLEX_EVAL_HEARTBEAT_TIMEOUT", 60, minimum=5)
 EVAL_MAX_ATTEMPTS = env_int("TUNEPLEX_EVAL_MAX_ATTEMPTS", 3, minimum=1, maximum=20)
 # How long a run waits for an engine that does not answer (replicas down, restarting) before it
-# ... and while tenants' own requests are being answered on the same engines: an eval makes room
-# for interactive traffic (on these CPUs every request in a batch slows the others).
-EVAL_CONCURRENCY_BESIDE_INTERACTIVE = env_int("TUNEPLEX_EVAL_CONCURRENCY_BESIDE_INTERACTIVE", 1,
-                                              minimum=1, maximum=256)
 # fails with engine_unavailable; the items graded until then are kept.
 EVAL_ENGINE_WAIT_SECONDS = env_int("TUNEPLEX_EVAL_ENGINE_WAIT_SECONDS", 300, minimum=1)
 # vLLM priority of an eval's requests (higher waits longer; interactive requests have 0).
 EVAL_PRIORITY = env_int("TUNEPLEX_EVAL_PRIORITY", 10, minimum=0, maximum=1000)
+
+# --- hyperparameter sweeps -----------------------------------------------------------------------
+# A sweep's trials are fine-tuning jobs (never more in flight than the organization's
+# TUNEPLEX_ORG_MAX_CONCURRENT_JOBS); its Optuna study is kept in this database.
+SWEEP_MAX_TRIALS = env_int("TUNEPLEX_SWEEP_MAX_TRIALS", 100, minimum=1, maximum=9999)  # a sweep's budget
+# Sweeps an organization may have running at once; one more is refused (429 too_many_active_sweeps).
+ORG_MAX_ACTIVE_SWEEPS = env_int("TUNEPLEX_ORG_MAX_ACTIVE_SWEEPS", 5, minimum=1)
+
+
 
 
 # --- metrics -------------------------------------------------------------------------------------

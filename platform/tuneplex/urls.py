@@ -17,6 +17,7 @@ from tuneplex.files import apis as files
 from tuneplex.finetuning import apis as finetuning
 from tuneplex.inference import gateway
 from tuneplex.operations import health
+from tuneplex.sweeps import apis as sweeps
 from tuneplex.tenancy import apis as tenancy
 
 
@@ -91,9 +92,9 @@ api_v1 = [
     path("feedback/preference_export", feedback.PreferenceExportApi.as_view()),
     path("fine_tuning/alpha/graders/validate", graders.GraderValidateApi.as_view()),
     path("fine_tuning/alpha/graders/run", graders.GraderRunApi.as_view()),
-    path("evals", evals.EvalListApi.as_view()),
     path("deploy_gates", evals.GateListApi.as_view()),
     path("deploy_gates/<oid:gate_id>", evals.GateDetailApi.as_view()),
+    path("evals", evals.EvalListApi.as_view()),
     path("evals/<oid:eval_id>", evals.EvalDetailApi.as_view()),
     path("evals/<oid:eval_id>/runs", evals.RunListApi.as_view()),
     path("evals/<oid:eval_id>/runs/<oid:run_id>", evals.RunDetailApi.as_view()),
@@ -101,6 +102,9 @@ api_v1 = [
     path("evals/<oid:eval_id>/runs/<oid:run_id>/output_items", evals.OutputItemListApi.as_view()),
     path("evals/<oid:eval_id>/runs/<oid:run_id>/output_items/<oid:output_item_id>",
          evals.OutputItemDetailApi.as_view()),
+    path("sweeps", sweeps.SweepListApi.as_view()),
+    path("sweeps/<oid:sweep_id>", sweeps.SweepDetailApi.as_view()),
+    path("sweeps/<oid:sweep_id>/cancel", sweeps.SweepCancelApi.as_view()),
     path("base_models", basemodels.BaseModelListApi.as_view()),
     path("base_models/<oid:name>", basemodels.BaseModelDetailApi.as_view()),
 ]

@@ -21,6 +21,7 @@ from tuneplex.core.scopes import Role
 from tuneplex.feedback.models import Feedback
 from tuneplex.files.models import File
 from tuneplex.finetuning.models import FineTuningJob
+from tuneplex.sweeps.models import Sweep
 from tuneplex.tenancy.models import Invitation, Membership
 from tuneplex.tenancy.services import invitation_create
 
@@ -56,7 +57,11 @@ def objects_of_b(org_b, default_model):
             "api-key": ApiKey.objects.filter(organization=org_b.organization).first().id,
             "invitation": invitation_create(organization=org_b.organization,
                                             actor=org_b.principal(), invitee="someone-else",
-                                            role="admin", base_url="http://b.example").invitation.id}
+                                            role="admin", base_url="http://b.example").invitation.id,
+            "sweep": Sweep.objects.create(
+                organization=org_b.organization, model=default_model.name, training_file=file.id,
+                search_space={"lora_rank": {"type": "categorical", "choices": [4]}},
+                sampler="random", pruner="none", max_trials=1, seed=1).id}
 
 
 def _id_routes() -> list[tuple[str, str]]:

@@ -148,7 +148,19 @@ OBJECT_OF_B.update({
     "/v1/evals/{eval_id}/runs/{run_id}/output_items/{output_item_id}": lambda b: (
         _eval_of_b(b).id, _run_of_b(b).id, _run_of_b(b).output_items.first().id),
     "/v1/deploy_gates/{gate_id}": _gate_of_b,
+    "/v1/sweeps/{sweep_id}": lambda b: _sweep_of_b(b),
+    "/v1/sweeps/{sweep_id}/cancel": lambda b: _sweep_of_b(b),
 })
+
+
+def _sweep_of_b(b: Tenant) -> str:
+    from tuneplex.sweeps.models import Sweep
+
+    existing = Sweep.objects.filter(organization=b.organization).first()
+    return existing.id if existing is not None else Sweep.objects.create(
+        organization=b.organization, model="iso-model", training_file=_file_of_b(b),
+        search_space={"lora_rank": {"type": "categorical", "choices": [4]}}, sampler="random",
+        pruner="none", max_trials=1, seed=1).id
 # The inference endpoints answer in OpenAI's words: a model you may not use "does not exist".
 NOT_FOUND_CODES = {"/v1/models/{model}": "model_not_found"}
 
@@ -212,6 +224,7 @@ def test_a_caller_of_a_gets_404_for_every_object_of_b(org_a, org_b, as_session):
     operations = _object_operations(_schema(bearer(org_a.owner_key)))
     assert len(operations) >= 5
     _deployed_adapter_of_b(org_b)
+    _run_of_b(org_b), _gate_of_b(org_b), _sweep_of_b(org_b)  # made before B's snapshot
     before = _b_snapshot(org_b)
     for path, method in operations:
         ids = OBJECT_OF_B[path](org_b)  # one id, or one per placeholder, in order
