@@ -57,6 +57,11 @@ def after_training(adapter_id: str) -> str:
                .filter(pk=adapter_id).first())
     if adapter is None or adapter.deployed or GateDecision.objects.filter(adapter=adapter).exists():
         return "nothing to do"  # deleted, deployed by hand, or a message delivered twice
+    sweep = (adapter.job.metadata or {}).get("sweep_id")
+    if sweep:  # one trial of many: the sweep deploys its best when asked to (deploy_best)
+        job_event(adapter.job, f"Adapter not deployed: it is a trial of sweep {sweep}, which "
+                               "deploys its best trial if it was created with deploy_best.")
+        return "sweep trial"
     gate = gate_for(adapter)
     if gate is None:
         return _deploy_ungated(adapter)
