@@ -447,6 +447,18 @@ SWEEP_MAX_TRIALS = env_int("TUNEPLEX_SWEEP_MAX_TRIALS", 100, minimum=1, maximum=
 ORG_MAX_ACTIVE_SWEEPS = env_int("TUNEPLEX_ORG_MAX_ACTIVE_SWEEPS", 5, minimum=1)
 
 
+# --- experiment tracking -------------------------------------------------------------------------
+# A job's `integrations` (docs/evaluation.md#experiment-tracking), sent by the GPU workers.
+# The MLflow tracking server is the operator's: tenants name an experiment, never an address. Unset:
+# an `mlflow` integration is refused (400 integration_unavailable). MLflow's own client variables
+# (MLFLOW_TRACKING_TOKEN, MLFLOW_HTTP_REQUEST_MAX_RETRIES, ...) apply to the workers as usual.
+MLFLOW_TRACKING_URI = env_url("TUNEPLEX_MLFLOW_TRACKING_URI", None, schemes=("http", "https"))
+# offline: W&B writes its files only (no key, no network), stored with the job and downloadable;
+# online: the run goes to W&B (WANDB_BASE_URL for a self-hosted server) with the organization's key.
+WANDB_MODE = env_str("TUNEPLEX_WANDB_MODE", "offline", choices=("offline", "online"))
+# How long a finished attempt waits for its trackers to send what they still hold (the adapter
+# artifact, the run's end) before it gives up on them; training itself never waits for them.
+TRACKING_DRAIN_SECONDS = env_int("TUNEPLEX_TRACKING_DRAIN_SECONDS", 120, minimum=0, maximum=3600)
 
 
 # --- metrics -------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ api_v1 = [
     path("organization/members/<oid:id>", tenancy.MemberDetailApi.as_view()),
     path("organization/invitations", tenancy.InvitationListApi.as_view()),
     path("organization/invitations/<oid:id>/revoke", tenancy.InvitationRevokeApi.as_view()),
+    path("organization/integrations/wandb", tenancy.WandbIntegrationApi.as_view()),
     path("api_keys", apikeys.ApiKeyListApi.as_view()),
     path("api_keys/<oid:id>", apikeys.ApiKeyDetailApi.as_view()),
     path("api_keys/<oid:id>/revoke", apikeys.ApiKeyRevokeApi.as_view()),

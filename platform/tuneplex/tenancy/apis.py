@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+from django.conf import settings
 from drf_spectacular.utils import extend_schema, extend_schema_serializer
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from tuneplex.core.apis import ApiObjectOutput, OrgApi
+from tuneplex.core.apis import ApiObjectOutput, OrgApi, timestamp
 from tuneplex.core.fields import StrictBooleanField, StrictCharField
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import ADMIN, READ, Role
@@ -153,3 +154,60 @@ class MemberDetailApi(OrgApi):
         services.membership_remove(organization=self.organization, actor=self.principal,
                                    membership=membership)
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class WandbIntegrationOutput(serializers.Serializer):
+    """Whether the organization's W&B API key is set; never the key."""
+
+    object = serializers.SerializerMethodField()
+    type = serializers.SerializerMethodField()
+    api_key_set = serializers.BooleanField(source="has_wandb_api_key")
+    updated_at = serializers.SerializerMethodField(help_text="When the key was set (Unix seconds).")
+    mode = serializers.SerializerMethodField(help_text=(
+        "How this platform's workers run W&B (TUNEPLEX_WANDB_MODE): offline (files stored with "
+        "the job, no key needed) or online (runs sent to W&B with this key)."))
+
+    def get_object(self, obj) -> str:
+        return "organization.integration"
+
+    def get_type(self, obj) -> str:
+        return "wandb"
+
+    def get_updated_at(self, obj) -> int | None:
+        return timestamp(obj.wandb_api_key_updated_at)
+
+    def get_mode(self, obj) -> str:
+        return settings.WANDB_MODE
+
+
+class WandbIntegrationApi(OrgApi):
+    """The organization's Weights & Biases API key, used by jobs with a `wandb` integration when
+    the platform runs W&B online. Owners and admins set or remove it; nobody reads it back."""
+
+    scopes = {"GET": READ, "POST": ADMIN, "DELETE": ADMIN}
+
+    @extend_schema_serializer(component_name="WandbIntegrationInput")
+    class Input(serializers.Serializer):
+        api_key = StrictCharField(max_length=1000, trim_whitespace=True,
+                                  help_text="The organization's W&B API key (write-only).")
+
+    @extend_schema(responses=WandbIntegrationOutput, summary="Whether the W&B API key is set")
+    def get(self, request):
+        return Response(WandbIntegrationOutput(self.organization).data)
+
+    @extend_schema(request=Input, responses=WandbIntegrationOutput,
+                   summary="Set the organization's W&B API key")
+    def post(self, request):
+        data = self.Input(data=request.data)
+        data.is_valid(raise_exception=True)
+        organization = services.organization_wandb_key_set(
+            organization=self.organization, actor=self.principal,
+            api_key=data.validated_data["api_key"])
+        return Response(WandbIntegrationOutput(organization).data)
+
+    @extend_schema(responses={200: WandbIntegrationOutput},
+                   summary="Remove the organization's W&B API key")
+    def delete(self, request):
+        organization = services.organization_wandb_key_set(
+            organization=self.organization, actor=self.principal, api_key=None)
+        return Response(WandbIntegrationOutput(organization).data)

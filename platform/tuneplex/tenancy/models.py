@@ -52,7 +52,15 @@ class Organization(models.Model):
         null=True, blank=True, help_text="Stored dataset bytes allowed; blank: TUNEPLEX_ORG_STORAGE_QUOTA.")
     auto_deploy = models.BooleanField(
         default=True, help_text="Deploy each adapter to the serving pool when its job succeeds.")
+    # Sealed with tenancy.secrets (never the key itself); read only by a GPU worker starting an
+    # online W&B run. The API and the pages say only whether it is set.
+    wandb_api_key_sealed = models.TextField(blank=True, default="", editable=False)
+    wandb_api_key_updated_at = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
+
+    @property
+    def has_wandb_api_key(self) -> bool:
+        return bool(self.wandb_api_key_sealed)
 
     @property
     def storage_quota(self) -> int:

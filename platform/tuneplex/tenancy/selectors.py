@@ -8,6 +8,7 @@ from django.db.models import QuerySet
 from tuneplex.core.errors import NotFound
 from tuneplex.tenancy import links
 from tuneplex.tenancy.models import Invitation, Membership, Organization, User
+from tuneplex.tenancy.secrets import WANDB_API_KEY, unseal
 
 
 def membership_list(*, organization: Organization) -> QuerySet[Membership]:
@@ -73,3 +74,12 @@ def email_in_use(email: str, *, excluding: User | None = None) -> bool:
     if excluding is not None:
         accounts = accounts.exclude(pk=excluding.pk)
     return bool(email.strip()) and accounts.exists()
+
+
+def organization_wandb_api_key(*, organization: Organization) -> str | None:
+    """The organization's W&B API key in clear, for the worker that starts an online W&B run
+    and nothing else: no API or page returns it. Raises secrets.SecretUnreadable when
+    SECRET_KEY changed since it was stored."""
+    sealed = (Organization.objects.filter(pk=organization.pk)
+              .values_list("wandb_api_key_sealed", flat=True).first())
+    return unseal(sealed, purpose=WANDB_API_KEY) if sealed else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import smtplib
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,6 +23,7 @@ from tuneplex.core.ids import new_id
 from tuneplex.core.scopes import Role
 from tuneplex.tenancy import links
 from tuneplex.tenancy.models import Invitation, Membership, Organization, User
+from tuneplex.tenancy.secrets import WANDB_API_KEY, seal
 from tuneplex.tenancy.selectors import email_in_use
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,30 @@ def organization_update(*, organization: Organization, actor: Principal, **chang
             setattr(organization, field, value)
         organization.save(update_fields=list(changes) or None)
         audit_record(actor=actor, action="organization.update", obj=organization, metadata=changes)
+    return organization
+
+
+# W&B keys are 40+ letters, digits and underscores, an on-prem key with a prefix and a dash
+# before them (wandb's own check); a token of W&B's internal clients is a JWT (dots).
+WANDB_KEY_FORMAT = re.compile(r"[\w.-]{40,1000}")
+
+
+def organization_wandb_key_set(*, organization: Organization, actor: Principal,
+                               api_key: str | None) -> Organization:
+    """Store the organization's W&B API key, sealed (tenancy.secrets), or remove it (None). The
+    key is used for online W&B runs (TUNEPLEX_WANDB_MODE=online) and never shown again."""
+    if api_key is not None and not WANDB_KEY_FORMAT.fullmatch(api_key):
+        raise ApiError("A W&B API key is 40 or more letters, digits, '_' or '-' (an on-prem "
+                       "key with its prefix).",
+                       code="invalid_api_key", param="api_key")
+    with transaction.atomic():
+        organization = Organization.objects.select_for_update().get(pk=organization.pk)
+        organization.wandb_api_key_sealed = (seal(api_key, purpose=WANDB_API_KEY)
+                                             if api_key is not None else "")
+        organization.wandb_api_key_updated_at = timezone.now() if api_key is not None else None
+        organization.save(update_fields=["wandb_api_key_sealed", "wandb_api_key_updated_at"])
+        action = "set" if api_key is not None else "remove"
+        audit_record(actor=actor, obj=organization, action=f"organization.wandb_key.{action}")
     return organization
 
 
