@@ -77,6 +77,7 @@ api_v1 = [
     path("fine_tuning/jobs/<oid:id>/events", finetuning.JobEventsApi.as_view()),
     path("fine_tuning/jobs/<oid:id>/checkpoints", finetuning.JobCheckpointsApi.as_view()),
     path("fine_tuning/jobs/<oid:id>/tensorboard", finetuning.JobTensorboardApi.as_view()),
+    path("fine_tuning/jobs/<oid:id>/wandb", finetuning.JobWandbApi.as_view()),
     path("adapters", adapters.AdapterListApi.as_view()),
     path("adapters/<oid:id>", adapters.AdapterDetailApi.as_view()),
     path("adapters/<oid:id>/download", adapters.AdapterDownloadApi.as_view()),

@@ -5,6 +5,7 @@
     orgs/<organization>/adapters/<adapter>/merged/                 its merged model
     orgs/<organization>/jobs/<job>/checkpoints/step-<n>-a<attempt>/  a job's checkpoint
     orgs/<organization>/jobs/<job>/tensorboard/                    a job's TensorBoard event files
+    orgs/<organization>/jobs/<job>/wandb/<run directory>/          its W&B run files, per attempt
     orgs/<organization>/evals/runs/<run>/items.jsonl               an eval run's items
 
 Everything of an organization is under its own prefix; the names are generated ids, so no text
@@ -37,6 +38,12 @@ def checkpoint_prefix(organization_id: str, job_id: str, *, attempt: int, step: 
 def tensorboard_prefix(organization_id: str, job_id: str) -> str:
     """One event file per attempt under it."""
     return f"orgs/{organization_id}/jobs/{job_id}/tensorboard"
+
+
+def wandb_prefix(organization_id: str, job_id: str) -> str:
+    """One W&B run directory per attempt under it (``offline-run-<time>-<job>``: its .wandb file
+    and its files/), as ``wandb sync`` takes them."""
+    return f"orgs/{organization_id}/jobs/{job_id}/wandb"
 
 
 def eval_run_items_blob(organization_id: str, run_id: str) -> str:

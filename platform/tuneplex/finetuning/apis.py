@@ -78,7 +78,7 @@ class JobOutput(ApiObjectOutput):
         return int(timezone.now().timestamp() + obj.eta_seconds)
 
     def get_integrations(self, obj) -> list:
-        return []
+        return obj.integrations or []
 
     def get_method(self, obj) -> dict:
         hyperparameters = self.get_hyperparameters(obj)
@@ -116,7 +116,10 @@ class JobCreateInput(serializers.Serializer):
         child=StrictCharField(max_length=512, allow_blank=True), required=False,
         allow_null=True, help_text="Up to 16 string pairs; keys up to 64 characters, values up "
                                    "to 512 (OpenAI's limits).")
-    integrations = serializers.ListField(required=False, allow_null=True, max_length=0)
+    integrations = serializers.JSONField(required=False, allow_null=True, help_text=(
+        "Experiment tracking: OpenAI's [{type: wandb, wandb: {project, name, entity, tags}}] "
+        "and ours, {type: mlflow, mlflow: {experiment_name, run_name, tags}} (the platform's "
+        "tracking server); see docs/evaluation.md#experiment-tracking."))
 
     def validate_metadata(self, value):
         if value is None:
@@ -157,7 +160,6 @@ class JobListApi(OrgApi):
         values = dict(data.validated_data)
         method = values.pop("method", None) or {"type": "supervised", "hyperparameters": {}}
         hyperparameters = {**method["hyperparameters"], **(values.pop("hyperparameters", None) or {})}
-        values.pop("integrations", None)
         job = lifecycle.job_create(organization=self.organization, actor=self.principal,
                                   hyperparameters=hyperparameters, method_type=method["type"],
                                   **values)
@@ -238,10 +240,30 @@ class JobTensorboardApi(OrgApi):
                            "gradient norm, tokens per second)")
     def get(self, request, id: str):
         job = selectors.job_get(organization=self.organization, job_id=id)
-        blobs = selectors.job_tensorboard_files(job=job)
-        if not blobs:
-            raise Conflict("This job has no training curves yet: they are stored when a training "
-                           "attempt ends.", code="no_training_curves")
-        return zip_response(request,
-                            [(blob, f"{job.id}/{blob.rsplit('/', 1)[-1]}") for blob in blobs],
-                            f"{job.id}-tensorboard.zip")
+        files = [(blob, blob.rsplit("/", 1)[-1])
+                 for blob in selectors.job_tensorboard_files(job=job)]
+        return _job_zip(request, job, files, "tensorboard", Conflict(
+            "This job has no training curves yet: they are stored when a training attempt ends.",
+            code="no_training_curves"))
+
+
+def _job_zip(request, job: FineTuningJob, files: list[tuple[str, str]], kind: str,
+             missing: Conflict):
+    """A zip of a job's stored files (blob name, path under the job's folder), or ``missing``."""
+    if not files:
+        raise missing
+    return zip_response(request, [(blob, f"{job.id}/{path}") for blob, path in files],
+                        f"{job.id}-{kind}.zip")
+
+
+class JobWandbApi(OrgApi):
+    scopes = {"GET": READ}
+
+    @extend_schema(responses={(200, "application/zip"): bytes},
+                   summary="Download the job's W&B run files (one run directory per attempt; "
+                           "`wandb sync` uploads them)")
+    def get(self, request, id: str):
+        job = selectors.job_get(organization=self.organization, job_id=id)
+        return _job_zip(request, job, selectors.job_wandb_files(job=job), "wandb", Conflict(
+            "This job has no W&B files yet: they are stored when a training attempt with a "
+            "wandb integration ends.", code="no_wandb_files"))

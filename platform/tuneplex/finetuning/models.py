@@ -59,6 +59,10 @@ class FineTuningJob(models.Model):
     # GPUs the job trains on (one trainer process each, under torchrun): what the scheduler counts.
     gpus = models.PositiveSmallIntegerField(default=1)
     metadata = models.JSONField(null=True, blank=True)
+    integrations = models.JSONField(default=list, blank=True, help_text=(
+        "Experiment tracking, in OpenAI's shape: [{type: wandb, wandb: {project, name, entity, "
+        "tags}}, {type: mlflow, mlflow: {experiment_name, run_name, tags}}], checked and filled "
+        "in (finetuning/integrations.py)."))
     status = models.CharField(max_length=20, choices=Status.choices,
                               default=Status.VALIDATING_FILES, db_index=True)
     error = models.JSONField(null=True, blank=True)

@@ -11,6 +11,10 @@ The steps, in order (``JobRun``):
   finish     success stores the adapter then marks the job (fenced); cancel, failure, or a
              re-queue when the worker itself failed and a checkpoint exists.
 
+The job's experiment trackers (MLflow, W&B: ``tracking``) get its settings once set up, each
+step's metrics, the adapter on success and the attempt's status at the end, without ever holding
+up the training; W&B's run files are stored beside the TensorBoard files.
+
 Every write carries this claim's attempt number: once the reaper has re-queued the job (this
 worker was paused or cut off past the heartbeat timeout), nothing this attempt reports changes
 the job (``services.StaleAttempt``). A database blip does not end the run: writes are retried.
@@ -51,10 +55,10 @@ from tuneplex.core.storage import (
     upload_directory,
     upload_file,
 )
-from tuneplex.core.storage_layout import checkpoint_prefix, tensorboard_prefix
+from tuneplex.core.storage_layout import checkpoint_prefix, tensorboard_prefix, wandb_prefix
 from tuneplex.core.trainer_env import trainer_command, trainer_environment
 from tuneplex.files.models import File
-from tuneplex.finetuning import gpus, scheduler
+from tuneplex.finetuning import gpus, scheduler, tracking
 from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint
 from tuneplex.finetuning.services.lifecycle import job_fail, job_mark_cancelled, job_requeue
 from tuneplex.finetuning.services.worker_writes import (
@@ -63,6 +67,7 @@ from tuneplex.finetuning.services.worker_writes import (
     job_record_checkpoint,
     job_record_metrics,
     job_report_event,
+    job_report_warning_of_attempt,
     job_succeed,
 )
 
@@ -149,6 +154,7 @@ def run_job(job_id: str) -> str:
         metrics.GPU_WORK.dec()
         metrics.TRAINING_THROUGHPUT.set(0)
         metrics.JOB_DURATION.labels(outcome).observe(time.monotonic() - started)
+        run.end_tracking({"queued": tracking.REQUEUED}.get(outcome, outcome))
     return outcome
 
 
@@ -164,6 +170,7 @@ class JobRun:
         self.work = job_work_dir(job) / f"attempt-{self.attempt}"
         self.superseded = threading.Event()
         self.process: subprocess.Popen | None = None  # the trainer, once started
+        self.tracking: tracking.Tracking | None = None  # once set up, until the attempt ends
 
     def run(self) -> str:
         # The heartbeat runs from the claim on: downloading a large dataset or checkpoint must
@@ -175,6 +182,7 @@ class JobRun:
         try:
             with contextlib.ExitStack() as scope:
                 config_path = self.setup(scope)
+                self.start_tracking()
                 devices = self.lease_gpus(scope)
                 result, error, returncode = self.supervise(config_path, devices)
         finally:
@@ -274,6 +282,8 @@ class JobRun:
                     case protocol.Metrics(data=data):
                         metrics.TRAINING_THROUGHPUT.set(data.get("tokens_per_second") or 0)
                         curves.metrics(data)
+                        if self.tracking is not None:
+                            self.tracking.metrics(data)
                         persist(lambda: job_record_metrics(job=self.job, attempt=self.attempt,
                                                            metrics=data),
                                 what="metrics", give_up_after=settings.JOB_WRITE_RETRY_SECONDS)
@@ -309,6 +319,40 @@ class JobRun:
             upload_file(path, f"{prefix}/{path.name}")
         except Exception:  # noqa: BLE001 - the curves are also in the job's events
             log.exception("storing the training curves of %s failed", self.job.id)
+
+    # --- experiment tracking --------------------------------------------------------------------
+
+    def start_tracking(self) -> None:
+        trackers = tracking.open_trackers(self.job, directory=self.work / "tracking")
+        if not trackers:
+            return
+        self.tracking = tracking.Tracking(trackers, report=self.tracking_failed,
+                                          job_id=self.job.id)
+        self.tracking.params(tracking.job_parameters(self.job))
+
+    def end_tracking(self, status: str, *, adapter_dir: Path | None = None) -> None:
+        """Send the adapter (on success) and the attempt's status, wait for the trackers at most
+        TUNEPLEX_TRACKING_DRAIN_SECONDS, and store W&B's run files. Once; never raises."""
+        feeding, self.tracking = self.tracking, None
+        if feeding is None:
+            return
+        try:
+            if adapter_dir is not None:
+                feeding.adapter(adapter_dir)
+            feeding.close(status, timeout=settings.TRACKING_DRAIN_SECONDS)
+            prefix = wandb_prefix(self.job.organization_id, self.job.id)
+            for run_dir, names in tracking.wandb_run_files(self.work / "tracking"):
+                upload_directory(run_dir, f"{prefix}/{run_dir.name}", names)
+        except Exception:  # noqa: BLE001 - tracking never changes the job's outcome
+            log.exception("ending the experiment tracking of %s failed", self.job.id)
+
+    def tracking_failed(self, message: str, data: dict) -> None:
+        """A tracker's failure, once, as a warning event: from its thread while the attempt
+        runs, or from the runner after the job has succeeded (fenced by the attempt all the
+        same)."""
+        persist(lambda: job_report_warning_of_attempt(job=self.job, attempt=self.attempt,
+                                                      message=message, data=data),
+                what="tracking event", give_up_after=settings.JOB_WRITE_RETRY_SECONDS)
 
     def event(self, message: str, *, level: str = "info", data: dict | None = None) -> None:
         persist(lambda: job_report_event(job=self.job, attempt=self.attempt, message=message,
@@ -359,6 +403,7 @@ class JobRun:
             if not done:
                 raise StaleAttempt(f"attempt {attempt} of {job.id}")
             metrics.JOB_TOKENS.inc(result.trained_tokens)
+            self.end_tracking(tracking.SUCCEEDED, adapter_dir=adapter_dir)
             shutil.rmtree(self.work, ignore_errors=True)
             return "succeeded"
         if (result is not None and result.cancelled) or scheduler.cancel_requested(job_id=job.id):

@@ -5,7 +5,7 @@ from django.db.models.functions import Mod, RowNumber
 
 from tuneplex.core.errors import NotFound
 from tuneplex.core.storage import list_prefix
-from tuneplex.core.storage_layout import tensorboard_prefix
+from tuneplex.core.storage_layout import tensorboard_prefix, wandb_prefix
 from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint, JobEvent
 from tuneplex.tenancy.models import Organization
 
@@ -32,6 +32,12 @@ def job_checkpoints(*, job: FineTuningJob) -> QuerySet[JobCheckpoint]:
 def job_tensorboard_files(*, job: FineTuningJob) -> list[str]:
     """The job's TensorBoard event files in artifact storage (one per attempt), oldest first."""
     return sorted(list_prefix(tensorboard_prefix(job.organization_id, job.id)))
+
+
+def job_wandb_files(*, job: FineTuningJob) -> list[tuple[str, str]]:
+    """The job's stored W&B run files: (blob name, path under the job's wandb folder), sorted."""
+    prefix = wandb_prefix(job.organization_id, job.id)
+    return sorted((blob, blob[len(prefix) + 1:]) for blob in list_prefix(prefix))
 
 
 def active_job_using_file(*, file) -> str | None:

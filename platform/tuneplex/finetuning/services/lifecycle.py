@@ -30,10 +30,11 @@ from tuneplex.tenancy.models import Organization
 def job_create(*, organization: Organization, actor: Principal, model: str, training_file: str,
                validation_file: str | None = None, hyperparameters: dict | None = None,
                suffix: str | None = None, seed: int | None = None,
-               metadata: dict | None = None, method_type: str = "supervised") -> FineTuningJob:
+               metadata: dict | None = None, method_type: str = "supervised",
+               integrations: list | None = None) -> FineTuningJob:
     plan = job_plan(organization=organization, model=model, training_file=training_file,
                     validation_file=validation_file, hyperparameters=hyperparameters,
-                    suffix=suffix, seed=seed, method_type=method_type)
+                    suffix=suffix, seed=seed, method_type=method_type, integrations=integrations)
     base_model, train, validation, config, peak, parent = (
         plan.base_model, plan.train, plan.validation, plan.config, plan.memory, plan.parent)
     stored = {k: v for k, v in dataclasses.asdict(config).items() if k not in WORKER_FIELDS}
@@ -44,7 +45,7 @@ def job_create(*, organization: Organization, actor: Principal, model: str, trai
         validation_file=validation.id if validation else "", method=config.method,
         method_type=method_type, hyperparameters=hyperparameters or {}, config=stored,
         suffix=suffix or "", seed=config.seed, gpus=config.gpus, metadata=metadata,
-        estimated_memory_bytes=peak.total,
+        integrations=plan.integrations, estimated_memory_bytes=peak.total,
         created_by=actor.user if actor.api_key is None else actor.api_key.created_by)
     if parent is not None:
         job.parent_adapter, job.parent_checkpoint = parent.adapter, parent.checkpoint

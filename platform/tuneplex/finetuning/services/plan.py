@@ -18,6 +18,7 @@ from tuneplex.basemodels.inspect import linear_module_names
 from tuneplex.basemodels.models import BaseModel
 from tuneplex.core.errors import ApiError
 from tuneplex.files.models import File
+from tuneplex.finetuning.integrations import integrations_check
 from tuneplex.finetuning.lineage import Parent, inherit_settings, is_fine_tuned_name, parent_resolve
 from tuneplex.tenancy.models import Organization
 
@@ -196,6 +197,7 @@ class JobPlan:
     memory: MemoryEstimate
     method_type: str = "supervised"
     parent: Parent | None = None
+    integrations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def _base_model(model: str) -> BaseModel:
@@ -210,7 +212,7 @@ def _base_model(model: str) -> BaseModel:
 def job_plan(*, organization: Organization, model: str, training_file: str,
              validation_file: str | None = None, hyperparameters: dict | None = None,
              suffix: str | None = None, seed: int | None = None,
-             method_type: str = "supervised") -> JobPlan:
+             method_type: str = "supervised", integrations: Any = None) -> JobPlan:
     """Validate a job request as job_create would (raises ApiError with code and param).
 
     ``model`` is a base model, or one of the organization's adapters or job checkpoints to
@@ -226,6 +228,7 @@ def job_plan(*, organization: Organization, model: str, training_file: str,
     if suffix is not None and not SUFFIX_PATTERN.match(suffix):
         raise ApiError("suffix must be 1-40 characters of lowercase letters, digits and '-'.",
                        code="invalid_suffix", param="suffix")
+    checked_integrations = integrations_check(integrations, organization=organization)
     requested = dict(hyperparameters or {})
     if seed is not None:
         requested["seed"] = seed
@@ -251,4 +254,5 @@ def job_plan(*, organization: Organization, model: str, training_file: str,
                               max_gpus=min(settings.JOB_MAX_GPUS, settings.GPU_SLOTS)),
                        code="insufficient_memory", param="hyperparameters.batch_size")
     return JobPlan(base_model=base_model, train=train, validation=validation, config=config,
-                   memory=peak, method_type=method_type, parent=parent)
+                   memory=peak, method_type=method_type, parent=parent,
+                   integrations=checked_integrations)

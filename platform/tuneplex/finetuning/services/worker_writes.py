@@ -48,6 +48,19 @@ def job_report_event(*, job: FineTuningJob, attempt: int, message: str, level: s
         job_event(job, message, level=level, data=data)
 
 
+def job_report_warning_of_attempt(*, job: FineTuningJob, attempt: int, message: str,
+                                  data: dict | None = None) -> bool:
+    """A warning about an attempt that may have ended already (its experiment tracking fails
+    after the job succeeded): recorded while ``attempt`` is still the job's latest claim,
+    whatever its status; dropped (False) once a later attempt holds the job."""
+    with transaction.atomic():
+        held = FineTuningJob.objects.select_for_update().filter(id=job.id, attempts=attempt)
+        if not held.exists():
+            return False
+        job_event(job, message, level="warning", data=data)
+    return True
+
+
 def job_record_metrics(*, job: FineTuningJob, attempt: int, metrics: dict[str, Any]) -> None:
     parts = [f"Step {metrics['step']}/{metrics['total_steps']}: training loss={metrics['train_loss']:.4f}"]
     if "eval_loss" in metrics:
