@@ -493,3 +493,45 @@ def s3_artifacts(s3_server, settings):
     ``s3_server.environment()`` to the processes it starts)."""
     settings.STORAGES = s3_server.storages_setting()
     return s3_server
+
+
+# --- a real MLflow tracking server (experiment tracking) -----------------------------------------
+
+MLFLOW_SERVER = REPO / ".venv-mlflow" / "bin" / "mlflow"
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    root: Path  # its backend store (SQLite) and proxied artifacts
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` from its own environment (deploy/setup.sh --with-tests builds
+    .venv-mlflow) on a free port, with a SQLite backend store and the artifacts it proxies in a
+    temporary folder; its process group is stopped after the session, whatever the tests did."""
+    assert MLFLOW_SERVER.exists(), "run deploy/setup.sh --with-tests: it builds .venv-mlflow"
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log_path = root / "server.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [str(MLFLOW_SERVER), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts")],
+            cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def answers() -> bool:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(answers, timeout=180, interval=0.5, message="the MLflow tracking server")
+        yield MlflowServer(url=url, root=root)
+    finally:
+        stop_process_group(process, timeout=15)
