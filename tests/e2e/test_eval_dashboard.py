@@ -69,7 +69,12 @@ def test_an_eval_is_created_run_followed_live_and_its_failures_read_in_the_brows
     page.locator("#f-name").fill("Capitals")
     page.locator("#f-item_schema").fill(json.dumps(ITEM_SCHEMA))
     page.locator("#f-c0-name").fill("exact")
+    # htmx attaches its handlers to swapped-in content before it settles: a change made before
+    # that would send nothing. Count the settles and wait for them.
+    page.evaluate("() => { window.settled = 0; document.body.addEventListener("
+                  "'htmx:afterSettle', () => { window.settled += 1; }); }")
     page.get_by_role("button", name="Add a criterion").click()
+    page.wait_for_function("() => window.settled >= 1")
     page.locator("#criterion-1").wait_for()
     page.locator("#f-c1-type").select_option("text_similarity")
     page.locator("#f-c1-evaluation_metric").wait_for()  # the block shows that grader's fields
