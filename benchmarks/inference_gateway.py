@@ -15,9 +15,8 @@ DATABASE_URL and REDIS_URL are honoured), and LoRA adapters made with peft
    over kept-alive connections, whose p50 difference is the gateway's own cost per request (under
    load the difference also holds the CPU the gateway takes from vLLM on a 2-core machine).
    Targets: >= 0.95x throughput, <= 5 ms added p50.
-2. job success to first token: ``job_succeed`` (what the GPU worker calls when training ends)
-   and ``after_training`` (what the default queue's worker then does: it auto-deploys the
-   adapter, there being no deploy gate), then at once a streaming request for the adapter through the
+2. job success to first token: ``job_succeed`` (what the GPU worker calls when training ends;
+   it auto-deploys the adapter, there being no deploy gate), then at once a streaming request for the adapter through the
    gateway; the time to its first content token. Target <= 2 s here.
 3. mixed-adapter throughput through the gateway: requests spread round-robin over 1, 4 and 8
    adapters, against the base model alone.
@@ -233,7 +232,6 @@ def main() -> None:
     from jobs.training.layout import sha256_of
     from tests.fixtures.adapter_rows import adapter_from_dir
     from tuneplex.finetuning.models import FineTuningJob
-    from tuneplex.evals.gates import after_training
     from tuneplex.finetuning.services.worker_writes import job_succeed
 
     base, organization, key, sources = bench_setup(13)
@@ -312,8 +310,6 @@ def main() -> None:
             job_succeed(job=job, attempt=job.attempts, adapter_dir=source,
                         result={"sha256": sha256_of(source), "steps": 1})
             job.refresh_from_db()
-            # What the default queue's worker then does with the message job_succeed sent.
-            after_training(job.adapter.id)
             firsts.append(time.perf_counter() - start + run(first_token(url, key, job.fine_tuned_model)))
         results["success_to_first_token_s"] = {"each": firsts, "median": statistics.median(firsts),
                                                "max": max(firsts)}

@@ -86,15 +86,6 @@ def run_eval(run_id: str) -> str:
     return run_eval(run_id)
 
 
-# Late acknowledgement: idempotent (an adapter already deployed or gated is left alone).
-@app.task(name="tuneplex.evals.after_training", ignore_result=True, acks_late=True)
-def after_training(adapter_id: str) -> str:
-    """A job's adapter is ready: deploy it, gate it by an eval first, or leave it."""
-    from tuneplex.evals.gates import after_training
-
-    return after_training(adapter_id)
-
-
 @app.task(name="tuneplex.evals.sweep", ignore_result=True)
 def sweep_evals() -> None:
     """Celery beat, every 10 s: re-queue eval runs whose worker stopped heartbeating."""

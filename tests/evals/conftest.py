@@ -26,8 +26,8 @@ def built(adapters, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def gate_worker(engine, test_database_url):
-    """Default and evals queues (the gate's task and its runs), attached to the replica."""
-    process = WorkerProcess(queues="default,evals", database_url=test_database_url, name="gate",
+    """A worker of the evals queue (the gate's runs and its decision), attached to the replica."""
+    process = WorkerProcess(queues="evals", database_url=test_database_url, name="gate",
                             extra_env={"TUNEPLEX_ENGINE_MODE": "attach", "TUNEPLEX_ENGINE_URLS": engine.url,
                                        "TUNEPLEX_ENGINE_API_KEY": django_settings.ENGINE_API_KEY,
                                        "TUNEPLEX_ENGINE_LORA_SLOTS": str(REPLICA_SLOTS),

@@ -15,7 +15,7 @@ from django.utils import timezone
 from tests.conftest import MODEL, wait_for
 from tests.fixtures.adapter_rows import adapter_from_dir
 from tuneplex.adapters.models import Adapter
-from tuneplex.core import queue
+from tuneplex.evals.gates import after_training
 from tuneplex.evals.models import GateDecision
 from tuneplex.finetuning.models import JobEvent
 
@@ -59,13 +59,17 @@ def events(adapter: Adapter) -> list[str]:
 
 
 def test_the_gate_refuses_a_worse_adapter_and_deploys_a_better_one(gateway, gate_worker, org_a,
-                                                                   default_model, built):
+                                                                   default_model, built, engine,
+                                                                   settings):
     client = api(gateway, org_a)
     shown = gate(client, suffix="capitals")
     # 1. A wrecked adapter against the base model (no adapter of the family is deployed).
     worse = adapter_from_dir(org_a.organization, built["wrecked"], suffix="capitals",
                              base_model=default_model)
-    queue.enqueue(queue.ADAPTER_TRAINED, worse.id)  # what a job's success sends
+    # What the GPU worker does once a job of the family succeeded (this process plays it: it is
+    # attached to the replica like one); the gate's runs go to the evals worker.
+    settings.ENGINE_REPLICAS = {MODEL: [engine.url]}
+    assert after_training(worse.id) == "evaluating"
     decision = decided(worse)
     assert decision.status == GateDecision.Status.REFUSED, decision.figures
     assert decision.incumbent == MODEL
@@ -76,7 +80,7 @@ def test_the_gate_refuses_a_worse_adapter_and_deploys_a_better_one(gateway, gate
     Adapter.objects.filter(pk=worse.pk).update(deployed=True, deployed_at=timezone.now())
     better = adapter_from_dir(org_a.organization, built["clean"], suffix="capitals",
                               base_model=default_model)
-    queue.enqueue(queue.ADAPTER_TRAINED, better.id)
+    assert after_training(better.id) == "evaluating"
     decision = decided(better)
     assert decision.status == GateDecision.Status.DEPLOYED, decision.figures
     assert decision.incumbent == worse.name

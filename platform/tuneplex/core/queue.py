@@ -21,7 +21,6 @@ DISPATCH_JOBS = "tuneplex.jobs.dispatch"
 TRAIN_JOB = "tuneplex.train.run"
 MERGE_ADAPTER = "tuneplex.train.merge"
 EVAL_RUN = "tuneplex.evals.run"
-ADAPTER_TRAINED = "tuneplex.evals.after_training"  # deploy, gate by an eval, or leave
 
 
 def enqueue(task_name: str, *args: Any) -> None:

@@ -1,6 +1,6 @@
 """Eval-gated deploys: what happens to an adapter once its job succeeded.
 
-    job succeeded ──(on commit, task "tuneplex.evals.after_training")──> after_training(adapter)
+    job succeeded ──(on commit, signal finetuning.signals.adapter_trained)──> after_training(adapter)
         no gate for its family:  deployed as before (the organization's auto-deploy setting)
         a gate:                  two runs of the gate's eval: the candidate (not deployed yet)
                                  and the incumbent (the family's adapter deployed most recently,
@@ -51,8 +51,13 @@ def incumbent_for(adapter: Adapter, gate: DeployGate) -> str:
     return current.name if current is not None else adapter.base_model.name
 
 
+def on_adapter_trained(sender, *, adapter_id: str, **kwargs) -> None:
+    after_training(adapter_id)
+
+
 def after_training(adapter_id: str) -> str:
-    """The task's body: gate the new adapter, or deploy it as the organization's setting says."""
+    """Gate the new adapter, or deploy it as the organization's setting says (in the process that
+    finished the job, after its commit)."""
     adapter = (Adapter.objects.select_related("organization", "base_model", "job")
                .filter(pk=adapter_id).first())
     if adapter is None or adapter.deployed or GateDecision.objects.filter(adapter=adapter).exists():

@@ -11,10 +11,10 @@ from django.db import transaction
 from django.db.models.functions import Now
 
 from tuneplex.adapters.services import adapter_prepare
-from tuneplex.core import queue
 from tuneplex.core.storage import delete_prefix
 from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint
 from tuneplex.finetuning.services.lifecycle import enqueue_dispatch, job_event
+from tuneplex.finetuning.signals import adapter_trained
 
 
 class StaleAttempt(Exception):
@@ -122,10 +122,10 @@ def job_succeed(*, job: FineTuningJob, attempt: int, adapter_dir: Path,
             job_event(job, f"Job succeeded: adapter {adapter.name} is ready.",
                       data={"adapter_id": adapter.id, "sha256": adapter.sha256})
             transaction.on_commit(enqueue_dispatch)
-            # Deployed, gated by an eval, or left as the organization's settings say:
-            # tuneplex.evals.gates.after_training, on a worker of the default queue.
-            transaction.on_commit(lambda: queue.enqueue(queue.ADAPTER_TRAINED, adapter.id),
-                                  robust=True)
+            # Deployed, gated by an eval, or left as the organization's settings say, here
+            # after the commit (tuneplex.finetuning.signals).
+            transaction.on_commit(lambda: adapter_trained.send(sender=FineTuningJob,
+                                                               adapter_id=adapter.id), robust=True)
     except BaseException as exc:
         delete_prefix(adapter.blob_prefix)  # nothing half-written: no files without the row
         if isinstance(exc, StaleAttempt):
