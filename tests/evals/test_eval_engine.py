@@ -9,16 +9,11 @@ judge cut off after one token cannot be parsed.
 
 from __future__ import annotations
 
-import os
-import signal
-
 import openai
 import pytest
 from django.conf import settings as django_settings
 
 from tests.conftest import MODEL, REPLICA_SLOTS, WorkerProcess, wait_for
-from tuneplex.evals.executor import sweep
-from tuneplex.evals.models import EvalOutputItem, EvalRun
 from tuneplex.inference.models import UsageDaily
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True),
@@ -127,45 +122,3 @@ def test_a_judge_answer_that_cannot_be_parsed_is_an_errored_item(gateway, evals_
     item = client.evals.runs.output_items.list(run.id, eval_id=made.id).data[0]
     assert item.status == "error"
     assert item.results[0].model_extra["error"]["code"] == "judge_unparseable"
-
-
-def test_a_killed_worker_is_resumed_by_another_without_regrading(gateway, evals_worker, org_a,
-                                                                 default_model, engine,
-                                                                 test_database_url):
-    """Twelve long answers; the worker is SIGKILLed once some are stored. The sweep queues the
-    run again; a new worker grades only the rest: the items stored before stay as they were."""
-    client = sdk(gateway, org_a)
-    made = client.evals.create(data_source_config={"type": "custom", "item_schema": ITEM_SCHEMA},
-                               testing_criteria=[{"type": "string_check", "name": "x",
-                                                  "input": "{{sample.output_text}}",
-                                                  "reference": "{{item.answer}}", "operation": "like"}])
-    victim = start_worker(test_database_url, engine, "evals-victim")
-    try:
-        # The module's worker must not take the run: paused until the victim is dead.
-        os.kill(evals_worker.process.pid, signal.SIGSTOP)
-        try:
-            run = client.evals.runs.create(made.id, data_source=completions(
-                [{"question": f"Tell me a story about the number {i}.", "answer": "x"}
-                 for i in range(12)], max_completion_tokens=48))
-            wait_for(lambda: EvalOutputItem.objects.filter(run_id=run.id).count() >= 4, timeout=180,
-                     interval=0.5, message="a first batch of items to be stored")
-            victim.kill()
-        finally:
-            os.kill(evals_worker.process.pid, signal.SIGCONT)
-        before = {row.datasource_item_id: (row.id, row.sample["output"])
-                  for row in EvalOutputItem.objects.filter(run_id=run.id)}
-        assert 4 <= len(before) < 12
-        EvalRun.objects.filter(pk=run.id).update(heartbeat_at="2000-01-01T00:00:00Z")  # its silence
-        swept = sweep()
-        assert run.id in swept["requeued"] and run.id in swept["resent"]
-        done = finished(client, run)
-        assert done.status == "completed"
-        rows = {row.datasource_item_id: (row.id, row.sample["output"])
-                for row in EvalOutputItem.objects.filter(run_id=run.id)}
-        assert sorted(rows) == list(range(12))
-        assert all(rows[index] == before[index] for index in before)
-        messages = [event["message"] for event in done.model_extra["events"]]
-        assert f"Attempt 2 resumes: {len(before)} of 12 items were graded before." in messages
-        assert messages[-1] == f"Attempt 2 graded {12 - len(before)} items."
-    finally:
-        victim.stop()

@@ -81,7 +81,9 @@ class GraderRunApi(OrgApi):
     @extend_schema_serializer(component_name="GraderRunInput")
     class Input(serializers.Serializer):
         grader = GraderField()
-        model_sample = StrictCharField(allow_blank=True, max_length=1_000_000,
+        # Within the request body limit even when every character is a JSON escape pair (12
+        # bytes): a longer sample is a 400 naming it, not a 413 for the whole body.
+        model_sample = StrictCharField(allow_blank=True, max_length=200_000,
                                        help_text="The model's output to grade.")
         item = serializers.JSONField(required=False, help_text="The item the templates read.")
 
