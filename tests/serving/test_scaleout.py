@@ -116,18 +116,23 @@ def test_streams_over_more_adapters_than_slots_with_deploys_and_undeploys(gatewa
             for row in first:
                 assert (await admin.post(f"/adapters/{row.id}/deploy", json={})).status_code == 200
         evictions = sum(r.state()["evictions"] for r in replicas)
-        # Streams over the eight through both gateways (long ones: 48 tokens each); once every
-        # one is on an engine, one of the eight is undeployed, and two more adapters are deployed
-        # (every slot may be leased then: they are staged, and loaded once a slot comes free) and
-        # streamed from.
+        # Streams over the eight through both gateways (long ones: 48 tokens each); the one of
+        # the adapter to be undeployed starts last and runs longest (96 tokens), so that it is
+        # surely still streaming when the undeploy is done (the first ones may have ended while
+        # the last waited for a slot). Then two more adapters are deployed (every slot may be
+        # leased then: they are staged, and loaded once a slot comes free) and streamed from.
         on_engine = [asyncio.Event() for _ in first]
         tasks = [asyncio.create_task(stream(gateways[i % 2], key, row.name, LONG,
                                             on_engine[i], logit_bias=NO_EOS))
-                 for i, row in enumerate(first)]
-        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in on_engine)), timeout=120)
+                 for i, row in enumerate(first) if row is not dropped]
+        await asyncio.wait_for(asyncio.gather(*(on_engine[i].wait() for i, row in enumerate(first)
+                                                if row is not dropped)), timeout=120)
+        tasks.insert(0, asyncio.create_task(stream(gateways[0], key, dropped.name, 2 * LONG,
+                                                   on_engine[0], logit_bias=NO_EOS)))
+        await asyncio.wait_for(on_engine[0].wait(), timeout=120)
         async with api(gateways[1], key) as admin:
-            # The undeploy first, while every one of the eight still streams (a single quick
-            # call: the deploys below may take longer than a stream lasts on a busy machine).
+            # The undeploy first, while its adapter's stream runs (a single quick call: the
+            # deploys below may take longer than a stream lasts on a busy machine).
             assert (await admin.post(f"/adapters/{dropped.id}/undeploy")).status_code == 200
             changed = time.monotonic()
             for row in late:
@@ -145,9 +150,10 @@ def test_streams_over_more_adapters_than_slots_with_deploys_and_undeploys(gatewa
     finally:
         sampler.halt.set()
         sampler.join()
-    for result in results[:len(first)]:
-        # On an engine before the undeploy began, and still streaming once it was done.
-        assert result["status"] == 200 and result["ended"] > changed, result
+    # The undeployed adapter's stream: on an engine before the undeploy began, and still
+    # streaming once it was done (it ends cleanly below, like every other).
+    assert results[0]["model"] == dropped.name
+    assert results[0]["status"] == 200 and results[0]["ended"] > changed, results[0]
     for result in results:
         assert result["status"] == 200, result
         assert result["events"][-1] == "[DONE]", result
