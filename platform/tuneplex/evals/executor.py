@@ -101,17 +101,16 @@ def sweep() -> dict[str, list[str]]:
     """Beat, every 10 s: runs whose worker stopped heartbeating go back to the queue (or fail
     after TUNEPLEX_EVAL_MAX_ATTEMPTS), and queued runs whose message was lost are sent again."""
     done: dict[str, list[str]] = {"requeued": [], "failed": [], "resent": []}
-    stale = Now() - timedelta(seconds=settings.EVAL_HEARTBEAT_TIMEOUT)
-    for run in EvalRun.objects.filter(status=EvalRun.Status.IN_PROGRESS, heartbeat_at__lt=stale):
+    silent = Now() - timedelta(seconds=settings.EVAL_HEARTBEAT_TIMEOUT)
+    for run in EvalRun.objects.filter(status=EvalRun.Status.IN_PROGRESS, heartbeat_at__lt=silent):
         log.warning("eval run %s: its worker stopped heartbeating", run.id)
         outcome = eval_run_requeue_stale(run=run, attempt=run.attempts,
                                          max_attempts=settings.EVAL_MAX_ATTEMPTS)
         done.get(outcome, []).append(run.id)
         if outcome == "failed":
             gates.run_ended(run.id)
-    lost = Now() - timedelta(seconds=settings.EVAL_HEARTBEAT_TIMEOUT)
     for run_id in EvalRun.objects.filter(
-            Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=lost),
+            Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=silent),
             status=EvalRun.Status.QUEUED, cancel_requested=False).values_list("id", flat=True):
         EvalRun.objects.filter(pk=run_id, status=EvalRun.Status.QUEUED).update(enqueued_at=Now())
         enqueue(EVAL_RUN, run_id)
@@ -256,10 +255,7 @@ class Execution:
             request = grading.judge_request(spec, item=item, sample={"first": first, "second": second})
         except grading.GraderError as exc:
             return {"label": None, "error": {"code": exc.code, "message": exc.message}}
-        body = {"model": request.model, "messages": request.messages,
-                "response_format": request.response_format,
-                **{k: v for k, v in request.sampling.items() if k in JUDGE_SAMPLING}}
-        status, payload = await self._call(body)
+        status, payload = await self._call(_judge_body(request))
         if status != 200:
             return {"label": None, "error": {"code": "judge_failed", "message": (
                 payload.get("error") or {}).get("message") or f"The judge answered {status}."}}
@@ -386,11 +382,7 @@ async def grade_one(spec: dict, *, item: dict, namespace: dict, call) -> dict:
         return _errored(spec, {"code": exc.code, "message": exc.message})
     answer = None
     if request is not None:
-        body = {"model": request.model, "messages": request.messages,
-                **{k: v for k, v in request.sampling.items() if k in JUDGE_SAMPLING}}
-        if request.response_format is not None:
-            body["response_format"] = request.response_format
-        status, payload = await call(body)
+        status, payload = await call(_judge_body(request))
         if status == 200:
             answer = grading.JudgeAnswer(text=payload["choices"][0]["message"].get("content"),
                                          usage=_usage(payload))
@@ -401,6 +393,15 @@ async def grade_one(spec: dict, *, item: dict, namespace: dict, call) -> dict:
     if request is not None and isinstance(result.get("sample"), dict):
         result["sample"].setdefault("model", request.model)
     return result
+
+
+def _judge_body(request: grading.JudgeRequest) -> dict:
+    """A judge's chat completion, as the gateway takes it."""
+    body = {"model": request.model, "messages": request.messages,
+            **{k: v for k, v in request.sampling.items() if k in JUDGE_SAMPLING}}
+    if request.response_format is not None:
+        body["response_format"] = request.response_format
+    return body
 
 
 def _usage(payload: dict) -> dict:

@@ -69,17 +69,21 @@ def after_training(adapter_id: str) -> str:
         return "sweep trial"
     gate = gate_for(adapter)
     if gate is None:
-        return _deploy_ungated(adapter)
+        return _deploy(adapter, gated=False)
     return gate_start(gate, adapter)
 
 
-def _deploy_ungated(adapter: Adapter) -> str:
-    not_deployed = adapter_auto_deploy(adapter)
+def _deploy(adapter: Adapter, *, gated: bool) -> str:
+    """Deploy as after any job, and say so in its events (or why not)."""
+    not_deployed = adapter_auto_deploy(adapter, gated=gated)
     if not_deployed is None:
         job_event(adapter.job, f"Adapter deployed: use model '{adapter.name}' on "
                                "/v1/chat/completions.")
         return "deployed"
-    if adapter.organization.auto_deploy:
+    if gated:
+        job_event(adapter.job, f"The deploy gate passed but the adapter could not be deployed: "
+                               f"{not_deployed}", level="warning")
+    elif adapter.organization.auto_deploy:
         job_event(adapter.job, f"Adapter not deployed automatically: {not_deployed}",
                   level="warning")
     return "not deployed"
@@ -194,10 +198,4 @@ def _verdict(decision: GateDecision, candidate: EvalRun, incumbent: EvalRun):
 
 def _deploy_winner(adapter_id: str) -> None:
     adapter = Adapter.objects.select_related("organization", "base_model", "job").get(pk=adapter_id)
-    not_deployed = adapter_auto_deploy(adapter, gated=True)
-    if not_deployed is None:
-        job_event(adapter.job, f"Adapter deployed: use model '{adapter.name}' on "
-                               "/v1/chat/completions.")
-    else:
-        job_event(adapter.job, f"The deploy gate passed but the adapter could not be deployed: "
-                               f"{not_deployed}", level="warning")
+    _deploy(adapter, gated=True)

@@ -27,6 +27,7 @@ from tuneplex.core.apis import OrgApi
 from tuneplex.core.errors import ApiError
 from tuneplex.core.fields import StrictCharField
 from tuneplex.core.scopes import INFER, READ
+from tuneplex.evals import specs
 from tuneplex.evals.executor import grade_one
 from tuneplex.inference.gateway import Inside, complete_inside, requester_of
 from tuneplex.inference.streams import CHAT
@@ -50,16 +51,6 @@ class GraderField(serializers.JSONField):
     """One grader (jobs.grading validates it, naming the field)."""
 
 
-def _validated(spec) -> dict:
-    if not isinstance(spec, dict):
-        raise ApiError("grader must be an object.", code="invalid_type", param="grader")
-    try:
-        return grading.validate(spec)
-    except grading.GraderError as exc:
-        raise ApiError(exc.message, code=exc.code,
-                       param=f"grader.{exc.param}" if exc.param else "grader") from None
-
-
 class GraderValidateApi(OrgApi):
     scopes = {"POST": READ}
 
@@ -72,7 +63,7 @@ class GraderValidateApi(OrgApi):
     def post(self, request):
         data = self.Input(data=request.data)
         data.is_valid(raise_exception=True)
-        return Response({"grader": _validated(data.validated_data["grader"])})
+        return Response({"grader": specs.grader(data.validated_data["grader"], "grader")})
 
 
 class GraderRunApi(OrgApi):
@@ -94,7 +85,7 @@ class GraderRunApi(OrgApi):
     def post(self, request):
         data = self.Input(data=request.data)
         data.is_valid(raise_exception=True)
-        spec = _validated(data.validated_data["grader"])
+        spec = specs.grader(data.validated_data["grader"], "grader")
         item = data.validated_data.get("item") or {}
         if not isinstance(item, dict):
             raise ApiError("item must be an object.", code="invalid_type", param="item")

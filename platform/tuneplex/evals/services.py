@@ -169,7 +169,7 @@ def _store_items(blob: str, entries: Iterable, *, kind: str, item_schema: dict, 
                 raise ApiError(f"A run has at most {settings.EVAL_MAX_ITEMS} items "
                                "(TUNEPLEX_EVAL_MAX_ITEMS).", code="too_many_items", param=where)
             try:
-                line = specs.run_entry(entry, index, kind=kind, item_schema=item_schema, where=at)
+                line = specs.run_entry(entry, kind=kind, item_schema=item_schema, where=at)
             except ApiError as exc:
                 if not at.startswith("line "):
                     raise
@@ -235,7 +235,7 @@ def deploy_gate_create(*, organization: Organization, actor: Principal, eval: Ev
     source = specs.run_source({**data_source, "type": "completions", "model": base.name})
     if source.inline is not None:
         for index, entry in enumerate(source.inline):
-            specs.run_entry(entry, index, kind="completions",
+            specs.run_entry(entry, kind="completions",
                             item_schema=eval.data_source_config["item_schema"],
                             where=f"data_source.source.content[{index}]")
     names = [c["name"] for c in eval.testing_criteria]

@@ -40,6 +40,15 @@ def _object(value: Any, param: str) -> dict:
     return value
 
 
+def grader(spec: Any, param: str) -> dict:
+    """A grader checked by jobs.grading, its error a 400 whose param is the field under ``param``."""
+    try:
+        return grading.validate(_object(spec, param))
+    except grading.GraderError as exc:
+        raise ApiError(exc.message, code=exc.code,
+                       param=f"{param}.{exc.param}" if exc.param else param) from None
+
+
 def metadata(value: Any, param: str = "metadata") -> dict[str, str]:
     """OpenAI's metadata: at most 16 pairs of strings (keys up to 64, values up to 512 chars)."""
     if value is None:
@@ -103,11 +112,7 @@ def testing_criteria(value: Any) -> list[dict]:
     criteria, names = [], set()
     for index, spec in enumerate(value):
         param = f"testing_criteria[{index}]"
-        try:
-            criterion = grading.validate(_object(spec, param))
-        except grading.GraderError as exc:
-            raise ApiError(exc.message, code=exc.code,
-                           param=f"{param}.{exc.param}" if exc.param else param) from None
+        criterion = grader(spec, param)
         if criterion["name"] in names:
             raise _invalid(f"Two testing criteria are named {criterion['name']!r}; each needs its "
                            "own name (the results are reported by name).", f"{param}.name",
@@ -220,11 +225,7 @@ def pairwise_judge(value: Any, param: str) -> dict:
         raise _invalid(f"A pairwise judge takes model, input and sampling_params, not "
                        f"{', '.join(sorted(unknown))}.", f"{param}.{sorted(unknown)[0]}",
                        "unknown_parameter")
-    try:
-        spec = grading.validate(spec)
-    except grading.GraderError as exc:
-        raise ApiError(exc.message, code=exc.code,
-                       param=f"{param}.{exc.param}" if exc.param else param) from None
+    spec = grader(spec, param)
     given = dict(value.get("sampling_params") or {}) if isinstance(
         value.get("sampling_params"), dict) else value.get("sampling_params")
     if isinstance(given, dict) and "max_completions_tokens" in given:  # the graders' spelling
@@ -320,7 +321,7 @@ def sampling_params(value: Any, param: str) -> dict:
     return params
 
 
-def run_entry(entry: Any, index: int, *, kind: str, item_schema: dict, where: str) -> dict:
+def run_entry(entry: Any, *, kind: str, item_schema: dict, where: str) -> dict:
     """One line of a run's items, checked: {item} (and for jsonl, the sample already made)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("item"), dict):
         raise _invalid("Each entry is an object with an 'item' object.", where, "invalid_item")
