@@ -1,5 +1,5 @@
-"""Hyperparameter sweeps: the list, and a sweep's page (what it searches, its trials table and
-their validation-loss curves overlaid, the best trial marked), polled until the sweep has
+"""Hyperparameter sweeps: the list, and a sweep's page (what it searches and scores by, its trials
+table and their validation-loss curves overlaid, the best trial marked), polled until the sweep has
 ended, with a cancel button. Sweeps are created through the API (POST /v1/sweeps)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import render
 from django.views.decorators.http import require_POST
+from tuneplex.adapters.selectors import adapter_list
 from tuneplex.core.errors import ApiError
 from tuneplex.core.scopes import TRAIN
 from tuneplex.sweeps import selectors, services
@@ -45,7 +46,20 @@ def _context(principal, sweep: Sweep) -> dict:
             "trials": [(t, BADGES.get(t.state, t.state), sorted(t.params.items())) for t in trials],
             "ended": len(ended), "curves": curves, "finished": finished,
             "parallel": selectors.parallel_limit(sweep=sweep), "poll_seconds": POLL_SECONDS,
-            "can_cancel": TRAIN in principal.scopes and not finished}
+            "can_cancel": TRAIN in principal.scopes and not finished,
+            "score_label": _score_label(sweep), "best_adapter": _best_adapter(sweep)}
+
+
+def _score_label(sweep: Sweep) -> str:
+    if sweep.metric == Sweep.Metric.EVAL:
+        return f"{sweep.eval_statistic.replace('_', ' ')} on '{sweep.eval_criterion}'"
+    return "validation loss"
+
+
+def _best_adapter(sweep: Sweep):
+    if not sweep.best_trial_id or not sweep.best_trial.job_id:
+        return None
+    return adapter_list(organization=sweep.organization).filter(job_id=sweep.best_trial.job_id).first()
 
 
 def _short(value) -> str:

@@ -33,11 +33,13 @@ log = logging.getLogger(__name__)
 ENDED = (EvalRun.Status.COMPLETED, EvalRun.Status.FAILED, EvalRun.Status.CANCELED)
 
 
-def gate_for(adapter: Adapter) -> DeployGate | None:
-    """The enabled gate of the adapter's family: its suffix's own, else its base model's."""
+def gate_for(adapter: Adapter, *, suffix: str | None = None) -> DeployGate | None:
+    """The enabled gate of the adapter's family: its suffix's own (or ``suffix``'s: a sweep's
+    trials are named after the sweep's), else its base model's."""
     gates = DeployGate.objects.filter(organization_id=adapter.organization_id, enabled=True,
                                       base_model_id=adapter.base_model_id).select_related("eval")
-    suffix = adapter.job.suffix if adapter.job_id else ""
+    if suffix is None:
+        suffix = adapter.job.suffix if adapter.job_id else ""
     return gates.filter(suffix=suffix).first() or gates.filter(suffix="").first()
 
 
@@ -102,12 +104,11 @@ def gate_start(gate: DeployGate, adapter: Adapter) -> str:
     runs = {}
     try:
         for role, model in (("candidate", adapter.name), ("incumbent", incumbent)):
-            runs[role] = services.eval_run_create(
-                organization=adapter.organization, actor=system, eval=gate.eval,
-                name=f"gate {gate.id}: {role} {model}",
-                data_source={**gate.data_source, "type": "completions", "model": model},
+            runs[role] = services.comparison_run(
+                organization=adapter.organization, eval=gate.eval, data_source=gate.data_source,
+                model=model, name=f"gate {gate.id}: {role} {model}",
                 metadata={"gate": gate.id, "adapter": adapter.id, "role": role},
-                undeployed_ok=role == "candidate", system=True)
+                undeployed_ok=role == "candidate")
     except ApiError as exc:
         for run in runs.values():
             services.eval_run_cancel(organization=adapter.organization, actor=system, run=run)

@@ -211,6 +211,50 @@ def eval_run_delete(*, organization: Organization, actor: Principal, run: EvalRu
 
 # --- deploy gates ----------------------------------------------------------------------------------
 
+def comparison_check(eval: Eval, data_source, criterion=None, statistic=None, *, model: str,
+                     where: str = "") -> tuple[dict, str, str]:
+    """What runs the eval on models chosen later (a deploy gate's candidate and incumbent, a
+    sweep's trials), checked now: a completions data source without its model (``model``
+    stands in for the check), the testing criterion compared (the first by default) and its
+    statistic. The source as stored, the criterion, the statistic; errors name ``where``'s
+    fields."""
+    if not isinstance(data_source, dict):
+        raise ApiError("data_source must be an object.", code="invalid_type",
+                       param=f"{where}data_source")
+    if "model" in data_source:
+        raise ApiError("This data source has no model: the models compared are chosen for each "
+                       "run.", code="invalid_value", param=f"{where}data_source.model")
+    source = specs.run_source({**data_source, "type": "completions", "model": model})
+    if source.inline is not None:
+        for index, entry in enumerate(source.inline):
+            specs.run_entry(entry, kind="completions",
+                            item_schema=eval.data_source_config["item_schema"],
+                            where=f"{where}data_source.source.content[{index}]")
+    names = [c["name"] for c in eval.testing_criteria]
+    criterion = names[0] if criterion is None else criterion
+    if criterion not in names:
+        raise ApiError(f"criterion must name one of the eval's testing criteria: "
+                       f"{', '.join(names)}.", code="invalid_value", param=f"{where}criterion")
+    statistic = statistic or DeployGate.Statistic.PASS_RATE
+    if statistic not in DeployGate.Statistic.values:
+        raise ApiError("statistic must be pass_rate or mean_score.", code="invalid_value",
+                       param=f"{where}statistic")
+    stored = {k: v for k, v in source.stored.items() if k not in ("model", "type")}
+    if source.inline is not None:
+        stored["source"] = {"type": "file_content", "content": source.inline}
+    return stored, criterion, statistic
+
+
+def comparison_run(*, organization: Organization, eval: Eval, data_source: dict, model: str,
+                   name: str, metadata: dict, undeployed_ok: bool) -> EvalRun:
+    """A run of ``eval`` on ``model`` from a source :func:`comparison_check` stored: the
+    platform's own (a gate's, a sweep's), not counted against the organization's active runs."""
+    return eval_run_create(organization=organization, eval=eval, name=name, metadata=metadata,
+                           actor=Principal(organization=organization, scopes=frozenset()),
+                           data_source={**data_source, "type": "completions", "model": model},
+                           undeployed_ok=undeployed_ok, system=True)
+
+
 def deploy_gate_create(*, organization: Organization, actor: Principal, eval: Eval,
                        base_model: str, data_source, suffix=None, criterion=None,
                        statistic=None, margin=None, enabled=None) -> DeployGate:
@@ -227,32 +271,11 @@ def deploy_gate_create(*, organization: Organization, actor: Principal, eval: Ev
     if not isinstance(suffix, str) or len(suffix) > 64:
         raise ApiError("suffix must be a string of at most 64 characters.", code="invalid_type",
                        param="suffix")
-    if not isinstance(data_source, dict):
-        raise ApiError("data_source must be an object.", code="invalid_type", param="data_source")
-    if "model" in data_source:
-        raise ApiError("A gate's data source has no model: the candidate and the incumbent are "
-                       "its models.", code="invalid_value", param="data_source.model")
-    source = specs.run_source({**data_source, "type": "completions", "model": base.name})
-    if source.inline is not None:
-        for index, entry in enumerate(source.inline):
-            specs.run_entry(entry, kind="completions",
-                            item_schema=eval.data_source_config["item_schema"],
-                            where=f"data_source.source.content[{index}]")
-    names = [c["name"] for c in eval.testing_criteria]
-    criterion = names[0] if criterion is None else criterion
-    if criterion not in names:
-        raise ApiError(f"criterion must name one of the eval's testing criteria: "
-                       f"{', '.join(names)}.", code="invalid_value", param="criterion")
-    statistic = statistic or DeployGate.Statistic.PASS_RATE
-    if statistic not in DeployGate.Statistic.values:
-        raise ApiError("statistic must be pass_rate or mean_score.", code="invalid_value",
-                       param="statistic")
+    stored, criterion, statistic = comparison_check(eval, data_source, criterion, statistic,
+                                                    model=base.name)
     margin = 0.0 if margin is None else margin
     if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin <= 1e6:
         raise ApiError("margin must be a number of at least 0.", code="invalid_value", param="margin")
-    stored = {k: v for k, v in source.stored.items() if k not in ("model", "type")}
-    if source.inline is not None:
-        stored["source"] = {"type": "file_content", "content": source.inline}
     gate = DeployGate(organization=organization, eval=eval, base_model=base, suffix=suffix,
                       data_source=stored, criterion=criterion, statistic=statistic,
                       margin=float(margin), enabled=True if enabled is None else bool(enabled))

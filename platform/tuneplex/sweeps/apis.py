@@ -19,8 +19,10 @@ from tuneplex.core.apis import ApiObjectOutput, OrgApi, timestamp
 from tuneplex.core.fields import StrictBooleanField, StrictCharField, StrictIntegerField, enum_field
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import READ, TRAIN
+from tuneplex.evals.apis import GateDataSourceField
 from tuneplex.sweeps import selectors, services, space
 from tuneplex.sweeps.models import Sweep
+from tuneplex.sweeps.study import direction
 
 _RANGE = {"type": "object", "required": ["type", "low", "high"], "additionalProperties": False,
           "properties": {"type": {"type": "string", "enum": ["float", "int"]},
@@ -48,7 +50,11 @@ class TrialOutput(serializers.Serializer):
     params = serializers.JSONField(help_text="The hyperparameters this trial tries.")
     state = serializers.CharField(help_text="waiting, running, complete, pruned, failed or cancelled.")
     value = serializers.FloatField(allow_null=True, help_text=(
-        "The final validation loss (complete), or the last reported one (pruned)."))
+        "The score: the final validation loss, or the eval's statistic with metric eval "
+        "(complete); the last reported validation loss (pruned)."))
+    eval_run_id = serializers.CharField(allow_null=True, help_text=(
+        "metric eval: the run that scores the trial's adapter (GET /v1/evals/{eval_id}/runs/"
+        "{run_id})."))
     intermediate_values = serializers.SerializerMethodField(help_text=(
         "The validation losses reported to Optuna while the job ran, by step."))
     job_status = serializers.CharField(source="job.status", allow_null=True, default=None)
@@ -68,6 +74,25 @@ class TrialOutput(serializers.Serializer):
         return timestamp(obj.finished_at)
 
 
+class SweepEvalOutput(serializers.Serializer):
+    eval_id = serializers.CharField(allow_null=True, help_text="null once the eval was deleted.")
+    data_source = serializers.JSONField()
+    criterion = serializers.CharField()
+    statistic = serializers.CharField()
+
+
+@extend_schema_serializer(component_name="SweepEvalInput")
+class SweepEvalInput(serializers.Serializer):
+    eval_id = StrictCharField(max_length=64)
+    data_source = GateDataSourceField(help_text=(
+        "A completions run's data source without its model (each trial's adapter is the model): "
+        "the items, the message template and the sampling parameters."))
+    criterion = StrictCharField(required=False, max_length=300, help_text=(
+        "The testing criterion that scores (default: the eval's first)."))
+    statistic = enum_field(["pass_rate", "mean_score"])(required=False, help_text=(
+        "Of that criterion, maximized (default pass_rate)."))
+
+
 class SweepOutput(ApiObjectOutput):
     object_name = "sweep"
     id = serializers.CharField()
@@ -84,6 +109,7 @@ class SweepOutput(ApiObjectOutput):
     pruner_startup_trials = serializers.IntegerField()
     pruner_warmup_steps = serializers.IntegerField()
     metric = serializers.CharField()
+    eval = serializers.SerializerMethodField(help_text="metric eval: what scores each trial.")
     direction = serializers.SerializerMethodField()
     max_trials = serializers.IntegerField()
     max_parallel = serializers.IntegerField(allow_null=True, help_text="As requested.")
@@ -92,8 +118,9 @@ class SweepOutput(ApiObjectOutput):
     deploy_best = serializers.BooleanField()
     seed = serializers.IntegerField()
     trials = serializers.SerializerMethodField()
-    best_trial = serializers.SerializerMethodField(help_text="The trial with the lowest final "
-                                                   "validation loss, once the sweep completed.")
+    best_trial = serializers.SerializerMethodField(help_text=(
+        "The trial with the best score (the lowest validation loss, or the highest eval "
+        "statistic), once the sweep completed."))
     error = serializers.JSONField(allow_null=True)
     deploy_error = serializers.CharField(help_text="Why the best adapter was not deployed, if so.")
     finished_at = serializers.SerializerMethodField()
@@ -101,8 +128,15 @@ class SweepOutput(ApiObjectOutput):
     def get_validation_file(self, obj) -> str | None:
         return obj.validation_file or None
 
+    @extend_schema_field(SweepEvalOutput(allow_null=True))
+    def get_eval(self, obj) -> dict | None:
+        if obj.metric != Sweep.Metric.EVAL:
+            return None
+        return {"eval_id": obj.eval_id, "data_source": obj.eval_data_source,
+                "criterion": obj.eval_criterion, "statistic": obj.eval_statistic}
+
     def get_direction(self, obj) -> str:
-        return "minimize"
+        return direction(obj)
 
     def get_parallel(self, obj) -> int:
         return selectors.parallel_limit(sweep=obj)
@@ -148,13 +182,18 @@ class SweepListApi(OrgApi):
             "median: trials that must have completed before any is pruned."))
         pruner_warmup_steps = StrictIntegerField(required=False, default=0, min_value=0, help_text=(
             "Steps of each trial during which it is never pruned."))
-        metric = enum_field(list(Sweep.Metric.values))(required=False, default="validation_loss")
+        metric = enum_field(list(Sweep.Metric.values))(
+            required=False, default="validation_loss", help_text=(
+                "validation_loss (the last one reported, minimized) or eval (a run of eval on "
+                "each trial's adapter, maximized; trials are still pruned by validation loss)."))
+        eval = SweepEvalInput(required=False, allow_null=True, help_text="With metric eval.")
         max_trials = StrictIntegerField(min_value=1, max_value=settings.SWEEP_MAX_TRIALS,
                                         help_text="The budget: trials in all.")
         max_parallel = StrictIntegerField(required=False, allow_null=True, min_value=1, help_text=(
             "Trials in flight at once; the organization's concurrency limit caps it."))
         deploy_best = StrictBooleanField(required=False, default=False, help_text=(
-            "Deploy the best trial's adapter when the sweep completes."))
+            "Deploy the best trial's adapter when the sweep completes (through its family's "
+            "deploy gate, where there is one)."))
         seed = StrictIntegerField(required=False, allow_null=True, min_value=0,
                                   max_value=2**31 - 1, help_text="The sampler's seed.")
 

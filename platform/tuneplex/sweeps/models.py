@@ -36,7 +36,8 @@ class Sweep(models.Model):
         NONE = "none"
 
     class Metric(models.TextChoices):
-        VALIDATION_LOSS = "validation_loss"
+        VALIDATION_LOSS = "validation_loss"  # the last one reported: lower is better
+        EVAL = "eval"  # an eval run on the trial's adapter: higher is better
 
     id = models.CharField(primary_key=True, max_length=id_field_length("sweep_"), default=_sweep_id,
                           editable=False)
@@ -60,6 +61,13 @@ class Sweep(models.Model):
         "Steps of a trial during which it is never pruned."))
     metric = models.CharField(max_length=24, choices=Metric.choices,
                               default=Metric.VALIDATION_LOSS)
+    # metric "eval": each trial's adapter is scored by a run of this eval (as a deploy gate's:
+    # a completions data source without its model, a criterion and its statistic).
+    eval = models.ForeignKey("evals.Eval", null=True, blank=True, on_delete=models.SET_NULL,
+                             related_name="sweeps")
+    eval_data_source = models.JSONField(null=True, blank=True)
+    eval_criterion = models.CharField(max_length=300, blank=True, default="")
+    eval_statistic = models.CharField(max_length=16, blank=True, default="")
     max_trials = models.PositiveIntegerField()
     max_parallel = models.PositiveIntegerField(null=True, blank=True,
                                                help_text="As requested; the organization's "
@@ -107,8 +115,12 @@ class SweepTrial(models.Model):
     params = models.JSONField(help_text="What Optuna asked this trial to try.")
     state = models.CharField(max_length=16, choices=State.choices, default=State.WAITING)
     value = models.FloatField(null=True, blank=True,
-                              help_text="The final validation loss (complete), or the last "
-                                        "reported one (pruned).")
+                              help_text="The score Optuna was told: the final validation loss, "
+                                        "or the eval's statistic (complete); the last reported "
+                                        "validation loss (pruned).")
+    eval_run = models.ForeignKey("evals.EvalRun", null=True, blank=True, on_delete=models.SET_NULL,
+                                 related_name="+", help_text="The run that scores the trial's "
+                                                             "adapter (metric eval).")
     intermediate_values = models.JSONField(default=list, blank=True, help_text=(
         "What Optuna was told while the job ran: [[step, validation loss], ...], by step."))
     error = models.JSONField(null=True, blank=True)

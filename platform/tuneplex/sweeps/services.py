@@ -14,7 +14,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuneplex.audit.services import audit_record
 from tuneplex.core.actors import Principal
-from tuneplex.core.errors import ApiError, Conflict
+from tuneplex.core.errors import ApiError, Conflict, NotFound
+from tuneplex.evals.selectors import eval_get
+from tuneplex.evals.services import comparison_check, eval_run_cancel
+from tuneplex.evals.models import EvalRun
 from tuneplex.finetuning.models import FineTuningJob
 from tuneplex.finetuning.services.lifecycle import job_cancel
 from tuneplex.finetuning.services.plan import SUFFIX_PATTERN, job_plan
@@ -55,7 +58,7 @@ def sweep_create(*, organization: Organization, actor: Principal, model: str, tr
                  pruner_warmup_steps: int = 0, metric: str = "validation_loss",
                  max_parallel: int | None = None, deploy_best: bool = False,
                  seed: int | None = None, suffix: str | None = None,
-                 name: str | None = None) -> Sweep:
+                 name: str | None = None, eval: dict | None = None) -> Sweep:
     """Check the sweep as every trial's job would be checked, then store it: its first trials
     start at the next step (TUNEPLEX_SWEEP_STEP_SECONDS)."""
     sampler = _choice(sampler, Sweep.Sampler, "sampler")
@@ -89,6 +92,7 @@ def sweep_create(*, organization: Organization, actor: Principal, model: str, tr
         raise ApiError("Scoring by validation loss needs a validation_file (or "
                        "hyperparameters.validation_split above 0).", code="validation_required",
                        param="validation_file")
+    scoring = _scoring(organization, metric, eval, model=model)
     _check_jobs(organization, model=model, training_file=training_file,
                 validation_file=validation_file, template=template, parameters=parameters)
     sweep = Sweep(organization=organization, name=_name(name), model=model,
@@ -97,7 +101,7 @@ def sweep_create(*, organization: Organization, actor: Principal, model: str, tr
                   search_space={p.name: p.stored() for p in parameters}, sampler=sampler,
                   pruner=pruner, pruner_startup_trials=pruner_startup_trials,
                   pruner_warmup_steps=pruner_warmup_steps, metric=metric, max_trials=max_trials,
-                  max_parallel=max_parallel, deploy_best=deploy_best, seed=seed,
+                  max_parallel=max_parallel, deploy_best=deploy_best, seed=seed, **scoring,
                   created_by=actor.user if actor.api_key is None else actor.api_key.created_by)
     with transaction.atomic(durable=True):
         # The organization's row is locked, so that two creations cannot both take the last place.
@@ -111,6 +115,27 @@ def sweep_create(*, organization: Organization, actor: Principal, model: str, tr
                      metadata={"model": model, "max_trials": max_trials, "sampler": sampler,
                                "search_space": sorted(sweep.search_space)})
     return sweep
+
+
+def _scoring(organization: Organization, metric: str, spec: Any, *, model: str) -> dict:
+    """The eval that scores each trial (metric eval), checked as a deploy gate's: its fields."""
+    if metric != Sweep.Metric.EVAL:
+        if spec is not None:
+            raise ApiError("eval scores trials only with metric eval.", code="invalid_value",
+                           param="eval")
+        return {}
+    if not isinstance(spec, dict):
+        raise ApiError("metric eval needs eval: {eval_id, data_source, criterion, statistic}.",
+                       code="eval_required", param="eval")
+    try:
+        found = eval_get(organization=organization, eval_id=spec.get("eval_id"))
+    except NotFound as exc:
+        raise NotFound(exc.message, param="eval.eval_id") from None
+    data_source, criterion, statistic = comparison_check(
+        found, spec.get("data_source"), spec.get("criterion"), spec.get("statistic"),
+        model=model, where="eval.")
+    return {"eval": found, "eval_data_source": data_source, "eval_criterion": criterion,
+            "eval_statistic": statistic}
 
 
 def _name(value: Any) -> str:
@@ -152,7 +177,7 @@ def sweep_cancel(*, organization: Organization, actor: Principal, sweep: Sweep) 
     # After the commit: a step that creates a job from now on finds the sweep cancelled and
     # cancels that job itself (tuneplex.sweeps.steps).
     trials = list(trial_list(sweep=locked).filter(state__in=SweepTrial.ACTIVE)
-                  .select_related("sweep", "job__organization"))
+                  .select_related("sweep", "job__organization", "eval_run__organization"))
     for trial in trials:
         trial_cancel(trial, actor=actor)
     return locked
@@ -167,18 +192,24 @@ def trial_cancel(trial: SweepTrial, *, actor: Principal) -> None:
             job_cancel(organization=job.organization, actor=actor, job=job)
         except Conflict:
             pass  # it ended meanwhile
+    run = trial.eval_run
+    if run is not None and run.status in EvalRun.ACTIVE:
+        eval_run_cancel(organization=run.organization, actor=actor, run=run)
     told = tell(study_for(trial.sweep), trial, state=TrialState.FAIL)
     trial_record_end(trial, told, meant=SweepTrial.State.CANCELLED,
                      error={"code": "cancelled", "message": "The sweep was cancelled."})
 
 
-def trial_record_end(trial: SweepTrial, told: FrozenTrial, *, meant: str, error: dict | None = None) -> None:
+def trial_record_end(trial: SweepTrial, told: FrozenTrial, *, meant: str, error: dict | None = None,
+                     value: float | None = None) -> None:
     """Copy how Optuna holds the trial now onto its row: ``meant`` where Optuna holds what was
-    just told, else what it was told first."""
+    just told, else what it was told first. ``value``: what the row shows instead of Optuna's
+    value (a pruned trial of an eval-scored sweep: its loss, not the negated one Optuna holds)."""
     state = ENDED[told.state]
     if meant == SweepTrial.State.CANCELLED and state == SweepTrial.State.FAILED:
         state = meant
-    fields = {"state": state, "value": told.value, "finished_at": timezone.now()}
+    shown = value if value is not None and state == meant else told.value
+    fields = {"state": state, "value": shown, "finished_at": timezone.now()}
     if state in (SweepTrial.State.FAILED, SweepTrial.State.CANCELLED):
         fields["error"] = error
     SweepTrial.objects.filter(pk=trial.pk).update(**fields)

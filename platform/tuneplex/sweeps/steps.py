@@ -33,13 +33,16 @@ from optuna.trial import TrialState
 from tuneplex.adapters.selectors import adapter_list
 from tuneplex.core.actors import Principal
 from tuneplex.core.errors import ApiError, Conflict
+from tuneplex.evals.models import EvalRun
+from tuneplex.evals.gates import gate_for, gate_start
+from tuneplex.evals.services import comparison_run
 from tuneplex.finetuning.models import FineTuningJob
 from tuneplex.finetuning.services.lifecycle import job_cancel, job_create, job_event
 from tuneplex.inference.services import adapter_deploy
 from tuneplex.sweeps import selectors
 from tuneplex.sweeps.models import Sweep, SweepTrial
 from tuneplex.sweeps.services import trial_cancel, trial_record_end, trial_suffix
-from tuneplex.sweeps.study import distributions, sampler_for, study_for, tell
+from tuneplex.sweeps.study import distributions, intermediate, sampler_for, study_for, tell
 
 log = logging.getLogger(__name__)
 # A step takes seconds; one whose worker died is taken over after this long.
@@ -80,12 +83,13 @@ def _system(sweep: Sweep) -> Principal:
 
 def sweep_step(sweep_id: str) -> str:
     """One step of one sweep (the caller holds its lease); the sweep's status after it."""
-    sweep = Sweep.objects.select_related("organization").get(pk=sweep_id)
+    sweep = Sweep.objects.select_related("organization", "eval").get(pk=sweep_id)
     if sweep.status != Sweep.Status.RUNNING:
         return sweep.status
     study = study_for(sweep)
     _fail_unrecorded(sweep, study)
-    for trial in selectors.trial_list(sweep=sweep).filter(state__in=SweepTrial.ACTIVE):
+    for trial in (selectors.trial_list(sweep=sweep).filter(state__in=SweepTrial.ACTIVE)
+                  .select_related("eval_run")):
         trial.sweep = sweep
         if trial.state == State.WAITING:
             _start_job(sweep, study, trial)
@@ -159,8 +163,11 @@ def _follow(sweep: Sweep, study: optuna.Study, trial: SweepTrial) -> None:
         trial_record_end(trial, told, meant=State.FAILED,
                          error={"code": "job_missing", "message": "The trial's job is gone."})
         return
-    optuna_trial = _report(study, trial, job)
+    optuna_trial = _report(sweep, study, trial, job)
     if job.status == FineTuningJob.Status.SUCCEEDED:
+        if sweep.metric == Sweep.Metric.EVAL:
+            _score_by_eval(sweep, study, trial, job)
+            return
         if not trial.intermediate_values:
             told = tell(study, trial, state=TrialState.FAIL)
             trial_record_end(trial, told, meant=State.FAILED, error={
@@ -178,7 +185,7 @@ def _follow(sweep: Sweep, study: optuna.Study, trial: SweepTrial) -> None:
         _prune(sweep, study, trial, job)
 
 
-def _report(study: optuna.Study, trial: SweepTrial, job: FineTuningJob):
+def _report(sweep: Sweep, study: optuna.Study, trial: SweepTrial, job: FineTuningJob):
     """Report the job's evaluations Optuna was not told yet; the trial (None before the first).
 
     The trial outlives the step that asked it (Optuna's ask-and-tell examples keep it in
@@ -189,7 +196,7 @@ def _report(study: optuna.Study, trial: SweepTrial, job: FineTuningJob):
         return None
     optuna_trial = optuna.trial.Trial(study, trial.optuna_trial_id)
     for step, loss in new:
-        optuna_trial.report(loss, step)
+        optuna_trial.report(intermediate(sweep, loss), step)
     if new:
         trial.intermediate_values = sorted([tuple(pair) for pair in trial.intermediate_values]
                                            + new)
@@ -205,10 +212,54 @@ def _prune(sweep: Sweep, study: optuna.Study, trial: SweepTrial, job: FineTuning
     except Conflict:
         return  # it ended meanwhile: the next step tells Optuna how
     told = tell(study, trial, state=TrialState.PRUNED)
-    trial_record_end(trial, told, meant=State.PRUNED)
+    trial_record_end(trial, told, meant=State.PRUNED, value=loss)
     job_event(job, f"Pruned by sweep {sweep.id}: validation loss {loss:.4f} at step {step} is "
                    f"behind the sweep's other trials ({sweep.pruner} pruner).",
               data={"sweep_id": sweep.id, "pruned": True})
+
+
+def _score_by_eval(sweep: Sweep, study: optuna.Study, trial: SweepTrial,
+                   job: FineTuningJob) -> None:
+    """Metric eval: a run of the sweep's eval on the trial's adapter (served for the run only,
+    as a deploy gate's candidate), then its statistic told to Optuna once the run has ended."""
+    def fail(code: str, message: str) -> None:
+        told = tell(study, trial, state=TrialState.FAIL)
+        trial_record_end(trial, told, meant=State.FAILED, error={"code": code, "message": message})
+
+    if sweep.eval_id is None:
+        return fail("eval_missing", "The sweep's eval was deleted.")
+    run = trial.eval_run
+    if run is None:
+        adapter = adapter_list(organization=sweep.organization).filter(job_id=job.id).first()
+        if adapter is None:
+            return fail("adapter_missing", "The trial's job has no adapter.")
+        try:
+            run = comparison_run(
+                organization=sweep.organization, eval=sweep.eval,
+                data_source=sweep.eval_data_source, model=adapter.name,
+                name=f"sweep {sweep.id}: trial {trial.number} {adapter.name}",
+                metadata={"sweep": sweep.id, "trial": str(trial.number)}, undeployed_ok=True)
+        except ApiError as exc:
+            if exc.status in (429, 503):  # limits or no replica for now: the next step tries again
+                return None
+            return fail(exc.code, f"Its eval run could not start: {exc.message}")
+        SweepTrial.objects.filter(pk=trial.pk).update(eval_run=run)
+        job_event(job, f"Scoring trial {trial.number} of sweep {sweep.id} with eval "
+                       f"'{sweep.eval.name or sweep.eval_id}' (run {run.id}).",
+                  data={"sweep_id": sweep.id, "eval_run": run.id})
+        return None
+    if run.status in EvalRun.ACTIVE:
+        return None
+    if run.status != EvalRun.Status.COMPLETED:
+        reason = (run.error or {}).get("message") or run.status
+        return fail("eval_run_failed", f"Its eval run {run.id} ended {run.status} ({reason}).")
+    figure = (run.statistics.get(sweep.eval_criterion) or {}).get(sweep.eval_statistic) or {}
+    if figure.get("estimate") is None:
+        return fail("eval_no_score", f"Its eval run {run.id} graded no item on "
+                                     f"'{sweep.eval_criterion}'.")
+    told = tell(study, trial, state=TrialState.COMPLETE, value=float(figure["estimate"]))
+    trial_record_end(trial, told, meant=State.COMPLETE)
+    return None
 
 
 # --- the end ---------------------------------------------------------------------------------------
@@ -225,18 +276,29 @@ def _finish_if_done(sweep: Sweep, study: optuna.Study) -> str:
     with transaction.atomic(durable=True):
         ended = Sweep.objects.filter(pk=sweep.pk, status=Sweep.Status.RUNNING).update(
             status=status, best_trial=best, finished_at=Now(),
-            error=None if best else {"code": "no_trial_completed",
-                                     "message": "No trial completed with a validation loss."})
+            error=None if best else {"code": "no_trial_completed", "message": (
+                "No trial completed with a validation loss." if sweep.metric
+                == Sweep.Metric.VALIDATION_LOSS else "No trial's eval run completed.")})
     if ended and best is not None and sweep.deploy_best:
         _deploy_best(sweep, best)
     return status if ended else Sweep.objects.get(pk=sweep.pk).status
 
 
 def _deploy_best(sweep: Sweep, best: SweepTrial) -> None:
+    """Deploy the best trial's adapter, through its family's deploy gate where there is one
+    (the gate's eval against the adapter serving now: the sweep's best is not necessarily
+    better than that), else at once."""
     adapter = adapter_list(organization=sweep.organization).filter(job_id=best.job_id).first()
     try:
         if adapter is None:
             raise ApiError("The best trial's job has no adapter.", code="adapter_missing")
+        gate = gate_for(adapter, suffix=sweep.suffix)
+        if gate is not None:
+            outcome = gate_start(gate, adapter)
+            job_event(best.job, f"The best trial of sweep {sweep.id}: its adapter goes through "
+                                f"deploy gate {gate.id} ({outcome}).",
+                      data={"sweep_id": sweep.id, "gate": gate.id})
+            return
         adapter_deploy(organization=sweep.organization, actor=_system(sweep), adapter=adapter)
     except ApiError as exc:
         log.warning("sweep %s: the best adapter was not deployed: %s", sweep.id, exc.message)

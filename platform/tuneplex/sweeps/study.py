@@ -133,8 +133,19 @@ def study_for(sweep: Sweep, *, next_number: int = 0) -> optuna.Study:
                                  pruner=pruner)
     except KeyError:
         return optuna.create_study(study_name=sweep.study_name, storage=storage(),
-                                   sampler=sampler, pruner=pruner, direction="minimize",
-                                   load_if_exists=True)
+                                   sampler=sampler, pruner=pruner,
+                                   direction=direction(sweep), load_if_exists=True)
+
+
+def direction(sweep: Sweep) -> str:
+    """A validation loss is minimized, an eval's statistic maximized."""
+    return "maximize" if sweep.metric == Sweep.Metric.EVAL else "minimize"
+
+
+def intermediate(sweep: Sweep, loss: float) -> float:
+    """What the pruner is told of a validation loss: in the study's direction (negated when the
+    study maximizes an eval's statistic, so that a higher loss is still behind)."""
+    return -loss if sweep.metric == Sweep.Metric.EVAL else loss
 
 
 # Optuna's end states → the trial's, unless the caller meant a cancellation (told as FAIL).
