@@ -30,18 +30,18 @@ def test_an_eval_keeps_to_one_request_while_a_tenants_request_is_answered(org_a,
                                  data_source={"type": "completions"}, items_blob="x")
 
     async def scenario() -> list[int]:
-        execution = Execution(run, attempt=1)
-        execution.bases = {"base-x"}
-        seen = [await execution._allowed()]  # nobody else: the whole concurrency
+        requests = Execution(run, attempt=1).requests  # tuneplex.inference.background's
+        requests.bases = {"base-x"}
+        seen = [await requests.allowed()]  # nobody else: the whole concurrency
         chat = admitted("tenant-request")
         await ratelimit.interactive_begin(chat, "base-x")
         other = admitted("other-base")
         await ratelimit.interactive_begin(other, "base-y")  # another engine's: no matter
-        execution.interactive = (0.0, 0)  # count again now (it does every quarter second)
-        seen.append(await execution._allowed())
+        requests.interactive = (0.0, 0)  # count again now (it does every quarter second)
+        seen.append(await requests.allowed())
         await ratelimit.finish(chat, 10)  # answered and settled
-        execution.interactive = (0.0, 0)
-        seen.append(await execution._allowed())
+        requests.interactive = (0.0, 0)
+        seen.append(await requests.allowed())
         await ratelimit.finish(other, 10)
         await ratelimit.close_loop_client()
         return seen

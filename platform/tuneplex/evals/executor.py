@@ -3,10 +3,11 @@
     claim → read the items not yet stored → in batches: sample and grade (concurrently, at most
     TUNEPLEX_EVAL_CONCURRENCY requests in flight) → store the batch (fenced) → … → summarize
 
-Every request goes through the gateway's own admission, routing and settlement
-(:func:`tuneplex.inference.gateway.complete_inside`), as the organization, under its token
-budget and concurrency cap, with a lower engine priority than interactive requests. A refusal
-for a limit waits as long as the gateway says and tries again; an engine that does not answer is
+Its requests are background inference (:mod:`tuneplex.inference.background`): through the
+gateway's own admission, routing and settlement, as the organization, under its token budget
+and concurrency cap, with a lower engine priority than interactive requests, making room for
+them (TUNEPLEX_EVAL_CONCURRENCY, TUNEPLEX_EVAL_CONCURRENCY_BESIDE_INTERACTIVE). A refusal for a
+limit waits as long as the gateway says and tries again; an engine that does not answer is
 waited for up to TUNEPLEX_EVAL_ENGINE_WAIT_SECONDS, then the run fails with what it has. A run
 whose worker dies is queued again by the sweep and resumes after the items already stored.
 """
@@ -14,10 +15,8 @@ whose worker dies is queued again by the sweep and resumes after the items alrea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from itertools import islice
@@ -46,26 +45,20 @@ from tuneplex.evals.worker_writes import (
     eval_run_record_items,
     eval_run_requeue_stale,
 )
-from tuneplex.inference import ratelimit
-from tuneplex.inference.gateway import Inside, complete_inside, finish_inside
+from tuneplex.inference.background import BackgroundRequests, EngineGone, Pace, keep_alive
+from tuneplex.inference.gateway import Inside, finish_inside
 from tuneplex.inference.selectors import servable_model
 from tuneplex.inference.streams import CHAT
 
 log = logging.getLogger(__name__)
 
-WAIT_CODES = {"rate_limit_exceeded", "token_budget_exceeded", "concurrency_limit_exceeded"}
-UNAVAILABLE = {503}
 # What a judge's sampling_params become in its request (reasoning_effort means nothing to these
 # models and the gateway would refuse it).
-JUDGE_SAMPLING = {"temperature", "top_p", "seed", "max_completion_tokens"}  # no replica, limits service down: waited for, not the item's fault
+JUDGE_SAMPLING = {"temperature", "top_p", "seed", "max_completion_tokens"}
 
 
 class RunStopped(Exception):
     """Canceled, deleted or taken over by another attempt: stop without writing."""
-
-
-class EngineGone(Exception):
-    """No engine answered for TUNEPLEX_EVAL_ENGINE_WAIT_SECONDS."""
 
 
 def run_eval(run_id: str) -> str:
@@ -135,11 +128,12 @@ class Execution:
         self.inside = Inside(Principal(organization=run.organization, scopes=frozenset({INFER})),
                              requester=f"evalrun:{run.id}", priority=settings.EVAL_PRIORITY,
                              undeployed=frozenset({run.model}) if run.undeployed_ok else frozenset())
-        self.in_flight = 0
-        self.room = asyncio.Condition()
-        self.bases: set[str] = set()  # the base models whose engines the run's requests use
-        self.interactive = (0.0, 0)  # (when counted, the tenants' requests in flight on them)
-        self.waiting_for = ""
+        # Its requests make room for interactive traffic (tuneplex.inference.background).
+        self.requests = BackgroundRequests(self.inside, Pace(
+            concurrency=settings.EVAL_CONCURRENCY,
+            beside_interactive=settings.EVAL_CONCURRENCY_BESIDE_INTERACTIVE,
+            engine_wait=settings.EVAL_ENGINE_WAIT_SECONDS,
+            engine_wait_setting="TUNEPLEX_EVAL_ENGINE_WAIT_SECONDS"))
         self.stopped = asyncio.Event()
         self.graded = 0  # items this attempt answered and graded
 
@@ -151,7 +145,7 @@ class Execution:
     async def execute(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeats())
         try:
-            self.bases = await sync_to_async(self._base_models)()
+            self.requests.bases = await sync_to_async(self._base_models)()
             skip = await sync_to_async(graded_item_ids)(run=self.run)
             await sync_to_async(eval_run_note)(
                 run=self.run, attempt=self.attempt, message=(
@@ -180,13 +174,13 @@ class Execution:
         self.graded += len(batch)
 
     async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(settings.EVAL_HEARTBEAT_SECONDS)
-            alive = await sync_to_async(eval_run_heartbeat)(run=self.run, attempt=self.attempt,
-                                                            waiting_for=self.waiting_for)
-            if not alive:
-                self.stopped.set()
-                return
+        await keep_alive(settings.EVAL_HEARTBEAT_SECONDS, self._beat)
+        self.stopped.set()
+
+    async def _beat(self) -> str | None:
+        alive = await sync_to_async(eval_run_heartbeat)(run=self.run, attempt=self.attempt,
+                                                        waiting_for=self.requests.waiting_for)
+        return None if alive else "stopped"
 
     # --- one item -------------------------------------------------------------------------------
 
@@ -313,63 +307,9 @@ class Execution:
                 pass  # its requests will say so, item by item
         return bases
 
-    async def _allowed(self) -> int:
-        """How many requests the run may have in flight now: TUNEPLEX_EVAL_CONCURRENCY, or
-        TUNEPLEX_EVAL_CONCURRENCY_BESIDE_INTERACTIVE while tenants' own requests are being
-        answered on the same engines (counted at most every quarter second)."""
-        counted_at, count = self.interactive
-        if time.monotonic() - counted_at > 0.25:
-            stale = settings.ENGINE_TIMEOUT + 60
-            count = sum([await ratelimit.interactive_in_flight(base, stale_after=stale)
-                         for base in self.bases])
-            self.interactive = (time.monotonic(), count)
-        return settings.EVAL_CONCURRENCY_BESIDE_INTERACTIVE if count else settings.EVAL_CONCURRENCY
-
-    @contextlib.asynccontextmanager
-    async def _slot(self):
-        while True:
-            allowed = await self._allowed()  # counted outside the condition's lock
-            async with self.room:
-                if self.in_flight < allowed:
-                    self.in_flight += 1
-                    break
-                try:  # woken by a request that ends, or after a while to count again
-                    await asyncio.wait_for(self.room.wait(), 0.25)
-                except TimeoutError:
-                    pass
-        try:
-            yield
-        finally:
-            async with self.room:
-                self.in_flight -= 1
-                self.room.notify()
-
     async def _call(self, body: dict) -> tuple[int, dict]:
         """One chat completion; waits out the organization's limits and an engine that is down."""
-        down_since: float | None = None
-        while True:
-            async with self._slot():
-                reply = await complete_inside(self.inside, CHAT, body)
-            try:
-                payload = json.loads(reply.body or b"{}")
-            except ValueError:
-                payload = {}
-            code = (payload.get("error") or {}).get("code") if isinstance(payload, dict) else None
-            if reply.status == 429 and code in WAIT_CODES:
-                self.waiting_for = "the organization's inference limits"
-                await asyncio.sleep(min(float(reply.headers.get("Retry-After") or 1), 30))
-                continue
-            if reply.status in UNAVAILABLE:
-                down_since = down_since or time.monotonic()
-                if time.monotonic() - down_since > settings.EVAL_ENGINE_WAIT_SECONDS:
-                    raise EngineGone(f"No engine answered for {settings.EVAL_ENGINE_WAIT_SECONDS} s "
-                                     f"(TUNEPLEX_EVAL_ENGINE_WAIT_SECONDS): "
-                                     f"{(payload.get('error') or {}).get('message', '')}")
-                self.waiting_for = "an engine replica"
-                await asyncio.sleep(2)
-                continue
-            self.waiting_for = ""
-            return reply.status, payload
+        return await self.requests.call(CHAT, body)
 
 
 async def grade_one(spec: dict, *, item: dict, namespace: dict, call) -> dict:
