@@ -60,6 +60,7 @@ urlpatterns = [
          name="feedback-preference-export"),
     path("team/", team.team, name="team"),
     path("team/invitations", team.invitation_create_view, name="invitation-create"),
+    path("team/wandb-key", team.wandb_key_view, name="wandb-key"),
     path("team/invitations/<oid:id>/revoke", team.invitation_revoke_view, name="invitation-revoke"),
     path("invitations/", organizations.invitations, name="invitations"),
     path("invite/<str:token>/", organizations.invitation_link, name="invitation-link"),

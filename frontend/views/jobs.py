@@ -205,12 +205,31 @@ def settings_groups(job: FineTuningJob) -> list[tuple[str, list[tuple[str, objec
         ("Advanced hyperparameters", [(label, take(_CONFIG_NAMES[name]))
                                       for name, (_, label, _) in ADVANCED.items()]),
     ]
+    groups.append(("Experiment tracking", _tracking_rows(job)))
     shown |= METHOD_FIELDS | {"dpo_beta"}  # said by the method above
     fields = [f.name for f in dataclasses.fields(TrainingConfig)]
     others = [name for name in fields if name in config and name not in shown]
     others += sorted(name for name in config if name not in shown and name not in fields)
     groups.append(("Other settings", [(name, config[name]) for name in others]))
     return groups
+
+
+def _tracking_rows(job: FineTuningJob) -> list[tuple[str, str]]:
+    """The job's integrations in words: where its parameters, metrics and adapter are tracked."""
+    rows = []
+    for integration in job.integrations or []:
+        options = integration.get(integration.get("type"), {}) or {}
+        tags = f", tags {', '.join(options['tags'])}" if options.get("tags") else ""
+        if integration.get("type") == "wandb":
+            where = " / ".join(filter(None, (options.get("entity"), options.get("project"))))
+            rows.append(("Weights & Biases", f"project {where}"
+                         + (f", run {options['name']}" if options.get("name") else "") + tags))
+        elif integration.get("type") == "mlflow":
+            rows.append(("MLflow", f"experiment {job.organization.slug}/"
+                                   f"{options.get('experiment_name')}"
+                         + (f", run {options['run_name']}" if options.get("run_name") else "")
+                         + tags))
+    return rows or [("Tracking", "none")]
 
 
 def _progress_context(principal, job: FineTuningJob) -> dict:
@@ -225,7 +244,8 @@ def _progress_context(principal, job: FineTuningJob) -> dict:
             "events": selectors.job_events(job=job).order_by("-created_at", "-id")[:EVENTS_SHOWN],
             "percent": (round(100 * job.step / job.total_steps) if job.total_steps else 0),
             "can_cancel": TRAIN in principal.scopes and not finished,
-            "adapter": getattr(job, "adapter", None) if job.status == "succeeded" else None}
+            "adapter": getattr(job, "adapter", None) if job.status == "succeeded" else None,
+            "has_wandb": any(i.get("type") == "wandb" for i in job.integrations or [])}
 
 
 @login_required

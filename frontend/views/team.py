@@ -43,12 +43,32 @@ def _team_context(principal: Principal, **extra) -> dict:
     return {"members": tenancy_selectors.membership_list(organization=principal.organization),
             "can_manage": can_manage, "roles": _grantable_roles(principal),
             "all_roles": Role.values, "me": principal.membership, "invitations": invitations,
-            "invitation_days": settings.INVITATION_DAYS, **extra}
+            "invitation_days": settings.INVITATION_DAYS, "organization": principal.organization,
+            "wandb_mode": settings.WANDB_MODE, **extra}
 
 
 @login_required
 def team(request):
     return render(request, "frontend/team.html", _team_context(principal_of(request)))
+
+
+@login_required
+@require_POST
+def wandb_key_view(request):
+    """Set (action=set, api_key) or remove (action=remove) the organization's W&B API key."""
+    principal = principal_of(request, ADMIN)
+    remove = request.POST.get("action") == "remove"
+    try:
+        tenancy_services.organization_wandb_key_set(
+            organization=principal.organization, actor=principal,
+            api_key=None if remove else request.POST.get("api_key", "").strip()[:1000])
+    except ApiError as exc:
+        return render(request, "frontend/team.html", _team_context(
+            principal, wandb_error=exc.message), status=exc.status)
+    principal.organization.refresh_from_db(fields=["wandb_api_key_sealed",
+                                                   "wandb_api_key_updated_at"])
+    return render(request, "frontend/team.html", _team_context(
+        principal, wandb_saved="removed" if remove else "saved"))
 
 
 @login_required
