@@ -28,6 +28,15 @@ def compute_file_statistics(file_id: str) -> None:
     compute_statistics(file_id)
 
 
+@app.task(name="tuneplex.files.uploads_clean", ignore_result=True)
+def clean_uploads() -> None:
+    """Celery beat, every minute: expire uploads past their time and delete the parts of
+    uploads that ended (idempotent: a second delivery finds nothing left to delete)."""
+    from tuneplex.files.upload_services import uploads_clean
+
+    uploads_clean()
+
+
 # --- fine-tuning -----------------------------------------------------------------------------------
 
 

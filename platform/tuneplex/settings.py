@@ -412,6 +412,8 @@ CELERY_BEAT_SCHEDULE = {
     "evals-sweep": {"task": "tuneplex.evals.sweep", "schedule": 10.0},
     # On the default queue (CELERY_TASK_DEFAULT_QUEUE): seconds of work per sweep.
     "sweeps-step": {"task": "tuneplex.sweeps.step", "schedule": float(SWEEP_STEP_SECONDS)},
+    # Deletes the parts of uploads that ended (docs/datasets.md#uploads); default queue.
+    "uploads-clean": {"task": "tuneplex.files.uploads_clean", "schedule": 60.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 
@@ -528,6 +530,13 @@ FILE_UPLOAD_MAX_BYTES = env_bytes("TUNEPLEX_MAX_FILE_SIZE", 512 * 2**20)
 ORG_STORAGE_QUOTA = env_bytes("TUNEPLEX_ORG_STORAGE_QUOTA", 20 * 2**30)
 DATASET_MAX_LINE_BYTES = env_bytes("TUNEPLEX_DATASET_MAX_LINE", 8 * 2**20)
 DATASET_MIN_EXAMPLES = env_int("TUNEPLEX_DATASET_MIN_EXAMPLES", 10, minimum=1)
+# Uploads in parts (OpenAI's Uploads API, docs/datasets.md#uploads): a file of up to
+# TUNEPLEX_UPLOAD_MAX_BYTES sent in parts of up to TUNEPLEX_UPLOAD_PART_MAX_BYTES each (one request
+# each), completed within TUNEPLEX_UPLOAD_EXPIRY_SECONDS of its creation; the beat deletes the
+# parts of uploads that ended (completed, cancelled, expired).
+UPLOAD_MAX_BYTES = env_bytes("TUNEPLEX_UPLOAD_MAX_BYTES", 8 * 2**30)
+UPLOAD_PART_MAX_BYTES = env_bytes("TUNEPLEX_UPLOAD_PART_MAX_BYTES", 64 * 2**20)
+UPLOAD_EXPIRY_SECONDS = env_int("TUNEPLEX_UPLOAD_EXPIRY_SECONDS", 3600, minimum=60)
 # Uploads spool to disk next to local artifacts, so storing one is a rename, not a copy.
 FILE_UPLOAD_TEMP_DIR = str(DATA_DIR / "uploads")
 Path(FILE_UPLOAD_TEMP_DIR).mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from tuneplex.evals import grader_apis as graders
 from tuneplex.feedback import apis as feedback
 from tuneplex.adapters import apis as adapters
 from tuneplex.files import apis as files
+from tuneplex.files import upload_apis as uploads
 from tuneplex.finetuning import apis as finetuning
 from tuneplex.inference import gateway
 from tuneplex.operations import health
@@ -71,6 +72,10 @@ api_v1 = [
     path("files", files.FileListApi.as_view()),
     path("files/<oid:id>", files.FileDetailApi.as_view()),
     path("files/<oid:id>/content", files.FileContentApi.as_view()),
+    path("uploads", uploads.UploadCreateApi.as_view()),
+    path("uploads/<oid:id>/parts", uploads.UploadPartApi.as_view()),
+    path("uploads/<oid:id>/complete", uploads.UploadCompleteApi.as_view()),
+    path("uploads/<oid:id>/cancel", uploads.UploadCancelApi.as_view()),
     path("fine_tuning/jobs", finetuning.JobListApi.as_view()),
     path("fine_tuning/jobs/<oid:id>", finetuning.JobDetailApi.as_view()),
     path("fine_tuning/jobs/<oid:id>/cancel", finetuning.JobCancelApi.as_view()),

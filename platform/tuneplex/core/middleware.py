@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.deprecation import MiddlewareMixin
@@ -12,6 +14,8 @@ from tuneplex.core.errors import error_body, is_api_path
 MULTIPART_OVERHEAD = 64 * 1024
 UPLOAD_PATHS = ("/v1/files",)
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions")
+# A part of an upload in parts: /v1/uploads/<id>/parts (ids as urls.ObjectIdConverter's).
+UPLOAD_PART_PATH = re.compile(r"/v1/uploads/[A-Za-z0-9][A-Za-z0-9._-]{0,99}/parts")
 
 
 def body_limit(path: str) -> tuple[int, str]:
@@ -19,6 +23,10 @@ def body_limit(path: str) -> tuple[int, str]:
     if path in UPLOAD_PATHS:
         limit = settings.FILE_UPLOAD_MAX_BYTES
         return limit + MULTIPART_OVERHEAD, f"the file size limit is {limit} bytes"
+    if UPLOAD_PART_PATH.fullmatch(path):
+        limit = settings.UPLOAD_PART_MAX_BYTES
+        return (limit + MULTIPART_OVERHEAD,
+                f"the part size limit is {limit} bytes (TUNEPLEX_UPLOAD_PART_MAX_BYTES)")
     if path in INFERENCE_PATHS:
         limit = settings.INFERENCE_MAX_BODY
         return limit, f"the inference request limit is {limit} bytes (TUNEPLEX_INFERENCE_MAX_BODY)"

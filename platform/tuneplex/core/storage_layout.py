@@ -1,6 +1,8 @@
 """Where everything lives in artifact storage: the bucket's layout in one place.
 
     orgs/<organization>/files/<file>.jsonl                         an uploaded dataset
+    orgs/<organization>/uploads/<upload>/<part>.part               a part of an upload in parts
+    orgs/<organization>/uploads/<upload>/assembly-<attempt>.partial  its file being assembled
     orgs/<organization>/adapters/<adapter>/                        a trained adapter's files
     orgs/<organization>/adapters/<adapter>/merged/                 its merged model
     orgs/<organization>/jobs/<job>/checkpoints/step-<n>-a<attempt>/  a job's checkpoint
@@ -18,6 +20,21 @@ from __future__ import annotations
 
 def file_blob_name(organization_id: str, file_id: str) -> str:
     return f"orgs/{organization_id}/files/{file_id}.jsonl"
+
+
+def upload_prefix(organization_id: str, upload_id: str) -> str:
+    """An upload's parts while it is pending (deleted once it is completed, cancelled or
+    expired), and, on local storage, the file being assembled from them."""
+    return f"orgs/{organization_id}/uploads/{upload_id}"
+
+
+def upload_part_blob_name(organization_id: str, upload_id: str, part_id: str) -> str:
+    return f"{upload_prefix(organization_id, upload_id)}/{part_id}.part"
+
+
+def upload_assembly_scratch(organization_id: str, upload_id: str, attempt: int) -> str:
+    """Where local storage writes the assembled file before renaming it to its file's name."""
+    return f"{upload_prefix(organization_id, upload_id)}/assembly-{attempt}.partial"
 
 
 def adapter_prefix(organization_id: str, adapter_id: str) -> str:

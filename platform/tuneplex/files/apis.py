@@ -63,13 +63,19 @@ class FileUploadInput(serializers.Serializer):
         help_text="'fine-tune' (a training dataset) or 'evals' (an eval run's items).")
 
 
-def _filename(upload) -> str:
-    name = os.path.basename((upload.name or "").replace("\\", "/")) or "upload.jsonl"
+def clean_filename(name: str | None, *, param: str) -> str:
+    """A file's name as the client gave it, without its folders; 400 naming ``param`` if it is
+    unusable."""
+    name = os.path.basename((name or "").replace("\\", "/")) or "upload.jsonl"
     try:
         return clean_name(name, max_length=255)
     except serializers.ValidationError as exc:
         raise ApiError(f"Unusable file name: {exc.detail[0]}", code="invalid_filename",
-                       param="file") from None
+                       param=param) from None
+
+
+def _filename(upload) -> str:
+    return clean_filename(upload.name, param="file")
 
 
 class FileListApi(OrgApi):

@@ -1,13 +1,17 @@
 from __future__ import annotations
 
-from django.db.models import F, QuerySet, Sum
+from datetime import timedelta
+
+from django.conf import settings
+from django.db.models import BooleanField, ExpressionWrapper, F, Q, QuerySet, Sum
+from django.db.models.functions import Now
 
 from jobs.training.jsonl import (PREFERENCE, LineError, check_record, detect_format, iter_lines,
                                  parse_line, to_example)
 
 from tuneplex.core.errors import ApiError, NotFound
 from tuneplex.core.storage import open_stream
-from tuneplex.files.models import File
+from tuneplex.files.models import File, Upload, UploadPart
 from tuneplex.tenancy.models import Organization
 
 
@@ -25,7 +29,8 @@ def file_get(*, organization: Organization, file_id: str) -> File:
 
 def storage_used(*, organization: Organization) -> int:
     """Bytes the organization keeps in artifact storage: datasets (feedback exports included),
-    adapters, their merged exports and jobs' checkpoints."""
+    the parts of its pending uploads, adapters, their merged exports and jobs' checkpoints.
+    (The parts of an upload that ended are being deleted: its file counts instead, if any.)"""
     from tuneplex.adapters.models import Adapter
     from tuneplex.finetuning.models import JobCheckpoint
 
@@ -34,7 +39,10 @@ def storage_used(*, organization: Organization) -> int:
         t=Sum(F("bytes") + F("merged_bytes")))["t"] or 0
     checkpoints = JobCheckpoint.objects.filter(job__organization=organization).aggregate(
         t=Sum("bytes"))["t"] or 0
-    return files + adapters + checkpoints
+    parts = UploadPart.objects.filter(upload__organization=organization,
+                                      upload__status=Upload.Status.PENDING).aggregate(
+        t=Sum("bytes"))["t"] or 0
+    return files + parts + adapters + checkpoints
 
 
 def storage_quota_check(organization: Organization, size: int, *, what: str = "this file",
@@ -47,6 +55,41 @@ def storage_quota_check(organization: Organization, size: int, *, what: str = "t
                        f"{quota} bytes are used by datasets, adapters, merged exports and "
                        "checkpoints. Delete what you no longer need.",
                        code="storage_quota_exceeded", param=param, status=403)
+
+
+def upload_get(*, organization: Organization, upload_id: str) -> Upload:
+    """An upload of the organization, ``expired_now`` set where its time is up by the
+    database's clock (whether or not the cleanup has marked it yet)."""
+    found = with_expiry(Upload.objects.filter(organization=organization, id=upload_id)).first()
+    if found is None:
+        raise NotFound(f"No such upload: {upload_id}.", param="upload_id")
+    return found
+
+
+def upload_parts(*, upload: Upload, part_ids: list[str]) -> dict[str, UploadPart]:
+    """The parts of ``upload`` among ``part_ids``, by id (ids of other uploads are absent)."""
+    return {part.id: part for part in UploadPart.objects.filter(upload=upload, id__in=part_ids)}
+
+
+def upload_stored_bytes(*, upload: Upload) -> int:
+    return upload.parts.aggregate(t=Sum("bytes"))["t"] or 0
+
+
+def uploads_to_clean(*, limit: int) -> list[Upload]:
+    """Uploads that ended (completed, cancelled, expired) whose parts are still stored."""
+    return list(Upload.objects.filter(parts_deleted_at__isnull=True).exclude(
+        status=Upload.Status.PENDING).order_by("created_at")[:limit])
+
+
+def with_expiry(uploads: QuerySet[Upload]) -> QuerySet[Upload]:
+    """Uploads with ``expired_now`` (pending past its time) and ``completing_now`` (a completion
+    holds it, not yet an expiry period old), by the database's clock."""
+    stale = Now() - timedelta(seconds=settings.UPLOAD_EXPIRY_SECONDS)
+    return uploads.annotate(
+        expired_now=ExpressionWrapper(Q(status=Upload.Status.PENDING, expires_at__lte=Now()),
+                                      output_field=BooleanField()),
+        completing_now=ExpressionWrapper(Q(completing_since__gt=stale),
+                                         output_field=BooleanField()))
 
 
 PREVIEW_LINE_BYTES = 64 * 1024

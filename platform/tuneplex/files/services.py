@@ -61,29 +61,17 @@ def _open_binary(upload: UploadedFile) -> IO[bytes]:
 def file_create(*, organization: Organization, actor: Principal, upload: UploadedFile,
                 purpose: str, filename: str) -> File:
     """Validate the upload (streaming), then store blob and row together, or neither."""
-    if purpose not in File.Purpose.values:
-        raise ApiError(f"Unsupported purpose {purpose!r}; use 'fine-tune' or 'evals'.",
-                       code="invalid_purpose", param="purpose")
+    purpose_check(purpose)
     size = upload.size
     if size > settings.FILE_UPLOAD_MAX_BYTES:
         raise ApiError(f"The file is {size} bytes; the limit is {settings.FILE_UPLOAD_MAX_BYTES} "
                        "bytes.", code="file_too_large", param="file", status=413)
     with _open_binary(upload) as stream:
-        if purpose == File.Purpose.EVALS:
-            report = validate_eval_items(stream, max_line_bytes=settings.DATASET_MAX_LINE_BYTES)
-        else:
-            report = validate_jsonl(stream, max_line_bytes=settings.DATASET_MAX_LINE_BYTES,
-                                    min_examples=settings.DATASET_MIN_EXAMPLES)
+        report = dataset_validate(stream, purpose=purpose)
         sha256 = _sha256(stream)
-    statistics = report.ok and purpose == File.Purpose.FINE_TUNE
     storage_quota_check(organization, size, what=f"this file ({size} bytes)")  # fail fast
-    record = File(organization=organization, filename=filename, purpose=purpose, bytes=size,
-                  sha256=sha256, format=report.format or "", validation=report.as_dict(),
-                  status=File.Status.PROCESSED if report.ok else File.Status.ERROR,
-                  statistics_status=(File.StatisticsStatus.PENDING if statistics
-                                     else File.StatisticsStatus.NONE),
-                  created_by=actor.user if actor.api_key is None else actor.api_key.created_by)
-    record.blob_name = blob_name_for(organization, record.id)
+    record = file_record(organization=organization, actor=actor, filename=filename,
+                         purpose=purpose, size=size, sha256=sha256, report=report)
     storage = artifact_storage()
     upload.seek(0)
     # The blob is written before the transaction, so no lock is held across storage I/O; if the
@@ -96,18 +84,59 @@ def file_create(*, organization: Organization, actor: Principal, upload: Uploade
         # dataset through this inside its own transaction (the rows it exports and the file
         # commit together).
         with transaction.atomic():
-            # Lock the organization so concurrent uploads cannot overshoot the quota together.
-            Organization.objects.select_for_update().filter(pk=organization.pk).first()
-            storage_quota_check(organization, size, what=f"this file ({size} bytes)")
-            record.save(force_insert=True)
-            audit_record(actor=actor, action="file.create", obj=record,
-                         metadata={"filename": filename, "bytes": size, "status": record.status})
-            if statistics:
-                transaction.on_commit(lambda: _enqueue_statistics(record.id))
+            file_insert(record, actor=actor)
     except BaseException:
         storage.delete(stored_name)
         raise
     return record
+
+
+def purpose_check(purpose: str) -> None:
+    if purpose not in File.Purpose.values:
+        raise ApiError(f"Unsupported purpose {purpose!r}; use 'fine-tune' or 'evals'.",
+                       code="invalid_purpose", param="purpose")
+
+
+def dataset_validate(stream: IO[bytes], *, purpose: str) -> ValidationReport:
+    """The one validation of a file's content, whichever way it arrived (one request, or an
+    upload in parts): streaming, every problem with its line number."""
+    if purpose == File.Purpose.EVALS:
+        return validate_eval_items(stream, max_line_bytes=settings.DATASET_MAX_LINE_BYTES)
+    return validate_jsonl(stream, max_line_bytes=settings.DATASET_MAX_LINE_BYTES,
+                          min_examples=settings.DATASET_MIN_EXAMPLES)
+
+
+def file_record(*, organization: Organization, actor: Principal, filename: str, purpose: str,
+                size: int, sha256: str, report: ValidationReport,
+                file_id: str | None = None) -> File:
+    """The row of a validated file, not saved yet; its blob goes to ``record.blob_name``."""
+    statistics = report.ok and purpose == File.Purpose.FINE_TUNE
+    record = File(**({"id": file_id} if file_id else {}), organization=organization,
+                  filename=filename, purpose=purpose, bytes=size, sha256=sha256,
+                  format=report.format or "", validation=report.as_dict(),
+                  status=File.Status.PROCESSED if report.ok else File.Status.ERROR,
+                  statistics_status=(File.StatisticsStatus.PENDING if statistics
+                                     else File.StatisticsStatus.NONE),
+                  created_by=actor.user if actor.api_key is None else actor.api_key.created_by)
+    record.blob_name = blob_name_for(organization, record.id)
+    return record
+
+
+def file_insert(record: File, *, actor: Principal, audit_metadata: dict | None = None,
+                quota_param: str | None = "file") -> None:
+    """Save a file's row, its blob already stored, inside the caller's transaction: the quota
+    checked under the organization's lock, the audit row, statistics enqueued on commit."""
+    organization = record.organization
+    size = record.bytes
+    # Lock the organization so concurrent uploads cannot overshoot the quota together.
+    Organization.objects.select_for_update().filter(pk=organization.pk).first()
+    storage_quota_check(organization, size, what=f"this file ({size} bytes)", param=quota_param)
+    record.save(force_insert=True)
+    audit_record(actor=actor, action="file.create", obj=record,
+                 metadata={"filename": record.filename, "bytes": size, "status": record.status,
+                           **(audit_metadata or {})})
+    if record.statistics_status == File.StatisticsStatus.PENDING:
+        transaction.on_commit(lambda: _enqueue_statistics(record.id))
 
 
 def validate_eval_items(stream: IO[bytes], *, max_line_bytes: int) -> ValidationReport:
