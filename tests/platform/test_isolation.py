@@ -101,7 +101,22 @@ OBJECT_OF_B.update({
     "/v1/adapters/{id}/deploy": _adapter_of_b,
     "/v1/adapters/{id}/undeploy": _adapter_of_b,
     "/v1/models/{model}": lambda b: _deployed_adapter_of_b(b),
+    "/v1/uploads/{id}/parts": lambda b: _upload_of_b(b),
+    "/v1/uploads/{id}/complete": lambda b: _upload_of_b(b),
+    "/v1/uploads/{id}/cancel": lambda b: _upload_of_b(b),
 })
+
+
+def _upload_of_b(b: Tenant) -> str:
+    from tuneplex.files.models import Upload
+
+    existing = Upload.objects.filter(organization=b.organization).first()
+    if existing is not None:
+        return existing.id
+    response = bearer(b.owner_key).post("/v1/uploads", {
+        "bytes": 10, "filename": "b.jsonl", "mime_type": "text/jsonl", "purpose": "fine-tune"},
+        format="json")
+    return response.json()["id"]
 
 
 def _eval_of_b(b: Tenant):
@@ -201,6 +216,7 @@ def _b_snapshot(b: Tenant) -> list:
         sorted(b.organization.evals.values_list("id", "name", "metadata")),
         sorted(b.organization.eval_runs.values_list("id", "status", "cancel_requested")),
         sorted(b.organization.deploy_gates.values_list("id", "enabled")),
+        sorted(b.organization.uploads.values_list("id", "status", "completion_attempt")),
     ]
 
 
@@ -224,7 +240,8 @@ def test_a_caller_of_a_gets_404_for_every_object_of_b(org_a, org_b, as_session):
     operations = _object_operations(_schema(bearer(org_a.owner_key)))
     assert len(operations) >= 5
     _deployed_adapter_of_b(org_b)
-    _run_of_b(org_b), _gate_of_b(org_b), _sweep_of_b(org_b)  # made before B's snapshot
+    # made before B's snapshot
+    _run_of_b(org_b), _gate_of_b(org_b), _sweep_of_b(org_b), _upload_of_b(org_b)
     before = _b_snapshot(org_b)
     for path, method in operations:
         ids = OBJECT_OF_B[path](org_b)  # one id, or one per placeholder, in order
