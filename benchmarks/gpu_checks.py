@@ -57,6 +57,9 @@ class Recorder:
     def should_stop(self):
         return False
 
+    def should_pause(self):
+        return False
+
 
 def smol_shape(tokenizer_dir: Path) -> dict:
     config = json.loads((tokenizer_dir / "config.json").read_text())

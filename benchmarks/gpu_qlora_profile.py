@@ -71,6 +71,9 @@ class ProfilingReporter:
     def should_stop(self):
         return False
 
+    def should_pause(self):
+        return False
+
 
 def run(config, *, profile: bool) -> tuple[dict, ProfilingReporter]:
     import torch

@@ -211,6 +211,9 @@ def train_recording(config) -> tuple[list[dict], dict, float]:
         def should_stop(self):
             return False
 
+        def should_pause(self):
+            return False
+
     started = time.perf_counter()
     train(config, Recorder())
     return log, plan, time.perf_counter() - started

@@ -4,7 +4,7 @@ line on stdout, and how the platform's runner reads it back.
     {"type": "event", "message", "level", "data"}         a line for the job's event log
     {"type": "metrics", "data": {step, train_loss, ...}}  after each optimizer step
     {"type": "checkpoint", "step", "path", "metrics"}     a resumable checkpoint is on disk
-    {"type": "result", "status", "adapter_dir", ...}      the end: succeeded or cancelled
+    {"type": "result", "status", "adapter_dir", ...}      the end: succeeded, cancelled or paused
     {"type": "error", "code", "message"}                  the end: the job failed
 
 Each kind is a frozen dataclass below; the trainer writes ``message.to_json()`` and the runner
@@ -12,8 +12,15 @@ calls :func:`parse`, which gives None for a line of another shape (library outpu
 stdout, a line cut short). Pure Python, no torch: the platform imports it.
 
 Exit codes of the process: ``EXIT_OK`` (a succeeded result), ``EXIT_ERROR`` (an error line, or a
-crash with none), ``EXIT_CONFIG`` (an ``invalid_config`` error) and ``EXIT_CANCELLED`` (SIGTERM:
-a cancelled result).
+crash with none), ``EXIT_CONFIG`` (an ``invalid_config`` error), ``EXIT_CANCELLED`` (SIGTERM:
+a cancelled result) and ``EXIT_PAUSED`` (a paused result).
+
+The other way, the runner asks the trainer to pause by creating the file ``PAUSE_REQUEST`` in the
+trainer's output folder: at the end of its step the trainer saves a checkpoint (its checkpoint
+line comes first), prints a paused result and exits. A file rather than a signal: a signal that
+comes before the trainer has set its handler kills it, torchrun's launcher dies of one it does
+not handle, and every rank of a job (one node) sees the file; a request made before the trainer
+started is seen at its first check.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_CANCELLED = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_CANCELLED, EXIT_PAUSED = 0, 1, 2, 3, 4
+PAUSE_REQUEST = "pause-requested"  # in the trainer's output folder: save a checkpoint and stop
 
 
 class _Message:
@@ -87,11 +95,12 @@ class Checkpoint(_Message):
 
 @dataclass(frozen=True)
 class Result(_Message):
-    """The end of a run: ``succeeded`` with the fields of the trainer's ``TrainResult``, or
-    ``cancelled`` (then only the status)."""
+    """The end of a run: ``succeeded`` with the fields of the trainer's ``TrainResult``,
+    ``cancelled`` (then only the status) or ``paused`` (and ``steps``, those done: the newest
+    checkpoint is of that step, or of an earlier one when no step was trained since)."""
 
     TYPE: ClassVar[str] = "result"
-    status: str  # succeeded | cancelled
+    status: str  # succeeded | cancelled | paused
     adapter_dir: str | None = None
     sha256: str | None = None
     steps: int = 0
@@ -102,8 +111,9 @@ class Result(_Message):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.status not in ("succeeded", "cancelled"):
-            raise ValueError(f"result.status: {self.status!r} is not succeeded or cancelled")
+        if self.status not in ("succeeded", "cancelled", "paused"):
+            raise ValueError(f"result.status: {self.status!r} is not succeeded, cancelled or "
+                             "paused")
         if self.succeeded and self.adapter_dir is None:
             raise ValueError("result.adapter_dir: a succeeded result names its adapter")
 
@@ -114,6 +124,10 @@ class Result(_Message):
     @property
     def cancelled(self) -> bool:
         return self.status == "cancelled"
+
+    @property
+    def paused(self) -> bool:
+        return self.status == "paused"
 
 
 @dataclass(frozen=True)

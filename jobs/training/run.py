@@ -7,7 +7,9 @@ on stdout, one JSON object a line (events, metrics, checkpoints, then a result o
 exit codes are defined there too.
 
 SIGTERM (the platform cancelling the job) stops training at the next micro-batch; the process then
-prints a result with status "cancelled" and exits 3. Exit 0: succeeded; 1: error; 2: bad config.
+prints a result with status "cancelled" and exits 3. The pause file (``protocol.PAUSE_REQUEST`` in
+the output folder) stops it at the end of its step with a checkpoint, a result with status
+"paused" and exit 4. Exit 0: succeeded; 1: error; 2: bad config.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.training import protocol
-from jobs.training.protocol import EXIT_CANCELLED, EXIT_CONFIG, EXIT_ERROR, EXIT_OK
+from jobs.training.protocol import EXIT_CANCELLED, EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_PAUSED
 
 
 class JsonLinesReporter:
@@ -31,6 +33,7 @@ class JsonLinesReporter:
     def __init__(self, stream=sys.stdout) -> None:
         self.stream = stream
         self.stop_requested = False
+        self.pause_file: Path | None = None  # the runner's pause request, once the config is read
 
     def emit(self, message: protocol.Message) -> None:
         self.stream.write(message.to_json() + "\n")
@@ -47,6 +50,9 @@ class JsonLinesReporter:
 
     def should_stop(self) -> bool:
         return self.stop_requested
+
+    def should_pause(self) -> bool:
+        return self.pause_file is not None and self.pause_file.exists()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, TypeError, IndexError, OSError) as exc:
         reporter.emit(protocol.Error(code="invalid_config", message=str(exc)))
         return EXIT_CONFIG
+    reporter.pause_file = Path(config.output_dir) / protocol.PAUSE_REQUEST
     import torch
 
-    from jobs.training.trainer import Cancelled, OutOfHostMemory, train
+    from jobs.training.trainer import Cancelled, OutOfHostMemory, Paused, train
 
     advice = " Lower batch_size or max_seq_len, or enable gradient_checkpointing."
     try:
@@ -88,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     except Cancelled:
         reporter.emit(protocol.Result(status="cancelled"))
         return EXIT_CANCELLED
+    except Paused as paused:
+        reporter.emit(protocol.Result(status="paused", steps=paused.step))
+        return EXIT_PAUSED
     except torch.OutOfMemoryError as exc:
         reporter.emit(protocol.Error(code="out_of_memory", message=(
             f"Out of GPU memory even after the automatic retry: {exc}".splitlines()[0] + advice)))

@@ -103,9 +103,22 @@ class Reporter(Protocol):
 
     def should_stop(self) -> bool: ...
 
+    def should_pause(self) -> bool:
+        """Checkpoint at the end of this step and stop (:class:`Paused`)."""
+        ...
+
 
 class Cancelled(Exception):
     pass
+
+
+class Paused(Exception):
+    """Training stopped for a pause after ``step`` steps, with a checkpoint of that step (or the
+    one it resumed from, when it trained no step since)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"paused after step {step}")
+        self.step = step
 
 
 class OutOfHostMemory(MemoryError):
@@ -240,6 +253,7 @@ class FinetuneRecipe:
         self.graphed: graphs.GraphedPasses | None = None  # passes replayed from CUDA graphs
         self.steps_per_epoch = 0
         self.total_steps = 0
+        self.checkpointed_step: int | None = None  # the step of the newest checkpoint on disk
 
     @classmethod
     def around(cls, model, optimizer, scheduler, examples, *, config: TrainingConfig,
@@ -381,10 +395,13 @@ class FinetuneRecipe:
     # --- train -------------------------------------------------------------------------------
 
     def train(self) -> None:
-        """Optimizer steps until the last one, an early stop or a cancel request (Cancelled);
-        after each step its metrics, an evaluation and a checkpoint when they are due."""
+        """Optimizer steps until the last one, an early stop, a cancel request (Cancelled) or a
+        pause request (Paused, with a checkpoint); after each step its metrics, an evaluation
+        and a checkpoint when they are due."""
         state = self.state
         started = time.monotonic() - state.elapsed_seconds
+        self.checkpointed_step = state.step if self.config.resume_from else None
+        self._stop_if_requested()  # a pause asked while setting up stops before any step
         while state.step < self.total_steps and not self.stopped_early:
             for group in self._steps_left_in_epoch():
                 step_started = time.monotonic()
@@ -399,8 +416,9 @@ class FinetuneRecipe:
                 self.report.metrics(metrics)
                 if self._checkpoint_due():
                     self.save_checkpoint()
-                if distributed.any_rank(self.report.should_stop(), self.world, self.device):
-                    raise Cancelled()
+                # After the last step the adapter follows at once: nothing is left to pause.
+                self._stop_if_requested(
+                    pausable=state.step < self.total_steps and not self.stopped_early)
                 if state.step >= self.total_steps or self.stopped_early:
                     break
             else:
@@ -410,6 +428,21 @@ class FinetuneRecipe:
             self.report.event(f"Stopped early at step {state.step}: eval loss did not improve "
                               f"for {self.config.early_stopping_patience} evaluation(s).",
                               data={"early_stop": True})
+
+    def _stop_if_requested(self, *, pausable: bool = True) -> None:
+        """At a step boundary, agreed by every rank in one collective: Cancelled on a cancel
+        request; on a pause request, a checkpoint of this step (unless there is one) and
+        Paused."""
+        flags = [float(self.report.should_stop()), float(self.report.should_pause())]
+        if self.world.distributed:
+            flags = distributed.sum_across(flags, self.world, self.device)
+        if flags[0]:
+            raise Cancelled()
+        if flags[1] and pausable:
+            if self.checkpointed_step != self.state.step and self.state.step > 0 and (
+                    self.world.main or self.sharded):
+                self.save_checkpoint()
+            raise Paused(self.state.step)
 
     def _steps_left_in_epoch(self) -> list[list[list[int]]]:
         """This epoch's optimizer steps not run yet, each a group of micro-batches (gradient
@@ -568,6 +601,7 @@ class FinetuneRecipe:
         write = self.world.main
         ckpt.save_checkpoint(path, model=self.model, optimizer=self.optimizer,
                              scheduler=self.scheduler, state=self.state, write=write)
+        self.checkpointed_step = self.state.step
         if not write:
             return
         self.report.checkpoint(self.state.step, str(path), self.state.last_metrics)

@@ -48,11 +48,13 @@ def make_config(base_model_dir, pirate_file, tmp_path):
 
 
 class RecordingReporter:
-    def __init__(self, stop_after_steps: int | None = None) -> None:
+    def __init__(self, stop_after_steps: int | None = None,
+                 pause_after_steps: int | None = None) -> None:
         self.events: list[dict] = []
         self.metrics_log: list[dict] = []
         self.checkpoints: list[tuple[int, str]] = []
         self.stop_after_steps = stop_after_steps
+        self.pause_after_steps = pause_after_steps
 
     def event(self, message, *, level="info", data=None):
         self.events.append({"message": message, "level": level, "data": data or {}})
@@ -65,6 +67,10 @@ class RecordingReporter:
 
     def should_stop(self):
         return self.stop_after_steps is not None and len(self.metrics_log) >= self.stop_after_steps
+
+    def should_pause(self):
+        return (self.pause_after_steps is not None
+                and len(self.metrics_log) >= self.pause_after_steps)
 
 
 @pytest.fixture

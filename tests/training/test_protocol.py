@@ -27,6 +27,7 @@ EVERY_KIND = [
                         metrics={"step": 4, "train_loss": 1.25}),
     protocol.Result(**dataclasses.asdict(A_RESULT)),
     protocol.Result(status="cancelled"),
+    protocol.Result(status="paused", steps=3),
     protocol.Error(code="out_of_memory", message="Out of GPU memory even after the retry."),
 ]
 
@@ -76,10 +77,19 @@ def test_the_reporter_writes_one_message_a_line():
     '{"type": "error", "code": "training_error", "message": null}',
     '{"type": "result", "status": "succeeded", "adapter_dir": "/x", "steps": 1.5}',
     '{"type": "result", "status": "succeeded"}',  # without the adapter it made
-    '{"type": "result", "status": "paused"}',
+    '{"type": "result", "status": "pausing"}',  # no status of the protocol
 ])
 def test_a_line_of_another_shape_is_none(line):
     assert protocol.parse(line) is None
+
+
+def test_the_reporter_sees_the_runners_pause_file(tmp_path):
+    reporter = JsonLinesReporter(io.StringIO())
+    assert not reporter.should_pause()  # before the config names the output folder
+    reporter.pause_file = tmp_path / protocol.PAUSE_REQUEST
+    assert not reporter.should_pause()
+    reporter.pause_file.touch()
+    assert reporter.should_pause()
 
 
 def test_fields_a_newer_trainer_adds_are_ignored():

@@ -18,7 +18,14 @@ from jobs.training.config import ConfigError, TrainingConfig, field_help, resolv
 from jobs.training.data import collate
 from jobs.training.quantization import qlora_unavailable_reason
 from jobs.training.tokenize import TokenizedExample, load_tokenizer
-from jobs.training.trainer import Cancelled, FinetuneRecipe, forward_loss, load_model, train
+from jobs.training.trainer import (
+    Cancelled,
+    FinetuneRecipe,
+    Paused,
+    forward_loss,
+    load_model,
+    train,
+)
 from tests.fixtures.datasets import chat_line
 from tests.training.conftest import REPO, RecordingReporter
 
@@ -76,6 +83,36 @@ def test_resuming_from_a_checkpoint_reproduces_the_later_losses(make_config, tmp
     assert actual == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert result.steps == 8
     assert any("Resumed from checkpoint at step 4" in e["message"] for e in resumed.events)
+
+
+def test_a_pause_checkpoints_its_step_and_resuming_it_reproduces_the_later_losses(make_config,
+                                                                                  tmp_path):
+    # Uninterrupted; a pause asked after the last step is too late to matter: it succeeds.
+    full = RecordingReporter(pause_after_steps=8)
+    assert train(make_config(output_dir=str(tmp_path / "a"), epochs=2, lora_dropout=0.1),
+                 full).status == "succeeded"
+    # Paused after step 3, between the checkpoints due at 2 and 4: one is saved of step 3.
+    paused = RecordingReporter(pause_after_steps=3)
+    with pytest.raises(Paused) as raised:
+        train(make_config(output_dir=str(tmp_path / "b"), epochs=2, lora_dropout=0.1), paused)
+    assert raised.value.step == 3 and len(paused.metrics_log) == 3
+    assert [step for step, _ in paused.checkpoints] == [2, 3]
+    step_3 = tmp_path / "b" / "checkpoints" / "step-3"
+    resumed = RecordingReporter()
+    result = train(make_config(output_dir=str(tmp_path / "c"), epochs=2, lora_dropout=0.1,
+                               resume_from=str(step_3)), resumed)
+    assert [m["step"] for m in resumed.metrics_log] == [4, 5, 6, 7, 8]
+    expected = [m["train_loss"] for m in full.metrics_log]
+    actual = [m["train_loss"] for m in paused.metrics_log + resumed.metrics_log]
+    assert actual == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert result.status == "succeeded" and result.steps == 8
+
+
+def test_a_pause_asked_before_the_first_step_stops_without_a_checkpoint(make_config):
+    reporter = RecordingReporter(pause_after_steps=0)
+    with pytest.raises(Paused) as raised:
+        train(make_config(), reporter)
+    assert raised.value.step == 0 and reporter.metrics_log == [] and reporter.checkpoints == []
 
 
 def test_checkpoints_hold_no_pickle(make_config, reporter, tmp_path):
