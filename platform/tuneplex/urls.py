@@ -79,6 +79,8 @@ api_v1 = [
     path("fine_tuning/jobs", finetuning.JobListApi.as_view()),
     path("fine_tuning/jobs/<oid:id>", finetuning.JobDetailApi.as_view()),
     path("fine_tuning/jobs/<oid:id>/cancel", finetuning.JobCancelApi.as_view()),
+    path("fine_tuning/jobs/<oid:id>/pause", finetuning.JobPauseApi.as_view()),
+    path("fine_tuning/jobs/<oid:id>/resume", finetuning.JobResumeApi.as_view()),
     path("fine_tuning/jobs/<oid:id>/events", finetuning.JobEventsApi.as_view()),
     path("fine_tuning/jobs/<oid:id>/checkpoints", finetuning.JobCheckpointsApi.as_view()),
     path("fine_tuning/jobs/<oid:id>/tensorboard", finetuning.JobTensorboardApi.as_view()),

@@ -125,7 +125,7 @@ def test_a_live_job_is_left_alone(org_a, default_model, django_capture_on_commit
     job = queued_job(org_a, default_model, dispatched_at=timezone.now())
     scheduler.claim(job_id=job.id, worker="w1")
     with django_capture_on_commit_callbacks(execute=False):
-        assert scheduler.reap() == {"requeued": [], "failed": []}
+        assert scheduler.reap() == {"requeued": [], "paused": [], "failed": []}
     assert FineTuningJob.objects.get(id=job.id).status == "running"
 
 

@@ -50,3 +50,12 @@ def test_lists_are_documented_as_the_envelope_they_return_and_errors_in_their_sh
             assert {"400", "401", "403"} <= set(operation["responses"]), (method, path)
             if "{" in path:
                 assert "404" in operation["responses"], (method, path)
+
+
+def test_pause_resume_and_the_jobs_metadata_filter_are_documented():
+    paths = Client().get("/v1/openapi.json").json()["paths"]
+    for action in ("pause", "resume"):
+        operation = paths[f"/v1/fine_tuning/jobs/{{id}}/{action}"]["post"]
+        assert {"200", "404", "409"} <= set(operation["responses"]), action
+    listed = {p["name"]: p for p in paths["/v1/fine_tuning/jobs"]["get"]["parameters"]}
+    assert listed["metadata"]["style"] == "deepObject" and listed["metadata"]["in"] == "query"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema, extend_schema_serializer
+from typing import Any
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_serializer
 from rest_framework import serializers
 from rest_framework.response import Response
 
 from tuneplex.core.apis import ApiObjectOutput, OrgApi, timestamp
 from tuneplex.core.downloads import zip_response
-from tuneplex.core.errors import Conflict
+from tuneplex.core.errors import ApiError, Conflict
 from tuneplex.core.fields import StrictCharField, StrictIntegerField
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import READ, TRAIN
@@ -33,7 +36,9 @@ class JobOutput(ApiObjectOutput):
     organization_id = serializers.CharField()
     result_files = serializers.SerializerMethodField()
     seed = serializers.IntegerField()
-    status = serializers.CharField()
+    status = serializers.CharField(source="api_status", help_text=(
+        "validating_files, queued, running, pausing (a pause waits for the trainer's "
+        "checkpoint), paused, succeeded, failed or cancelled."))
     trained_tokens = serializers.IntegerField(allow_null=True)
     training_file = serializers.CharField()
     validation_file = serializers.SerializerMethodField()
@@ -145,13 +150,57 @@ class JobCreateInput(serializers.Serializer):
         return {"type": kind, "hyperparameters": nested or {}}
 
 
+METADATA_FILTER = OpenApiParameter(
+    "metadata", OpenApiTypes.OBJECT, OpenApiParameter.QUERY, style="deepObject", explode=True,
+    description="Only jobs whose metadata has every pair: metadata[key]=value (at most 16 pairs; "
+                "an empty value matches a key set to the empty string). metadata=null: only jobs "
+                "without metadata.")
+
+
+def metadata_filter(query_params) -> dict[str, Any]:
+    """OpenAI's metadata filter from the query, as job_list's arguments: metadata[key]=value
+    pairs, all to match, or metadata=null (jobs without metadata). A malformed filter is a 400
+    naming the parameter at fault."""
+    pairs: dict[str, str] = {}
+    null = False
+    for name in query_params:
+        if name == "metadata":
+            if query_params.getlist(name) != ["null"]:
+                raise ApiError("metadata alone may only be 'null' (jobs without metadata); "
+                               "filter by pairs with metadata[key]=value.",
+                               code="invalid_metadata_filter", param="metadata")
+            null = True
+        elif name.startswith("metadata"):
+            key = name[len("metadata["):-1]
+            if not (name.startswith("metadata[") and name.endswith("]")) or not key:
+                raise ApiError(f"{name!r} is no metadata filter; use metadata[key]=value.",
+                               code="invalid_metadata_filter", param=name)
+            values = query_params.getlist(name)
+            if len(values) > 1:
+                raise ApiError(f"{name} is given {len(values)} times; a key matches one value.",
+                               code="invalid_metadata_filter", param=name)
+            if len(key) > 64 or len(values[0]) > 512:
+                raise ApiError("Metadata keys are 1 to 64 characters and values at most 512.",
+                               code="invalid_metadata_filter", param=name)
+            pairs[key] = values[0]
+    if null and pairs:
+        raise ApiError("metadata=null and metadata[key]=value cannot be combined.",
+                       code="invalid_metadata_filter", param="metadata")
+    if len(pairs) > 16:
+        raise ApiError("At most 16 metadata pairs.", code="invalid_metadata_filter",
+                       param="metadata")
+    return {"metadata": pairs, "without_metadata": null}
+
+
 class JobListApi(OrgApi):
     scopes = {"GET": READ, "POST": TRAIN}
 
-    @extend_schema(responses=JobOutput(many=True), summary="List fine-tuning jobs")
+    @extend_schema(responses=JobOutput(many=True), summary="List fine-tuning jobs",
+                   parameters=[METADATA_FILTER])
     def get(self, request):
-        return Response(list_page(selectors.job_list(organization=self.organization),
-                                  request.query_params, serializer_class=JobOutput))
+        jobs = selectors.job_list(organization=self.organization,
+                                  **metadata_filter(request.query_params))
+        return Response(list_page(jobs, request.query_params, serializer_class=JobOutput))
 
     @extend_schema(request=JobCreateInput, responses=JobOutput, summary="Create a fine-tuning job")
     def post(self, request):
@@ -181,6 +230,30 @@ class JobCancelApi(OrgApi):
     def post(self, request, id: str):
         job = selectors.job_get(organization=self.organization, job_id=id)
         job = lifecycle.job_cancel(organization=self.organization, actor=self.principal, job=job)
+        return Response(JobOutput(job).data)
+
+
+class JobPauseApi(OrgApi):
+    scopes = {"POST": TRAIN}
+
+    @extend_schema(request=None, responses=JobOutput, summary=(
+        "Pause a fine-tuning job: a waiting one at once; a running one saves a checkpoint at "
+        "the end of its step and frees its GPU (status pausing, then paused)"))
+    def post(self, request, id: str):
+        job = selectors.job_get(organization=self.organization, job_id=id)
+        job = lifecycle.job_pause(organization=self.organization, actor=self.principal, job=job)
+        return Response(JobOutput(job).data)
+
+
+class JobResumeApi(OrgApi):
+    scopes = {"POST": TRAIN}
+
+    @extend_schema(request=None, responses=JobOutput, summary=(
+        "Resume a paused fine-tuning job: queued again, it continues from its newest "
+        "checkpoint on any node"))
+    def post(self, request, id: str):
+        job = selectors.job_get(organization=self.organization, job_id=id)
+        job = lifecycle.job_resume(organization=self.organization, actor=self.principal, job=job)
         return Response(JobOutput(job).data)
 
 

@@ -1,3 +1,5 @@
+from datetime import timedelta
+
 from django.conf import settings
 from django.db import models
 
@@ -23,12 +25,15 @@ class FineTuningJob(models.Model):
         VALIDATING_FILES = "validating_files"
         QUEUED = "queued"
         RUNNING = "running"
+        PAUSED = "paused"
         SUCCEEDED = "succeeded"
         FAILED = "failed"
         CANCELLED = "cancelled"
 
-    ACTIVE = (Status.VALIDATING_FILES, Status.QUEUED, Status.RUNNING)
+    # Unfinished: a paused job keeps its files and the checkpoint it resumes from.
+    ACTIVE = (Status.VALIDATING_FILES, Status.QUEUED, Status.RUNNING, Status.PAUSED)
     FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+    PAUSING = "pausing"  # OpenAI's status of a job asked to pause that has not stopped yet
 
     id = models.CharField(primary_key=True, max_length=id_field_length("ftjob-"), default=_job_id,
                           editable=False)
@@ -80,6 +85,15 @@ class FineTuningJob(models.Model):
     # checkpoints, success) count only while it still holds the latest attempt.
     attempts = models.PositiveIntegerField(default=0)
     cancel_requested = models.BooleanField(default=False)
+    # Pause and resume: a running job's worker sees the flag at its heartbeat and has the trainer
+    # checkpoint and stop (a job validating its files pauses once they are checked).
+    pause_requested = models.BooleanField(default=False)
+    paused_at = models.DateTimeField(null=True, blank=True)
+    paused_for = models.DurationField(default=timedelta, help_text=(
+        "Time spent paused before the latest resume: not counted in the runtime limit."))
+    attempts_at_resume = models.PositiveIntegerField(default=0, help_text=(
+        "Claims before the latest resume: only later ones count against "
+        "TUNEPLEX_JOB_MAX_ATTEMPTS (a pause is no lost worker)."))
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -87,6 +101,15 @@ class FineTuningJob(models.Model):
     class Meta:
         indexes = [models.Index(fields=["organization", "-created_at"]),
                    models.Index(fields=["status", "dispatched_at"])]
+
+    @property
+    def api_status(self) -> str:
+        """The status as the API and the dashboard show it: OpenAI's "pausing" while a pause
+        waits for the trainer's checkpoint (or for the files' validation)."""
+        if (self.pause_requested and not self.cancel_requested
+                and self.status in (self.Status.VALIDATING_FILES, self.Status.RUNNING)):
+            return self.PAUSING
+        return self.status
 
 
 class JobEvent(models.Model):

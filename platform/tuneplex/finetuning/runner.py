@@ -6,10 +6,13 @@ The steps, in order (``JobRun``):
   supervise  the trainer's messages (jobs.training.protocol) become events, metrics and
              checkpoints; each checkpoint is uploaded to artifact storage by a background
              thread (training never waits for it);
-             a heartbeat thread keeps the claim alive, turns a cancel request into SIGTERM, and
-             stops the trainer if this worker's Celery parent disappears or the claim is lost;
-  finish     success stores the adapter then marks the job (fenced); cancel, failure, or a
-             re-queue when the worker itself failed and a checkpoint exists.
+             a heartbeat thread keeps the claim alive, turns a cancel request into SIGTERM and
+             a pause request into the trainer's pause file (protocol.PAUSE_REQUEST: it saves a
+             checkpoint at the end of its step and stops), and stops the trainer if this
+             worker's Celery parent disappears or the claim is lost;
+  finish     success stores the adapter then marks the job (fenced); a pause waits for its
+             checkpoint to be stored, then frees the GPU; cancel, failure, or a re-queue when
+             the worker itself failed and a checkpoint exists.
 
 The job's experiment trackers (MLflow, W&B: ``tracking``) get its settings once set up, each
 step's metrics, the adapter on success and the attempt's status at the end, without ever holding
@@ -60,7 +63,12 @@ from tuneplex.core.trainer_env import trainer_command, trainer_environment
 from tuneplex.files.models import File
 from tuneplex.finetuning import gpus, scheduler, tracking
 from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint
-from tuneplex.finetuning.services.lifecycle import job_fail, job_mark_cancelled, job_requeue
+from tuneplex.finetuning.services.lifecycle import (
+    job_fail,
+    job_mark_cancelled,
+    job_mark_paused,
+    job_requeue,
+)
 from tuneplex.finetuning.services.worker_writes import (
     StaleAttempt,
     job_holds,
@@ -154,7 +162,9 @@ def run_job(job_id: str) -> str:
         metrics.GPU_WORK.dec()
         metrics.TRAINING_THROUGHPUT.set(0)
         metrics.JOB_DURATION.labels(outcome).observe(time.monotonic() - started)
-        run.end_tracking({"queued": tracking.REQUEUED}.get(outcome, outcome))
+        # A paused attempt's tracked run goes on with the job's next attempt, as a re-queued one's.
+        run.end_tracking({"queued": tracking.REQUEUED, "paused": tracking.REQUEUED}
+                         .get(outcome, outcome))
     return outcome
 
 
@@ -182,9 +192,13 @@ class JobRun:
         try:
             with contextlib.ExitStack() as scope:
                 config_path = self.setup(scope)
-                self.start_tracking()
-                devices = self.lease_gpus(scope)
-                result, error, returncode = self.supervise(config_path, devices)
+                if scheduler.stop_requested(job_id=self.job.id) == "pause":
+                    # Asked while this attempt set up: stop before the trainer loads anything.
+                    result, error, returncode = protocol.Result(status="paused"), None, 0
+                else:
+                    self.start_tracking()
+                    devices = self.lease_gpus(scope)
+                    result, error, returncode = self.supervise(config_path, devices)
         finally:
             stop.set()
             keeper.join(timeout=10)
@@ -296,8 +310,8 @@ class JobRun:
                     case protocol.Error():
                         error = message
             process.wait()
-            if result is not None and result.succeeded:
-                uploader.drain(UPLOAD_DRAIN_SECONDS)
+            if result is not None and (result.succeeded or result.paused):
+                uploader.drain(UPLOAD_DRAIN_SECONDS)  # a pause resumes from its checkpoint
         except StaleAttempt:
             self.superseded.set()
         finally:
@@ -376,12 +390,18 @@ class JobRun:
                     self._kill()
                     return
                 if process is None:
-                    continue  # still setting up; a cancel is seen once the trainer runs
-                if cancel_sent_at is None and scheduler.cancel_requested(job_id=self.job.id):
+                    continue  # still setting up; a cancel or pause is seen once the trainer runs
+                if cancel_sent_at is not None:
+                    if time.monotonic() - cancel_sent_at > CANCEL_GRACE_SECONDS:
+                        _signal_group(process, signal.SIGKILL)
+                    continue
+                wanted = scheduler.stop_requested(job_id=self.job.id)
+                if wanted == "cancel":
                     _signal_group(process, signal.SIGTERM)
                     cancel_sent_at = time.monotonic()
-                elif cancel_sent_at and time.monotonic() - cancel_sent_at > CANCEL_GRACE_SECONDS:
-                    _signal_group(process, signal.SIGKILL)
+                elif wanted == "pause":
+                    # Read at the end of each step (every rank); writing it again is harmless.
+                    (self.work / protocol.PAUSE_REQUEST).touch()
             except Exception:  # noqa: BLE001 - a DB hiccup must not kill the heartbeat
                 log.exception("heartbeat for %s failed", self.job.id)
         connection.close()
@@ -407,8 +427,13 @@ class JobRun:
             shutil.rmtree(self.work, ignore_errors=True)
             return "succeeded"
         if (result is not None and result.cancelled) or scheduler.cancel_requested(job_id=job.id):
-            job_mark_cancelled(job=job, attempt=attempt)
+            job_mark_cancelled(job=job, attempt=attempt)  # a cancel wins over a pause
             return "cancelled"
+        if result is not None and result.paused:
+            if not job_mark_paused(job=job, attempt=attempt):
+                raise StaleAttempt(f"attempt {attempt} of {job.id}")
+            shutil.rmtree(self.work, ignore_errors=True)
+            return "paused"
         if error is not None:
             log.error("job %s attempt %s: trainer error %s: %s", job.id, attempt,
                       error.code, error.message)

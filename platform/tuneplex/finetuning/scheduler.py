@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection, transaction
-from django.db.models import Count, Max, Min, Q, Sum
+from django.db.models import Count, DateTimeField, ExpressionWrapper, F, Max, Min, Q, Sum
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
@@ -195,12 +195,23 @@ def claim(*, job_id: str, worker: str) -> FineTuningJob | None:
         return None
     job.refresh_from_db()
     log.info("job %s attempt %s claimed by %s", job.id, job.attempts, worker)
-    job_event(job, f"Running (attempt {job.attempts} of {settings.JOB_MAX_ATTEMPTS}).")
+    job_event(job, f"Running (attempt {job.attempts - job.attempts_at_resume} of "
+                   f"{settings.JOB_MAX_ATTEMPTS}).")
     return job
 
 
 def cancel_requested(*, job_id: str) -> bool:
     return FineTuningJob.objects.filter(id=job_id, cancel_requested=True).exists()
+
+
+def stop_requested(*, job_id: str) -> str | None:
+    """What the job's owner asked of its running attempt: "cancel" (which wins over a pause),
+    "pause", or None."""
+    flags = (FineTuningJob.objects.filter(id=job_id)
+             .values_list("cancel_requested", "pause_requested").first())
+    if flags is None:
+        return None
+    return "cancel" if flags[0] else "pause" if flags[1] else None
 
 
 # --- sweeps ----------------------------------------------------------------------------------------
@@ -217,20 +228,24 @@ def sweep() -> dict[str, list[str]]:
 
 
 def reap() -> dict[str, list[str]]:
-    """Re-queue or fail running jobs whose worker went silent; re-dispatch unclaimed messages."""
+    """Re-queue (or pause, when asked to) or fail running jobs whose worker went silent;
+    re-dispatch unclaimed messages."""
     stale = _ago(timedelta(seconds=settings.JOB_HEARTBEAT_TIMEOUT))
-    requeued, failed = [], []
+    requeued, paused, failed = [], [], []
     for job in FineTuningJob.objects.filter(status=Status.RUNNING, heartbeat_at__lt=stale):
         if job.cancel_requested:
             job_mark_cancelled(job=job, attempt=job.attempts)
             continue
         log.warning("job %s: worker %s stopped heartbeating", job.id, job.worker)
+        # Paused instead when it was pausing: it resumes from its newest stored checkpoint.
         outcome = job_requeue(job=job, attempt=job.attempts,
                               reason=f"The worker running attempt {job.attempts} stopped "
                                      "responding.")
-        {"requeued": requeued, "failed": failed}.get(outcome, []).append(job.id)
+        {"requeued": requeued, "paused": paused, "failed": failed}.get(outcome, []).append(job.id)
     limit = timedelta(seconds=settings.JOB_MAX_RUNTIME_SECONDS)
-    for job in FineTuningJob.objects.filter(status=Status.RUNNING, started_at__lt=_ago(limit)):
+    # Time spent paused does not count: the limit is on training, however often it is paused.
+    over = ExpressionWrapper(_ago(limit) - F("paused_for"), output_field=DateTimeField())
+    for job in FineTuningJob.objects.filter(status=Status.RUNNING, started_at__lt=over):
         # The worker's next heartbeat finds the job finished and stops its trainer.
         if job_fail(job=job, code="runtime_limit_exceeded",
                     message=f"The job ran longer than its limit of {limit.total_seconds() / 3600:g} "
@@ -239,7 +254,7 @@ def reap() -> dict[str, list[str]]:
     FineTuningJob.objects.filter(status=Status.QUEUED,
                                  dispatched_at__lt=_ago(DISPATCH_CLAIM_TIMEOUT)
                                  ).update(dispatched_at=None)
-    return {"requeued": requeued, "failed": failed}
+    return {"requeued": requeued, "paused": paused, "failed": failed}
 
 
 def sweep_merges() -> dict[str, list[str]]:

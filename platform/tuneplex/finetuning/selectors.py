@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django.db.models import F, Q, QuerySet, Window
+from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import Mod, RowNumber
 
 from tuneplex.core.errors import NotFound
@@ -10,8 +11,18 @@ from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint, JobEvent
 from tuneplex.tenancy.models import Organization
 
 
-def job_list(*, organization: Organization) -> QuerySet[FineTuningJob]:
-    return FineTuningJob.objects.filter(organization=organization).select_related("base_model")
+def job_list(*, organization: Organization, metadata: dict[str, str] | None = None,
+             without_metadata: bool = False) -> QuerySet[FineTuningJob]:
+    """The organization's jobs; those whose metadata has every pair of ``metadata``, or with
+    ``without_metadata`` those that have none."""
+    jobs = FineTuningJob.objects.filter(organization=organization).select_related("base_model")
+    if without_metadata:
+        jobs = jobs.filter(metadata__isnull=True)
+    for index, (key, value) in enumerate((metadata or {}).items()):
+        # The key taken literally (no "__" path), its value compared as text.
+        jobs = jobs.alias(**{f"metadata_{index}": KeyTextTransform(key, "metadata")}).filter(
+            **{f"metadata_{index}": value})
+    return jobs
 
 
 def job_get(*, organization: Organization, job_id: str) -> FineTuningJob:

@@ -1,5 +1,5 @@
 """A fine-tuning job's lifecycle: created (from a checked plan), files validated, queued,
-cancelled, failed, re-queued; and its events. Scheduling lives in
+paused and resumed, cancelled, failed, re-queued; and its events. Scheduling lives in
 :mod:`tuneplex.finetuning.scheduler`, a running attempt's own writes in :mod:`.worker_writes`.
 
 The services here act after their commit (enqueue, dispatch), so their transactions are durable
@@ -10,10 +10,13 @@ side effects wait on the caller's commit, or vanish with its rollback."""
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import DurationField, ExpressionWrapper, F, Value
+from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 from jobs.training.memory import GIB
@@ -110,9 +113,15 @@ def job_files_validated(*, job_id: str) -> FineTuningJob | None:
     except ApiError as exc:
         job_fail(job=job, code=exc.code, message=exc.message, param=exc.param)
         return None
-    updated = FineTuningJob.objects.filter(id=job_id, status=FineTuningJob.Status.VALIDATING_FILES
-                                           ).update(status=FineTuningJob.Status.QUEUED)
-    if updated:
+    with transaction.atomic():
+        job = FineTuningJob.objects.select_for_update().get(pk=job.pk)
+        if job.status != FineTuningJob.Status.VALIDATING_FILES:
+            return None
+        if job.pause_requested:  # asked while the files were checked: paused, not queued
+            _pause(job, "Files validated; job paused.")
+            return None
+        job.status = FineTuningJob.Status.QUEUED
+        job.save(update_fields=["status"])
         job_event(job, "Files validated; job queued.")
     return job
 
@@ -132,6 +141,91 @@ def job_cancel(*, organization: Organization, actor: Principal, job: FineTuningJ
             job_event(job, "Job cancelled.")
         audit_record(actor=actor, action="finetuning_job.cancel", obj=job)
     return job
+
+
+def job_pause(*, organization: Organization, actor: Principal, job: FineTuningJob) -> FineTuningJob:
+    """Pause a job: a waiting one at once (it leaves the queue, its GPU slot if it was dispatched
+    is free again); a running one once its trainer has saved a checkpoint and stopped (the
+    worker's heartbeat sees the flag; the job shows "pausing" meanwhile); one validating its
+    files once they are checked. Asking again while it pauses or is paused changes nothing."""
+    with transaction.atomic(durable=True):
+        job = FineTuningJob.objects.select_for_update().get(pk=job.pk, organization=organization)
+        if job.status in FineTuningJob.FINISHED:
+            raise Conflict(f"The job has already {job.status}; only an unfinished job can be "
+                           "paused.", code="job_finished")
+        if job.cancel_requested:
+            raise Conflict("The job is being cancelled; it cannot be paused.",
+                           code="job_cancelling")
+        if job.status == FineTuningJob.Status.PAUSED or job.pause_requested:
+            return job
+        if job.status == FineTuningJob.Status.QUEUED:
+            _pause(job, "Job paused.")
+            transaction.on_commit(enqueue_dispatch)  # a dispatched job's slot is free again
+        else:
+            job.pause_requested = True
+            job.save(update_fields=["pause_requested"])
+            job_event(job, "Pause requested; the trainer saves a checkpoint and stops."
+                      if job.status == FineTuningJob.Status.RUNNING else
+                      "Pause requested; the job pauses once its files are validated.")
+        audit_record(actor=actor, action="finetuning_job.pause", obj=job)
+    return job
+
+
+def job_resume(*, organization: Organization, actor: Principal, job: FineTuningJob) -> FineTuningJob:
+    """paused → queued: the job waits its turn under the scheduler's fairness and the
+    organization's limits (it takes a place among its waiting jobs again, 429 when there is
+    none), and its next attempt continues from its newest checkpoint on any node."""
+    with transaction.atomic(durable=True):
+        job = FineTuningJob.objects.select_for_update().get(pk=job.pk, organization=organization)
+        if job.status != FineTuningJob.Status.PAUSED:
+            raise Conflict(f"Only a paused job can be resumed; this one is {job.api_status}.",
+                           code="job_not_paused")
+        _check_queue_room(organization)
+        FineTuningJob.objects.filter(pk=job.pk).update(
+            status=FineTuningJob.Status.QUEUED, dispatched_at=None, pause_requested=False,
+            attempts_at_resume=F("attempts"), paused_at=None,
+            paused_for=F("paused_for") + Coalesce(
+                ExpressionWrapper(Now() - F("paused_at"), output_field=DurationField()),
+                Value(timedelta(0))))
+        job.refresh_from_db()
+        newest = job.checkpoints.order_by("-step").first()
+        job_event(job, "Job resumed; " + (
+            f"it continues from the checkpoint at step {newest.step}." if newest else
+            "it starts from the beginning (no checkpoint was saved)."),
+            data={"resume_from_step": newest.step if newest else None})
+        audit_record(actor=actor, action="finetuning_job.resume", obj=job)
+        transaction.on_commit(enqueue_dispatch)
+    return job
+
+
+def job_mark_paused(*, job: FineTuningJob, attempt: int) -> bool:
+    """The attempt's trainer stopped for a pause (its checkpoint recorded first): paused, or
+    cancelled if a cancel came meanwhile. False if the attempt no longer holds the job."""
+    with transaction.atomic(durable=True):
+        job = FineTuningJob.objects.select_for_update().get(pk=job.pk)
+        if not _still_holds(job, attempt):
+            return False
+        if job.cancel_requested:
+            _finish(job, FineTuningJob.Status.CANCELLED)
+            job_event(job, "Job cancelled; training stopped.")
+        else:
+            _pause(job, "Job paused.")
+            transaction.on_commit(enqueue_dispatch)  # its GPU slot is free
+    return True
+
+
+def _pause(job: FineTuningJob, message: str) -> None:
+    """Within the caller's transaction, the job row locked: paused (since now on the database's
+    clock), out of the queue and off its worker; the event says where a resume continues from."""
+    FineTuningJob.objects.filter(pk=job.pk).update(
+        status=FineTuningJob.Status.PAUSED, pause_requested=False, paused_at=Now(),
+        dispatched_at=None, worker="", eta_seconds=None)
+    job.refresh_from_db()
+    newest = job.checkpoints.order_by("-step").first()
+    job_event(job, f"{message} " + (
+        f"Resuming continues from the checkpoint at step {newest.step}." if newest else
+        "No checkpoint was saved yet: resuming starts from the beginning."),
+        data={"step": job.step, "resume_from_step": newest.step if newest else None})
 
 
 def _finish(job: FineTuningJob, status: str, **fields: Any) -> None:
@@ -155,10 +249,14 @@ def job_fail(*, job: FineTuningJob, code: str, message: str, param: str | None =
         job = FineTuningJob.objects.select_for_update().get(pk=job.pk)
         if job.status in FineTuningJob.FINISHED or not _still_holds(job, attempt):
             return False
-        _finish(job, FineTuningJob.Status.FAILED,
-                error={"code": code, "message": message, "param": param})
-        job_event(job, f"Job failed: {message}", level="error")
+        _fail(job, code=code, message=message, param=param)
     return True
+
+
+def _fail(job: FineTuningJob, *, code: str, message: str, param: str | None = None) -> None:
+    _finish(job, FineTuningJob.Status.FAILED,
+            error={"code": code, "message": message, "param": param})
+    job_event(job, f"Job failed: {message}", level="error")
 
 
 def job_mark_cancelled(*, job: FineTuningJob, attempt: int | None = None) -> None:
@@ -175,21 +273,28 @@ def _still_holds(job: FineTuningJob, attempt: int | None) -> bool:
 
 def job_requeue(*, job: FineTuningJob, attempt: int | None, reason: str) -> str:
     """running → queued (to resume from the newest checkpoint in storage on any node), or failed
-    once TUNEPLEX_JOB_MAX_ATTEMPTS claims were spent. ``attempt`` None: whichever attempt holds
-    it (the reaper, which has checked the heartbeat against the database's clock).
-    Returns "requeued", "failed", or "" when the job was no longer running (as that attempt)."""
-    if job.attempts >= settings.JOB_MAX_ATTEMPTS:
-        failed = job_fail(job=job, code="worker_lost", attempt=attempt,
-                          message=f"{reason} This happened on each of {job.attempts} attempts; "
-                                  "giving up.")
-        return "failed" if failed else ""
-    held = {"attempts": attempt} if attempt is not None else {}
+    once TUNEPLEX_JOB_MAX_ATTEMPTS claims were spent since the job was created or last resumed;
+    paused instead when a pause was asked for (the worker was lost while pausing). ``attempt``
+    None: whichever attempt holds it (the reaper, which has checked the heartbeat against the
+    database's clock). Returns "requeued", "paused", "failed", or "" when the job was no longer
+    running (as that attempt)."""
     with transaction.atomic(durable=True):
-        moved = FineTuningJob.objects.filter(
-            id=job.id, status=FineTuningJob.Status.RUNNING, **held
-        ).update(status=FineTuningJob.Status.QUEUED, dispatched_at=None, worker="", eta_seconds=None)
-        if not moved:
+        job = FineTuningJob.objects.select_for_update().get(pk=job.pk)
+        if job.status != FineTuningJob.Status.RUNNING or (attempt is not None
+                                                          and job.attempts != attempt):
             return ""
+        if job.pause_requested:
+            _pause(job, f"{reason} Job paused, as asked.")
+            transaction.on_commit(enqueue_dispatch)
+            return "paused"
+        spent = job.attempts - job.attempts_at_resume
+        if spent >= settings.JOB_MAX_ATTEMPTS:
+            _fail(job, code="worker_lost",
+                  message=f"{reason} This happened on each of {spent} attempts; giving up.")
+            return "failed"
+        job.status, job.dispatched_at, job.worker, job.eta_seconds = (
+            FineTuningJob.Status.QUEUED, None, "", None)
+        job.save(update_fields=["status", "dispatched_at", "worker", "eta_seconds"])
         newest = job.checkpoints.order_by("-step").first()
         then = (f"the next attempt resumes from the checkpoint at step {newest.step} in storage"
                 if newest else "no checkpoint was saved yet, so the next attempt starts over")
