@@ -1,6 +1,6 @@
 """Fine-tuning jobs: the new-job form (presets, advanced hyperparameters checked inline, the
 pre-flight memory and time estimate), the list, and the live job page (progress, ETA, loss
-chart, events, cancel) that polls until the job has finished."""
+chart, events, pause, resume and cancel) that polls until the job has finished."""
 
 from __future__ import annotations
 
@@ -244,6 +244,10 @@ def _progress_context(principal, job: FineTuningJob) -> dict:
             "events": selectors.job_events(job=job).order_by("-created_at", "-id")[:EVENTS_SHOWN],
             "percent": (round(100 * job.step / job.total_steps) if job.total_steps else 0),
             "can_cancel": TRAIN in principal.scopes and not finished,
+            "can_pause": (TRAIN in principal.scopes and job.status in FineTuningJob.ACTIVE
+                          and job.status != FineTuningJob.Status.PAUSED
+                          and not job.pause_requested and not job.cancel_requested),
+            "can_resume": TRAIN in principal.scopes and job.status == FineTuningJob.Status.PAUSED,
             "adapter": getattr(job, "adapter", None) if job.status == "succeeded" else None,
             "has_wandb": any(i.get("type") == "wandb" for i in job.integrations or [])}
 
@@ -265,16 +269,34 @@ def job_progress(request, id: str):
     return polled_section(request, "frontend/job.html#progress", context, done=context["finished"])
 
 
-@login_required
-@require_POST
-def job_cancel(request, id: str):
+def _job_action(request, id: str, service):
+    """Cancel, pause or resume (``service``, a lifecycle service) for a member with the train
+    scope, then the job's live section again, with the refusal's message if there was one."""
     principal = principal_of(request, TRAIN)
     found = get_or_404(selectors.job_get, organization=principal.organization, job_id=id)
     error = ""
     try:
-        found = lifecycle.job_cancel(organization=principal.organization, actor=principal, job=found)
+        found = service(organization=principal.organization, actor=principal, job=found)
     except ApiError as exc:
         error = exc.message
         found.refresh_from_db()
     context = _progress_context(principal, found) | {"cancel_error": error}
     return render(request, "frontend/job.html#progress", context)
+
+
+@login_required
+@require_POST
+def job_cancel(request, id: str):
+    return _job_action(request, id, lifecycle.job_cancel)
+
+
+@login_required
+@require_POST
+def job_pause(request, id: str):
+    return _job_action(request, id, lifecycle.job_pause)
+
+
+@login_required
+@require_POST
+def job_resume(request, id: str):
+    return _job_action(request, id, lifecycle.job_resume)

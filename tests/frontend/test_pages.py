@@ -125,6 +125,7 @@ def test_a_viewer_sees_no_write_controls_and_is_refused_when_forging(org_a, defa
     assert viewer.get("/jobs/new").status_code == 403
     forged = [(f"/datasets/{file.id}/delete", {}), ("/jobs/new", {"training_file": file.id}),
               ("/jobs/new/check", {}), (f"/jobs/{job.id}/cancel", {}),
+              (f"/jobs/{job.id}/pause", {}), (f"/jobs/{job.id}/resume", {}),
               ("/api-keys/", {"name": "x", "scopes": ["read"]}), ("/feedback/export", {}),
               ("/team/invitations", {"invitee": "someone", "role": "admin"})]
     for url, data in forged:
@@ -134,6 +135,7 @@ def test_a_viewer_sees_no_write_controls_and_is_refused_when_forging(org_a, defa
     assert refused.status_code == 403
     assert File.objects.filter(id=file.id).exists()
     assert FineTuningJob.objects.get(id=job.id).cancel_requested is False
+    assert FineTuningJob.objects.get(id=job.id).pause_requested is False
     assert FineTuningJob.objects.filter(organization=org_a.organization).count() == 1
     assert ApiKey.objects.filter(organization=org_a.organization).count() == 1
     # Without the CSRF token even the owner is refused.
@@ -235,6 +237,24 @@ def test_cancelling_from_the_job_page(org_a, default_model):
     assert FineTuningJob.objects.get(pk=queued.pk).status == "cancelled"
     again = client.post(f"/jobs/{queued.id}/cancel", **csrf(client))
     assert again.status_code == 200 and "already cancelled" in again.content.decode()
+
+
+def test_pausing_and_resuming_from_the_job_page(org_a, default_model):
+    running = a_job(org_a, default_model, attempts=1, worker="w1")
+    client = browser(org_a.owner)
+    html = client.get(f"/jobs/{running.id}/").content.decode()
+    assert 'id="pause-job"' in html and 'id="resume-job"' not in html
+    pausing = client.post(f"/jobs/{running.id}/pause", **csrf(client)).content.decode()
+    assert ">pausing<" in pausing and 'id="pause-job"' not in pausing  # asked once
+    assert FineTuningJob.objects.get(pk=running.pk).pause_requested
+    FineTuningJob.objects.filter(pk=running.pk).update(status="paused", pause_requested=False)
+    paused = client.get(f"/jobs/{running.id}/progress").content.decode()
+    assert 'id="resume-job"' in paused and 'id="job-paused"' in paused
+    resumed = client.post(f"/jobs/{running.id}/resume", **csrf(client)).content.decode()
+    assert ">queued<" in resumed and 'id="pause-job"' in resumed
+    assert FineTuningJob.objects.get(pk=running.pk).status == "queued"
+    again = client.post(f"/jobs/{running.id}/resume", **csrf(client))
+    assert again.status_code == 200 and "Only a paused job can be resumed" in again.content.decode()
 
 
 def test_an_api_key_is_shown_once_and_revocation_takes_effect(org_a, member_of_a):
