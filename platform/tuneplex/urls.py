@@ -93,6 +93,7 @@ api_v1 = [
     path("adapters/<oid:id>/undeploy", adapters.AdapterUndeployApi.as_view()),
     path("chat/completions", gateway.chat_completions, name="chat-completions"),
     path("completions", gateway.completions, name="completions"),
+    path("responses", gateway.create_response, name="responses"),
     path("models", gateway.models_list, name="models"),
     path("models/<str:model>", gateway.model_detail, name="model-detail"),
     path("feedback", feedback.FeedbackListApi.as_view()),

@@ -13,7 +13,7 @@ from tuneplex.core.errors import error_body, is_api_path
 # Multipart framing around an uploaded file: boundaries, headers, the purpose field.
 MULTIPART_OVERHEAD = 64 * 1024
 UPLOAD_PATHS = ("/v1/files",)
-INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions")
+INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 # A part of an upload in parts: /v1/uploads/<id>/parts (ids as urls.ObjectIdConverter's).
 UPLOAD_PART_PATH = re.compile(r"/v1/uploads/[A-Za-z0-9][A-Za-z0-9._-]{0,99}/parts")
 

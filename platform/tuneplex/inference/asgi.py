@@ -1,7 +1,7 @@
 """The inference fast path: key-authenticated completion requests skip Django's request cycle.
 
 Mounted in tuneplex.asgi in front of Django (behind the body-size guard). A POST to
-/v1/chat/completions or /v1/completions that carries an ``Authorization`` header is admitted and
+/v1/chat/completions, /v1/completions or /v1/responses that carries an ``Authorization`` header is admitted and
 answered by :func:`tuneplex.inference.gateway.complete` straight from the ASGI scope: the same
 checks, the same answers, without the middleware stack, which costs more than the rest of the
 gateway on small machines. Everything else (browser sessions, other methods, other paths) goes
@@ -15,11 +15,11 @@ import json
 import logging
 
 from tuneplex.core.errors import server_error_body
-from tuneplex.inference.gateway import CHAT, COMPLETIONS, Reply, complete
+from tuneplex.inference.gateway import CHAT, COMPLETIONS, RESPONSES, Reply, complete
 
 log = logging.getLogger(__name__)
 
-PATHS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS}
+PATHS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS, "/v1/responses": RESPONSES}
 
 
 class InferenceFastPath:

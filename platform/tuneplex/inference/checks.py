@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from tuneplex.core.errors import ApiError
 from tuneplex.inference.streams import CHAT
+
+MAX_MODEL_NAME = 300
 MAX_STOP = 4
 MAX_LOGIT_BIAS = 300
 MAX_TOOLS = 128
 MAX_USER = 512
-STREAM_OPTIONS = {"include_usage", "continuous_usage_stats"}
+STREAM_OPTIONS = frozenset({"include_usage", "continuous_usage_stats"})
 RESPONSE_FORMATS = {"text", "json_object", "json_schema"}
 TOOL_CHOICES = {"none", "auto", "required"}
 
@@ -60,6 +62,16 @@ def _integer(body: dict, name: str, low: int, high: int) -> None:
         raise _invalid(f"{name} must be between {low} and {high}.", name, f"{name}_out_of_range")
 
 
+def check_model(body: dict) -> None:
+    """``model``: the name of a base model or of one of the caller's adapters."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model or len(model) > MAX_MODEL_NAME:
+        raise _invalid("model is required: the name of a base model or of one of your adapters.",
+                       "model", "missing_model" if model is None else "invalid_type")
+    if "\x00" in model:  # no name has one, and the database refuses to look it up (was a 500)
+        raise _invalid("A model name contains no NUL character.", "model", "invalid_value")
+
+
 def check_options(body: dict, endpoint: str) -> None:
     """Raise an ApiError for the first optional field of ``body`` of the wrong type or range."""
     _boolean(body, "stream")
@@ -87,7 +99,8 @@ def check_options(body: dict, endpoint: str) -> None:
         _string(body, "suffix", 2**20)
 
 
-def _stream_options(body: dict) -> None:
+def _stream_options(body: dict, allowed: frozenset[str] = STREAM_OPTIONS) -> None:
+    """``stream_options``: an object of ``allowed`` options, each true or false, with stream."""
     options = body.get("stream_options")
     if options is None:
         return
@@ -97,9 +110,9 @@ def _stream_options(body: dict) -> None:
         raise _invalid("stream_options is only allowed when stream is true.", "stream_options",
                        "invalid_value")
     for key, value in options.items():
-        if key not in STREAM_OPTIONS:
+        if key not in allowed:
             raise _invalid(f"Unrecognized stream option: {key}; the options are "
-                           f"{', '.join(sorted(STREAM_OPTIONS))}.", f"stream_options.{key}",
+                           f"{', '.join(sorted(allowed))}.", f"stream_options.{key}",
                            "unknown_parameter")
         if value is not None and not isinstance(value, bool):
             raise _invalid(f"stream_options.{key} must be true or false.", f"stream_options.{key}")

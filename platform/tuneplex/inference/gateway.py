@@ -1,12 +1,15 @@
-"""Per-tenant OpenAI-compatible inference: /v1/chat/completions, /v1/completions, /v1/models.
+"""Per-tenant OpenAI-compatible inference: /v1/chat/completions, /v1/completions, /v1/responses,
+/v1/models.
 
 :func:`complete` admits a request (API key or signed-in session with the infer scope, rate
 limit, size and max_tokens caps, a model the caller's organization may use), leases a replica
 that has the adapter loaded from the pool, and passes the engine's answer through, streaming or
 not; token usage is counted per organization and model when the answer ends. It is called by
 the ASGI fast path (tuneplex/inference/asgi.py) for key-authenticated requests and by the async
-Django views below for everything else. Tenants never see the engine's address, and its admin
-endpoints are not reachable through here.
+Django views below for everything else. A Responses request (tuneplex.inference.responses) is
+the chat completion it translates to all the way through, and only its answer is put in the
+Responses API's shape. Tenants never see the engine's address, and its admin endpoints are not
+reachable through here.
 """
 
 from __future__ import annotations
@@ -47,14 +50,14 @@ from tuneplex.core.apis import timestamp
 from tuneplex.core import metrics
 from tuneplex.core.errors import ApiError, error_body
 from tuneplex.core.scopes import INFER, READ
-from tuneplex.inference import cache, checks, ratelimit, streams, usage
+from tuneplex.inference import cache, checks, ratelimit, responses, streams, usage
 from tuneplex.inference.pools import EngineUnavailable, pool_for
 from tuneplex.inference.selectors import ModelNotFound, servable_model
 from tuneplex.tenancy.authentication import OrganizationSessionAuthentication
 
 log = logging.getLogger(__name__)
 
-CHAT, COMPLETIONS = streams.CHAT, streams.COMPLETIONS
+CHAT, COMPLETIONS, RESPONSES = streams.CHAT, streams.COMPLETIONS, responses.RESPONSES
 MESSAGE_ROLES = {"system", "developer", "user", "assistant", "tool"}
 # The OpenAI fields a request may carry; anything else (engine-specific knobs, a cache salt of
 # the caller's own) is refused with unknown_parameter, so the engine sees only what we document.
@@ -416,15 +419,14 @@ def parse_body(raw: bytes, endpoint: str) -> dict:
         raise ApiError(f"The body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError("The body must be a JSON object.", code="invalid_json")
+    if endpoint == RESPONSES:  # translated into the chat completion the engine gets
+        return responses.chat_body(body, max_tokens=settings.INFERENCE_MAX_TOKENS)
     unknown = sorted(set(body) - ALLOWED_FIELDS[endpoint])
     if unknown:
         raise ApiError(f"Unrecognized request argument: {unknown[0]}. The fields accepted are "
                        f"OpenAI's: {', '.join(sorted(ALLOWED_FIELDS[endpoint]))}.",
                        code="unknown_parameter", param=unknown[0])
-    model = body.get("model")
-    if not isinstance(model, str) or not model or len(model) > 300:
-        raise ApiError("model is required: the name of a base model or of one of your adapters.",
-                       code="missing_model" if model is None else "invalid_type", param="model")
+    checks.check_model(body)
     if endpoint == CHAT:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -629,6 +631,7 @@ async def _answer(endpoint: str, authorization: str | None, raw: bytes, request,
                   address: str | None, started: float, inside: Inside | None = None) -> Reply:
     reservation: ratelimit.Admission | None = None
     target: Target | None = None
+    engine = CHAT if endpoint == RESPONSES else endpoint  # what the engine is asked
     try:
         target, body, limit_headers, reservation = await _admit(authorization, raw, endpoint, request,
                                                                 address, inside)
@@ -644,7 +647,7 @@ async def _answer(endpoint: str, authorization: str | None, raw: bytes, request,
         body["stream"], body["stream_options"] = True, streams.engine_stream_options(body)
         if not stream:  # nobody reads its chunks as they come: fewer, larger ones cost the engine less
             body["stream_interval"] = streams.PLAIN_REPORT_TOKENS
-        response, route = await _send(pool, target, endpoint, body)
+        response, route = await _send(pool, target, engine, body)
     except ApiError as exc:
         await _finish(reservation, 0)
         if exc.status == 429:
@@ -662,26 +665,33 @@ async def _answer(endpoint: str, authorization: str | None, raw: bytes, request,
         reply = await _engine_error(response)
         reply.kind = kind
         return reply
-    meter = streams.Meter(endpoint, body)
-    settle = functools.partial(_settle, target, reservation, meter, route, endpoint, body)
+    meter = streams.Meter(engine, body)
+    settle = functools.partial(_settle, target, reservation, meter, route, engine, body)
     if stream:
-        relay = _Relay(response, pool, route, meter, settle, kind=kind,
-                       wants_usage=bool(asked.get("include_usage")),
-                       wants_continuous=bool(asked.get("continuous_usage_stats")),
-                       observe=lambda reply: _observe(endpoint, reply, started, stream=True))
+        observe = functools.partial(_observe, endpoint, started=started, stream=True)
+        if endpoint == RESPONSES:
+            relay = _ResponsesRelay(response, pool, route, meter, settle, kind=kind,
+                                    events=responses.Events(body.request), observe=observe)
+        else:
+            relay = _Relay(response, pool, route, meter, settle, kind=kind,
+                           wants_usage=bool(asked.get("include_usage")),
+                           wants_continuous=bool(asked.get("continuous_usage_stats")),
+                           observe=observe)
         return Reply(200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                            "X-Accel-Buffering": "no", **limit_headers}, stream=relay, kind=kind)
-    reply = await _collect(response, pool, route, meter, settle, endpoint)
+    shape = functools.partial(responses.answer, request=body.request) if endpoint == RESPONSES else None
+    reply = await _collect(response, pool, route, meter, settle, engine, shape)
     reply.headers.update(limit_headers)
     reply.kind = kind
     return reply
 
 
 async def _collect(response: aiohttp.ClientResponse, pool: PoolClient, route: Route,
-                   meter: streams.Meter, settle, endpoint: str) -> Reply:
-    """A plain answer, put together from the engine's stream; settled however it ends (read to
-    the end, broken off by the replica, or cancelled because the client went away, which closes
-    the engine's connection and so aborts the request there at once)."""
+                   meter: streams.Meter, settle, endpoint: str, shape=None) -> Reply:
+    """A plain answer, put together from the engine's stream (and given the caller's ``shape``,
+    where it is not the engine's); settled however it ends (read to the end, broken off by the
+    replica, or cancelled because the client went away, which closes the engine's connection and
+    so aborts the request there at once)."""
     assembler = streams.Assembler(endpoint)
     try:
         async for line in _lines(response):
@@ -698,7 +708,9 @@ async def _collect(response: aiohttp.ClientResponse, pool: PoolClient, route: Ro
         response.release()  # back to the kept-alive connections, or closed when not read to the end
         pool.release(route)
         await asyncio.shield(settle())
-    return Reply(200, {"Content-Type": JSON}, streams.dumps(assembler.answer()).encode())
+    answer = assembler.answer()
+    return Reply(200, {"Content-Type": JSON},
+                 streams.dumps(answer if shape is None else shape(answer)).encode())
 
 
 def _chunk(line: str) -> dict | None:
@@ -844,6 +856,39 @@ class _Relay:
             yield STREAM_FAILED
 
 
+class _ResponsesRelay(_Relay):
+    """The engine's chat chunks as the Responses API's events (responses.Events): the opening
+    events at once, a delta for each piece of text, the closing ones at the engine's ``[DONE]``,
+    and ``response.failed`` where the engine failed or broke off. Closed, released and settled
+    as any relay, also when the client goes away."""
+
+    def __init__(self, *args, events: responses.Events, **kwargs) -> None:
+        self.events = events
+        super().__init__(*args, wants_usage=False, wants_continuous=False, **kwargs)
+
+    async def _relay(self):
+        events = self.events
+        try:
+            yield events.opening()
+            async for line in _lines(self.response):
+                if line == "data: [DONE]":
+                    shown = events.closing()
+                elif (chunk := _chunk(line)) is not None:
+                    self.meter.see(chunk)
+                    shown = events.add(chunk)
+                else:
+                    continue
+                if shown:
+                    yield shown
+        except ENGINE_FAILURES as exc:
+            self.pool.mark_down(self.route.replica, f"it broke off a stream ({type(exc).__name__})")
+            log.warning("stream broken off by %s: %s", self.route.engine_url, exc)
+        finally:
+            await self._close()
+        if not events.ended:
+            yield events.failed("The engine replica failed during the answer; retry the request.")
+
+
 async def _lines(response: aiohttp.ClientResponse):
     """The response's lines as they arrive, without their line ends (of any length: aiohttp's
     own line reader refuses lines over 64 KiB, which an echoed prompt with logprobs can be)."""
@@ -886,6 +931,11 @@ async def chat_completions(request):
 @csrf_exempt
 async def completions(request):
     return await _complete(request, COMPLETIONS)
+
+
+@csrf_exempt
+async def create_response(request):
+    return await _complete(request, RESPONSES)
 
 
 # --- models ----------------------------------------------------------------------------------------

@@ -82,6 +82,65 @@ _COMPLETION_REQUEST = {
     "echo": {"type": "boolean"},
     "suffix": {"type": "string"},
 }
+# /v1/responses (tuneplex.inference.responses): every field it accepts; the OpenAI fields it
+# does not honour are listed with null as their one value (anything else is a 400
+# unsupported_parameter naming the field), so that the schema says which ones they are.
+_TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {
+    "type": {"type": "string", "enum": ["input_text", "output_text"]}, "text": {"type": "string"},
+    "annotations": {"type": "array", "nullable": True, "description": "output_text only"},
+    "logprobs": {"type": "array", "nullable": True, "description": "output_text only"}}}
+_INPUT_MESSAGE = {"type": "object", "required": ["role", "content"], "properties": {
+    "type": {"type": "string", "enum": ["message"], "nullable": True},
+    "role": {"type": "string", "enum": ["user", "assistant", "system", "developer"]},
+    "content": {"oneOf": [{"type": "string"},
+                          {"type": "array", "minItems": 1, "items": _TEXT_PART}]},
+    "id": {"type": "string", "nullable": True},
+    "status": {"type": "string", "enum": ["in_progress", "completed", "incomplete"],
+               "nullable": True}}}
+_RESPONSES_REQUEST = {
+    "model": _COMMON_REQUEST["model"],
+    "input": {"oneOf": [{"type": "string"},
+                        {"type": "array", "minItems": 1, "items": _INPUT_MESSAGE}],
+              "description": "Text (a user message) or messages; text content only."},
+    "instructions": {"type": "string", "nullable": True,
+                     "description": "A system message put before the input."},
+    "max_output_tokens": {"type": "integer", "minimum": 1, "nullable": True,
+                          "description": "At most TUNEPLEX_INFERENCE_MAX_TOKENS (also the default)."},
+    "temperature": {**_COMMON_REQUEST["temperature"], "nullable": True},
+    "top_p": {**_COMMON_REQUEST["top_p"], "nullable": True},
+    "stream": {"type": "boolean", "nullable": True, "default": False,
+               "description": "OpenAI's Responses events (response.created ... response.completed)."},
+    "stream_options": {"type": "object", "nullable": True, "additionalProperties": False,
+                       "properties": {"include_obfuscation": {"type": "boolean", "enum": [False],
+                                                              "nullable": True}},
+                       "description": "Only with stream true; no obfuscation is sent."},
+    "metadata": {"type": "object", "nullable": True, "maxProperties": 16,
+                 "additionalProperties": {"type": "string", "maxLength": 512},
+                 "description": "Up to 16 keys of at most 64 characters; repeated in the answer."},
+    "store": {"type": "boolean", "nullable": True,
+              "description": "Accepted, never honoured: nothing is stored (answered false)."},
+    "user": {**_COMMON_REQUEST["user"], "nullable": True},
+    "text": {"type": "object", "nullable": True, "additionalProperties": False, "properties": {
+        "format": {"type": "object", "nullable": True, "required": ["type"], "properties": {
+            "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+            "name": {"type": "string", "description": "json_schema: required"},
+            "schema": {"type": "object", "description": "json_schema: required"},
+            "strict": {"type": "boolean", "nullable": True},
+            "description": {"type": "string", "nullable": True}}},
+        "verbosity": {"nullable": True, "enum": [None]}}},
+    "parallel_tool_calls": {"type": "boolean", "nullable": True},
+    "tools": {"type": "array", "nullable": True, "maxItems": 0, "description": "No tools."},
+    "tool_choice": {"type": "string", "nullable": True, "enum": ["none", "auto"]},
+    "include": {"type": "array", "nullable": True, "maxItems": 0},
+    "truncation": {"type": "string", "nullable": True, "enum": ["disabled"]},
+    "service_tier": {"type": "string", "nullable": True, "enum": ["auto", "default"]},
+    "background": {"type": "boolean", "nullable": True, "enum": [False]},
+    **{name: {"nullable": True, "enum": [None], "description": "Not supported (only null)."}
+       for name in ("previous_response_id", "conversation", "background_options", "prompt",
+                    "reasoning", "max_tool_calls", "top_logprobs", "prompt_cache_key",
+                    "prompt_cache_retention", "prompt_cache_options", "safety_identifier",
+                    "context_management", "moderation", "image", "access_programs")},
+}
 _MODEL = {"type": "object", "properties": {
     "id": {"type": "string"}, "object": {"type": "string", "enum": ["model"]},
     "created": {"type": "integer"}, "owned_by": {"type": "string"},
@@ -93,12 +152,15 @@ def _limited(properties: dict) -> dict:
     from django.conf import settings
 
     caps = {"max_tokens": settings.INFERENCE_MAX_TOKENS, "max_completion_tokens":
-            settings.INFERENCE_MAX_TOKENS, "n": settings.INFERENCE_MAX_N}
+            settings.INFERENCE_MAX_TOKENS, "max_output_tokens": settings.INFERENCE_MAX_TOKENS,
+            "n": settings.INFERENCE_MAX_N}
     return {name: {**schema, "maximum": caps[name]} if name in caps else schema
             for name, schema in properties.items()}
 
 
-def _completion_path(summary: str, required: list[str], extra: dict) -> dict:
+def _completion_path(summary: str, required: list[str], properties: dict,
+                     answer: str = "OpenAI's completion object, or its chunks as server-sent "
+                                   "events") -> dict:
     return {"post": {
         "operationId": summary.lower().replace(" ", "_"),
         "summary": summary,
@@ -106,9 +168,9 @@ def _completion_path(summary: str, required: list[str], extra: dict) -> dict:
         "security": [{"ApiKey": []}],
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": required, "additionalProperties": False,
-            "properties": _limited({**_COMMON_REQUEST, **extra})}}}},
+            "properties": _limited(properties)}}}},
         "responses": {
-            "200": {"description": "OpenAI's completion object, or its chunks as server-sent events",
+            "200": {"description": answer,
                     "content": {"application/json": {"schema": {"type": "object"}},
                                 "text/event-stream": {"schema": {"type": "string"}}}},
             **_ERRORS,
@@ -122,9 +184,13 @@ def add_inference_paths(result, generator, request, public):
     result["components"]["schemas"]["Model"] = _MODEL
     paths = result.setdefault("paths", {})
     paths["/v1/chat/completions"] = _completion_path("Create chat completion", ["model", "messages"],
-                                                     _CHAT_REQUEST)
+                                                     {**_COMMON_REQUEST, **_CHAT_REQUEST})
     paths["/v1/completions"] = _completion_path("Create completion", ["model", "prompt"],
-                                                 _COMPLETION_REQUEST)
+                                                 {**_COMMON_REQUEST, **_COMPLETION_REQUEST})
+    paths["/v1/responses"] = _completion_path(
+        "Create response", ["model", "input"], _RESPONSES_REQUEST,
+        "OpenAI's Response object (stateless: store is always false), or its events "
+        "(response.created ... response.completed) as server-sent events")
     paths["/v1/models"] = {"get": {
         "operationId": "list_models", "summary": "Models you can call: served base models and your "
                                                  "deployed adapters",
