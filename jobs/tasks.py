@@ -103,6 +103,27 @@ def sweep_evals() -> None:
     sweep()
 
 
+# --- batches ---------------------------------------------------------------------------------------
+
+# On the `evals` queue (background inference). Late acknowledgement: a batch taken by a worker that
+# dies is delivered again. The batch row's conditional claim makes a second delivery of a claimed
+# batch do nothing; the batches sweep releases a batch whose worker went silent, and the next
+# attempt goes on after the lines already sent (never sending again one left in flight).
+@app.task(name="tuneplex.batches.run", ignore_result=True, acks_late=True)
+def run_batch(batch_id: str) -> str:
+    from tuneplex.batches.executor import run_batch
+
+    return run_batch(batch_id)
+
+
+@app.task(name="tuneplex.batches.sweep", ignore_result=True)
+def sweep_batches() -> None:
+    """Celery beat, every 10 s: release batches whose worker stopped heartbeating, resend lost ones."""
+    from tuneplex.batches.executor import sweep
+
+    sweep()
+
+
 # --- sweeps ----------------------------------------------------------------------------------------
 
 @app.task(name="tuneplex.sweeps.step", ignore_result=True)

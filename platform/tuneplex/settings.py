@@ -91,6 +91,7 @@ INSTALLED_APPS = [
     "tuneplex.inference",
     "tuneplex.feedback",
     "tuneplex.evals",
+    "tuneplex.batches",
     "tuneplex.sweeps",
     "tuneplex.operations",  # above the feature apps: /healthz, /readyz, /metrics
     "frontend",
@@ -181,7 +182,8 @@ else:
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = {"tuneplex.train.*": {"queue": "gpu"},
                       "tuneplex.files.statistics": {"queue": "statistics"},
-                      "tuneplex.evals.run": {"queue": "evals"}}
+                      "tuneplex.evals.run": {"queue": "evals"},
+                      "tuneplex.batches.run": {"queue": "evals"}}
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -410,6 +412,7 @@ SWEEP_STEP_SECONDS = env_int("TUNEPLEX_SWEEP_STEP_SECONDS", 10, minimum=1, maxim
 CELERY_BEAT_SCHEDULE = {
     "sweep": {"task": "tuneplex.sweep", "schedule": 10.0},
     "evals-sweep": {"task": "tuneplex.evals.sweep", "schedule": 10.0},
+    "batches-sweep": {"task": "tuneplex.batches.sweep", "schedule": 10.0},
     # On the default queue (CELERY_TASK_DEFAULT_QUEUE): seconds of work per sweep.
     "sweeps-step": {"task": "tuneplex.sweeps.step", "schedule": float(SWEEP_STEP_SECONDS)},
     # Deletes the parts of uploads that ended (docs/datasets.md#uploads); default queue.
@@ -440,6 +443,27 @@ EVAL_MAX_ATTEMPTS = env_int("TUNEPLEX_EVAL_MAX_ATTEMPTS", 3, minimum=1, maximum=
 EVAL_ENGINE_WAIT_SECONDS = env_int("TUNEPLEX_EVAL_ENGINE_WAIT_SECONDS", 300, minimum=1)
 # vLLM priority of an eval's requests (higher waits longer; interactive requests have 0).
 EVAL_PRIORITY = env_int("TUNEPLEX_EVAL_PRIORITY", 10, minimum=0, maximum=1000)
+
+# --- batches -------------------------------------------------------------------------------------
+# OpenAI's Batch API (docs/batches.md): a file of requests answered in the background on the
+# "evals" queue's workers (the queue of background inference), in the organization's own limits.
+BATCH_MAX_REQUESTS = env_int("TUNEPLEX_BATCH_MAX_REQUESTS", 50_000, minimum=1)  # requests a batch (OpenAI's)
+BATCH_MAX_INPUT_BYTES = env_bytes("TUNEPLEX_BATCH_MAX_INPUT_BYTES", 200 * 2**20)  # its input file (OpenAI's)
+ORG_MAX_ACTIVE_BATCHES = env_int("TUNEPLEX_ORG_MAX_ACTIVE_BATCHES", 10, minimum=1)  # not ended yet
+BATCH_MAX_ERRORS = env_int("TUNEPLEX_BATCH_MAX_ERRORS", 1000, minimum=1)  # lines named in a failed batch's errors
+# Requests a batch has in flight at once, and while tenants' own requests are being answered on
+# the same engines: a batch makes room for interactive traffic, as an eval run does.
+BATCH_CONCURRENCY = env_int("TUNEPLEX_BATCH_CONCURRENCY", 8, minimum=1, maximum=256)
+BATCH_CONCURRENCY_BESIDE_INTERACTIVE = env_int("TUNEPLEX_BATCH_CONCURRENCY_BESIDE_INTERACTIVE", 1,
+                                               minimum=1, maximum=256)
+# vLLM priority of a batch's requests (higher waits longer; interactive 0, eval runs 10).
+BATCH_PRIORITY = env_int("TUNEPLEX_BATCH_PRIORITY", 20, minimum=0, maximum=1000)
+# How long a batch waits for an engine that does not answer before it fails (engine_unavailable)
+# with what was answered in its files.
+BATCH_ENGINE_WAIT_SECONDS = env_int("TUNEPLEX_BATCH_ENGINE_WAIT_SECONDS", 600, minimum=1)
+BATCH_HEARTBEAT_SECONDS = env_int("TUNEPLEX_BATCH_HEARTBEAT_SECONDS", 5, minimum=1)
+BATCH_HEARTBEAT_TIMEOUT = env_int("TUNEPLEX_BATCH_HEARTBEAT_TIMEOUT", 60, minimum=5)
+BATCH_MAX_ATTEMPTS = env_int("TUNEPLEX_BATCH_MAX_ATTEMPTS", 3, minimum=1, maximum=20)
 
 # --- hyperparameter sweeps -----------------------------------------------------------------------
 # A sweep's trials are fine-tuning jobs (never more in flight than the organization's

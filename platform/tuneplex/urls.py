@@ -9,6 +9,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
 from tuneplex.apikeys import apis as apikeys
 from tuneplex.audit import apis as audit
 from tuneplex.basemodels import apis as basemodels
+from tuneplex.batches import apis as batches
 from tuneplex.evals import apis as evals
 from tuneplex.evals import grader_apis as graders
 from tuneplex.feedback import apis as feedback
@@ -112,6 +113,9 @@ api_v1 = [
     path("evals/<oid:eval_id>/runs/<oid:run_id>/output_items", evals.OutputItemListApi.as_view()),
     path("evals/<oid:eval_id>/runs/<oid:run_id>/output_items/<oid:output_item_id>",
          evals.OutputItemDetailApi.as_view()),
+    path("batches", batches.BatchListApi.as_view()),
+    path("batches/<oid:batch_id>", batches.BatchDetailApi.as_view()),
+    path("batches/<oid:batch_id>/cancel", batches.BatchCancelApi.as_view()),
     path("sweeps", sweeps.SweepListApi.as_view()),
     path("sweeps/<oid:sweep_id>", sweeps.SweepDetailApi.as_view()),
     path("sweeps/<oid:sweep_id>/cancel", sweeps.SweepCancelApi.as_view()),

@@ -170,6 +170,21 @@ OBJECT_OF_B.update({
 })
 
 
+def _batch_of_b(b: Tenant) -> str:
+    from tuneplex.batches.models import Batch
+
+    existing = Batch.objects.filter(organization=b.organization).first()
+    return existing.id if existing is not None else Batch.objects.create(
+        organization=b.organization, input_file_id=_file_of_b(b),
+        endpoint="/v1/chat/completions", expires_at="2999-01-01T00:00:00Z").id
+
+
+OBJECT_OF_B.update({
+    "/v1/batches/{batch_id}": _batch_of_b,
+    "/v1/batches/{batch_id}/cancel": _batch_of_b,
+})
+
+
 def _sweep_of_b(b: Tenant) -> str:
     from tuneplex.sweeps.models import Sweep
 
@@ -219,6 +234,7 @@ def _b_snapshot(b: Tenant) -> list:
         sorted(b.organization.evals.values_list("id", "name", "metadata")),
         sorted(b.organization.eval_runs.values_list("id", "status", "cancel_requested")),
         sorted(b.organization.deploy_gates.values_list("id", "enabled")),
+        sorted(b.organization.batches.values_list("id", "status", "cancelling_at")),
         sorted(b.organization.uploads.values_list("id", "status", "completion_attempt")),
     ]
 
@@ -245,6 +261,7 @@ def test_a_caller_of_a_gets_404_for_every_object_of_b(org_a, org_b, as_session):
     _deployed_adapter_of_b(org_b)
     # made before B's snapshot
     _run_of_b(org_b), _gate_of_b(org_b), _sweep_of_b(org_b), _upload_of_b(org_b)
+    _batch_of_b(org_b)  # made before B's snapshot too
     before = _b_snapshot(org_b)
     for path, method in operations:
         ids = OBJECT_OF_B[path](org_b)  # one id, or one per placeholder, in order
@@ -271,6 +288,7 @@ def test_no_list_shows_rows_of_b(org_a, org_b):
     ids_of_b.add(_file_of_b(org_b))
     ids_of_b.add(_job_of_b(org_b))
     ids_of_b.add(_adapter_of_b(org_b))
+    ids_of_b.add(_batch_of_b(org_b))
     from tuneplex.feedback.models import Feedback
 
     ids_of_b.add(Feedback.objects.create(organization=org_b.organization, model="m", rating=1,

@@ -59,3 +59,24 @@ def test_pause_resume_and_the_jobs_metadata_filter_are_documented():
         assert {"200", "404", "409"} <= set(operation["responses"]), action
     listed = {p["name"]: p for p in paths["/v1/fine_tuning/jobs"]["get"]["parameters"]}
     assert listed["metadata"]["style"] == "deepObject" and listed["metadata"]["in"] == "query"
+
+
+def test_the_batch_api_is_documented_in_openais_shape():
+    schema = Client().get("/v1/openapi.json").json()
+    paths = schema["paths"]
+    assert {"get", "post"} <= set(paths["/v1/batches"])
+    assert "get" in paths["/v1/batches/{batch_id}"] and "post" in paths["/v1/batches/{batch_id}/cancel"]
+    components = schema["components"]["schemas"]
+    created = components["BatchCreateInputRequest"]["properties"]
+
+    def enum(field: dict) -> list:  # inline, or in a component of its own
+        if "enum" in field:
+            return field["enum"]
+        ref = field.get("$ref") or field["allOf"][0]["$ref"]
+        return components[ref.rsplit("/", 1)[1]]["enum"]
+
+    assert enum(created["endpoint"]) == ["/v1/chat/completions", "/v1/completions"]
+    assert enum(created["completion_window"]) == ["24h"]
+    batch = schema["components"]["schemas"]["BatchOutput"]["properties"]
+    assert {"request_counts", "errors", "usage", "output_file_id", "error_file_id",
+            "expires_at", "cancelling_at"} <= set(batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rest_framework import serializers
+from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.views import APIView
 
 from tuneplex.core.actors import Principal
@@ -40,3 +41,15 @@ class ApiObjectOutput(serializers.Serializer):
 
     def get_created_at(self, obj) -> int:
         return timestamp(obj.created_at)
+
+
+class AnyAccept(BaseContentNegotiation):
+    """A download answers its own content type whatever the client says it accepts (the openai
+    SDK's ``files.content`` sends ``Accept: application/binary``, which no renderer matches:
+    DRF would answer 406 before the view runs). Its errors are JSON, as everywhere."""
+
+    def select_parser(self, request, parsers):
+        return parsers[0] if parsers else None
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type

@@ -6,8 +6,8 @@ names (below) and sends messages through the Celery app. Routing (which queue a 
 
 Queues: ``default`` (job validation, dispatch, sweeps, pings), ``statistics`` (dataset
 statistics, which can take minutes for a large file and must not hold up the scheduler) and
-``gpu`` (training and merges; one worker process per GPU) and ``evals`` (eval runs, which wait
-on the serving pool for minutes).
+``gpu`` (training and merges; one worker process per GPU) and ``evals`` (background inference:
+eval runs and batches, which wait on the serving pool for minutes or hours).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ DISPATCH_JOBS = "tuneplex.jobs.dispatch"
 TRAIN_JOB = "tuneplex.train.run"
 MERGE_ADAPTER = "tuneplex.train.merge"
 EVAL_RUN = "tuneplex.evals.run"
+BATCH_RUN = "tuneplex.batches.run"
 
 
 def enqueue(task_name: str, *args: Any) -> None:

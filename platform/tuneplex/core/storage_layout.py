@@ -9,6 +9,7 @@
     orgs/<organization>/jobs/<job>/tensorboard/                    a job's TensorBoard event files
     orgs/<organization>/jobs/<job>/wandb/<run directory>/          its W&B run files, per attempt
     orgs/<organization>/evals/runs/<run>/items.jsonl               an eval run's items
+    orgs/<organization>/batches/<batch>/requests-a<attempt>.jsonl  a batch's checked requests
 
 Everything of an organization is under its own prefix; the names are generated ids, so no text
 a tenant chose reaches a path. The functions take ids, not rows, so that every app may use them
@@ -67,3 +68,9 @@ def eval_run_items_blob(organization_id: str, run_id: str) -> str:
     """The items an eval run answers and grades, one JSON object a line, copied there when the
     run is created (from the request or from an uploaded file)."""
     return f"orgs/{organization_id}/evals/runs/{run_id}/items.jsonl"
+
+
+def batch_requests_blob(organization_id: str, batch_id: str, attempt: int) -> str:
+    """A batch's requests, one {line, custom_id, body} a line, written by the attempt that
+    checked them (its number in the name: a superseded worker never overwrites the blob)."""
+    return f"orgs/{organization_id}/batches/{batch_id}/requests-a{attempt}.jsonl"

@@ -14,7 +14,7 @@ from rest_framework import serializers
 from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 
-from tuneplex.core.apis import ApiObjectOutput, OrgApi
+from tuneplex.core.apis import AnyAccept, ApiObjectOutput, OrgApi
 from tuneplex.core.downloads import blob_response
 from tuneplex.core.errors import ApiError
 from tuneplex.core.fields import enum_field
@@ -35,7 +35,8 @@ class FileOutput(ApiObjectOutput):
     status = serializers.CharField()
     status_details = serializers.SerializerMethodField()
     format = serializers.CharField(help_text="chat, alpaca, prompt_completion, text or "
-                                   "preference (DPO pairs)")
+                                   "preference (DPO pairs); eval_items, batch_requests or "
+                                   "batch_output")
     sha256 = serializers.CharField()
     validation = serializers.JSONField(help_text="The validation report: errors with line numbers "
                                        "and codes, and a count per code.")
@@ -59,8 +60,9 @@ class FileOutput(ApiObjectOutput):
 
 class FileUploadInput(serializers.Serializer):
     file = serializers.FileField(allow_empty_file=True, help_text="A JSONL file.")
-    purpose = enum_field(["fine-tune", "evals"])(
-        help_text="'fine-tune' (a training dataset) or 'evals' (an eval run's items).")
+    purpose = enum_field(["fine-tune", "evals", "batch"])(
+        help_text="'fine-tune' (a training dataset), 'evals' (an eval run's items) or 'batch' "
+                  "(a batch's requests).")
 
 
 def clean_filename(name: str | None, *, param: str) -> str:
@@ -119,6 +121,7 @@ class FileDetailApi(OrgApi):
 
 class FileContentApi(OrgApi):
     scopes = {"GET": READ}
+    content_negotiation_class = AnyAccept
 
     @extend_schema(responses={
         (200, "application/jsonl"): bytes,

@@ -14,6 +14,8 @@ class File(models.Model):
     class Purpose(models.TextChoices):
         FINE_TUNE = "fine-tune"
         EVALS = "evals"  # an eval run's items: one {"item": {...}, "sample"?: {...}} a line
+        BATCH = "batch"  # a batch's requests: one {custom_id, method, url, body} a line
+        BATCH_OUTPUT = "batch_output"  # a batch's output or error file (written by its worker)
 
     class Status(models.TextChoices):
         UPLOADED = "uploaded"  # stored, not yet validated (never visible for long)

@@ -27,6 +27,7 @@ from tuneplex.core.actors import Principal
 from tuneplex.core.errors import ApiError, Conflict
 from tuneplex.core.storage import artifact_storage
 from tuneplex.core.storage_layout import file_blob_name
+from tuneplex.files.batch_input import validate_batch_input
 from tuneplex.files.models import File
 from tuneplex.files.selectors import storage_quota_check
 from tuneplex.tenancy.models import Organization
@@ -91,9 +92,13 @@ def file_create(*, organization: Organization, actor: Principal, upload: Uploade
     return record
 
 
+# What a person may upload (batch_output files are written by a batch's worker only).
+UPLOAD_PURPOSES = (File.Purpose.FINE_TUNE, File.Purpose.EVALS, File.Purpose.BATCH)
+
+
 def purpose_check(purpose: str) -> None:
-    if purpose not in File.Purpose.values:
-        raise ApiError(f"Unsupported purpose {purpose!r}; use 'fine-tune' or 'evals'.",
+    if purpose not in UPLOAD_PURPOSES:
+        raise ApiError(f"Unsupported purpose {purpose!r}; use 'fine-tune', 'evals' or 'batch'.",
                        code="invalid_purpose", param="purpose")
 
 
@@ -102,6 +107,8 @@ def dataset_validate(stream: IO[bytes], *, purpose: str) -> ValidationReport:
     upload in parts): streaming, every problem with its line number."""
     if purpose == File.Purpose.EVALS:
         return validate_eval_items(stream, max_line_bytes=settings.DATASET_MAX_LINE_BYTES)
+    if purpose == File.Purpose.BATCH:
+        return validate_batch_input(stream)
     return validate_jsonl(stream, max_line_bytes=settings.DATASET_MAX_LINE_BYTES,
                           min_examples=settings.DATASET_MIN_EXAMPLES)
 
