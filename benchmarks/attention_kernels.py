@@ -16,6 +16,7 @@ matrix), with CUDA events, median of `--repeats` after a warm-up, and the rate i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -75,9 +76,11 @@ def main() -> int:
     results["varlen"] = timed(varlen, args.repeats)
     qs, ks, vs = (t.detach().transpose(0, 1).unsqueeze(0).requires_grad_() for t in (q, k, v))
     grad_s = grad.transpose(0, 1).unsqueeze(0)
-    for name, backend in BACKENDS.items():
+    for name, backend in {"default": None, **BACKENDS}.items():
         def sdpa(backend=backend):
-            with sdpa_kernel(backend):
+            # "default": sdpa's own choice, what the trainer's one-example rows and stock
+            # transformers call.
+            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
                 out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
             out.backward(grad_s)
         try:
