@@ -161,6 +161,12 @@ def test_wrong_methods_on_the_inference_routes_say_which_is_allowed(org_a):
     assert Client().get("/v1/chat/completions")["Allow"] == "POST"
     assert Client().put("/v1/completions")["Allow"] == "POST"
     assert Client().post("/v1/models")["Allow"] == "GET"
+    # With CSRF checks on, as for a real client: a key's DELETE (the SDK's models.delete) is the
+    # 405 too, not a CSRF refusal.
+    deleted = Client(enforce_csrf_checks=True).delete(
+        f"/v1/models/{BASE}", HTTP_AUTHORIZATION=f"Bearer {org_a.owner_key}")
+    assert (deleted.status_code, deleted["Allow"]) == (405, "GET")
+    assert deleted.json()["error"]["code"] == "method_not_allowed"
 
 
 @pytest.mark.django_db

@@ -956,6 +956,10 @@ def _model_objects(request, only: str | None = None) -> list[dict]:
     return found
 
 
+# Exempt from CSRF like the completion views: they change nothing, and without it a key's
+# DELETE /v1/models/{model} (the SDK's models.delete) was refused for a missing CSRF cookie
+# instead of the 405 that says models are not deleted here.
+@csrf_exempt
 async def models_list(request):
     if request.method != "GET":
         return _error(ApiError("Use GET.", code="method_not_allowed", status=405),
@@ -967,6 +971,7 @@ async def models_list(request):
     return JsonResponse({"object": "list", "data": data})
 
 
+@csrf_exempt
 async def model_detail(request, model: str):
     if request.method != "GET":
         return _error(ApiError("Use GET.", code="method_not_allowed", status=405),
