@@ -31,4 +31,22 @@ from tuneplex.core.asgi_request_id import RequestIdAsgi  # noqa: E402
 from tuneplex.inference.asgi import InferenceFastPath  # noqa: E402
 from tuneplex.operations.asgi_metrics import MetricsEndpoint  # noqa: E402
 
-application = RequestIdAsgi(MetricsEndpoint(BodyLimitMiddleware(InferenceFastPath(application))))
+
+
+class RefuseWebSockets:
+    """No endpoint here speaks WebSocket (OpenAI's realtime API is not served): a handshake is
+    refused (the server answers 403) rather than reaching Django's handler, which takes HTTP
+    only and raised, a 500 and a logged traceback for every attempt."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "websocket":
+            return await self.app(scope, receive, send)
+        await receive()  # websocket.connect
+        await send({"type": "websocket.close", "code": 1008})  # policy violation
+
+
+application = RefuseWebSockets(
+    RequestIdAsgi(MetricsEndpoint(BodyLimitMiddleware(InferenceFastPath(application)))))

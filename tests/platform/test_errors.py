@@ -178,6 +178,29 @@ def test_paths_outside_the_static_folders_are_404_not_500(path):
     assert asyncio.run(get("/static/frontend/app.css")).status_code == 200  # served at all
 
 
+def test_a_websocket_handshake_is_refused_not_a_500():
+    """The openai SDK's realtime.connect opens a WebSocket on /v1/realtime: Django's handler
+    takes HTTP only and raised (a 500); the handshake is refused instead."""
+    import asyncio
+
+    from tuneplex.asgi import application
+
+    sent = []
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/v1/realtime", "raw_path": b"/v1/realtime",
+             "query_string": b"model=x", "headers": [(b"host", b"127.0.0.1")],
+             "scheme": "ws", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000),
+             "subprotocols": [], "asgi": {"version": "3.0"}}
+    asyncio.run(application(scope, receive, send))
+    assert sent == [{"type": "websocket.close", "code": 1008}]
+
+
 def test_an_internal_error_shows_a_request_id_and_no_internals(org_a, monkeypatch):
     from tuneplex.tenancy import apis
 
