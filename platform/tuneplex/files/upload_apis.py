@@ -56,8 +56,9 @@ class UploadCreateInput(serializers.Serializer):
                                "TUNEPLEX_UPLOAD_MAX_BYTES).")
     filename = StrictCharField(max_length=255, trim_whitespace=False)
     mime_type = StrictCharField(max_length=100, help_text="text/jsonl (or another JSONL type).")
-    purpose = enum_field(["fine-tune", "evals"])(
-        help_text="'fine-tune' (a training dataset) or 'evals' (an eval run's items).")
+    purpose = enum_field(["fine-tune", "evals", "batch"])(
+        help_text="'fine-tune' (a training dataset), 'evals' (an eval run's items) or 'batch' "
+                  "(a batch's requests).")
     expires_after = serializers.JSONField(required=False, help_text="Not supported: files made "
                                           "from uploads are kept until deleted.")
 
