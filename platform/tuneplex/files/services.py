@@ -182,8 +182,9 @@ def file_delete(*, organization: Organization, actor: Principal, file: File) -> 
         locked = File.objects.select_for_update().get(pk=file.pk, organization=organization)
         in_use = file_in_use_by(locked)
         if in_use:
-            raise Conflict(f"The file is used by {in_use}, which is queued or running; cancel it "
-                           "first.", code="file_in_use", param="file_id")
+            raise Conflict(f"The file is used by {in_use}, which has not finished (validating, "
+                           "queued, running or paused); cancel it first.", code="file_in_use",
+                           param="file_id")
         audit_record(actor=actor, action="file.delete", obj=locked,
                      metadata={"filename": locked.filename})
         blob_name = locked.blob_name
@@ -192,7 +193,8 @@ def file_delete(*, organization: Organization, actor: Principal, file: File) -> 
 
 
 def file_in_use_by(file: File) -> str | None:
-    """The id of a queued or running job that reads this file, if any."""
+    """The id of an unfinished job (validating, queued, running or paused) that reads this
+    file, if any."""
     from tuneplex.finetuning.selectors import active_job_using_file
 
     return active_job_using_file(file=file)
