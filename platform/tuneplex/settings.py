@@ -456,6 +456,10 @@ BATCH_MAX_ERRORS = env_int("TUNEPLEX_BATCH_MAX_ERRORS", 1000, minimum=1)  # line
 BATCH_CONCURRENCY = env_int("TUNEPLEX_BATCH_CONCURRENCY", 8, minimum=1, maximum=256)
 BATCH_CONCURRENCY_BESIDE_INTERACTIVE = env_int("TUNEPLEX_BATCH_CONCURRENCY_BESIDE_INTERACTIVE", 1,
                                                minimum=1, maximum=256)
+# ... and for this many seconds after the last such request (a person reads the answer before
+# asking again: the batch does not fill the engines in between).
+BATCH_INTERACTIVE_QUIET_SECONDS = env_int("TUNEPLEX_BATCH_INTERACTIVE_QUIET_SECONDS", 5, minimum=0,
+                                          maximum=3600)
 # vLLM priority of a batch's requests (higher waits longer; interactive 0, eval runs 10).
 BATCH_PRIORITY = env_int("TUNEPLEX_BATCH_PRIORITY", 20, minimum=0, maximum=1000)
 # How long a batch waits for an engine that does not answer before it fails (engine_unavailable)

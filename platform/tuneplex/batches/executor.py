@@ -245,7 +245,8 @@ class Execution:
             concurrency=settings.BATCH_CONCURRENCY,
             beside_interactive=settings.BATCH_CONCURRENCY_BESIDE_INTERACTIVE,
             engine_wait=settings.BATCH_ENGINE_WAIT_SECONDS,
-            engine_wait_setting="TUNEPLEX_BATCH_ENGINE_WAIT_SECONDS"))
+            engine_wait_setting="TUNEPLEX_BATCH_ENGINE_WAIT_SECONDS",
+            quiet=settings.BATCH_INTERACTIVE_QUIET_SECONDS))
         self.journal = Journal(batch, attempt)
         self.stopped = asyncio.Event()
         self.reason = ""

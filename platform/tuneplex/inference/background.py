@@ -47,6 +47,10 @@ class Pace:
     beside_interactive: int
     engine_wait: float
     engine_wait_setting: str
+    # How long ``beside_interactive`` still holds after the tenants' last request was seen: a
+    # person reads an answer before asking again, and work that filled the engines meanwhile
+    # would be in flight beside their next request.
+    quiet: float = 0.0
 
 
 Hook = Callable[[], Awaitable[None]]
@@ -61,19 +65,24 @@ class BackgroundRequests:
         self.room = asyncio.Condition()
         self.bases: set[str] = set()  # the base models whose engines the requests use
         self.interactive = (0.0, 0)  # (when counted, the tenants' requests in flight on them)
+        self.interactive_seen = float("-inf")  # when some were last counted
         self.waiting_for = ""  # what the work waits for now, shown as its progress
 
     async def allowed(self) -> int:
         """How many requests may be in flight now: the pace's concurrency, or its
         ``beside_interactive`` while tenants' own requests are being answered on the same
-        engines (counted at most every quarter second)."""
+        engines (counted at most every quarter second), and for its ``quiet`` seconds after."""
         counted_at, count = self.interactive
         if time.monotonic() - counted_at > 0.25:
             stale = settings.ENGINE_TIMEOUT + 60
             count = sum([await ratelimit.interactive_in_flight(base, stale_after=stale)
                          for base in self.bases])
             self.interactive = (time.monotonic(), count)
-        return self.pace.beside_interactive if count else self.pace.concurrency
+            if count:
+                self.interactive_seen = time.monotonic()
+        if count or time.monotonic() - self.interactive_seen < self.pace.quiet:
+            return self.pace.beside_interactive
+        return self.pace.concurrency
 
     @contextlib.asynccontextmanager
     async def slot(self):
