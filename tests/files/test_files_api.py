@@ -134,6 +134,11 @@ def test_list_retrieve_download_and_delete(org_a, settings, django_capture_on_co
     second = upload(client, GOOD["alpaca"], name="b.jsonl").json()
     listed = client.get("/v1/files?purpose=fine-tune").json()
     assert [f["id"] for f in listed["data"]] == [second["id"], first["id"]]
+    # OpenAI's order, as the SDK's files.list(order=...) sends it (it was ignored: newest first).
+    oldest_first = client.get("/v1/files?purpose=fine-tune&order=asc").json()
+    assert [f["id"] for f in oldest_first["data"]] == [first["id"], second["id"]]
+    sideways = client.get("/v1/files?order=sideways")
+    assert sideways.status_code == 400 and sideways.json()["error"]["param"] == "order"
     assert client.get(f"/v1/files/{first['id']}").json()["filename"] == "a.jsonl"
     content = client.get(f"/v1/files/{first['id']}/content")
     assert content.status_code == 200 and b"".join(content.streaming_content) == GOOD["text"]

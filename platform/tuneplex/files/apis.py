@@ -85,12 +85,16 @@ class FileListApi(OrgApi):
     parser_classes = [MultiPartParser]
 
     @extend_schema(parameters=[OpenApiParameter("purpose", str), OpenApiParameter("after", str),
-                               OpenApiParameter("limit", int)],
+                               OpenApiParameter("limit", int), OpenApiParameter(
+                                   "order", str, enum=["asc", "desc"], required=False,
+                                   description="By creation time: desc (the default, newest "
+                                               "first) or asc, as OpenAI's files.list.")],
                    responses=FileOutput(many=True), summary="List files")
     def get(self, request):
         files = selectors.file_list(organization=self.organization,
                                     purpose=request.query_params.get("purpose"))
-        return Response(list_page(files, request.query_params, serializer_class=FileOutput))
+        return Response(list_page(files, request.query_params, serializer_class=FileOutput,
+                                  default_order="desc"))
 
     @extend_schema(request={"multipart/form-data": FileUploadInput}, responses=FileOutput,
                    summary="Upload a JSONL dataset (validated while it is stored)")
