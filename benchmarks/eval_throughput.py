@@ -14,10 +14,10 @@ other chats. In one run:
    sent through /v1/chat/completions one after the other and graded with the same string
    grader in this process: items per second.
 2. the other organization alone: ``--probes`` sequential chat completions (``--max-tokens``
-   each): p50 and p95 latency.
+   each, ``--think`` seconds apart, as a person reads each answer): p50 and p95 latency.
 3. the eval run: an eval with that grader and a completions run of ``--items`` items through
    the API, timed from the run's creation until it is completed: items per second; meanwhile the
-   other organization's probes again, sent one after the other for as long as the run lasts.
+   other organization's probes again, as in 2, for as long as the run lasts.
 
 Targets (issue 25): the run >= 3x the one-by-one rate; the other organization's p50 latency
 during the run <= 1.5x its latency alone.
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -62,37 +63,58 @@ def items(count: int) -> list[dict]:
     return [{"country": COUNTRIES[i % 10], "capital": CITIES[i % 10], "n": i} for i in range(count)]
 
 
-async def one_by_one(url: str, key: str, model: str, entries: list[dict], max_tokens: int) -> dict:
-    """The run's requests, one after the other, each graded here as the run grades it."""
+async def send_one_by_one(url: str, key: str, bodies: list[dict],
+                          endpoint: str = "chat/completions") -> tuple[float, list[dict]]:
+    """Each request body sent to /v1/``endpoint`` after the previous one is answered: the
+    seconds it took, and the answers."""
     import httpx
 
+    answers = []
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {key}"}) as client:
+        for body in bodies:
+            reply = await client.post(f"{url}/v1/{endpoint}", json=body)
+            reply.raise_for_status()
+            answers.append(reply.json())
+    return time.perf_counter() - start, answers
+
+
+def chat_bodies(model: str, entries: list[dict], max_tokens: int) -> list[dict]:
+    """The run's requests: each item's rendered chat, as the run sends it."""
+    import jobs.grading as grading
+
+    return [{"model": model, "temperature": 0, "max_completion_tokens": max_tokens, "messages": [
+        {"role": m["role"], "content": grading.render(m["content"], item=item, sample=None)}
+        for m in TEMPLATE]} for item in entries]
+
+
+async def one_by_one(url: str, key: str, model: str, entries: list[dict], max_tokens: int) -> dict:
+    """The run's requests, one after the other, each graded here as the run grades it."""
     import jobs.grading as grading
 
     spec = grading.validate(GRADER)
-    passed = 0
-    start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {key}"}) as client:
-        for item in entries:
-            messages = [{"role": m["role"], "content": grading.render(m["content"], item=item, sample=None)}
-                        for m in TEMPLATE]
-            reply = await client.post(f"{url}/v1/chat/completions", json={
-                "model": model, "messages": messages, "temperature": 0, "max_completion_tokens": max_tokens})
-            reply.raise_for_status()
-            text = reply.json()["choices"][0]["message"]["content"] or ""
-            passed += grading.grade(spec, item=item, sample=grading.sample_namespace(text)).passed
-    seconds = time.perf_counter() - start
+    seconds, answers = await send_one_by_one(url, key, chat_bodies(model, entries, max_tokens))
+    passed = sum(grading.grade(spec, item=item, sample=grading.sample_namespace(
+        answer["choices"][0]["message"]["content"] or "")).passed
+        for item, answer in zip(entries, answers))
     return {"items": len(entries), "seconds": seconds, "items_per_s": len(entries) / seconds,
             "passed": passed}
 
 
-async def probes(url: str, key: str, model: str, max_tokens: int, *, count: int | None = None,
-                 until: asyncio.Event | None = None) -> list[float]:
-    """Sequential chat completions of the other organization: their latencies (s)."""
+async def probes(url: str, key: str, model: str, max_tokens: int, *, think: float,
+                 count: int | None = None, until: asyncio.Event | None = None) -> list[float]:
+    """Sequential chat completions of the other organization, ``think`` seconds apart (a person
+    reading the answer, or 0: back to back): their latencies (s)."""
     import httpx
 
     latencies: list[float] = []
     async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {key}"}) as client:
         while (count is None or len(latencies) < count) and not (until and until.is_set()):
+            if latencies and think:  # the reading time, cut short when the run ends
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(until.wait() if until else asyncio.sleep(think), think)
+                if until and until.is_set():
+                    break
             start = time.perf_counter()
             reply = await client.post(f"{url}/v1/chat/completions", json={
                 "model": model, "temperature": 0, "max_completion_tokens": max_tokens,
@@ -103,7 +125,7 @@ async def probes(url: str, key: str, model: str, max_tokens: int, *, count: int 
 
 
 async def eval_run(url: str, key: str, model: str, entries: list[dict], max_tokens: int,
-                   probe_key: str) -> tuple[dict, list[float]]:
+                   probe_key: str, think: float) -> tuple[dict, list[float]]:
     """The eval run, timed from its creation until it is completed, with the probes meanwhile."""
     import httpx
 
@@ -113,7 +135,8 @@ async def eval_run(url: str, key: str, model: str, entries: list[dict], max_toke
             "name": "capitals", "testing_criteria": [GRADER],
             "data_source_config": {"type": "custom", "item_schema": {"type": "object"}}})).json()
         done = asyncio.Event()
-        probing = asyncio.create_task(probes(url, probe_key, model, max_tokens, until=done))
+        probing = asyncio.create_task(probes(url, probe_key, model, max_tokens, think=think,
+                                             until=done))
         start = time.perf_counter()
         created = await api.post(f"/evals/{made['id']}/runs", json={"data_source": {
             "type": "completions", "model": model,
@@ -135,9 +158,45 @@ async def eval_run(url: str, key: str, model: str, entries: list[dict], max_toke
             latencies)
 
 
-def _latency(values: list[float]) -> dict:
+def latency(values: list[float]) -> dict:
     return {"n": len(values), "p50_ms": 1000 * percentile(values, 0.5),
             "p95_ms": 1000 * percentile(values, 0.95), "mean_ms": 1000 * statistics.mean(values)}
+
+
+def start_stack(children: list[Child]) -> str:
+    """A replica of the embedded base model (vLLM + pool agent, scheduling by priority), the
+    platform under uvicorn attached to it and a worker of the `evals` queue (background
+    inference: eval runs and batches), appended to ``children`` as they start (the caller stops
+    them); the platform's URL."""
+    from django.conf import settings
+
+    logs = settings.DATA_DIR / "logs"
+    agent_port = _free_port()
+    agent_url = f"http://127.0.0.1:{agent_port}"
+    serving = {"TUNEPLEX_ENGINE_MODE": "attach", "TUNEPLEX_ENGINE_URLS": agent_url,
+               "PYTHONPATH": f"{REPO}:{REPO / 'platform'}", "TUNEPLEX_INFERENCE_RATE_LIMIT": "1000000"}
+    print("starting a replica (vLLM + pool agent) ...", flush=True)
+    replica = Child([sys.executable, "manage.py", "run_engine", "--port", str(agent_port),
+                     "--timeout", "400"], {**os.environ, "PYTHONPATH": serving["PYTHONPATH"]},
+                    logs / "bench-replica.log")
+    children.append(replica)
+    deadline = time.monotonic() + 400
+    while not _ready(agent_url, settings.ENGINE_API_KEY):
+        if replica.process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the replica did not start; see {replica.log}")
+        time.sleep(1)
+    port = _free_port()
+    gateway = Child([str(REPO / ".venv/bin/uvicorn"), "tuneplex.asgi:application", "--host",
+                     "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
+                    {**os.environ, **serving}, logs / "bench-gateway.log")
+    children.append(gateway)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/healthz", 60, "the gateway", gateway)
+    children.append(Child([str(REPO / ".venv/bin/celery"), "-A", "jobs.celery", "worker", "--queues",
+                           "evals", "--concurrency", "1", "--hostname", f"bench-evals-{os.getpid()}@%h",
+                           "--without-gossip", "--without-mingle", "--loglevel", "WARNING"],
+                          {**os.environ, **serving}, logs / "bench-evals-worker.log"))
+    return url
 
 
 def main() -> None:
@@ -145,6 +204,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--probes", type=int, default=30, help="the other organization's requests alone")
+    parser.add_argument("--think", type=float, default=1.0, help=(
+        "seconds between the other organization's requests (a person reading each answer); "
+        "0 sends them back to back"))
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -153,54 +215,30 @@ def main() -> None:
 
     base, evaluator, key, _ = bench_setup(0)
     _, probe_key = bench_tenant()
-    logs = settings.DATA_DIR / "logs"
-    agent_port = _free_port()
-    agent_url = f"http://127.0.0.1:{agent_port}"
-    serving = {"TUNEPLEX_ENGINE_MODE": "attach", "TUNEPLEX_ENGINE_URLS": agent_url,
-               "PYTHONPATH": f"{REPO}:{REPO / 'platform'}"}
     children: list[Child] = []
     entries = items(args.items)
     results: dict = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(),
                      "items": args.items, "max_tokens": args.max_tokens,
                      "eval_concurrency": settings.EVAL_CONCURRENCY,
+                     "eval_concurrency_beside_interactive":
+                         settings.EVAL_CONCURRENCY_BESIDE_INTERACTIVE,
+                     "think_seconds": args.think,
                      "eval_priority": settings.EVAL_PRIORITY,
                      "priority_scheduling": settings.ENGINE_PRIORITY_SCHEDULING}
     try:
-        print("starting a replica (vLLM + pool agent) ...", flush=True)
-        children.append(Child([sys.executable, "manage.py", "run_engine", "--port", str(agent_port),
-                               "--timeout", "400"], {**os.environ, "PYTHONPATH": serving["PYTHONPATH"]},
-                              logs / "bench-replica.log"))
-        deadline = time.monotonic() + 400
-        while not _ready(agent_url, settings.ENGINE_API_KEY):
-            if children[0].process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the replica did not start; see {children[0].log}")
-            time.sleep(1)
-        port = _free_port()
-        gateway = Child([str(REPO / ".venv/bin/uvicorn"), "tuneplex.asgi:application", "--host",
-                         "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
-                        {**os.environ, **serving, "TUNEPLEX_INFERENCE_RATE_LIMIT": "1000000"},
-                        logs / "bench-gateway.log")
-        children.append(gateway)
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/healthz", 60, "the gateway", gateway)
-        worker = Child([str(REPO / ".venv/bin/celery"), "-A", "jobs.celery", "worker", "--queues", "evals",
-                        "--concurrency", "1", "--hostname", f"bench-evals-{os.getpid()}@%h",
-                        "--without-gossip", "--without-mingle", "--loglevel", "WARNING"],
-                       {**os.environ, **serving, "TUNEPLEX_INFERENCE_RATE_LIMIT": "1000000"},
-                       logs / "bench-evals-worker.log")
-        children.append(worker)
+        url = start_stack(children)
 
         run = asyncio.run
-        run(probes(url, probe_key, base.name, args.max_tokens, count=4))  # warm-up
+        run(probes(url, probe_key, base.name, args.max_tokens, think=0, count=4))  # warm-up
         print(f"1. {args.items} requests one by one ...", flush=True)
         results["one_by_one"] = run(one_by_one(url, key, base.name, entries, args.max_tokens))
         print("2. the other organization alone ...", flush=True)
-        results["interactive_alone"] = _latency(run(probes(url, probe_key, base.name,
-                                                           args.max_tokens, count=args.probes)))
+        results["interactive_alone"] = latency(run(probes(
+            url, probe_key, base.name, args.max_tokens, think=args.think, count=args.probes)))
         print(f"3. the eval run of {args.items} items, the other organization meanwhile ...", flush=True)
         results["eval_run"], during = run(eval_run(url, key, base.name, entries, args.max_tokens,
-                                                   probe_key))
-        results["interactive_during_run"] = _latency(during)
+                                                   probe_key, args.think))
+        results["interactive_during_run"] = latency(during)
     finally:
         for child in reversed(children):
             child.stop()
