@@ -153,9 +153,8 @@ class PendingLines:
 
     def __init__(self, batch: Batch) -> None:
         self.stream = open_stream(batch.requests_blob)
-        self.sent = (row.line for row in sent_requests(batch=batch))
+        self.sent = (row.line for row in sent_requests(batch=batch, only=("line",)))
         self.next_sent = next(self.sent, None)
-        self.skipped = 0
 
     def take(self, count: int) -> list[dict]:
         taken: list[dict] = []
@@ -163,8 +162,7 @@ class PendingLines:
             entry = json.loads(raw)
             while self.next_sent is not None and self.next_sent < entry["line"]:
                 self.next_sent = next(self.sent, None)
-            if self.next_sent == entry["line"]:
-                self.skipped += 1
+            if self.next_sent == entry["line"]:  # sent by an earlier attempt
                 continue
             taken.append(entry)
         return taken

@@ -28,12 +28,14 @@ def active_batches(*, organization: Organization) -> int:
     return Batch.objects.filter(organization=organization, status__in=Batch.ACTIVE).count()
 
 
-def sent_requests(*, batch: Batch) -> Iterator[BatchRequest]:
-    """The batch's sent lines in line order, read a page at a time (bounded memory, no cursor
-    held open between pages)."""
+def sent_requests(*, batch: Batch, only: tuple[str, ...] = ()) -> Iterator[BatchRequest]:
+    """The batch's sent lines in line order (with ``only`` these fields), read a page at a time
+    (bounded memory, no cursor held open between pages)."""
     after = 0
+    rows = BatchRequest.objects.filter(batch=batch).order_by("line")
+    rows = rows.only(*only) if only else rows
     while True:
-        page = list(BatchRequest.objects.filter(batch=batch, line__gt=after).order_by("line")[:PAGE])
+        page = list(rows.filter(line__gt=after)[:PAGE])
         yield from page
         if len(page) < PAGE:
             return
