@@ -30,6 +30,28 @@ def metrics_of(client: openai.OpenAI, job_id: str) -> list[dict]:
     return [event.data for event in reversed(events) if event.type == "metrics"]
 
 
+def create_job(client: openai.OpenAI, training_file: str, run: str, hyperparameters: dict):
+    """A job of seed 7 on ``training_file``, ``run`` its suffix and its metadata's run."""
+    return client.fine_tuning.jobs.create(model=MODEL, training_file=training_file, seed=7,
+                                          suffix=run, metadata={"run": run},
+                                          extra_body={"hyperparameters": hyperparameters})
+
+
+def assert_resumed_with_the_same_losses(client: openai.OpenAI, job_id: str, reference_id: str,
+                                        steps: int) -> None:
+    """The paused and resumed job trained each of its ``steps`` once, with the losses of the
+    uninterrupted job ``reference_id`` (same seed and data), and its events tell the pause, the
+    resume and the end in that order."""
+    expected, actual = metrics_of(client, reference_id), metrics_of(client, job_id)
+    assert [m["step"] for m in actual] == list(range(1, steps + 1))  # none twice, none lost
+    assert [m["train_loss"] for m in actual] == pytest.approx(
+        [m["train_loss"] for m in expected], rel=1e-4, abs=1e-5)
+    messages = [e.message for e in reversed(list(client.fine_tuning.jobs.list_events(job_id)))]
+    order = [next(i for i, m in enumerate(messages) if m.startswith(prefix))
+             for prefix in ("Pause requested", "Job paused.", "Job resumed", "Job succeeded")]
+    assert order == sorted(order), messages
+
+
 def test_a_paused_job_frees_its_gpu_and_resumes_elsewhere_with_the_same_losses(
         ready, gpu_workers, live_server, org_a, settings):  # noqa: F811
     assert settings.ORG_MAX_CONCURRENT_JOBS == 1 and settings.GPU_SLOTS == 1
@@ -38,12 +60,7 @@ def test_a_paused_job_frees_its_gpu_and_resumes_elsewhere_with_the_same_losses(
     data = client.files.create(file=("train.jsonl", lines_to_bytes(pirate_lines(24))),
                                purpose="fine-tune")
 
-    def create_job(suffix: str):
-        return client.fine_tuning.jobs.create(model=MODEL, training_file=data.id, seed=7,
-                                              suffix=suffix, metadata={"run": suffix},
-                                              extra_body={"hyperparameters": HYPERPARAMETERS})
-
-    paused_job = create_job("paused")
+    paused_job = create_job(client, data.id, "paused", HYPERPARAMETERS)
     wait_for(lambda: FineTuningJob.objects.get(id=paused_job.id).step >= 2, timeout=300,
              message="the job's second step")
     first_worker_name = FineTuningJob.objects.get(id=paused_job.id).worker
@@ -59,7 +76,7 @@ def test_a_paused_job_frees_its_gpu_and_resumes_elsewhere_with_the_same_losses(
 
     # The freed slot trains another job of the organization (its limit is one job at a time):
     # the same seed and data, uninterrupted, the reference for the losses.
-    reference = create_job("reference")
+    reference = create_job(client, data.id, "reference", HYPERPARAMETERS)
     done = wait_until_finished(reference.id, timeout=400)
     assert done.status == "succeeded", done.error
     assert status_of(paused_job.id) == "paused"  # nothing resumed it meanwhile
@@ -74,12 +91,4 @@ def test_a_paused_job_frees_its_gpu_and_resumes_elsewhere_with_the_same_losses(
     assert finished.attempts == 2 and finished.worker not in ("", first_worker_name)
     restored = finished.events.get(message__startswith="Resuming from the checkpoint")
     assert restored.data["resumed_from_step"] == at_step
-
-    expected, actual = metrics_of(client, reference.id), metrics_of(client, paused_job.id)
-    assert [m["step"] for m in actual] == list(range(1, 10))  # no step trained twice, none lost
-    assert [m["train_loss"] for m in actual] == pytest.approx(
-        [m["train_loss"] for m in expected], rel=1e-4, abs=1e-5)
-    messages = [e.message for e in reversed(list(client.fine_tuning.jobs.list_events(paused_job.id)))]
-    order = [next(i for i, m in enumerate(messages) if m.startswith(prefix))
-             for prefix in ("Pause requested", "Job paused.", "Job resumed", "Job succeeded")]
-    assert order == sorted(order), messages
+    assert_resumed_with_the_same_losses(client, paused_job.id, reference.id, steps=9)
