@@ -20,6 +20,36 @@ from tuneplex.tenancy.services import organization_create
 _counter = itertools.count()
 
 
+def _flush_through_deadlocks() -> None:
+    """Let the TRUNCATE between transactional tests wait out a real worker's transaction.
+
+    The session's Celery workers run on the test database and pick up what a test enqueued on
+    commit (a dispatch after a job is paused, say) while the next test's teardown flushes every
+    table in one TRUNCATE. Postgres then detects a deadlock between the two and may choose the
+    TRUNCATE as its victim: that is the test's teardown failing, not the platform. Retry it."""
+    import time
+
+    from django.db import OperationalError
+    from django.db.backends.postgresql.operations import DatabaseOperations
+
+    flush = DatabaseOperations.execute_sql_flush
+    retried_codes = {"40P01", "55P03"}  # deadlock_detected, lock_not_available
+
+    def execute_sql_flush(self, sql_list):
+        for attempt in range(1, 6):
+            try:
+                return flush(self, sql_list)
+            except OperationalError as exc:
+                if attempt == 5 or getattr(exc.__cause__, "sqlstate", None) not in retried_codes:
+                    raise
+                time.sleep(0.2 * attempt)
+
+    DatabaseOperations.execute_sql_flush = execute_sql_flush
+
+
+_flush_through_deadlocks()
+
+
 @dataclass
 class Tenant:
     organization: Organization

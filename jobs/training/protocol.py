@@ -149,13 +149,18 @@ def parse(line: str | bytes) -> Message | None:
     """The message on one line, or None for a line of another shape: not JSON, not an object,
     an unknown type, a required field missing, a field of the wrong type, a result of another
     status or a succeeded one without its adapter. Fields a newer trainer adds are ignored."""
+    return parse_kinds(line, KINDS)
+
+
+def parse_kinds(line: str | bytes, kinds: dict[str, type]) -> Any:
+    """The message of one of ``kinds`` (by its ``type``) on one line, or None (see parse)."""
     try:
         payload = json.loads(line)
     except (ValueError, UnicodeDecodeError):  # json.JSONDecodeError is a ValueError
         return None
     if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
         return None
-    kind = KINDS.get(payload["type"])
+    kind = kinds.get(payload["type"])
     if kind is None:
         return None
     known = {f.name for f in dataclasses.fields(kind)}
