@@ -36,6 +36,8 @@ PROGRAMS=(
   # Eval runs: minutes of waiting on the serving pool each, kept off the scheduler's queue.
   "worker-evals=.venv/bin/celery -A jobs.celery worker --queues evals --concurrency 1 --hostname evals@%h --loglevel INFO"
   "worker-gpu=.venv/bin/celery -A jobs.celery worker --queues gpu --concurrency 1 --prefetch-multiplier 1 --hostname gpu@%h --loglevel INFO"
+  # Exports (GGUF, ONNX, safetensors): CPU conversions in the trainer's environment, minutes each.
+  "worker-exports=.venv/bin/celery -A jobs.celery worker --queues exports --concurrency 1 --prefetch-multiplier 1 --hostname exports@%h --loglevel INFO"
 )
 if [ "$ENGINE_MODE" = spawn ]; then
   # One replica of the default base model on loopback: its pool agent on $ENGINE_PORT, vLLM on

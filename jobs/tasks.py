@@ -124,6 +124,36 @@ def sweep_batches() -> None:
     sweep()
 
 
+# --- exports ---------------------------------------------------------------------------------------
+
+# On the `exports` queue (CPU, the trainer's environment). Late acknowledgement: an export taken by
+# a worker that dies before claiming it is delivered again; the row's conditional claim (queued →
+# running) makes any second delivery do nothing, and the exports sweep fails one whose worker died
+# while running it.
+@app.task(name="tuneplex.exports.run", ignore_result=True, acks_late=True)
+def run_export(export_id: str) -> str:
+    from tuneplex.exports.executor import run_export
+
+    return run_export(export_id)
+
+
+@app.task(name="tuneplex.exports.after_merge", ignore_result=True)
+def exports_after_merge(adapter_id: str) -> None:
+    """Sent by a merge that ended: the exports that waited for it go to the exports queue (or
+    fail with the merge's error)."""
+    from tuneplex.exports.worker_writes import exports_after_merge
+
+    exports_after_merge(adapter_id)
+
+
+@app.task(name="tuneplex.exports.sweep", ignore_result=True)
+def sweep_exports() -> None:
+    """Celery beat, every 10 s: fail exports whose worker died, resend lost ones."""
+    from tuneplex.exports.worker_writes import exports_sweep
+
+    exports_sweep()
+
+
 # --- sweeps ----------------------------------------------------------------------------------------
 
 @app.task(name="tuneplex.sweeps.step", ignore_result=True)

@@ -193,11 +193,13 @@ def test_database_url(django_db_setup, django_db_blocker) -> str:
 
 @pytest.fixture(scope="session")
 def celery_worker(test_database_url):
-    """A real worker for the `default` queue (statistics, job validation, dispatch).
+    """A real worker for the `default` queue (statistics, job validation, dispatch) and the
+    `exports` queue (an adapter's exports, converted on the CPU).
 
     Tests that use it must commit their rows (``@pytest.mark.django_db(transaction=True)``).
     """
-    worker = WorkerProcess(queues="default,statistics", database_url=test_database_url, name="default")
+    worker = WorkerProcess(queues="default,statistics,exports", database_url=test_database_url,
+                           name="default")
     try:
         yield worker
     finally:

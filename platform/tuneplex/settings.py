@@ -92,6 +92,7 @@ INSTALLED_APPS = [
     "tuneplex.feedback",
     "tuneplex.evals",
     "tuneplex.batches",
+    "tuneplex.exports",
     "tuneplex.sweeps",
     "tuneplex.operations",  # above the feature apps: /healthz, /readyz, /metrics
     "frontend",
@@ -176,14 +177,16 @@ else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
                           "LOCATION": str(DATA_DIR / "cache")}}
 
-# Three queues (tuneplex.core.queue): "default" for light work (job validation, dispatch, sweeps),
-# "statistics" for dataset statistics (minutes for a large file; kept out of the scheduler's way)
-# and "gpu" for training and merges, served by one worker process per GPU.
+# The queues (tuneplex.core.queue): "default" for light work (job validation, dispatch, sweeps),
+# "statistics" for dataset statistics (minutes for a large file; kept out of the scheduler's way),
+# "gpu" for training and merges, served by one worker process per GPU, "evals" for background
+# inference and "exports" for the conversions of exports (CPU, the trainer's environment).
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = {"tuneplex.train.*": {"queue": "gpu"},
                       "tuneplex.files.statistics": {"queue": "statistics"},
                       "tuneplex.evals.run": {"queue": "evals"},
-                      "tuneplex.batches.run": {"queue": "evals"}}
+                      "tuneplex.batches.run": {"queue": "evals"},
+                      "tuneplex.exports.run": {"queue": "exports"}}
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -413,6 +416,7 @@ CELERY_BEAT_SCHEDULE = {
     "sweep": {"task": "tuneplex.sweep", "schedule": 10.0},
     "evals-sweep": {"task": "tuneplex.evals.sweep", "schedule": 10.0},
     "batches-sweep": {"task": "tuneplex.batches.sweep", "schedule": 10.0},
+    "exports-sweep": {"task": "tuneplex.exports.sweep", "schedule": 10.0},
     # On the default queue (CELERY_TASK_DEFAULT_QUEUE): seconds of work per sweep.
     "sweeps-step": {"task": "tuneplex.sweeps.step", "schedule": float(SWEEP_STEP_SECONDS)},
     # Deletes the parts of uploads that ended (docs/datasets.md#uploads); default queue.
@@ -468,6 +472,16 @@ BATCH_ENGINE_WAIT_SECONDS = env_int("TUNEPLEX_BATCH_ENGINE_WAIT_SECONDS", 600, m
 BATCH_HEARTBEAT_SECONDS = env_int("TUNEPLEX_BATCH_HEARTBEAT_SECONDS", 5, minimum=1)
 BATCH_HEARTBEAT_TIMEOUT = env_int("TUNEPLEX_BATCH_HEARTBEAT_TIMEOUT", 60, minimum=5)
 BATCH_MAX_ATTEMPTS = env_int("TUNEPLEX_BATCH_MAX_ATTEMPTS", 3, minimum=1, maximum=20)
+
+# --- exports -------------------------------------------------------------------------------------
+# An adapter's model in another format (docs/export.md), converted on the "exports" queue's
+# workers (CPU, the trainer's environment) after the adapter's merge where the format needs it.
+# An export running longer than this fails (export_timeout; the sweep fails one whose worker
+# died, export_stalled, a minute later).
+EXPORT_DEADLINE_SECONDS = env_int("TUNEPLEX_EXPORT_DEADLINE_SECONDS", 4 * 3600, minimum=60)
+# Exports an organization may have queued or running at once; one more is refused (429
+# too_many_active_exports).
+ORG_MAX_ACTIVE_EXPORTS = env_int("TUNEPLEX_ORG_MAX_ACTIVE_EXPORTS", 5, minimum=1)
 
 # --- hyperparameter sweeps -----------------------------------------------------------------------
 # A sweep's trials are fine-tuning jobs (never more in flight than the organization's

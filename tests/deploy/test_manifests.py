@@ -52,7 +52,8 @@ def test_the_compose_file_follows_the_compose_specification():
 def test_compose_runs_every_part_with_health_checks_and_one_shot_setup():
     services = compose()["services"]
     assert {"postgres", "redis", "minio", "minio-init", "migrate", "web", "beat", "worker-default",
-            "worker-evals", "worker-statistics", "worker-gpu-0", "engine-0", "prometheus", "grafana"} <= set(services)
+            "worker-evals", "worker-statistics", "worker-exports", "worker-gpu-0", "engine-0",
+            "prometheus", "grafana"} <= set(services)
     one_shot = {name for name, s in services.items() if s.get("restart") == "no"}
     assert one_shot == {"minio-init", "migrate"}
     for name, service in services.items():
@@ -127,7 +128,7 @@ def objects(rendered, overlay: str, kind: str) -> dict[str, dict]:
 def test_the_cluster_layout(rendered):
     deployments = objects(rendered, "production", "Deployment")
     assert set(deployments) == {"web", "beat", "worker-default", "worker-evals", "worker-statistics",
-                                "worker-gpu"}
+                                "worker-exports", "worker-gpu"}
     beat = deployments["beat"]["spec"]
     assert beat["replicas"] == 1 and beat["strategy"]["type"] == "Recreate"
     assert deployments["worker-gpu"]["spec"]["replicas"] == 4

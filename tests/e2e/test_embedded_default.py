@@ -214,7 +214,7 @@ def _replaced(embedded, name: str, old_pid: int) -> dict | None:
 def test_every_process_runs_on_its_own_under_the_supervisor(embedded):
     state = _supervised(embedded)
     assert set(state) == {"web", "beat", "worker-default", "worker-statistics", "worker-evals",
-                          "worker-gpu", "engine"}
+                          "worker-gpu", "worker-exports", "engine"}
     assert all(program["pid"] for program in state.values()), state
 
 

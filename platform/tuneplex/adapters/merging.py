@@ -59,6 +59,7 @@ def run_merge(adapter_id: str) -> None:
     Adapter.objects.filter(id=adapter_id, merge_status=Merge.RUNNING).update(
         merge_status=status, merge_error=error, merged_bytes=size)
     queue.enqueue(queue.DISPATCH_JOBS)  # its GPU slot is free again
+    queue.enqueue(queue.EXPORTS_AFTER_MERGE, adapter_id)  # exports that waited for it
 
 
 def _merge(adapter: Adapter, work: Path) -> int:

@@ -89,6 +89,9 @@ STATISTICS_DURATION = Histogram(
 MERGE_DURATION = Histogram(
     "tuneplex_merge_duration_seconds", "Merge-and-export time, by outcome.", ["outcome"],
     buckets=DURATION_BUCKETS)
+EXPORT_DURATION = Histogram(
+    "tuneplex_export_duration_seconds", "Export time on an exports worker (conversion, check, "
+    "upload), by format and outcome.", ["format", "outcome"], buckets=DURATION_BUCKETS)
 
 
 # --- who may read them ---------------------------------------------------------------------------

@@ -6,8 +6,9 @@ names (below) and sends messages through the Celery app. Routing (which queue a 
 
 Queues: ``default`` (job validation, dispatch, sweeps, pings), ``statistics`` (dataset
 statistics, which can take minutes for a large file and must not hold up the scheduler) and
-``gpu`` (training and merges; one worker process per GPU) and ``evals`` (background inference:
-eval runs and batches, which wait on the serving pool for minutes or hours).
+``gpu`` (training and merges; one worker process per GPU), ``evals`` (background inference:
+eval runs and batches, which wait on the serving pool for minutes or hours) and ``exports``
+(an adapter's model converted to another format: CPU work in the trainer's environment).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ TRAIN_JOB = "tuneplex.train.run"
 MERGE_ADAPTER = "tuneplex.train.merge"
 EVAL_RUN = "tuneplex.evals.run"
 BATCH_RUN = "tuneplex.batches.run"
+EXPORT_RUN = "tuneplex.exports.run"
+EXPORTS_AFTER_MERGE = "tuneplex.exports.after_merge"
 
 
 def enqueue(task_name: str, *args: Any) -> None:

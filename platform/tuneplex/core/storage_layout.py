@@ -10,6 +10,7 @@
     orgs/<organization>/jobs/<job>/wandb/<run directory>/          its W&B run files, per attempt
     orgs/<organization>/evals/runs/<run>/items.jsonl               an eval run's items
     orgs/<organization>/batches/<batch>/requests-a<attempt>.jsonl  a batch's checked requests
+    orgs/<organization>/exports/<export>/<artifact>                an adapter's export
 
 Everything of an organization is under its own prefix; the names are generated ids, so no text
 a tenant chose reaches a path. The functions take ids, not rows, so that every app may use them
@@ -74,3 +75,13 @@ def batch_requests_blob(organization_id: str, batch_id: str, attempt: int) -> st
     """A batch's requests, one {line, custom_id, body} a line, written by the attempt that
     checked them (its number in the name: a superseded worker never overwrites the blob)."""
     return f"orgs/{organization_id}/batches/{batch_id}/requests-a{attempt}.jsonl"
+
+
+def export_prefix(organization_id: str, export_id: str) -> str:
+    """An export's folder: its artifact (named by the export, from ids only) and, on local
+    storage, the artifact being written (``export_scratch``)."""
+    return f"orgs/{organization_id}/exports/{export_id}"
+
+
+def export_scratch(organization_id: str, export_id: str) -> str:
+    return f"{export_prefix(organization_id, export_id)}/artifact.partial"

@@ -29,9 +29,11 @@ def file_get(*, organization: Organization, file_id: str) -> File:
 
 def storage_used(*, organization: Organization) -> int:
     """Bytes the organization keeps in artifact storage: datasets (feedback exports included),
-    the parts of its pending uploads, adapters, their merged exports and jobs' checkpoints.
-    (The parts of an upload that ended are being deleted: its file counts instead, if any.)"""
+    the parts of its pending uploads, adapters, their merged models, their exports and jobs'
+    checkpoints. (The parts of an upload that ended are being deleted: its file counts instead,
+    if any.)"""
     from tuneplex.adapters.models import Adapter
+    from tuneplex.exports.models import Export
     from tuneplex.finetuning.models import JobCheckpoint
 
     files = File.objects.filter(organization=organization).aggregate(t=Sum("bytes"))["t"] or 0
@@ -42,7 +44,9 @@ def storage_used(*, organization: Organization) -> int:
     parts = UploadPart.objects.filter(upload__organization=organization,
                                       upload__status=Upload.Status.PENDING).aggregate(
         t=Sum("bytes"))["t"] or 0
-    return files + parts + adapters + checkpoints
+    exports = Export.objects.filter(organization=organization).aggregate(
+        t=Sum("bytes"))["t"] or 0
+    return files + parts + adapters + checkpoints + exports
 
 
 def storage_quota_check(organization: Organization, size: int, *, what: str = "this file",
@@ -52,8 +56,8 @@ def storage_quota_check(organization: Organization, size: int, *, what: str = "t
     quota = organization.storage_quota
     if used + max(size, 1) > quota:
         raise ApiError(f"Storing {what} would exceed the organization's storage quota: {used} of "
-                       f"{quota} bytes are used by datasets, adapters, merged exports and "
-                       "checkpoints. Delete what you no longer need.",
+                       f"{quota} bytes are used by datasets, adapters, merged models, exports "
+                       "and checkpoints. Delete what you no longer need.",
                        code="storage_quota_exceeded", param=param, status=403)
 
 

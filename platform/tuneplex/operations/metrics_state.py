@@ -84,6 +84,7 @@ class PlatformStateCollector:
 
     def _storage(self):
         from tuneplex.adapters.models import Adapter
+        from tuneplex.exports.models import Export
         from tuneplex.files.models import File
         from tuneplex.finetuning.models import JobCheckpoint
         from tuneplex.tenancy.models import Organization
@@ -96,13 +97,16 @@ class PlatformStateCollector:
                           .annotate(t=Sum(F("bytes") + F("merged_bytes")))
                           .values_list("organization", "t")):
             used[org] = used.get(org, 0) + (size or 0)
+        for org, size in (Export.objects.values_list("organization").annotate(t=Sum("bytes"))
+                          .values_list("organization", "t")):
+            used[org] = used.get(org, 0) + (size or 0)
         for org, size in (JobCheckpoint.objects.values_list("job__organization")
                           .annotate(t=Sum("bytes")).values_list("job__organization", "t")):
             used[org] = used.get(org, 0) + (size or 0)
         quotas = {org.id: org.storage_quota for org in
                   Organization.objects.filter(id__in=list(used)).only("id", "storage_quota_bytes")}
         yield GaugeMetricFamily("tuneplex_storage_bytes", "Bytes kept in artifact storage "
-                                "(datasets, checkpoints, adapters, merged exports).",
+                                "(datasets, checkpoints, adapters, merged models, exports).",
                                 value=sum(used.values()))
         ratios = [size / quotas[org] for org, size in used.items() if quotas.get(org)]
         yield GaugeMetricFamily(
