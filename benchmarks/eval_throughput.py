@@ -33,6 +33,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,6 +159,20 @@ async def eval_run(url: str, key: str, model: str, entries: list[dict], max_toke
             latencies)
 
 
+def charged(organization) -> Counter:
+    """The organization's prompt and completion tokens counted so far (all days, all models);
+    the settlements of the requests answered are written before the run shows completed."""
+    from django.db.models import Sum
+
+    from tuneplex.inference import usage
+    from tuneplex.inference.models import UsageDaily
+
+    usage.flush()
+    totals = UsageDaily.objects.filter(organization=organization).aggregate(
+        prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"))
+    return Counter({name: value or 0 for name, value in totals.items()})
+
+
 def latency(values: list[float]) -> dict:
     return {"n": len(values), "p50_ms": 1000 * percentile(values, 0.5),
             "p95_ms": 1000 * percentile(values, 0.95), "mean_ms": 1000 * statistics.mean(values)}
@@ -223,6 +238,7 @@ def main() -> None:
                      "eval_concurrency_beside_interactive":
                          settings.EVAL_CONCURRENCY_BESIDE_INTERACTIVE,
                      "think_seconds": args.think,
+                     "eval_preempt": settings.EVAL_PREEMPT,
                      "eval_priority": settings.EVAL_PRIORITY,
                      "priority_scheduling": settings.ENGINE_PRIORITY_SCHEDULING}
     try:
@@ -236,8 +252,12 @@ def main() -> None:
         results["interactive_alone"] = latency(run(probes(
             url, probe_key, base.name, args.max_tokens, think=args.think, count=args.probes)))
         print(f"3. the eval run of {args.items} items, the other organization meanwhile ...", flush=True)
+        before = charged(evaluator)
         results["eval_run"], during = run(eval_run(url, key, base.name, entries, args.max_tokens,
                                                    probe_key, args.think))
+        # What the organization was charged for the run against what its answers hold: the
+        # difference is the tokens of requests stopped to make room (TUNEPLEX_EVAL_PREEMPT).
+        results["eval_run"]["charged"] = charged(evaluator) - before
         results["interactive_during_run"] = latency(during)
     finally:
         for child in reversed(children):

@@ -12,6 +12,7 @@ from tuneplex.basemodels import apis as basemodels
 from tuneplex.batches import apis as batches
 from tuneplex.evals import apis as evals
 from tuneplex.evals import grader_apis as graders
+from tuneplex.exports import apis as exports
 from tuneplex.feedback import apis as feedback
 from tuneplex.adapters import apis as adapters
 from tuneplex.files import apis as files
@@ -92,6 +93,9 @@ api_v1 = [
     path("adapters/<oid:id>/merge", adapters.AdapterMergeApi.as_view()),
     path("adapters/<oid:id>/deploy", adapters.AdapterDeployApi.as_view()),
     path("adapters/<oid:id>/undeploy", adapters.AdapterUndeployApi.as_view()),
+    path("adapters/<oid:id>/exports", exports.ExportListApi.as_view()),
+    path("adapters/<oid:id>/exports/<oid:export_id>", exports.ExportDetailApi.as_view()),
+    path("adapters/<oid:id>/exports/<oid:export_id>/content", exports.ExportContentApi.as_view()),
     path("chat/completions", gateway.chat_completions, name="chat-completions"),
     path("completions", gateway.completions, name="completions"),
     path("responses", gateway.create_response, name="responses"),

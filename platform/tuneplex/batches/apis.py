@@ -10,28 +10,17 @@ results are files of purpose ``batch_output`` (``client.files.content(batch.outp
 
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema, extend_schema_field, extend_schema_serializer
+from drf_spectacular.utils import extend_schema, extend_schema_serializer
 from rest_framework import serializers
 from rest_framework.response import Response
 
 from tuneplex.batches import selectors, services
 from tuneplex.batches.models import Batch
-from tuneplex.core.apis import ApiObjectOutput, OrgApi, timestamp
+from tuneplex.core.apis import ApiObjectOutput, OrgApi, UnixTime
 from tuneplex.core.fields import StrictCharField, enum_field
 from tuneplex.core.pagination import list_page
 from tuneplex.core.scopes import INFER, READ
 from tuneplex.evals.apis import MetadataField
-
-
-@extend_schema_field({"type": "integer", "nullable": True})
-class UnixTime(serializers.Field):
-    """A moment as OpenAI's objects carry it: Unix seconds, or null."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(read_only=True, **kwargs)
-
-    def to_representation(self, value) -> int | None:
-        return timestamp(value)
 
 
 class RequestCountsOutput(serializers.Serializer):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema_field
 from rest_framework import serializers
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.views import APIView
@@ -26,6 +28,17 @@ class OrgApi(APIView):
 def timestamp(value) -> int | None:
     """OpenAI's objects carry Unix seconds."""
     return int(value.timestamp()) if value is not None else None
+
+
+@extend_schema_field({"type": "integer", "nullable": True})
+class UnixTime(serializers.Field):
+    """A moment as OpenAI's objects carry it: Unix seconds, or null."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(read_only=True, **kwargs)
+
+    def to_representation(self, value) -> int | None:
+        return timestamp(value)
 
 
 class ApiObjectOutput(serializers.Serializer):
@@ -53,3 +66,11 @@ class AnyAccept(BaseContentNegotiation):
 
     def select_renderer(self, request, renderers, format_suffix=None):
         return renderers[0], renderers[0].media_type
+
+
+# What a blob download (core.downloads.blob_response) takes besides the URL.
+RANGE_HEADER = OpenApiParameter(
+    "Range", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False,
+    description="One byte range (`bytes=a-b`, `bytes=a-`, `bytes=-n`): answered 206 with those "
+                "bytes and Content-Range (416 when it starts past the end). Several ranges are "
+                "answered 200 with the whole.")

@@ -133,7 +133,8 @@ class Execution:
             concurrency=settings.EVAL_CONCURRENCY,
             beside_interactive=settings.EVAL_CONCURRENCY_BESIDE_INTERACTIVE,
             engine_wait=settings.EVAL_ENGINE_WAIT_SECONDS,
-            engine_wait_setting="TUNEPLEX_EVAL_ENGINE_WAIT_SECONDS"))
+            engine_wait_setting="TUNEPLEX_EVAL_ENGINE_WAIT_SECONDS",
+            preempt=settings.EVAL_PREEMPT))
         self.stopped = asyncio.Event()
         self.graded = 0  # items this attempt answered and graded
 
@@ -151,27 +152,51 @@ class Execution:
                 run=self.run, attempt=self.attempt, message=(
                     f"Attempt {self.attempt} resumes: {len(skip)} of {self.run.items_total} items "
                     "were graded before." if skip else f"Attempt {self.attempt} started."))
-            items = _items(self.run, skip)
-            size = settings.EVAL_CONCURRENCY * 2
-            while batch := await asyncio.to_thread(lambda: list(islice(items, size))):
-                await self._batch(batch)
+            await self._answer(_items(self.run, skip))
         finally:
             heartbeat.cancel()
             await finish_inside()
 
-    async def _batch(self, batch: list[tuple[int, dict]]) -> None:
-        work = asyncio.gather(*(self._item(index, line) for index, line in batch))
+    async def _answer(self, items: Iterator[tuple[int, dict]]) -> None:
+        """Answer and grade every item, ``TUNEPLEX_EVAL_CONCURRENCY`` at a time with as many
+        more waiting for a slot, and store them as they are done, in batches of about that many:
+        the engines keep their batch full while answers are stored and while the slowest item of
+        a batch ends."""
+        window = settings.EVAL_CONCURRENCY * 2
+        pending: set[asyncio.Task] = set()
+        done: list[dict] = []
         stop = asyncio.create_task(self.stopped.wait())
-        await asyncio.wait([work, stop], return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        if self.stopped.is_set():
-            work.cancel()  # closes the engine connections: the engine aborts those requests
-            raise RunStopped
+        more = True
+        try:
+            while True:
+                if more and len(pending) < window:
+                    lines = await asyncio.to_thread(lambda: list(islice(items, window - len(pending))))
+                    more = bool(lines)
+                    pending |= {asyncio.create_task(self._item(index, line)) for index, line in lines}
+                if not pending:
+                    break
+                finished, pending = await asyncio.wait(pending | {stop},
+                                                       return_when=asyncio.FIRST_COMPLETED)
+                if self.stopped.is_set():
+                    raise RunStopped
+                pending.discard(stop)
+                done.extend(task.result() for task in finished)  # an item's crash ends the attempt
+                if len(done) >= settings.EVAL_CONCURRENCY or (not pending and not more):
+                    await self._store(done)
+                    done = []
+            if done:
+                await self._store(done)
+        finally:
+            stop.cancel()
+            for task in pending:
+                task.cancel()  # closes the engine connections: the engine aborts those requests
+
+    async def _store(self, outputs: list[dict]) -> None:
         stored = await sync_to_async(eval_run_record_items)(run=self.run, attempt=self.attempt,
-                                                           outputs=work.result())
+                                                           outputs=outputs)
         if not stored:
             raise RunStopped
-        self.graded += len(batch)
+        self.graded += len(outputs)
 
     async def _heartbeats(self) -> None:
         await keep_alive(settings.EVAL_HEARTBEAT_SECONDS, self._beat)

@@ -7,7 +7,12 @@ token budget and concurrency cap, counted in its usage, at a lower engine priori
 tenants' own requests. On top of that it makes room for them: at most ``concurrency`` requests
 in flight, and only ``beside_interactive`` while tenants' requests are being answered on the
 same engines (counted by the gateway's admission in Redis, read at most every quarter second).
-A refusal for one of the organization's limits is waited out for as long as the gateway says;
+With the pace's ``preempt``, it also takes back what is already in flight: while a tenant's
+request is being answered, the background requests sent last beyond ``beside_interactive`` are
+stopped at the engine (the gateway settles the tokens they generated, counted against the
+organization like any) and sent again once there is room. On a CPU engine a request shares
+every decoding step with those beside it, so room made only for the next requests comes after
+the tenant has waited through the ones in flight. A refusal for one of the organization's limits is waited out for as long as the gateway says;
 an engine that does not answer is waited for up to ``engine_wait`` seconds, then
 :class:`EngineGone` is raised.
 
@@ -51,6 +56,10 @@ class Pace:
     # person reads an answer before asking again, and work that filled the engines meanwhile
     # would be in flight beside their next request.
     quiet: float = 0.0
+    # Stop the requests in flight beyond ``beside_interactive`` when tenants' requests come
+    # (their tokens are spent and counted) and send them again later. Not for work that must
+    # reach an engine at most once (a batch's requests).
+    preempt: bool = False
 
 
 Hook = Callable[[], Awaitable[None]]
@@ -67,13 +76,22 @@ class BackgroundRequests:
         self.interactive = (0.0, 0)  # (when counted, the tenants' requests in flight on them)
         self.interactive_seen = float("-inf")  # when some were last counted
         self.waiting_for = ""  # what the work waits for now, shown as its progress
+        self.sent: dict[asyncio.Task, float] = {}  # requests at the engines → when sent
+        self.preempted: set[asyncio.Task] = set()  # stopped to make room: sent again
+        self.preemptions = 0  # how many times a request was stopped to make room
+
+    @property
+    def count_every(self) -> float:
+        """How often the tenants' requests are counted: more often when the work gives back
+        what is in flight for them, since each count is how soon it does."""
+        return 0.1 if self.pace.preempt else 0.25
 
     async def allowed(self) -> int:
         """How many requests may be in flight now: the pace's concurrency, or its
         ``beside_interactive`` while tenants' own requests are being answered on the same
         engines (counted at most every quarter second), and for its ``quiet`` seconds after."""
         counted_at, count = self.interactive
-        if time.monotonic() - counted_at > 0.25:
+        if time.monotonic() - counted_at > self.count_every:
             stale = settings.ENGINE_TIMEOUT + 60
             count = sum([await ratelimit.interactive_in_flight(base, stale_after=stale)
                          for base in self.bases])
@@ -93,7 +111,7 @@ class BackgroundRequests:
                     self.in_flight += 1
                     break
                 try:  # woken by a request that ends, or after a while to count again
-                    await asyncio.wait_for(self.room.wait(), 0.25)
+                    await asyncio.wait_for(self.room.wait(), self.count_every)
                 except TimeoutError:
                     pass
         try:
@@ -114,7 +132,9 @@ class BackgroundRequests:
             async with self.slot():
                 if sending is not None:
                     await sending()
-                reply = await complete_inside(self.inside, endpoint, body)
+                reply = await self._answer(endpoint, body)
+            if reply is None:  # stopped at the engine to make room: sent again
+                continue
             try:
                 payload = json.loads(reply.body or b"{}")
             except ValueError:
@@ -137,6 +157,36 @@ class BackgroundRequests:
                 continue
             self.waiting_for = ""
             return reply.status, payload
+
+
+    async def _answer(self, endpoint: str, body: dict):
+        """The gateway's reply, or None when the request was stopped to make room."""
+        task = asyncio.ensure_future(complete_inside(self.inside, endpoint, body))
+        self.sent[task] = time.monotonic()
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=self.count_every)
+                if self.pace.preempt and not task.done():
+                    await self._make_room()
+            if task in self.preempted and task.cancelled():
+                return None
+            return task.result()
+        finally:
+            del self.sent[task]
+            self.preempted.discard(task)
+            if not task.done():  # the caller was cancelled: so is its request
+                task.cancel()
+
+    async def _make_room(self) -> None:
+        """Stop the requests sent last beyond what may be in flight beside tenants' requests."""
+        allowed = await self.allowed()
+        running = [task for task in self.sent if task not in self.preempted and not task.done()]
+        if len(running) <= allowed:
+            return
+        for task in sorted(running, key=self.sent.__getitem__)[allowed:]:
+            self.preempted.add(task)
+            self.preemptions += 1
+            task.cancel()  # the gateway closes the engine's connection: the engine aborts it
 
 
 async def keep_alive(every: float, beat: Callable[[], Awaitable[str | None]]) -> str:
