@@ -10,6 +10,10 @@ from piling chunks up.
 
 - :func:`blob_response`: one blob. With S3 storage and ``TUNEPLEX_DOWNLOAD_REDIRECT_SECONDS``,
   a 302 to a presigned URL of the object instead: the web process never carries the bytes.
+  Range requests (RFC 9110): one range (``bytes=a-b``, ``bytes=a-``, ``bytes=-n``) is answered
+  206 with those bytes only, read from that offset (the bytes before it are never read); a
+  range past the end 416; several ranges, or a header we do not understand, the whole (200).
+  ``Accept-Ranges: bytes`` says so on every blob download, so a client can resume one.
 - :func:`zip_response`: several blobs as one zip, built while it is sent (never on disk).
 
 Callers authorize first: they are handed blob names of the caller's organization only.
@@ -21,15 +25,23 @@ import asyncio
 import contextvars
 import functools
 import io
+import re
 import zipfile
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from django.conf import settings
 from django.core.handlers.asgi import ASGIRequest
-from django.http import HttpRequest, HttpResponseBase, HttpResponseRedirect, StreamingHttpResponse
+from django.http import (
+    HttpRequest,
+    HttpResponseBase,
+    HttpResponseRedirect,
+    JsonResponse,
+    StreamingHttpResponse,
+)
 from django.utils.http import content_disposition_header
 
+from tuneplex.core.errors import error_body
 from tuneplex.core.storage import artifact_storage, open_stream
 
 CHUNK = 2**20
@@ -47,10 +59,52 @@ def blob_response(request: HttpRequest, name: str, *, filename: str,
         response["Cache-Control"] = "no-store"  # the URL is a credential while it lasts
         return response
     size = storage.size(name)
-    response = StreamingHttpResponse(_served(request, _blob_chunks(name)), content_type=content_type)
-    response["Content-Length"] = str(size)
+    try:
+        wanted = byte_range(request.META.get("HTTP_RANGE", ""), size)
+    except RangeNotSatisfiable:
+        response = JsonResponse(error_body(
+            "range_not_satisfiable", f"The range asked for is not within the {size} bytes of "
+            "the content.", "Range"), status=416)
+        response["Content-Range"] = f"bytes */{size}"
+        response["Accept-Ranges"] = "bytes"
+        return response
+    start, end = wanted or (0, size - 1)
+    chunks = _blob_chunks(name, start, end - start + 1)
+    response = StreamingHttpResponse(_served(request, chunks), content_type=content_type,
+                                     status=206 if wanted else 200)
+    response["Content-Length"] = str(end - start + 1)
+    if wanted:
+        response["Content-Range"] = f"bytes {start}-{end}/{size}"
     response["Content-Disposition"] = disposition
+    response["Accept-Ranges"] = "bytes"
     return response
+
+
+class RangeNotSatisfiable(Exception):
+    pass
+
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """The one range ``header`` asks of ``size`` bytes, as (first, last) byte; None for the
+    whole (no header, one we do not understand, several ranges). RangeNotSatisfiable for a
+    range that starts past the end, or a suffix of no bytes."""
+    match = _RANGE.fullmatch(header.strip())
+    if match is None or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.groups()
+    if first == "":  # the last n bytes
+        if not int(last) or not size:
+            raise RangeNotSatisfiable(header)
+        return max(0, size - int(last)), size - 1
+    start = int(first)
+    if last and int(last) < start:
+        return None  # invalid: ignored, as RFC 9110 says
+    if start >= size:
+        raise RangeNotSatisfiable(header)
+    return start, min(int(last), size - 1) if last else size - 1
 
 
 def zip_response(request: HttpRequest, names: list[tuple[str, str]],
@@ -63,10 +117,18 @@ def zip_response(request: HttpRequest, names: list[tuple[str, str]],
     return response
 
 
-def _blob_chunks(name: str) -> Iterator[bytes]:
-    with open_stream(name) as source:
-        while chunk := source.read(CHUNK):
+def _blob_chunks(name: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+    """The blob's bytes from ``offset``, ``length`` of them (all to its end when None)."""
+    if length == 0:
+        return
+    with open_stream(name, offset=offset) as source:
+        left = length
+        while chunk := source.read(CHUNK if left is None else min(CHUNK, left)):
             yield chunk
+            if left is not None:
+                left -= len(chunk)
+                if left <= 0:
+                    return
 
 
 def zip_stream(names: list[tuple[str, str]]) -> Iterator[bytes]:

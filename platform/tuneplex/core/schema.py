@@ -41,6 +41,8 @@ _ERROR_TEXT = {
     "404": "No such object in this organization",
     "409": "The object's state does not allow this now",
     "413": "The request body is too large",
+    "416": "The range asked for (Range header) is not within the content; Content-Range: "
+           "bytes */size says its size",
     "429": "The organization's request rate was reached (Retry-After says when to retry)",
 }
 _WRITES = {"post", "put", "patch", "delete"}
@@ -75,6 +77,11 @@ def _answers_conflicts(operation: dict) -> bool:
     return "application/zip" in ok
 
 
+def _answers_ranges(operation: dict) -> bool:
+    """Blob downloads, which answer a Range request 206 (and 416 when it is past the end)."""
+    return "206" in operation["responses"]
+
+
 def document_lists_and_errors(result, generator, request, public):
     """drf-spectacular postprocessing hook: list operations answer OpenAI's list envelope (not a
     bare array), and every operation documents the errors it can answer, in our one shape."""
@@ -99,8 +106,13 @@ def document_lists_and_errors(result, generator, request, public):
                 wanted.append("409")
             if method in _WRITES:
                 wanted.append("413")
+            if _answers_ranges(operation):
+                wanted.append("416")
             for status in wanted:
                 responses.setdefault(status, {
                     "description": _ERROR_TEXT[status],
                     "content": {"application/json": {"schema": error_ref}}})
+            for status, response in responses.items():  # errors an operation names itself
+                if status.startswith(("4", "5")) and "content" not in response:
+                    response["content"] = {"application/json": {"schema": error_ref}}
     return result

@@ -60,20 +60,25 @@ def upload_directory(directory: Path, prefix: str, names: Iterable[str]) -> int:
     return total
 
 
-def open_stream(name: str, storage=None) -> BinaryIO:
-    """Blob ``name`` opened for reading from its start, without a copy of it anywhere.
+def open_stream(name: str, storage=None, *, offset: int = 0) -> BinaryIO:
+    """Blob ``name`` opened for reading from its start (or from byte ``offset``, which must be
+    within it; the bytes before it are never read), without a copy of it anywhere.
 
     django-storages' S3 file downloads the whole object into memory on its first read (its
     spooled file never rolls over to disk by default), so an S3 blob is read from the object's
-    body stream instead. FileNotFoundError when there is no such blob, on both backends.
-    ``storage``: another storage than the artifacts' (the pool agents' read-only one).
+    body stream instead (from ``offset``: a ranged GET). FileNotFoundError when there is no such
+    blob, on both backends. ``storage``: another storage than the artifacts' (the pool agents'
+    read-only one).
     """
     handle = (storage or artifact_storage()).open(name, "rb")
     s3_object = getattr(handle, "obj", None)  # the S3 file's boto3 Object; read nothing yet
     if s3_object is None:
+        if offset:
+            handle.seek(offset)
         return handle
     handle.close()
-    return io.BufferedReader(s3_object.get()["Body"], CHUNK)  # buffered: readline() in bulk
+    body = s3_object.get(**({"Range": f"bytes={offset}-"} if offset else {}))["Body"]
+    return io.BufferedReader(body, CHUNK)  # buffered: readline() in bulk
 
 
 def download_file(name: str, target: Path) -> None:

@@ -14,7 +14,7 @@ from rest_framework import serializers
 from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 
-from tuneplex.core.apis import AnyAccept, ApiObjectOutput, OrgApi
+from tuneplex.core.apis import RANGE_HEADER, AnyAccept, ApiObjectOutput, OrgApi
 from tuneplex.core.downloads import blob_response
 from tuneplex.core.errors import ApiError
 from tuneplex.core.fields import enum_field
@@ -127,8 +127,10 @@ class FileContentApi(OrgApi):
     scopes = {"GET": READ}
     content_negotiation_class = AnyAccept
 
-    @extend_schema(responses={
+    @extend_schema(parameters=[RANGE_HEADER], responses={
         (200, "application/jsonl"): bytes,
+        (206, "application/jsonl"): OpenApiResponse(bytes, description=(
+            "The range asked for (Content-Range says which)")),
         302: OpenApiResponse(description="Where the bucket serves the file: a presigned URL, "
                                          "valid for a short time (S3 storage with "
                                          "TUNEPLEX_DOWNLOAD_REDIRECT_SECONDS set)")},
