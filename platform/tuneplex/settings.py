@@ -432,11 +432,14 @@ EVAL_MAX_ITEMS = env_int("TUNEPLEX_EVAL_MAX_ITEMS", 10_000, minimum=1)  # items 
 EVAL_MAX_ITEM_BYTES = env_int("TUNEPLEX_EVAL_MAX_ITEM_BYTES", 256 * 1024, minimum=1024)  # one item's JSON
 # Items a run has in flight at once (samples and judge calls): at most this many of the
 # organization's TUNEPLEX_ORG_INFERENCE_CONCURRENCY slots.
-EVAL_CONCURRENCY = env_int("TUNEPLEX_EVAL_CONCURRENCY", 8, minimum=1, maximum=256)
+EVAL_CONCURRENCY = env_int("TUNEPLEX_EVAL_CONCURRENCY", 16, minimum=1, maximum=256)
 # ... and while tenants' own requests are being answered on the same engines: an eval makes room
 # for interactive traffic (on these CPUs every request in a batch slows the others).
 EVAL_CONCURRENCY_BESIDE_INTERACTIVE = env_int("TUNEPLEX_EVAL_CONCURRENCY_BESIDE_INTERACTIVE", 1,
                                               minimum=1, maximum=256)
+# ... and the requests already in flight beyond that are stopped at the engine when tenants'
+# requests come (their tokens counted against the organization) and sent again later.
+EVAL_PREEMPT = env_bool("TUNEPLEX_EVAL_PREEMPT", True)
 EVAL_MAX_TOKENS = env_int("TUNEPLEX_EVAL_MAX_TOKENS", 256, minimum=1)  # a sample's default max_completion_tokens
 ORG_MAX_ACTIVE_EVAL_RUNS = env_int("TUNEPLEX_ORG_MAX_ACTIVE_EVAL_RUNS", 4, minimum=1)  # queued or in progress
 EVAL_HEARTBEAT_SECONDS = env_int("TUNEPLEX_EVAL_HEARTBEAT_SECONDS", 5, minimum=1)
