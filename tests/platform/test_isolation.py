@@ -185,6 +185,25 @@ OBJECT_OF_B.update({
 })
 
 
+def _export_of_b(b: Tenant) -> tuple[str, str]:
+    """(B's adapter, its export), the export succeeded (its content downloadable by B)."""
+    from tuneplex.exports.models import Export
+
+    adapter_id = _adapter_of_b(b)
+    existing = Export.objects.filter(adapter_id=adapter_id).first()
+    export = existing or Export.objects.create(
+        organization=b.organization, adapter_id=adapter_id, format="gguf-lora",
+        quantization="f16", needs_merge=False, status="succeeded", blob_name="x")
+    return adapter_id, export.id
+
+
+OBJECT_OF_B.update({
+    "/v1/adapters/{id}/exports": _adapter_of_b,
+    "/v1/adapters/{id}/exports/{export_id}": _export_of_b,
+    "/v1/adapters/{id}/exports/{export_id}/content": _export_of_b,
+})
+
+
 def _sweep_of_b(b: Tenant) -> str:
     from tuneplex.sweeps.models import Sweep
 
@@ -236,6 +255,7 @@ def _b_snapshot(b: Tenant) -> list:
         sorted(b.organization.deploy_gates.values_list("id", "enabled")),
         sorted(b.organization.batches.values_list("id", "status", "cancelling_at")),
         sorted(b.organization.uploads.values_list("id", "status", "completion_attempt")),
+        sorted(b.organization.exports.values_list("id", "status")),
     ]
 
 
@@ -261,7 +281,7 @@ def test_a_caller_of_a_gets_404_for_every_object_of_b(org_a, org_b, as_session):
     _deployed_adapter_of_b(org_b)
     # made before B's snapshot
     _run_of_b(org_b), _gate_of_b(org_b), _sweep_of_b(org_b), _upload_of_b(org_b)
-    _batch_of_b(org_b)  # made before B's snapshot too
+    _batch_of_b(org_b), _export_of_b(org_b)  # made before B's snapshot too
     before = _b_snapshot(org_b)
     for path, method in operations:
         ids = OBJECT_OF_B[path](org_b)  # one id, or one per placeholder, in order
