@@ -124,3 +124,26 @@ class _Quiet:
 @pytest.fixture(scope="session")
 def step_gradients():
     return _step_gradients
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(base_model_dir, tmp_path_factory):
+    """An adapter with random non-zero weights on every linear projection of the embedded model,
+    and peft's merge of it (merge_and_unload in float32, cast to bf16): the merge tests' reference."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.training.merging import ALL_LINEAR, make_adapter
+
+    directory = tmp_path_factory.mktemp("adapter")
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+    reference = make_adapter(model, directory, r=8, lora_alpha=16, target_modules=ALL_LINEAR)
+    return directory, reference
+
+
+@pytest.fixture(scope="session")
+def merged_model(base_model_dir, lora_adapter, tmp_path_factory):
+    """The embedded model merged with ``lora_adapter`` by jobs.training.merge, and its summary."""
+    from jobs.training.merge import merge
+
+    out = tmp_path_factory.mktemp("merged") / "model"
+    return out, merge(base_model_dir, lora_adapter[0], out)
