@@ -3,6 +3,7 @@ merge of it, and a model directory's tensors."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -42,3 +43,17 @@ def read_shards(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
                 tensors[name] = handle.get_tensor(name)
                 where[name] = path.name
     return tensors, where
+
+
+def save_tiny_llama(directory: Path, tokenizer_from: Path) -> Path:
+    """A two-layer Llama with random bf16 weights and the embedded model's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tokenizer_from / name, directory / name)
+    return directory

@@ -17,7 +17,13 @@ from jobs.training import merge as merge_module
 from jobs.training.merge import INDEX_FILE, merge
 from jobs.training.merge_check import LOGITS_TOLERANCE, WEIGHT_TOLERANCE_ULPS
 from tests.training.conftest import REPO
-from tests.training.merging import ALL_LINEAR, TOKENIZER_FILES, make_adapter, read_shards
+from tests.training.merging import (
+    ALL_LINEAR,
+    TOKENIZER_FILES,
+    make_adapter,
+    read_shards,
+    save_tiny_llama,
+)
 
 
 def assert_same_within_bf16_rounding(ours: torch.Tensor, reference: torch.Tensor, name: str):
@@ -147,17 +153,7 @@ def test_a_merge_that_loses_the_adapter_fails_on_the_logits_too(
 
 @pytest.fixture(scope="module")
 def tiny_llama(base_model_dir, tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=False)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(base_model_dir / name, directory / name)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), base_model_dir)
 
 
 def test_rslora_patterns_and_fan_in_fan_out_merge_as_peft_does(base_model_dir, tmp_path):
