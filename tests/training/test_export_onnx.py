@@ -209,3 +209,20 @@ def test_a_merged_folder_without_a_tokenizer_is_invalid_input(merged, tmp_path, 
     assert code == protocol.EXIT_ERROR
     assert isinstance(end, protocol.ExportError) and end.code == "invalid_input"
     assert "tokenizer" in end.message
+
+
+def test_an_architecture_the_builder_does_not_know_is_invalid_input(merged, tmp_path, capsys):
+    """A real Hugging Face model the builder has no graph for (GPT-2) is refused as the model's
+    fault (invalid_input), not an export error."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64,
+                               vocab_size=49152)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(merged).save_pretrained(folder)
+    code = main(["--format", "onnx", "--base", str(folder), "--merged", str(folder),
+                 "--out", str(tmp_path / "out")])
+    end = protocol.parse(capsys.readouterr().out.splitlines()[-1])
+    assert code == protocol.EXIT_ERROR
+    assert isinstance(end, protocol.ExportError) and end.code == "invalid_input", end
+    assert "does not support this model's architecture" in end.message
