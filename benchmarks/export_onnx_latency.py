@@ -111,7 +111,7 @@ def onnx_latency(model_dir: Path, ids: list[int], tokens: int, repeats: int, thr
 def measure(merged: Path, work: Path, *, types=TYPES, tokens: int = 64, repeats: int = 3,
             threads: int = 0) -> dict:
     """Export each type of ``merged`` into ``work`` and time its tokens against transformers':
-    {"transformers": {...}, "onnx": {type: {export_s, size_bytes, ms_per_token, ratio, ...}}}."""
+    {"transformers": {...}, "onnx": {type: {build_s, size_bytes, ms_per_token, ratio, ...}}}."""
     import torch
     from transformers import AutoTokenizer
 
@@ -125,11 +125,11 @@ def measure(merged: Path, work: Path, *, types=TYPES, tokens: int = 64, repeats:
     for quantization in types:
         started = time.perf_counter()
         model_dir = build(merged, work / quantization, quantization)
-        export_s = time.perf_counter() - started
+        build_s = time.perf_counter() - started
         size = sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file())
         row = onnx_latency(model_dir, ids, tokens, repeats, threads)
         matching = sum(a == b for a, b in zip(row.pop("tokens"), reference["tokens"]))
-        rows[quantization] = {"export_s": round(export_s, 1), "size_bytes": size, **row,
+        rows[quantization] = {"build_s": round(build_s, 1), "size_bytes": size, **row,
                               "ratio": round(reference["ms_per_token"] / row["ms_per_token"], 2),
                               "greedy_tokens_as_transformers": f"{matching}/{tokens}"}
         shutil.rmtree(work / quantization, ignore_errors=True)
@@ -143,12 +143,12 @@ def _print(result: dict) -> None:
     print(f"{result['model']}: {result['prompt_tokens']}-token prompt, {result['new_tokens']} "
           f"new tokens, {result['threads']} threads, median of {result['repeats']}")
     print(f"{'engine':<24}{'ms/token':>10}{'prefill ms':>12}{'ratio':>8}{'size MB':>10}"
-          f"{'export s':>10}  greedy as transformers")
+          f"{'build s':>10}  greedy as transformers")
     print(f"{'transformers fp32':<24}{base['ms_per_token']:>10}{base['prefill_ms']:>12}"
           f"{'1.00':>8}")
     for name, row in result["onnx"].items():
         print(f"{'onnxruntime ' + name:<24}{row['ms_per_token']:>10}{row['prefill_ms']:>12}"
-              f"{row['ratio']:>8.2f}{row['size_bytes'] / 1e6:>10.1f}{row['export_s']:>10}  "
+              f"{row['ratio']:>8.2f}{row['size_bytes'] / 1e6:>10.1f}{row['build_s']:>10}  "
               f"{row['greedy_tokens_as_transformers']}")
 
 
@@ -171,11 +171,13 @@ def main() -> int:
     import transformers
 
     types = tuple(t for t in args.types.split(",") if t)
+    load_before = os.getloadavg()[0]  # a shared machine: other work skews every figure
     with tempfile.TemporaryDirectory(prefix="onnx-latency-") as work:
         result = measure(args.merged or embedded_model(), Path(work), types=types,
                          tokens=args.tokens, repeats=args.repeats, threads=args.threads)
     result = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(),
               "cpu": platform.processor() or platform.machine(),
+              "load_average": {"before": load_before, "after": os.getloadavg()[0]},
               "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                            "transformers": transformers.__version__}, **result}
     _print(result)
