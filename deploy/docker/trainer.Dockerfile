@@ -16,18 +16,26 @@ RUN mkdir -p platform/tuneplex jobs serving frontend \
     && touch platform/tuneplex/__init__.py jobs/__init__.py serving/__init__.py frontend/__init__.py \
     && /opt/venv/bin/pip install -e ".[s3]"
 # The trainer: torch's CUDA build (the default PyPI wheel), then the train and gpu groups.
+# llama-cpp-python (the GGUF exports' llama.cpp) compiles from its sdist, for a portable CPU as
+# deploy/setup.sh builds it.
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential \
+    && rm -rf /var/lib/apt/lists/*
 RUN /opt/venv-train/bin/pip install "pip>=25.1" \
-    && /opt/venv-train/bin/pip install --group train --group gpu
+    && CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" \
+       /opt/venv-train/bin/pip install --group train --group gpu
 COPY manage.py ./
 COPY platform ./platform
 COPY jobs ./jobs
+# llama.cpp's converters, from the sdist of the same llama-cpp-python (jobs/export/llamacpp.py).
+RUN /opt/venv-train/bin/python -m jobs.export.llamacpp install-scripts
 COPY serving ./serving
 COPY frontend ./frontend
 COPY deploy/docker/entrypoint.sh /usr/local/bin/tuneplex-entrypoint
 
 FROM ${CUDA_IMAGE} AS runtime
 ENV DEBIAN_FRONTEND=noninteractive
-RUN apt-get update && apt-get install -y --no-install-recommends python3.12 curl \
+# libgomp1: the OpenMP runtime of llama-cpp-python's llama.cpp (the GGUF exports and their checks).
+RUN apt-get update && apt-get install -y --no-install-recommends python3.12 curl libgomp1 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 tuneplex \
     && useradd --uid 10001 --gid 10001 --home-dir /home/tuneplex --create-home --shell /usr/sbin/nologin tuneplex
