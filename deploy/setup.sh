@@ -123,4 +123,15 @@ if [ "$WITH_TESTS" = 1 ] && ! command -v promtool >/dev/null; then
     exit 1
   fi
 fi
+# The Ollama export's test renders its Modelfile TEMPLATE with Go's own text/template.
+if [ "$WITH_TESTS" = 1 ] && ! command -v go >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing Debian's Go for the Ollama template test"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends golang-go >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends golang-go >/dev/null; }
+  else
+    echo "The Ollama template test needs Go: run 'apt-get install golang-go' as root." >&2
+    exit 1
+  fi
+fi
 log "environments ready"
