@@ -12,15 +12,13 @@ import tarfile
 
 import pytest
 
-from tests.conftest import REPO, bearer, wait_for
+from tests.conftest import bearer, wait_for
 from tests.fixtures.adapter_rows import adapter_from_dir
 from tuneplex.audit.models import AuditEvent
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 
-@pytest.mark.skipif(not (REPO / "jobs" / "export" / "safetensors_tar.py").exists(),
-                    reason="pending: the safetensors format (jobs/export/safetensors_tar.py)")
 def test_a_real_adapter_is_merged_exported_checked_and_downloaded(celery_worker, gpu_workers,
                                                                   default_model, adapters,
                                                                   org_a):
