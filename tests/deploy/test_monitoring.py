@@ -195,7 +195,7 @@ def running_prometheus(config: dict, folder: Path):
             assert server.poll() is None, (folder / "prometheus.log").read_text()[-2000:]
             try:
                 answer = httpx.get(f"{api}/query", params={"query": expr}, timeout=5).json()
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):  # not up yet: a 503 in plain text while it starts
                 return []
             return answer.get("data", {}).get("result", [])
 
