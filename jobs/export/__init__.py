@@ -13,6 +13,9 @@ check's figures are part of its result line, and a failed check is an error line
 
 from __future__ import annotations
 
+import os
+import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,3 +40,26 @@ class CheckFailed(Exception):
 
 class InvalidInput(Exception):
     pass
+
+
+def write_tar(path: Path, files: list[Path], name: str,
+              progress: Callable[[float, str], None] | None = None) -> Path:
+    """``files`` under ``name/`` in an uncompressed tar at ``path``, added one by one (tarfile
+    copies each file's content in bounded chunks), owners left out; written beside ``path`` and
+    renamed into place when complete. ``progress`` hears the share of the bytes added (to 0.9)."""
+    def anonymous(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info
+
+    total = sum(p.stat().st_size for p in files) or 1
+    partial = path.with_name(f".{path.name}.partial")
+    done = 0
+    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
+        for file in files:
+            tar.add(file, arcname=f"{name}/{file.name}", recursive=False, filter=anonymous)
+            done += file.stat().st_size
+            if progress is not None:
+                progress(0.9 * done / total, f"added {file.name}")
+    os.replace(partial, path)
+    return path

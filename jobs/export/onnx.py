@@ -16,7 +16,7 @@ Three steps, each a function the tests and the benchmark call too:
    stay within :data:`LOGIT_TOLERANCE` (max abs diff); int8's logits move more, so it must agree
    on the top-1 token at :data:`INT8_MIN_TOP1_AGREEMENT` of those positions. The figures are
    the check's.
-3. :func:`write_tar`: the folder as an uncompressed tar, written file by file.
+3. :func:`jobs.export.write_tar`: the folder as an uncompressed tar, written file by file.
 """
 
 from __future__ import annotations
@@ -28,13 +28,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.export import CheckFailed, ExportRequest, InvalidInput
+from jobs.export import CheckFailed, ExportRequest, InvalidInput, write_tar
 
 BUILDER = "onnxruntime_genai.models.builder"
 MODEL_FILE = "model.onnx"
@@ -77,7 +76,8 @@ def export(request: ExportRequest, progress: Callable[[float, str], None]) -> tu
         progress(0.6, "checking the ONNX model's logits in onnxruntime against transformers'")
         result = check(model_dir, request.merged, request.quantization)
         progress(0.85, "writing the tar")
-        path = write_tar(model_dir, request.out / f"{request.name}.tar", request.name)
+        path = write_tar(request.out / f"{request.name}.tar",
+                         sorted(p for p in model_dir.iterdir() if p.is_file()), request.name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     progress(1.0, "exported")
@@ -339,20 +339,3 @@ class OnnxDecoder:
 
 
 # --- 3. the artifact -----------------------------------------------------------------------------
-
-
-def write_tar(folder: Path, path: Path, name: str) -> Path:
-    """``folder``'s files under ``name/`` in an uncompressed tar, each copied in bounded chunks
-    (tarfile streams a file's content), owners left out."""
-    def anonymous(info: tarfile.TarInfo) -> tarfile.TarInfo:
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        return info
-
-    partial = path.with_name(path.name + ".partial")
-    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
-        for item in sorted(folder.iterdir()):
-            if item.is_file():
-                tar.add(item, arcname=f"{name}/{item.name}", recursive=False, filter=anonymous)
-    partial.replace(path)
-    return path

@@ -11,13 +11,12 @@ one is checked now against base + adapter (jobs.training.merge_check).
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jobs.export import CheckFailed, ExportRequest, InvalidInput
+from jobs.export import CheckFailed, ExportRequest, InvalidInput, write_tar
 from jobs.training.layout import sha256_of
 from jobs.training.merge import CHECK_FILE, safetensors_header
 from jobs.training.merge_check import check_merge, failure_line
@@ -32,7 +31,7 @@ def export(request: ExportRequest, progress: Callable[[float, str], None]) -> tu
         raise InvalidInput(f"{merged} holds no safetensors weights")
     logits = _merge_check(request, progress)
     artifact = request.out / f"{request.name}.tar"
-    _write_tar(artifact, files, request.name, progress)
+    write_tar(artifact, files, request.name, progress)
     progress(0.95, "checking the archive against the merged model")
     figures = compare_archive(artifact, merged, request.name)
     check = {**logits, **figures, "passed": logits["passed"] and figures["passed"]}
@@ -65,19 +64,6 @@ def _merge_check(request: ExportRequest, progress: Callable[[float, str], None])
             message = f"the merge check failed: {json.dumps(check)[:400]}"
         raise CheckFailed(message, check)
     return check
-
-
-def _write_tar(artifact: Path, files: list[Path], name: str,
-               progress: Callable[[float, str], None]) -> None:
-    total = sum(p.stat().st_size for p in files) or 1
-    partial = artifact.with_name(f".{artifact.name}.partial")
-    done = 0
-    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
-        for path in files:
-            tar.add(path, arcname=f"{name}/{path.name}", recursive=False)
-            done += path.stat().st_size
-            progress(0.9 * done / total, f"added {path.name}")
-    os.replace(partial, artifact)
 
 
 def compare_archive(artifact: Path, merged: Path, name: str) -> dict[str, Any]:
