@@ -164,13 +164,13 @@ class BackgroundRequests:
         task = asyncio.ensure_future(complete_inside(self.inside, endpoint, body))
         self.sent[task] = time.monotonic()
         try:
-            while not task.done():
+            while self.pace.preempt and not task.done():  # watched only when it may be stopped
                 await asyncio.wait({task}, timeout=self.count_every)
-                if self.pace.preempt and not task.done():
+                if not task.done():
                     await self._make_room()
             if task in self.preempted and task.cancelled():
                 return None
-            return task.result()
+            return await task
         finally:
             del self.sent[task]
             self.preempted.discard(task)
