@@ -192,6 +192,9 @@ class Execution:
                 task.cancel()  # closes the engine connections: the engine aborts those requests
 
     async def _store(self, outputs: list[dict]) -> None:
+        # Items finish in any order; each batch is stored in the data source's order, so a run
+        # whose items fit one batch lists them as its file has them.
+        outputs = sorted(outputs, key=lambda output: output["datasource_item_id"])
         stored = await sync_to_async(eval_run_record_items)(run=self.run, attempt=self.attempt,
                                                            outputs=outputs)
         if not stored:
