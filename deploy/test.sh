@@ -25,6 +25,9 @@ export TUNEPLEX_DATA_DIR=${TUNEPLEX_DATA_DIR:-$(pwd)/var/test}
 # The test process itself attaches to no engine: the serving tests start a vLLM replica and a
 # gateway (uvicorn) of their own, and the end-to-end test runs deploy/up.sh, which starts one.
 export TUNEPLEX_ENGINE_MODE=off
+# One GPU slot, fixed: most scheduler tests dispatch with no GPU worker running. The membership
+# tests (tests/finetuning/test_gpu_workers.py) unset it for themselves and the workers they start.
+export TUNEPLEX_GPU_SLOTS=${TUNEPLEX_GPU_SLOTS:-1}
 mkdir -p test-artifacts
 
 training=() platform=() options=()

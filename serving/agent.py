@@ -137,6 +137,10 @@ class AgentServer(HTTPServer):
         self._workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pool-agent")
         self._closing = False
 
+    def state(self) -> dict:
+        """What ``/v1/state`` answers and the fleet's entry of this replica holds."""
+        return {**self.pool.state(), "model": self.model, "engine_url": self.engine_url}
+
     def serve_in_thread(self) -> threading.Thread:
         thread = threading.Thread(target=self.serve_forever, name="pool-agent", daemon=True)
         thread.start()
@@ -296,8 +300,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return None
         if self.path == "/v1/state":
-            return self._reply(200, {**self.server.pool.state(), "model": self.server.model,
-                                     "engine_url": self.server.engine_url})
+            return self._reply(200, self.server.state())
         return self._error(404, "not_found", "No such endpoint.")
 
     def do_POST(self):

@@ -6,10 +6,13 @@ request path never does I/O under a lock and, for an adapter this process alread
 I/O at all: ``acquire_nowait`` counts the request against the held lease. Otherwise ``acquire``
 (in a worker thread) asks the agents, preferring a replica that already holds the adapter.
 
-A maintenance thread (``run``) refreshes the agents' state every second, renews held leases
-well before they expire, and hands back a lease as soon as this process's last request on it
-ends (the request path only queues it), so that no slot stays pinned by an idle gateway. A replica whose engine or agent does not answer is marked down at once
-and routed around until its agent reports it ready again.
+A maintenance thread (``run``) renews held leases well before they expire, hands back a lease
+as soon as this process's last request on it ends (the request path only queues it), so that no
+slot stays pinned by an idle gateway, and looks at the replicas: in a fleet, it reads the
+membership and the states the replicas published once per heartbeat (their changes in between
+arrive through :meth:`PoolClient.apply_state`); with a fixed list, it asks every agent each
+second. A replica whose engine or agent does not answer is marked down at once and routed around
+until it reports itself ready again.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -59,9 +63,18 @@ class Route:
 
 class PoolClient:
     def __init__(self, agent_urls: list[str], *, api_key: str, slots: int,
-                 lease_seconds: float = 15.0, timeout: float = 60.0) -> None:
-        if not agent_urls:
-            raise ValueError("a pool needs at least one replica")
+                 lease_seconds: float = 15.0, timeout: float = 60.0,
+                 fleet: Callable[[], dict[str, dict | None]] | None = None,
+                 resync_every: float = 1.0) -> None:
+        """``agent_urls``: the replicas always in the pool. ``fleet``: where the replicas that
+        joined are read, with the state each published (agent URL -> state, or None when it
+        published none: that one is asked over HTTP), every ``resync_every`` seconds; changes in
+        between come by :meth:`apply_state`. Without ``fleet`` every agent is asked each second."""
+        if not agent_urls and fleet is None:
+            raise ValueError("a pool needs at least one replica, or a fleet to find them in")
+        self.fixed = {url.rstrip("/") for url in agent_urls}
+        self.fleet = fleet
+        self.resync_every = resync_every if fleet is not None else 1.0
         self.replicas = [ReplicaView(url.rstrip("/")) for url in agent_urls]
         self.slots = slots  # per replica; the pin limit is half of it
         self.holder = f"gateway-{uuid.uuid4().hex[:12]}"
@@ -171,12 +184,15 @@ class PoolClient:
     def mark_down(self, replica: ReplicaView, reason: str) -> None:
         """The replica failed a request: route around it until its agent says it is ready."""
         with self._lock:
-            if replica.up:
-                log.warning("engine replica %s is down: %s", replica.agent_url, reason)
-            replica.up = False
-            replica.reason = reason
-            for key in [k for k, h in self.held.items() if h.replica is replica]:
-                self.held[key].ids.clear()  # lost with the engine; in-flight routes end on their own
+            self._mark_down(replica, reason)
+
+    def _mark_down(self, replica: ReplicaView, reason: str) -> None:
+        if replica.up:
+            log.warning("engine replica %s is down: %s", replica.agent_url, reason)
+        replica.up = False
+        replica.reason = reason
+        for key in [k for k, h in self.held.items() if h.replica is replica]:
+            self.held[key].ids.clear()  # lost with the engine; in-flight routes end on their own
 
     def forget(self, route: Route) -> None:
         """The engine does not know the adapter although we lease it (it restarted): drop it."""
@@ -188,7 +204,7 @@ class PoolClient:
     # --- what the agents say ------------------------------------------------------------------
 
     def loaded_anywhere(self, adapter: str) -> bool:
-        return any(r.up and adapter in r.loaded for r in self.replicas)
+        return any(r.up and adapter in r.loaded for r in list(self.replicas))
 
     def ensure_fresh(self) -> None:
         """Ask the agents once, if nobody has yet in this process (blocking: not on the loop)."""
@@ -198,13 +214,26 @@ class PoolClient:
     def health(self) -> tuple[bool, str]:
         """(any replica up, a reason when none is)."""
         self.ensure_fresh()
-        up = [r for r in self.replicas if r.up]
+        replicas = list(self.replicas)
+        up = [r for r in replicas if r.up]
         if up:
-            return True, f"{len(up)} of {len(self.replicas)} replicas up"
-        return False, "; ".join(f"{r.agent_url}: {r.reason}" for r in self.replicas)
+            return True, f"{len(up)} of {len(replicas)} replicas up"
+        if not replicas:
+            return False, "no replica has joined the fleet"
+        return False, "; ".join(f"{r.agent_url}: {r.reason}" for r in replicas)
 
     def refresh(self) -> None:
-        for replica in self.replicas:
+        """Look at the replicas: in a fleet, read the membership with the states the replicas
+        published (adding those that joined, dropping those whose entry expired); ask over HTTP
+        the agents whose state is not known so (all of them without a fleet, or while the
+        fleet cannot be read: then the pool keeps the replicas it knows)."""
+        found = self._read_fleet()
+        with self._lock:
+            if found is not None:
+                self._sync(found)
+            ask = [r for r in self.replicas
+                   if found is None or r.agent_url in self.fixed or found.get(r.agent_url) is None]
+        for replica in ask:
             try:
                 response = self.client.get(f"{replica.agent_url}/v1/state", timeout=2)
                 response.raise_for_status()
@@ -213,14 +242,59 @@ class PoolClient:
                 self.mark_down(replica, f"its agent did not answer ({type(exc).__name__})")
                 continue
             with self._lock:
-                replica.engine_url = state["engine_url"].rstrip("/")
-                replica.loaded = frozenset(state["loaded"])
-                replica.slots = state["slots"]
-                if state["ready"] and not replica.up:
-                    log.info("engine replica %s is up", replica.agent_url)
-                replica.up = bool(state["ready"])
-                replica.reason = "ok" if replica.up else "its engine is starting or restarting"
+                self._set_state(replica, state)
         self.refreshed.set()
+
+    def _read_fleet(self) -> dict[str, dict | None] | None:
+        if self.fleet is None:
+            return None
+        try:
+            return {url.rstrip("/"): state for url, state in self.fleet().items()}
+        except Exception as exc:  # noqa: BLE001 - Redis down or slow: route as before
+            log.warning("could not read the fleet (keeping %d replicas): %s", len(self.replicas), exc)
+            return None
+
+    def _sync(self, found: dict[str, dict | None]) -> None:
+        """Under the lock: the pool's replicas become the fixed ones and those ``found``."""
+        for url in sorted(set(found) - {r.agent_url for r in self.replicas}):
+            log.info("engine replica %s joined", url)
+            self.replicas.append(ReplicaView(url, reason="joined, not asked yet"))
+        for replica in [r for r in self.replicas
+                        if r.agent_url not in found and r.agent_url not in self.fixed]:
+            self._drop(replica)
+        for replica in self.replicas:
+            if found.get(replica.agent_url):
+                self._set_state(replica, found[replica.agent_url])
+
+    def _drop(self, replica: ReplicaView) -> None:
+        self._mark_down(replica, "it left the fleet")
+        self.replicas.remove(replica)
+        log.info("engine replica %s left", replica.agent_url)
+
+    def apply_state(self, agent_url: str, state: dict | None) -> None:
+        """A replica's published change (``None``: it left the fleet). No I/O."""
+        url = agent_url.rstrip("/")
+        with self._lock:
+            replica = next((r for r in self.replicas if r.agent_url == url), None)
+            if state is None:
+                if replica is not None and url not in self.fixed:
+                    self._drop(replica)
+                return
+            if replica is None:
+                log.info("engine replica %s joined", url)
+                replica = ReplicaView(url)
+                self.replicas.append(replica)
+            if state:
+                self._set_state(replica, state)
+
+    def _set_state(self, replica: ReplicaView, state: dict) -> None:
+        replica.engine_url = state["engine_url"].rstrip("/")
+        replica.loaded = frozenset(state["loaded"])
+        replica.slots = state["slots"]
+        if state["ready"] and not replica.up:
+            log.info("engine replica %s is up", replica.agent_url)
+        replica.up = bool(state["ready"])
+        replica.reason = "ok" if replica.up else "its engine is starting or restarting"
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="pool-upkeep", daemon=True)
@@ -228,7 +302,7 @@ class PoolClient:
         return thread
 
     def run(self) -> None:
-        """Upkeep until closed: releases as soon as they are queued; refresh and renewals each second."""
+        """Upkeep until closed: releases as soon as they are queued; looks and renewals on time."""
         while not self._closed.is_set():
             self._wake.wait(1.0)
             self._wake.clear()
@@ -238,13 +312,13 @@ class PoolClient:
                 log.exception("pool upkeep failed")
 
     def maintain(self) -> None:
-        """One round: hand back released leases; every second refresh states and renew leases."""
+        """One round: hand back released leases; refresh states and renew leases when due."""
         with self._lock:
             release, self._to_release = self._to_release, {}
         for url, ids in release.items():
             self._post(f"{url}/v1/leases/release", {"leases": ids})
         now = time.monotonic()
-        if now - self._last_refresh >= 1.0:
+        if now - self._last_refresh >= self.resync_every:
             self._last_refresh = now
             self.refresh()
         if now - self._last_renew < self.renew_every:
@@ -306,7 +380,7 @@ class PoolClient:
         self.broadcast("/v1/adapters/unload", {"adapter": adapter})
 
     def broadcast(self, path: str, body: dict) -> None:
-        for replica in self.replicas:
+        for replica in list(self.replicas):
             self._post(f"{replica.agent_url}{path}", body)
 
     def close(self) -> None:

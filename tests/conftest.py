@@ -224,14 +224,16 @@ def gpu_workers(test_database_url):
             worker.stop()
 
 
-def wait_for(predicate, *, timeout: float, interval: float = 0.3, message: str = "condition"):
+def wait_for(predicate, *, timeout: float, interval: float = 0.3, message="condition"):
+    """``message``: a text, or a function giving it when the time is up (what was last seen)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+    text = message() if callable(message) else message
+    raise AssertionError(f"timed out after {timeout}s waiting for {text}")
 
 
 # --- real serving replicas (vLLM CPU + pool agent), and the gateway (uvicorn) in front of them --------
@@ -275,6 +277,9 @@ def model_dir() -> Path:
     return path
 
 
+TEST_FLEET = f"tests-{os.getpid()}"  # the fleet the session's replicas register in
+
+
 class ReplicaProcess:
     """`manage.py run_engine`: one vLLM CPU replica and its pool agent, on the test database, with
     a serving folder of its own (no shared volume). ``url`` is the agent (the replica's address),
@@ -294,7 +299,10 @@ class ReplicaProcess:
                             # Tests ask the agent to reconcile (POST /v1/reconcile) when they
                             # mean it, so its slots change only when a test expects it.
                             TUNEPLEX_ENGINE_RECONCILE_SECONDS="3600",
-                            TUNEPLEX_ENGINE_LEASE_SECONDS="6")
+                            TUNEPLEX_ENGINE_LEASE_SECONDS="6",
+                            # the session's own fleet: a replica another test (deploy/up.sh) starts
+                            # on the same Redis is never one of these tests' members
+                            TUNEPLEX_SERVING_FLEET=TEST_FLEET, TUNEPLEX_MEMBERSHIP_HEARTBEAT_SECONDS="1")
         self.log_path = Path(os.environ.get("TUNEPLEX_DATA_DIR", "/tmp")) / f"replica-{name}-{self.port}.log"
         self.process: subprocess.Popen | None = None
 
@@ -418,16 +426,21 @@ class GatewayProcess:
     def __init__(self, *, database_url: str, engine: ReplicaProcess | None,
                  extra_env: dict | None = None, replicas: list[ReplicaProcess] | None = None,
                  port: int | None = None, workers: int = 1,
-                 app: str = "tuneplex.asgi:application"):
-        """With no engine (and no replicas) the platform runs with inference off. ``workers``:
+                 app: str = "tuneplex.asgi:application", fleet: bool = False):
+        """With no engine (and no replicas) the platform runs with inference off, unless
+        ``fleet``: then it serves the replicas registered in the session's fleet. ``workers``:
         uvicorn's worker processes (more than one wants PROMETHEUS_MULTIPROC_DIR in extra_env);
         ``app``: the ASGI application to serve (a test's variant of the platform's)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.replicas = replicas or ([engine] if engine is not None else [])
         self.engine_url = ",".join(r.url for r in self.replicas)  # TUNEPLEX_ENGINE_URLS
-        serving = ({"TUNEPLEX_ENGINE_MODE": "attach", "TUNEPLEX_ENGINE_URLS": self.engine_url}
-                   if self.replicas else {"TUNEPLEX_ENGINE_MODE": "off"})
+        if fleet:
+            serving = {"TUNEPLEX_ENGINE_MODE": "attach", "TUNEPLEX_SERVING_FLEET": TEST_FLEET}
+        elif self.replicas:
+            serving = {"TUNEPLEX_ENGINE_MODE": "attach", "TUNEPLEX_ENGINE_URLS": self.engine_url}
+        else:
+            serving = {"TUNEPLEX_ENGINE_MODE": "off"}
         environ = dict(os.environ, DATABASE_URL=database_url, **serving,
                        TUNEPLEX_ENGINE_API_KEY=django_settings.ENGINE_API_KEY,
                        TUNEPLEX_ENGINE_LORA_SLOTS=str(REPLICA_SLOTS),

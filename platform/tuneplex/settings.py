@@ -7,6 +7,7 @@ files, all under one data folder. DATABASE_URL and REDIS_URL switch to PostgreSQ
 from __future__ import annotations
 
 import ipaddress
+import re
 import secrets
 from datetime import timedelta
 from pathlib import Path
@@ -241,7 +242,8 @@ DEFAULT_BASE_MODEL = env_str("TUNEPLEX_DEFAULT_BASE_MODEL", "SmolLM2-135M-Instru
 
 # Inference runs on vLLM replicas listening on loopback or an internal network only. `spawn`: the
 # README's command 1 starts one replica for the default base model (manage.py run_engine) on
-# TUNEPLEX_ENGINE_PORT; `attach`: use TUNEPLEX_ENGINE_URLS; `off`: no inference endpoints.
+# TUNEPLEX_ENGINE_PORT; `attach`: replicas run elsewhere and join the fleet by themselves (below),
+# or, with TUNEPLEX_ENGINE_URLS, exactly the ones listed; `off`: no inference endpoints.
 # A replica's address is its pool agent's (docs/serving.md); its vLLM listens on the next port.
 ENGINE_MODE = env_str("TUNEPLEX_ENGINE_MODE", "spawn", choices=("spawn", "attach", "off"))
 ENGINE_PORT = env_int("TUNEPLEX_ENGINE_PORT", 8100, minimum=1, maximum=65535)
@@ -259,8 +261,23 @@ ENGINE_TIMEOUT = env_int("TUNEPLEX_ENGINE_TIMEOUT", 600, minimum=1)
 ENGINE_PRIORITY_SCHEDULING = env_bool("TUNEPLEX_ENGINE_PRIORITY_SCHEDULING", True)
 _default_urls = [f"http://127.0.0.1:{ENGINE_PORT}"] if ENGINE_MODE == "spawn" else []
 _engine_urls = env_list("TUNEPLEX_ENGINE_URLS", _default_urls) if ENGINE_MODE != "off" else []
-if ENGINE_MODE == "attach" and not _engine_urls:
-    raise ImproperlyConfigured("TUNEPLEX_ENGINE_URLS is required when TUNEPLEX_ENGINE_MODE=attach")
+# Membership (docs/operations.md, "Replicas join by themselves"): every replica's pool agent
+# registers in Redis under the fleet's name, renewed each TUNEPLEX_MEMBERSHIP_HEARTBEAT_SECONDS and
+# gone after three missed beats. In `attach` mode without TUNEPLEX_ENGINE_URLS the gateways serve
+# whatever replicas are registered, read each second: starting a replica adds it, with no
+# configuration edit or restart. One Redis shared by two installs: give each its own fleet name.
+SERVING_FLEET = env_str("TUNEPLEX_SERVING_FLEET", "default")
+if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", SERVING_FLEET):
+    raise ImproperlyConfigured(f"TUNEPLEX_SERVING_FLEET={SERVING_FLEET!r}: use 1-64 letters, digits, "
+                               f"'.', '_' or '-'")
+MEMBERSHIP_HEARTBEAT_SECONDS = env_int("TUNEPLEX_MEMBERSHIP_HEARTBEAT_SECONDS", 2, minimum=1, maximum=60)
+# The Redis the membership lives in: REDIS_URL, or on engine nodes (which must not hold the
+# platform's Redis user) a user that may touch the fleet's keys only (docs/operations.md).
+FLEET_REDIS_URL = env_url("TUNEPLEX_FLEET_REDIS_URL", REDIS_URL, schemes=("redis", "rediss"))
+ENGINE_DISCOVERY = ENGINE_MODE == "attach" and not _engine_urls
+if ENGINE_DISCOVERY and not FLEET_REDIS_URL:
+    raise ImproperlyConfigured("TUNEPLEX_ENGINE_MODE=attach needs TUNEPLEX_ENGINE_URLS, or REDIS_URL "
+                               "for the replicas to register in")
 # base model name -> replica URLs. Entries are `URL` (a replica of the default base model) or
 # `MODEL=URL`.
 ENGINE_REPLICAS: dict[str, list[str]] = {}
@@ -385,8 +402,15 @@ TRAINING_GFLOPS = env_int("TUNEPLEX_TRAINING_GFLOPS", 150_000 if TRAINING_DEVICE
                           minimum=1)
 # GPUs over all GPU workers: the scheduler dispatches while the GPUs of running jobs (and merges,
 # one each) leave room for the next job's. A job asks for up to JOB_MAX_GPUS (the GPUs one GPU
-# worker sees; it trains data-parallel on them under torchrun).
-GPU_SLOTS = env_int("TUNEPLEX_GPU_SLOTS", 1, minimum=1, maximum=4096)
+# worker sees; it trains data-parallel on them under torchrun). Unset (None), they are the GPUs
+# of the GPU workers registered now (finetuning.selectors.gpu_capacity): each `gpu`-queue worker
+# registers in the database when it is ready, renews its row every
+# GPU_WORKER_HEARTBEAT_SECONDS and stops counting after three missed beats; set, this number is
+# used as it is (an override).
+GPU_SLOTS: int | None = env_int("TUNEPLEX_GPU_SLOTS", None,  # type: ignore[arg-type]
+                                minimum=1, maximum=4096)
+GPU_WORKER_HEARTBEAT_SECONDS = env_int("TUNEPLEX_GPU_WORKER_HEARTBEAT_SECONDS", 10, minimum=1,
+                                       maximum=300)
 JOB_MAX_GPUS = env_int("TUNEPLEX_JOB_MAX_GPUS", 1, minimum=1, maximum=64)
 ORG_MAX_CONCURRENT_JOBS = env_int("TUNEPLEX_ORG_MAX_CONCURRENT_JOBS", 1, minimum=1)
 # Jobs an organization may have waiting (validating their files or queued) at once; one more is

@@ -138,8 +138,10 @@ def test_the_cluster_layout(rendered):
     assert engine["spec"]["replicas"] == 2
     assert engine["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     config = objects(rendered, "production", "ConfigMap")["tuneplex-config"]["data"]
-    assert config["TUNEPLEX_GPU_SLOTS"] == "4"
-    assert config["TUNEPLEX_ENGINE_URLS"].count("engine-pods") == 2  # one per replica
+    # The GPU workers register themselves: four pods are four GPU slots, no number to keep in step.
+    assert "TUNEPLEX_GPU_SLOTS" not in config
+    # The gateways find the engine pods in the fleet: no list of them to keep in step.
+    assert config["TUNEPLEX_ENGINE_MODE"] == "attach" and "TUNEPLEX_ENGINE_URLS" not in config
     hpa = objects(rendered, "production", "HorizontalPodAutoscaler")["web"]["spec"]
     assert hpa["scaleTargetRef"]["name"] == "web" and (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 20)
     assert set(objects(rendered, "production", "PodDisruptionBudget")) == {
@@ -178,6 +180,7 @@ def test_every_pod_is_non_root_with_requests_limits_and_probes(rendered):
 PLATFORM_ONLY = {"SECRET_KEY", "REDIS_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                  "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "TUNEPLEX_OIDC_CLIENT_SECRET"}
 AGENT_STORAGE = {"TUNEPLEX_AGENT_S3_ACCESS_KEY_ID", "TUNEPLEX_AGENT_S3_SECRET_ACCESS_KEY"}
+ENGINE_OWN = AGENT_STORAGE | {"TUNEPLEX_FLEET_REDIS_URL"}  # its storage and Redis users
 
 
 def test_compose_engines_get_no_platform_secret_and_a_read_only_storage_user():
@@ -185,6 +188,12 @@ def test_compose_engines_get_no_platform_secret_and_a_read_only_storage_user():
     engine = services["engine-0"]["environment"]
     assert not PLATFORM_ONLY & set(engine)
     assert AGENT_STORAGE <= set(engine) and engine["TUNEPLEX_ENGINE_API_KEY"].startswith("${")
+    # It joins the fleet as the Redis user that may touch the fleet's keys only; the gateways
+    # are given no list of engines.
+    assert engine["TUNEPLEX_FLEET_REDIS_URL"].startswith("redis://fleet:${REDIS_FLEET_PASSWORD")
+    redis_command = " ".join(services["redis"]["command"])
+    assert "--user fleet on" in redis_command and "~tuneplex:fleet:*" in redis_command
+    assert "TUNEPLEX_ENGINE_URLS" not in services["web"]["environment"]
     assert engine["TUNEPLEX_ENGINE_HOST"] == "0.0.0.0"  # set explicitly (the default is loopback)
     assert {"SECRET_KEY", "AWS_ACCESS_KEY_ID"} <= set(services["web"]["environment"])
     assert not AGENT_STORAGE & set(services["web"]["environment"])
@@ -213,7 +222,7 @@ def test_kubernetes_engine_pods_get_only_the_secrets_they_need(rendered):
         host = next(e for e in container["env"] if e["name"] == "TUNEPLEX_ENGINE_HOST")
         assert host["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
         storage = objects(rendered, overlay, "Secret")["tuneplex-engine-storage"]
-        assert set(storage["data"]) == AGENT_STORAGE
+        assert set(storage["data"]) == ENGINE_OWN
         # every other pod still gets the platform's secrets
         for name, deployment in objects(rendered, overlay, "Deployment").items():
             sources = deployment["spec"]["template"]["spec"]["containers"][0]["envFrom"]

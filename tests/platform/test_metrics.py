@@ -82,3 +82,22 @@ def test_the_web_endpoint_refuses_strangers_and_reports_the_state(settings):
     org = tenant.organization.id
     assert samples[("tuneplex_organization_storage_bytes", (("organization", org),))] == 250
     assert samples[("tuneplex_organization_storage_quota_bytes", (("organization", org),))] == 1000
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_gpu_slots_and_the_gpu_workers_registered_are_reported(settings):
+    from datetime import timedelta
+
+    from django.db.models.functions import Now
+
+    from tuneplex.finetuning.models import GpuWorker
+
+    settings.GPU_SLOTS = None  # from membership: the live workers' GPUs
+    for name, gpus, silent_for in (("gpu0@a", 2, 0), ("gpu1@a", 1, 0), ("gpu0@gone", 4, 3600)):
+        GpuWorker.objects.create(name=name, node=name.split("@")[1], gpus=gpus, started_at=Now(),
+                                 heartbeat_at=Now() - timedelta(seconds=silent_for))
+    samples = _samples(_get("/metrics", client=("127.0.0.1", 5000)).text)
+    assert samples[("tuneplex_gpu_slots", ())] == 3 and samples[("tuneplex_gpu_workers", ())] == 2
+    settings.GPU_SLOTS = 8  # the operator's override: the workers are still shown
+    samples = _samples(_get("/metrics", client=("127.0.0.1", 5000)).text)
+    assert samples[("tuneplex_gpu_slots", ())] == 8 and samples[("tuneplex_gpu_workers", ())] == 2

@@ -80,6 +80,11 @@ def _load_settings(**overrides: str) -> subprocess.CompletedProcess:
     ("TUNEPLEX_DOWNLOAD_REDIRECT_SECONDS", "86400"),
     ("TUNEPLEX_READYZ_CACHE_SECONDS", "600"),
     ("TUNEPLEX_READYZ_RATE_LIMIT", "-1"),
+    ("TUNEPLEX_SERVING_FLEET", "a fleet/with spaces"),
+    ("TUNEPLEX_MEMBERSHIP_HEARTBEAT_SECONDS", "0"),
+    ("TUNEPLEX_ENGINE_MODE", "attach"),  # no replica listed, and no Redis for them to join in
+    ("TUNEPLEX_GPU_SLOTS", "0"),
+    ("TUNEPLEX_GPU_WORKER_HEARTBEAT_SECONDS", "0"),
 ])
 def test_the_settings_module_refuses_bad_values(variable, value):
     result = _load_settings(**{variable: value})
@@ -110,6 +115,23 @@ def test_urls_switch_to_postgres_and_redis():
     assert effective["broker"] == "redis://127.0.0.1:6379/3"
     assert effective["cache"].endswith("RedisCache")
     assert effective["hosts"] == ["tuneplex.example"]
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({}, [None, 10]),  # unset: the GPUs of the registered GPU workers
+    ({"TUNEPLEX_GPU_SLOTS": "4", "TUNEPLEX_GPU_WORKER_HEARTBEAT_SECONDS": "3"}, [4, 3]),
+])
+def test_gpu_slots_are_an_optional_override_of_the_membership(overrides, expected):
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("TUNEPLEX_", "DATABASE_URL", "REDIS_URL"))}
+    environ.update({"TUNEPLEX_DATA_DIR": os.environ["TUNEPLEX_DATA_DIR"],
+                    "DJANGO_SETTINGS_MODULE": "tuneplex.settings"}, **overrides)
+    code = ("import json, django; from django.conf import settings; django.setup(); "
+            "print(json.dumps([settings.GPU_SLOTS, settings.GPU_WORKER_HEARTBEAT_SECONDS]))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environ,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == expected
 
 
 def test_the_running_suite_uses_the_servers_it_was_given_or_the_embedded_default(settings):

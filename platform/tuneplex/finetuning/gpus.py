@@ -6,9 +6,10 @@ asks for (``gpus``) by taking an exclusive ``flock`` on ``<data dir>/gpu-leases/
 for each, all or none, and starts its trainer with CUDA_VISIBLE_DEVICES set to them. The kernel
 drops a lock when its holder exits, even by SIGKILL, so a lease never outlives its task.
 
-The scheduler counts GPUs over the whole cluster (TUNEPLEX_GPU_SLOTS); a job dispatched to a node
-whose free GPUs are fewer than it needs (the cluster had room, spread over other nodes) waits
-here for them, heartbeating, rather than running on too few.
+The scheduler counts GPUs over the whole cluster (each registered GPU worker counts
+``len(visible_devices())``, or TUNEPLEX_GPU_SLOTS where set); a job dispatched to a node whose
+free GPUs are fewer than it needs (the cluster had room, spread over other nodes) waits here for
+them, heartbeating, rather than running on too few.
 """
 
 from __future__ import annotations

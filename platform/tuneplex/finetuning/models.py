@@ -137,3 +137,21 @@ class JobCheckpoint(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["job", "step"], name="one_checkpoint_per_step")]
+
+
+class GpuWorker(models.Model):
+    """A running Celery worker of the ``gpu`` queue, written by the worker itself
+    (services.gpu_workers): registered when it is ready, its heartbeat renewed every
+    TUNEPLEX_GPU_WORKER_HEARTBEAT_SECONDS (the database's clock), deleted when it stops. Unless
+    TUNEPLEX_GPU_SLOTS is set, the scheduler's GPU slots are the GPUs of the workers that beat
+    within their last MISSED_BEATS beats (selectors.gpu_capacity)."""
+
+    MISSED_BEATS = 3  # a worker silent this many beats is not counted, and is swept
+
+    name = models.CharField(primary_key=True, max_length=255,
+                            help_text="Its Celery hostname (name@host), unique in the install.")
+    node = models.CharField(max_length=255, help_text="The host it runs on.")
+    gpus = models.PositiveIntegerField(help_text="The GPUs it sees (CUDA_VISIBLE_DEVICES, else "
+                                                 "TUNEPLEX_JOB_MAX_GPUS).")
+    started_at = models.DateTimeField()
+    heartbeat_at = models.DateTimeField(db_index=True)

@@ -1,8 +1,10 @@
 """GPU work: which queued job or merge runs next, worker claims, heartbeats, and the sweeps.
 
-Dispatch sends work to the ``gpu`` queue only while GPUs are free (TUNEPLEX_GPU_SLOTS counts the
-GPUs of all GPU workers; a job takes its ``gpus``, a merge one), so the broker never holds a
-backlog that would be served first-come-first-served. Jobs and merges are one kind of work here:
+Dispatch sends work to the ``gpu`` queue only while GPUs are free (``selectors.gpu_capacity``:
+the GPUs of the GPU workers registered and heartbeating, or TUNEPLEX_GPU_SLOTS where the operator
+set it; a job takes its ``gpus``, a merge one), so the broker never holds a backlog that would be
+served first-come-first-served. While no GPU worker is registered, work waits queued; a worker
+that registers sends a dispatch. Jobs and merges are one kind of work here:
 both count against their organization's concurrency limit (TUNEPLEX_ORG_MAX_CONCURRENT_JOBS), and
 the pick is fair between organizations: among those under their limit, the one whose last work
 was dispatched longest ago first, and its oldest waiting work. One organization's hundred queued
@@ -37,6 +39,8 @@ from tuneplex.core import queue
 from tuneplex.files.models import File
 from tuneplex.files.services import file_statistics_finish
 from tuneplex.finetuning.models import FineTuningJob
+from tuneplex.finetuning.selectors import gpu_capacity
+from tuneplex.finetuning.services.gpu_workers import gpu_workers_sweep
 from tuneplex.finetuning.services.lifecycle import (
     job_event,
     job_fail,
@@ -166,7 +170,7 @@ def dispatch() -> list[str]:
     sent: list[Work] = []
     with transaction.atomic(durable=True):
         _lock_scheduler()
-        free = settings.GPU_SLOTS - gpu_slots_in_use()
+        free = gpu_capacity() - gpu_slots_in_use()
         while free > 0:
             work = next_work()
             if work is None or work.gpus > free:
@@ -223,6 +227,7 @@ def sweep() -> dict[str, list[str]]:
     done.update(sweep_merges())
     done["validation_resent"], done["validation_failed"] = sweep_job_validation()
     done["statistics_resent"], done["statistics_failed"] = sweep_statistics()
+    done["gpu_workers_gone"] = gpu_workers_sweep()  # also when no GPU worker is left to do it
     dispatch()
     return done
 

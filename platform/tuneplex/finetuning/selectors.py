@@ -1,13 +1,16 @@
 from __future__ import annotations
 
-from django.db.models import F, Q, QuerySet, Window
+from datetime import timedelta
+
+from django.conf import settings
+from django.db.models import F, Q, QuerySet, Sum, Window
 from django.db.models.fields.json import KeyTextTransform
-from django.db.models.functions import Mod, RowNumber
+from django.db.models.functions import Coalesce, Mod, Now, RowNumber
 
 from tuneplex.core.errors import NotFound
 from tuneplex.core.storage import list_prefix
 from tuneplex.core.storage_layout import tensorboard_prefix, wandb_prefix
-from tuneplex.finetuning.models import FineTuningJob, JobCheckpoint, JobEvent
+from tuneplex.finetuning.models import FineTuningJob, GpuWorker, JobCheckpoint, JobEvent
 from tuneplex.tenancy.models import Organization
 
 
@@ -75,3 +78,30 @@ def job_metrics_sampled(*, job: FineTuningJob, at_most: int) -> list[dict]:
     numbered = rows.annotate(n=Window(RowNumber(), order_by=[F("created_at").asc(), F("id").asc()]))
     picked = numbered.annotate(phase=Mod(F("n") - 1, stride)).filter(Q(phase=0) | Q(n=total))
     return list(picked.order_by("created_at", "id").values_list("data", flat=True))
+
+
+# --- GPU workers: the platform's, not an organization's (the scheduler's and operators' view) --
+
+
+def _gpu_worker_window():
+    """The oldest heartbeat still counted, on the database's clock."""
+    beats = settings.GPU_WORKER_HEARTBEAT_SECONDS * GpuWorker.MISSED_BEATS
+    return Now() - timedelta(seconds=beats)
+
+
+def gpu_workers_live() -> QuerySet[GpuWorker]:
+    """The GPU workers that beat within their last MISSED_BEATS beats."""
+    return GpuWorker.objects.filter(heartbeat_at__gte=_gpu_worker_window())
+
+
+def gpu_workers_silent() -> QuerySet[GpuWorker]:
+    """Registered workers that missed MISSED_BEATS beats (killed, or cut off): not counted."""
+    return GpuWorker.objects.filter(heartbeat_at__lt=_gpu_worker_window())
+
+
+def gpu_capacity() -> int:
+    """The GPU slots the scheduler fills: TUNEPLEX_GPU_SLOTS when the operator set it, else the
+    GPUs of the live GPU workers (0 while none is registered: work then waits queued)."""
+    if settings.GPU_SLOTS is not None:
+        return settings.GPU_SLOTS
+    return gpu_workers_live().aggregate(gpus=Coalesce(Sum("gpus"), 0))["gpus"]

@@ -76,9 +76,14 @@ class PlatformStateCollector:
 
     def _gpu(self):
         from tuneplex.finetuning.scheduler import gpu_slots_in_use
+        from tuneplex.finetuning.selectors import gpu_capacity, gpu_workers_live
 
-        yield GaugeMetricFamily("tuneplex_gpu_slots", "GPU slots (TUNEPLEX_GPU_SLOTS).",
-                                value=settings.GPU_SLOTS)
+        yield GaugeMetricFamily("tuneplex_gpu_slots", "GPU slots the scheduler fills: the GPUs of "
+                                "the live GPU workers, or TUNEPLEX_GPU_SLOTS where set.",
+                                value=gpu_capacity())
+        yield GaugeMetricFamily("tuneplex_gpu_workers", "GPU workers registered and heartbeating "
+                                "(whether or not TUNEPLEX_GPU_SLOTS is set).",
+                                value=gpu_workers_live().count())
         yield GaugeMetricFamily("tuneplex_gpu_slots_in_use", "GPU slots taken by dispatched or "
                                 "running jobs and merges.", value=gpu_slots_in_use())
 

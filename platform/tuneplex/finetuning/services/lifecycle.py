@@ -26,6 +26,7 @@ from tuneplex.core.actors import Principal
 from tuneplex.core.errors import ApiError, Conflict
 from tuneplex.files.selectors import storage_quota_check
 from tuneplex.finetuning.models import FineTuningJob, JobEvent
+from tuneplex.finetuning.selectors import gpu_capacity
 from tuneplex.finetuning.services.plan import WORKER_FIELDS, job_plan, usable_training_file
 from tuneplex.tenancy.models import Organization
 
@@ -122,7 +123,9 @@ def job_files_validated(*, job_id: str) -> FineTuningJob | None:
             return None
         job.status = FineTuningJob.Status.QUEUED
         job.save(update_fields=["status"])
-        job_event(job, "Files validated; job queued.")
+        job_event(job, "Files validated; job queued." if gpu_capacity() else
+                  "Files validated; job queued. No GPU worker is registered yet: the job waits "
+                  "and starts when one joins.")
     return job
 
 

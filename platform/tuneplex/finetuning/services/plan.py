@@ -20,6 +20,7 @@ from tuneplex.core.errors import ApiError
 from tuneplex.files.models import File
 from tuneplex.finetuning.integrations import integrations_check
 from tuneplex.finetuning.lineage import Parent, inherit_settings, is_fine_tuned_name, parent_resolve
+from tuneplex.finetuning.selectors import gpu_capacity
 from tuneplex.tenancy.models import Organization
 
 SUFFIX_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
@@ -109,9 +110,16 @@ def _check_gpus(config: TrainingConfig) -> None:
         raise _hyperparameter_error(
             "gpus", f"at most {settings.JOB_MAX_GPUS} GPU(s) per job on this platform (the GPUs "
                     "one GPU worker has, TUNEPLEX_JOB_MAX_GPUS)")
-    if config.gpus > settings.GPU_SLOTS:
+    # With GPU slots from membership and no GPU worker registered yet (the fleet starting, or
+    # scaled to zero), the job is accepted and waits queued until one joins (its events say so).
+    capacity = gpu_capacity()
+    if config.gpus > capacity and settings.GPU_SLOTS is not None:
         raise _hyperparameter_error(
-            "gpus", f"this platform has {settings.GPU_SLOTS} GPU(s) in all (TUNEPLEX_GPU_SLOTS)")
+            "gpus", f"this platform has {capacity} GPU(s) in all (TUNEPLEX_GPU_SLOTS)")
+    if config.gpus > capacity > 0:
+        raise _hyperparameter_error(
+            "gpus", f"the GPU workers registered now have {capacity} GPU(s) in all "
+                    "(TUNEPLEX_GPU_SLOTS is unset: GPU workers register themselves)")
 
 
 def _check_unsharded(config: TrainingConfig, base_model: BaseModel) -> None:
@@ -251,7 +259,8 @@ def job_plan(*, organization: Organization, model: str, training_file: str,
                               micro_batch=config.batch_size or 8, seq_len=config.max_seq_len,
                               gradient_checkpointing=config.gradient_checkpointing,
                               method=config.method, gpus=config.gpus,
-                              max_gpus=min(settings.JOB_MAX_GPUS, settings.GPU_SLOTS)),
+                              max_gpus=min(settings.JOB_MAX_GPUS,
+                                           gpu_capacity() or settings.JOB_MAX_GPUS)),
                        code="insufficient_memory", param="hyperparameters.batch_size")
     return JobPlan(base_model=base_model, train=train, validation=validation, config=config,
                    memory=peak, method_type=method_type, parent=parent,

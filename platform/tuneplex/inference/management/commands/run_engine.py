@@ -4,8 +4,9 @@ starts it under the supervisor; on an engine node, run one per replica).
     manage.py run_engine [--model NAME] [--port AGENT_PORT] [--engine-port PORT]
                          [--host ADDRESS] [--advertise HOST]
 
-The pool agent (``serving/agent.py``) listens on ``--port`` and is the replica's address in
-TUNEPLEX_ENGINE_URLS; vLLM listens on ``--engine-port`` (the next port by default). Both bind
+The pool agent (``serving/agent.py``) listens on ``--port`` and is the replica's address: it
+registers itself in the fleet (Redis; ``tuneplex.inference.membership``) under the ``--advertise``
+name, where gateways find it, or a gateway lists it in TUNEPLEX_ENGINE_URLS; vLLM listens on ``--engine-port`` (the next port by default). Both bind
 ``--host`` (TUNEPLEX_ENGINE_HOST, loopback by default; an internal address on an engine node, with
 ``--advertise`` naming the host the gateways should use). Both require TUNEPLEX_ENGINE_API_KEY.
 With TUNEPLEX_ENGINE_TLS_CERT and _KEY both serve https (the agent reaches its vLLM, and
@@ -40,6 +41,7 @@ from serving.engine import EngineProcess, EngineSpec, EngineStartError
 from serving.pool import AdapterLoadError, EngineClient, ReplicaPool
 from tuneplex.adapters.models import Adapter
 from tuneplex.basemodels.models import BaseModel
+from tuneplex.inference.membership import Heartbeat
 from tuneplex.inference.replica_metrics import ReplicaMetrics
 from tuneplex.inference.staging import stage_adapter
 
@@ -102,6 +104,14 @@ class Command(BaseCommand):
                              workers=settings.AGENT_THREADS, read_timeout=settings.AGENT_READ_TIMEOUT)
         server.serve_in_thread()
         self.agent_url = f"{scheme}://{local}:{port}"
+        # The gateways find it in the fleet (docs/operations.md); without Redis, only by their
+        # TUNEPLEX_ENGINE_URLS.
+        if host != local and not advertise:
+            log.warning("--host %s without --advertise: this replica joins the fleet as %s, which "
+                        "only gateways on this machine can reach", host, local)
+        heartbeat = (Heartbeat(base.name, f"{scheme}://{advertise or local}:{port}",
+                               state=server.state).start()
+                     if settings.FLEET_REDIS_URL else None)
         threading.Thread(target=_reconcile_forever, args=(pool, reconcile), daemon=True,
                          name="pool-reconcile").start()
 
@@ -114,6 +124,8 @@ class Command(BaseCommand):
         except KeyboardInterrupt:
             pass
         finally:
+            if heartbeat is not None:
+                heartbeat.stop()  # leaves the fleet before the engine goes
             pool.engine_stopped()
             server.shutdown()
             server.server_close()
