@@ -36,10 +36,12 @@ PRESETS = {
     "balanced": {"label": "Balanced", "hyperparameters": {},
                  "help": "The defaults: epochs, batch size and learning rate chosen from the "
                          "dataset size, rank 16 on every linear layer."},
-    "thorough": {"label": "Thorough", "hyperparameters": {"n_epochs": 4, "lora_rank": 32,
-                                                          "lora_alpha": 64, "learning_rate": 1e-4},
-                 "help": "Four passes, a larger adapter (rank 32) and a gentler learning rate: "
-                         "for larger datasets and harder tasks."},
+    # Rank 16: the largest the serving pool loads by default (TUNEPLEX_ENGINE_MAX_LORA_RANK);
+    # a larger one would be refused (adapter_not_servable).
+    "thorough": {"label": "Thorough", "hyperparameters": {"n_epochs": 4, "lora_rank": 16,
+                                                          "lora_alpha": 32, "learning_rate": 1e-4},
+                 "help": "Four passes, rank 16 on every linear layer and a gentler learning "
+                         "rate: for larger datasets and harder tasks."},
 }
 DEFAULT_PRESET = "balanced"
 

@@ -67,6 +67,22 @@ def test_bad_jobs_are_refused_with_code_and_param(org_a, default_model, pirate_f
     assert not FineTuningJob.objects.exists()
 
 
+def test_an_adapter_the_pool_could_not_load_is_refused_before_it_trains(
+        org_a, default_model, pirate_file_of_a, settings):
+    settings.ENGINE_MODE, settings.ENGINE_MAX_LORA_RANK = "attach", 16
+    request = {"model": "SmolLM2-135M-Instruct", "training_file": pirate_file_of_a}
+    response = create_job(org_a, **request, hyperparameters={"lora_rank": 32})
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("adapter_not_servable", "hyperparameters.lora_rank")
+    assert "TUNEPLEX_ENGINE_MAX_LORA_RANK" in error["message"]
+    assert not FineTuningJob.objects.exists()
+    # The positive controls: the engines' maximum itself, and any rank where nothing is served.
+    assert create_job(org_a, **request, hyperparameters={"lora_rank": 16}).status_code == 200
+    settings.ENGINE_MODE = "off"
+    assert create_job(org_a, **request, hyperparameters={"lora_rank": 32}).status_code == 200
+
+
 def test_a_dataset_with_errors_or_of_another_org_is_refused(org_a, org_b, default_model):
     broken = upload(org_a, MALFORMED["unknown_role"][0])
     response = create_job(org_a, model="SmolLM2-135M-Instruct", training_file=broken)

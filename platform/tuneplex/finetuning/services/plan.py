@@ -98,6 +98,20 @@ def _check_target_modules(config: TrainingConfig, base_model: BaseModel) -> None
                               f"its linear modules are {', '.join(sorted(available))}")
 
 
+def _check_servable(config: TrainingConfig) -> None:
+    """Refuse, before it trains, an adapter the serving pool could not load. The trainer makes
+    LoRA on the decoder's linear modules only (``_check_target_modules``; no embeddings, head or
+    vocabulary change), which vLLM applies; what is left is the rank, which vLLM caps per engine
+    (``--max-lora-rank``). With inference off, nothing is served and nothing is checked."""
+    if settings.ENGINE_MODE == "off" or config.lora_rank <= settings.ENGINE_MAX_LORA_RANK:
+        return
+    raise ApiError(f"lora_rank {config.lora_rank} is above the largest rank the serving pool loads "
+                   f"({settings.ENGINE_MAX_LORA_RANK}, TUNEPLEX_ENGINE_MAX_LORA_RANK): the adapter "
+                   f"could not be served. Use a rank of at most {settings.ENGINE_MAX_LORA_RANK}, or "
+                   f"ask the operator to raise the engines' maximum.",
+                   code="adapter_not_servable", param="hyperparameters.lora_rank")
+
+
 def _check_method(config: TrainingConfig, base_model: BaseModel) -> None:
     if config.method not in base_model.methods_allowed:
         raise _hyperparameter_error("method", f"{config.method} is not allowed for "
@@ -250,6 +264,7 @@ def job_plan(*, organization: Organization, model: str, training_file: str,
     _check_method(config, base_model)
     _check_gpus(config)
     _check_target_modules(config, base_model)
+    _check_servable(config)
     if parent is not None and config.objective == "dpo":
         _check_unsharded(config, base_model)
     peak = memory_estimate(config, base_model,
