@@ -148,7 +148,8 @@ class Heartbeat:
         due = time.monotonic() + self.every
         while not self._stopped.wait(LOOK_EVERY):
             changed = _routing_view(self.state()) != self._published
-            if changed or time.monotonic() >= due or self._failing:
+            # While Redis does not answer, it is tried once a beat, not at every look.
+            if (changed and not self._failing) or time.monotonic() >= due:
                 self._write()
                 due = time.monotonic() + self.every
 
