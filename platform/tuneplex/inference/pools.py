@@ -1,11 +1,11 @@
 """This process's way into the serving pool: one :class:`PoolClient` per served base model.
 
 The residency of adapters is decided by the pool agent beside each replica (``serving/pool.py``
-says why); this process only routes, and leases the adapters its requests use. Each pool's
-upkeep thread refreshes every agent's state each second, renews the leases this process holds
-and hands back those no request uses any more. The replicas are those that registered in the
-fleet (``membership``), or those ``TUNEPLEX_ENGINE_URLS`` lists; each agent tells where its
-engine listens.
+says why); this process only routes, and leases the adapters its requests use. The replicas
+are those that registered in the fleet (``membership``: their changes pushed to this process,
+every entry read again once a heartbeat), or those ``TUNEPLEX_ENGINE_URLS`` lists (each agent
+asked for its state every second). Each pool's upkeep thread also renews the leases this process
+holds and hands back those no request uses any more; each agent tells where its engine listens.
 """
 
 from __future__ import annotations
